@@ -1,0 +1,238 @@
+//! Opening and creating images by path, with their base chains.
+//!
+//! The base named inside an image is resolved relative to the image's own
+//! directory (absolute names are used as written), opened read-only with a
+//! shared lock, and opened with the format recorded in the image — never a
+//! probed one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::base::{Base, FvdBase, RawBase};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{CreateOptions, Image, OpenOptions, create, read_header};
+use crate::storage::{CacheMode, FileStorage, Storage, file::FileOptions};
+
+/// Longest chain of FVD bases followed.
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
+/// Image formats `fvd` reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// FVD.
+    Fvd,
+    /// A raw disk image.
+    Raw,
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fvd" => Ok(Format::Fvd),
+            "raw" => Ok(Format::Raw),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("unknown format '{other}' (expected fvd or raw)"),
+            )),
+        }
+    }
+}
+
+impl Format {
+    /// Name as written in headers and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Fvd => "fvd",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// How to open an image by path.
+#[derive(Debug, Clone, Copy)]
+pub struct PathOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: CacheMode,
+    /// Skip the file lock (like qemu-img -U); only for read-only inspection.
+    pub force_share: bool,
+}
+
+impl Default for PathOptions {
+    fn default() -> Self {
+        PathOptions {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            force_share: false,
+        }
+    }
+}
+
+/// Resolve a base name recorded in the image at `image_path`.
+pub fn resolve_base(image_path: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    image_path
+        .parent()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|| p.to_path_buf())
+}
+
+fn open_storage(path: &Path, write: bool, opts: PathOptions) -> Result<Arc<dyn Storage>> {
+    let fo = FileOptions {
+        write,
+        create: false,
+        cache: opts.cache,
+        lock: !opts.force_share,
+    };
+    Ok(Arc::new(FileStorage::open(path, fo)?))
+}
+
+/// Open a base image by path, in the given format, read-only.
+pub fn open_base<'a>(
+    path: &'a Path,
+    format: Format,
+    opts: PathOptions,
+    depth: usize,
+) -> BoxFut<'a, Arc<dyn Base>> {
+    Box::pin(async move {
+        if depth > MAX_CHAIN_DEPTH {
+            return Err(Error::invalid(format!(
+                "{}: base chain is deeper than {MAX_CHAIN_DEPTH}",
+                path.display()
+            )));
+        }
+        if !path.exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{}: base image not found", path.display()),
+            ));
+        }
+        let ro = PathOptions {
+            read_only: true,
+            ..opts
+        };
+        let storage = open_storage(path, false, ro)?;
+        Ok(match format {
+            Format::Raw => Arc::new(RawBase::new(storage)?) as Arc<dyn Base>,
+            Format::Fvd => {
+                let img = open_fvd_at(path, storage, ro, depth + 1).await?;
+                Arc::new(FvdBase::new(Arc::new(img)))
+            }
+        })
+    })
+}
+
+/// A boxed future (recursion through base chains).
+pub type BoxFut<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>>;
+
+async fn open_fvd_at(
+    path: &Path,
+    storage: Arc<dyn Storage>,
+    opts: PathOptions,
+    depth: usize,
+) -> Result<Image> {
+    let (h, _) = read_header(storage.as_ref()).await?;
+    let base = if h.base_range() > 0 {
+        let fmt: Format = h
+            .base_format
+            .parse()
+            .map_err(|e: Error| e.context(path.display()))?;
+        let bpath = resolve_base(path, &h.base_name);
+        Some(
+            open_base(&bpath, fmt, opts, depth)
+                .await
+                .map_err(|e| e.context(format!("{}: base", path.display())))?,
+        )
+    } else {
+        None
+    };
+    Image::open(
+        storage,
+        base,
+        OpenOptions {
+            read_only: opts.read_only,
+        },
+    )
+    .await
+}
+
+/// Open an image file in `format`.
+pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result<Image> {
+    if !path.exists() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{}: no such file", path.display()),
+        ));
+    }
+    let storage = open_storage(path, !opts.read_only, opts)?;
+    match format {
+        Format::Raw => Image::open_raw(
+            storage,
+            OpenOptions {
+                read_only: opts.read_only,
+            },
+        ),
+        Format::Fvd => open_fvd_at(path, storage, opts, 0).await,
+    }
+}
+
+/// What `create_path` needs to know about the base.
+#[derive(Debug, Clone)]
+pub struct BaseSpec {
+    /// The name to record (as the user gave it).
+    pub name: String,
+    /// Its format.
+    pub format: Format,
+}
+
+/// Create an FVD image file at `path`. On failure nothing is left behind.
+pub async fn create_path(
+    path: &Path,
+    base: Option<&BaseSpec>,
+    mut opts: CreateOptions,
+    detect_zeroes: Option<bool>,
+) -> Result<()> {
+    let base_img = match base {
+        Some(b) => {
+            let bpath = resolve_base(path, &b.name);
+            let img = open_base(&bpath, b.format, PathOptions::default(), 0)
+                .await
+                .map_err(|e| e.context(format!("{}: cannot open base", path.display())))?;
+            opts.base = Some((b.name.clone(), b.format.name().to_string()));
+            Some(img)
+        }
+        None => None,
+    };
+    opts.detect_zeroes = detect_zeroes.unwrap_or(base_img.is_some());
+    let fo = FileOptions {
+        write: true,
+        create: true,
+        cache: CacheMode::Writeback,
+        lock: true,
+    };
+    let storage = FileStorage::open(path, fo)?;
+    let r = create(&storage, &opts, base_img.as_deref()).await;
+    if let Err(e) = r {
+        drop(storage);
+        let _ = std::fs::remove_file(path);
+        return Err(e.context(path.display()));
+    }
+    Ok(())
+}
+
+/// Create a raw image file of `size` bytes (sparse).
+pub fn create_raw(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("{}: cannot create", path.display()), e))?;
+    f.set_len(size)
+        .map_err(|e| Error::io(format!("{}: set size", path.display()), e))
+}

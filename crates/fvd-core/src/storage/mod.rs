@@ -1,0 +1,73 @@
+//! Positional, asynchronous byte storage under an image (and under raw bases).
+//!
+//! A backend only moves bytes; it knows nothing about the format. Buffers are
+//! owned ([`IoBuf`]) so that an operation running on another thread never
+//! touches memory its caller has freed. Every method returns a boxed future
+//! so the trait stays object-safe: the engine holds `Arc<dyn Storage>`.
+//!
+//! Contract the engine relies on:
+//! * a write is visible to later reads once its future completed;
+//! * it is durable only after a later `flush` completed (or with `fua`);
+//! * `discard` leaves the range reading as zeros;
+//! * reads past the end of the storage return zeros.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use crate::iobuf::IoBuf;
+
+pub mod file;
+pub mod mem;
+mod pool;
+
+pub use file::{CacheMode, FileStorage};
+pub use mem::MemStorage;
+
+/// The future every storage operation returns.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// One run of a storage allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocRun {
+    /// Length in bytes.
+    pub length: u64,
+    /// True if the run holds data; false if it is a hole (reads as zeros).
+    pub data: bool,
+}
+
+/// Byte storage with positional asynchronous I/O.
+pub trait Storage: Send + Sync {
+    /// Read `buf.len()` bytes at `offset` into `buf` and give it back.
+    fn read_at(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf>;
+    /// Write all of `buf` at `offset`; with `fua` the data is durable on return.
+    fn write_at(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf>;
+    /// Make every completed write durable.
+    fn flush(&self) -> IoFuture<'_, ()>;
+    /// Deallocate a range; it reads as zeros afterwards.
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Make a range read as zeros, keeping it allocated.
+    fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Current size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Grow or shrink to `len` bytes.
+    fn set_len(&self, len: u64) -> IoFuture<'_, ()>;
+    /// Which parts of `[offset, offset+len)` hold data and which are holes.
+    fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>>;
+    /// Bytes of backing store in use (for `info`).
+    fn allocated_bytes(&self) -> io::Result<u64>;
+    /// A human description for messages (a path).
+    fn describe(&self) -> String;
+}
+
+/// Merge adjacent runs of the same kind and drop empty ones.
+pub fn coalesce(runs: Vec<AllocRun>) -> Vec<AllocRun> {
+    let mut out: Vec<AllocRun> = Vec::with_capacity(runs.len());
+    for r in runs.into_iter().filter(|r| r.length > 0) {
+        match out.last_mut() {
+            Some(last) if last.data == r.data => last.length += r.length,
+            _ => out.push(r),
+        }
+    }
+    out
+}
