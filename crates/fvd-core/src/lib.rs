@@ -12,6 +12,7 @@
 //! ownership, lock order and flush ordering.
 
 pub mod base;
+pub mod check;
 pub mod error;
 pub mod executor;
 pub mod format;
