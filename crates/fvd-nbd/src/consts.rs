@@ -15,7 +15,7 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// request magic.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 /// `cliserv_magic` of the (unsupported) oldstyle negotiation.
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x00_4202_8186_1253;
 /// Magic number that starts every fixed-newstyle option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// `NBD_REQUEST_MAGIC`: compact (28-byte) transmission request.

@@ -165,8 +165,8 @@ mod host {
     pub const ENOSPC: i32 = 28;
     pub const EROFS: i32 = 30;
     pub const EOVERFLOW: i32 = 75;
+    /// `ENOTSUP`, which Linux defines equal to `EOPNOTSUPP`.
     pub const ENOTSUP: i32 = 95;
-    pub const EOPNOTSUPP: i32 = 95;
     pub const ESHUTDOWN: i32 = 108;
     pub const EDQUOT: i32 = 122;
 }
@@ -191,7 +191,7 @@ pub fn nbd_error_from_errno(errno: i32) -> u32 {
             host::EINVAL => consts::EINVAL,
             host::ENOSPC | host::EDQUOT | host::EFBIG => consts::ENOSPC,
             host::EOVERFLOW => consts::EOVERFLOW,
-            host::ENOTSUP | host::EOPNOTSUPP => consts::ENOTSUP,
+            host::ENOTSUP => consts::ENOTSUP,
             host::ESHUTDOWN => consts::ESHUTDOWN,
             _ => consts::EIO,
         }

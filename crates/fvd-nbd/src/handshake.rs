@@ -424,11 +424,7 @@ pub fn encode_option(opt: &ClientOption) -> Result<Vec<u8>, EncodeError> {
 /// send unknown or deliberately malformed options in tests).
 pub fn encode_option_request(code: u32, payload: &[u8]) -> Result<Vec<u8>, EncodeError> {
     let len = len_u32(payload.len(), "option payload")?;
-    let mut out = Vec::with_capacity(add_len(
-        consts::OPTION_HEADER_LEN,
-        payload.len(),
-        "option",
-    )?);
+    let mut out = Vec::with_capacity(add_len(consts::OPTION_HEADER_LEN, payload.len(), "option")?);
     out.extend_from_slice(&encode_option_header(code, len));
     out.extend_from_slice(payload);
     Ok(out)
@@ -535,7 +531,11 @@ pub fn encode_info_description(option: u32, description: &str) -> Result<Vec<u8>
 
 /// Encodes `NBD_REP_META_CONTEXT`: u32 context id, context name. For
 /// `NBD_OPT_LIST_META_CONTEXT` the id SHOULD be zero.
-pub fn encode_meta_context(option: u32, context_id: u32, name: &str) -> Result<Vec<u8>, EncodeError> {
+pub fn encode_meta_context(
+    option: u32,
+    context_id: u32,
+    name: &str,
+) -> Result<Vec<u8>, EncodeError> {
     check_string(name, "metadata context name")?;
     let mut payload = Vec::with_capacity(add_len(4, name.len(), "metadata context name")?);
     put_u32(&mut payload, context_id);
@@ -767,7 +767,9 @@ pub fn decode_option_reply(
 fn decode_info_reply(payload: &[u8]) -> Result<InfoReply, DecodeError> {
     let t = consts::REP_INFO;
     let mut r = Reader::new(payload);
-    let info_type = r.u16().ok_or_else(|| bad_reply(t, "missing information type"))?;
+    let info_type = r
+        .u16()
+        .ok_or_else(|| bad_reply(t, "missing information type"))?;
     match info_type {
         consts::INFO_EXPORT => {
             if payload.len() != 12 {
@@ -852,7 +854,11 @@ mod tests {
             (1, adv, Ok(1)),
             (2, adv, Ok(2)),
             (3, adv, Ok(3)),
-            (3, FLAG_FIXED_NEWSTYLE, Err(DecodeError::UnadvertisedClientFlags(2))),
+            (
+                3,
+                FLAG_FIXED_NEWSTYLE,
+                Err(DecodeError::UnadvertisedClientFlags(2)),
+            ),
             (1, 0, Err(DecodeError::UnadvertisedClientFlags(1))),
             (4, adv, Err(DecodeError::UnknownClientFlags(4))),
             (
@@ -863,7 +869,11 @@ mod tests {
         ];
         for (flags, advertised, expected) in cases {
             let bytes = encode_client_flags(*flags);
-            assert_eq!(&decode_client_flags(&bytes, *advertised), expected, "{flags:#x}");
+            assert_eq!(
+                &decode_client_flags(&bytes, *advertised),
+                expected,
+                "{flags:#x}"
+            );
         }
         assert!(matches!(
             decode_client_flags(&[0, 0, 0], adv),
@@ -973,10 +983,7 @@ mod tests {
             queries: vec!["b:".into()],
         })
         .unwrap();
-        assert_eq!(
-            set,
-            [0, 0, 0, 1, b'x', 0, 0, 0, 1, 0, 0, 0, 2, b'b', b':']
-        );
+        assert_eq!(set, [0, 0, 0, 1, b'x', 0, 0, 0, 1, 0, 0, 0, 2, b'b', b':']);
         let name = encode_option_payload(&ClientOption::ExportName("xy".into())).unwrap();
         assert_eq!(name, b"xy");
     }
@@ -994,12 +1001,12 @@ mod tests {
             assert_eq!(e.option_reply_type(), REP_ERR_INVALID);
         }
         // The spec says servers SHOULD ignore data sent with NBD_OPT_ABORT.
-        assert_eq!(decode_option(OPT_ABORT, &[1, 2, 3]), Ok(ClientOption::Abort));
-        // Unknown options ignore their payload.
         assert_eq!(
-            decode_option(4, &[1, 2, 3]),
-            Ok(ClientOption::Unknown(4))
+            decode_option(OPT_ABORT, &[1, 2, 3]),
+            Ok(ClientOption::Abort)
         );
+        // Unknown options ignore their payload.
+        assert_eq!(decode_option(4, &[1, 2, 3]), Ok(ClientOption::Unknown(4)));
         assert_eq!(decode_option(1000, &[]), Ok(ClientOption::Unknown(1000)));
     }
 
@@ -1048,10 +1055,19 @@ mod tests {
             (&[0, 0, 0, 2, b'a'], "name beyond payload"),
             (&[0, 0, 0, 0], "missing count"),
             (&[0, 0, 0, 0, 0, 0, 0, 1], "count beyond payload"),
-            (&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0], "huge count"),
-            (&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3, b'a', b':'], "query beyond payload"),
+            (
+                &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0],
+                "huge count",
+            ),
+            (
+                &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3, b'a', b':'],
+                "query beyond payload",
+            ),
             (&[0, 0, 0, 0, 0, 0, 0, 0, 1], "trailing byte"),
-            (&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 7], "trailing after query"),
+            (
+                &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 7],
+                "trailing after query",
+            ),
         ];
         for code in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
             for (payload, what) in cases {
@@ -1083,9 +1099,7 @@ mod tests {
             decode_option(OPT_EXPORT_NAME, &long),
             Err(DecodeError::TooLong { .. })
         ));
-        assert!(
-            encode_option(&ClientOption::ExportName("a".repeat(MAX_STRING_LEN + 1))).is_err()
-        );
+        assert!(encode_option(&ClientOption::ExportName("a".repeat(MAX_STRING_LEN + 1))).is_err());
         assert!(encode_option(&ClientOption::ExportName("a\0".into())).is_err());
         let too_many = ClientOption::Go {
             name: String::new(),
@@ -1121,14 +1135,13 @@ mod tests {
         assert_eq!(&info[16..20], &[0, 0, 0, 12]);
         assert_eq!(
             &info[20..],
-            &[0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x01, 0x03]
+            &[
+                0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x01, 0x03
+            ]
         );
         let bs = encode_info_block_size(OPT_INFO, 1, 4096, 1 << 25);
         assert_eq!(&bs[16..20], &[0, 0, 0, 14]);
-        assert_eq!(
-            &bs[20..],
-            &[0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]
-        );
+        assert_eq!(&bs[20..], &[0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]);
         let server = encode_server("ab").unwrap();
         assert_eq!(&server[8..12], &[0, 0, 0, 3]);
         assert_eq!(&server[12..16], &[0, 0, 0, 2]);
@@ -1293,7 +1306,10 @@ mod tests {
             (hdr(REP_META_CONTEXT, 5), &[0, 0, 0, 0, 0xc3]),
         ];
         for (h, payload) in cases {
-            assert!(decode_option_reply(h, payload).is_err(), "{h:?} {payload:?}");
+            assert!(
+                decode_option_reply(h, payload).is_err(),
+                "{h:?} {payload:?}"
+            );
         }
     }
 }

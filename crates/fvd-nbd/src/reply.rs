@@ -130,11 +130,12 @@ impl ChunkHeader {
     /// bytes written (20 or 32).
     pub fn encode_into(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
         let bytes = self.encode()?;
+        let have = out.len();
         let dst = out
             .get_mut(..bytes.len())
             .ok_or(EncodeError::BufferTooSmall {
                 need: bytes.len(),
-                have: out.len(),
+                have,
             })?;
         dst.copy_from_slice(&bytes);
         Ok(bytes.len())
@@ -201,7 +202,10 @@ pub fn decode_reply_header(buf: &[u8], extended: bool) -> Result<ReplyHeader, De
     let reply_type = r.u16().unwrap_or_default();
     let cookie = r.u64().unwrap_or_default();
     let (offset, length) = if extended {
-        (Some(r.u64().unwrap_or_default()), r.u64().unwrap_or_default())
+        (
+            Some(r.u64().unwrap_or_default()),
+            r.u64().unwrap_or_default(),
+        )
     } else {
         (None, u64::from(r.u32().unwrap_or_default()))
     };
@@ -304,12 +308,14 @@ pub fn offset_data_header(
     done: bool,
 ) -> Result<Vec<u8>, EncodeError> {
     if data_len == 0 {
-        return Err(EncodeError::Invalid("OFFSET_DATA chunk needs at least one byte"));
+        return Err(EncodeError::Invalid(
+            "OFFSET_DATA chunk needs at least one byte",
+        ));
     }
     let payload_len = data_len.checked_add(8).ok_or(EncodeError::TooLong {
         what: "OFFSET_DATA payload",
         len: data_len,
-        max: u64::MAX - 8,
+        max: u64::MAX.saturating_sub(8),
     })?;
     let mut out = start_chunk(to, consts::REPLY_TYPE_OFFSET_DATA, payload_len, done, 8)?;
     put_u64(&mut out, data_offset);
@@ -365,8 +371,8 @@ pub fn error_chunk(to: ReplyTo, error: u32, message: &str, done: bool) -> Vec<u8
     // msg.len() <= 4096, so these conversions cannot fail.
     let msg_len = u16::try_from(msg.len()).unwrap_or(0);
     let payload_len = 6u64.saturating_add(u64::from(msg_len));
-    let mut out = start_chunk(to, consts::REPLY_TYPE_ERROR, payload_len, done, msg.len())
-        .unwrap_or_default();
+    let mut out =
+        start_chunk(to, consts::REPLY_TYPE_ERROR, payload_len, done, msg.len()).unwrap_or_default();
     put_u32(&mut out, error);
     put_u16(&mut out, msg_len);
     out.extend_from_slice(msg.as_bytes());
@@ -413,7 +419,7 @@ fn descriptor_payload_len(
         .ok_or(EncodeError::TooLong {
             what,
             len: len_u64(count),
-            max: u64::MAX / each,
+            max: u64::MAX.checked_div(each).unwrap_or(0),
         })
 }
 
@@ -430,10 +436,14 @@ pub fn block_status(
     done: bool,
 ) -> Result<Vec<u8>, EncodeError> {
     if descriptors.is_empty() {
-        return Err(EncodeError::Invalid("block status needs at least one extent"));
+        return Err(EncodeError::Invalid(
+            "block status needs at least one extent",
+        ));
     }
     if descriptors.iter().any(|&(len, _)| len == 0) {
-        return Err(EncodeError::Invalid("block status extent length must be nonzero"));
+        return Err(EncodeError::Invalid(
+            "block status extent length must be nonzero",
+        ));
     }
     let payload_len = descriptor_payload_len(4, descriptors.len(), 8, "block status payload")?;
     let mut out = start_chunk(
@@ -471,10 +481,14 @@ pub fn block_status_ext(
         ));
     }
     if descriptors.is_empty() {
-        return Err(EncodeError::Invalid("block status needs at least one extent"));
+        return Err(EncodeError::Invalid(
+            "block status needs at least one extent",
+        ));
     }
     if descriptors.iter().any(|&(len, _)| len == 0) {
-        return Err(EncodeError::Invalid("block status extent length must be nonzero"));
+        return Err(EncodeError::Invalid(
+            "block status extent length must be nonzero",
+        ));
     }
     let payload_len =
         descriptor_payload_len(8, descriptors.len(), 16, "extended block status payload")?;
@@ -615,8 +629,8 @@ pub fn decode_chunk_payload<'a>(
             Ok(ChunkPayload::OffsetHole { offset, length })
         }
         consts::REPLY_TYPE_BLOCK_STATUS => {
-            let body = payload.len().checked_sub(4).unwrap_or(0);
-            if payload.len() < 12 || body % 8 != 0 {
+            let body = payload.len().saturating_sub(4);
+            if payload.len() < 12 || !body.is_multiple_of(8) {
                 return Err(bad_chunk(t, "BLOCK_STATUS length must be 4 + 8*n, n >= 1"));
             }
             let context_id = r.u32().unwrap_or_default();
@@ -636,8 +650,8 @@ pub fn decode_chunk_payload<'a>(
             if !header.is_extended() {
                 return Err(bad_chunk(t, "BLOCK_STATUS_EXT without extended headers"));
             }
-            let body = payload.len().checked_sub(8).unwrap_or(0);
-            if payload.len() < 24 || body % 16 != 0 {
+            let body = payload.len().saturating_sub(8);
+            if payload.len() < 24 || !body.is_multiple_of(16) {
                 return Err(bad_chunk(
                     t,
                     "BLOCK_STATUS_EXT length must be 8 + 16*n, n >= 1",
@@ -662,8 +676,12 @@ pub fn decode_chunk_payload<'a>(
             })
         }
         _ if header.is_error() => {
-            let error = r.u32().ok_or_else(|| bad_chunk(t, "error chunk too short"))?;
-            let msg_len = r.u16().ok_or_else(|| bad_chunk(t, "error chunk too short"))?;
+            let error = r
+                .u32()
+                .ok_or_else(|| bad_chunk(t, "error chunk too short"))?;
+            let msg_len = r
+                .u16()
+                .ok_or_else(|| bad_chunk(t, "error chunk too short"))?;
             let msg = r
                 .bytes(usize::from(msg_len))
                 .ok_or_else(|| bad_chunk(t, "message length exceeds chunk"))?;
@@ -726,9 +744,7 @@ mod tests {
         let r = encode_simple_reply(0x0102_0304_0506_0708, EINVAL);
         assert_eq!(
             r,
-            [
-                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8
-            ]
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]
         );
         assert_eq!(reply_header_len(&r, false), Ok(16));
         assert_eq!(
@@ -772,7 +788,10 @@ mod tests {
         ];
         assert_eq!(bytes, expected);
         assert_eq!(h.encoded_len(), 20);
-        assert_eq!(decode_reply_header(&bytes, false), Ok(ReplyHeader::Chunk(h)));
+        assert_eq!(
+            decode_reply_header(&bytes, false),
+            Ok(ReplyHeader::Chunk(h))
+        );
         let mut buf = [0u8; 40];
         assert_eq!(h.encode_into(&mut buf), Ok(20));
         assert_eq!(&buf[..20], &expected);
@@ -901,7 +920,9 @@ mod tests {
         let bytes = offset_hole(ReplyTo::compact(0), 1, 2, false).unwrap();
         assert_eq!(
             &bytes[4..],
-            &[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+            &[
+                0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2
+            ]
         );
     }
 
@@ -932,7 +953,8 @@ mod tests {
                 }
             );
             // Error 0 is not allowed on the wire.
-            let (_, p) = decode_all(&error_chunk(to, 0, "x", true), to.is_extended());
+            let zero = error_chunk(to, 0, "x", true);
+            let (_, p) = decode_all(&zero, to.is_extended());
             assert_eq!(
                 p,
                 ChunkPayload::Error {
@@ -942,7 +964,8 @@ mod tests {
             );
             // Messages are capped at 4096 bytes.
             let long = "ab".repeat(4000);
-            let (h, _) = decode_all(&error_chunk(to, EIO, &long, true), to.is_extended());
+            let capped = error_chunk(to, EIO, &long, true);
+            let (h, _) = decode_all(&capped, to.is_extended());
             assert_eq!(h.length, 6 + 4096);
         }
         let bytes = error_chunk(ReplyTo::compact(0), EPERM, "no", true);
@@ -1017,14 +1040,46 @@ mod tests {
     fn chunk_payload_rejections() {
         let d = REPLY_FLAG_DONE;
         let cases: Vec<(ChunkHeader, Vec<u8>, &str)> = vec![
-            (hdr(REPLY_TYPE_NONE, 1, d, false), vec![0], "NONE with payload"),
-            (hdr(REPLY_TYPE_NONE, 0, 0, false), vec![], "NONE without DONE"),
-            (hdr(REPLY_TYPE_OFFSET_DATA, 8, d, false), vec![0; 8], "DATA too short"),
-            (hdr(REPLY_TYPE_OFFSET_HOLE, 11, d, false), vec![0; 11], "HOLE short"),
-            (hdr(REPLY_TYPE_OFFSET_HOLE, 13, d, false), vec![0; 13], "HOLE long"),
-            (hdr(REPLY_TYPE_OFFSET_HOLE, 12, d, false), vec![0; 12], "HOLE zero size"),
-            (hdr(REPLY_TYPE_BLOCK_STATUS, 4, d, false), vec![0; 4], "no descriptors"),
-            (hdr(REPLY_TYPE_BLOCK_STATUS, 13, d, false), vec![0; 13], "bad multiple"),
+            (
+                hdr(REPLY_TYPE_NONE, 1, d, false),
+                vec![0],
+                "NONE with payload",
+            ),
+            (
+                hdr(REPLY_TYPE_NONE, 0, 0, false),
+                vec![],
+                "NONE without DONE",
+            ),
+            (
+                hdr(REPLY_TYPE_OFFSET_DATA, 8, d, false),
+                vec![0; 8],
+                "DATA too short",
+            ),
+            (
+                hdr(REPLY_TYPE_OFFSET_HOLE, 11, d, false),
+                vec![0; 11],
+                "HOLE short",
+            ),
+            (
+                hdr(REPLY_TYPE_OFFSET_HOLE, 13, d, false),
+                vec![0; 13],
+                "HOLE long",
+            ),
+            (
+                hdr(REPLY_TYPE_OFFSET_HOLE, 12, d, false),
+                vec![0; 12],
+                "HOLE zero size",
+            ),
+            (
+                hdr(REPLY_TYPE_BLOCK_STATUS, 4, d, false),
+                vec![0; 4],
+                "no descriptors",
+            ),
+            (
+                hdr(REPLY_TYPE_BLOCK_STATUS, 13, d, false),
+                vec![0; 13],
+                "bad multiple",
+            ),
             (
                 hdr(REPLY_TYPE_BLOCK_STATUS, 12, d, false),
                 vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -1035,12 +1090,24 @@ mod tests {
                 vec![0; 24],
                 "EXT without extended headers",
             ),
-            (hdr(REPLY_TYPE_BLOCK_STATUS_EXT, 8, d, true), vec![0; 8], "EXT empty"),
-            (hdr(REPLY_TYPE_BLOCK_STATUS_EXT, 20, d, true), vec![0; 20], "EXT short"),
+            (
+                hdr(REPLY_TYPE_BLOCK_STATUS_EXT, 8, d, true),
+                vec![0; 8],
+                "EXT empty",
+            ),
+            (
+                hdr(REPLY_TYPE_BLOCK_STATUS_EXT, 20, d, true),
+                vec![0; 20],
+                "EXT short",
+            ),
             (
                 hdr(REPLY_TYPE_BLOCK_STATUS_EXT, 24, d, true),
-                [&[0, 0, 0, 1, 0, 0, 0, 2][..], &[0, 0, 0, 0, 0, 0, 0, 1][..], &[0; 8][..]]
-                    .concat(),
+                [
+                    &[0, 0, 0, 1, 0, 0, 0, 2][..],
+                    &[0, 0, 0, 0, 0, 0, 0, 1][..],
+                    &[0; 8][..],
+                ]
+                .concat(),
                 "EXT count mismatch",
             ),
             (
@@ -1048,7 +1115,11 @@ mod tests {
                 vec![0; 24],
                 "EXT zero extent",
             ),
-            (hdr(REPLY_TYPE_ERROR, 5, d, false), vec![0, 0, 0, 5, 0], "ERROR short"),
+            (
+                hdr(REPLY_TYPE_ERROR, 5, d, false),
+                vec![0, 0, 0, 5, 0],
+                "ERROR short",
+            ),
             (
                 hdr(REPLY_TYPE_ERROR, 7, d, false),
                 vec![0, 0, 0, 5, 0, 2, b'a'],
@@ -1059,7 +1130,11 @@ mod tests {
                 vec![0, 0, 0, 5, 0, 0, b'a'],
                 "ERROR trailing",
             ),
-            (hdr(REPLY_TYPE_ERROR, 6, d, false), vec![0; 6], "ERROR zero error"),
+            (
+                hdr(REPLY_TYPE_ERROR, 6, d, false),
+                vec![0; 6],
+                "ERROR zero error",
+            ),
             (
                 hdr(REPLY_TYPE_ERROR_OFFSET, 13, d, false),
                 vec![0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -1071,7 +1146,11 @@ mod tests {
                 "ERROR_OFFSET trailing",
             ),
             (hdr(3, 0, d, false), vec![], "unknown type"),
-            (hdr(REPLY_TYPE_OFFSET_DATA, 10, d, false), vec![0; 9], "length mismatch"),
+            (
+                hdr(REPLY_TYPE_OFFSET_DATA, 10, d, false),
+                vec![0; 9],
+                "length mismatch",
+            ),
         ];
         for (h, payload, what) in cases {
             assert!(decode_chunk_payload(&h, &payload).is_err(), "{what}");

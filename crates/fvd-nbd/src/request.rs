@@ -168,7 +168,9 @@ pub fn decode_request(buf: &[u8], extended: bool) -> Result<Request, DecodeError
     } else {
         consts::REQUEST_MAGIC
     };
-    need(buf, Request::header_len(extended))?;
+    // Check the magic as soon as it is available so that a peer using the
+    // wrong header style is reported as such rather than as truncated.
+    need(buf, 4)?;
     let mut r = Reader::new(buf);
     let magic = r.u32().unwrap_or_default();
     if magic != expected_magic {
@@ -177,6 +179,7 @@ pub fn decode_request(buf: &[u8], extended: bool) -> Result<Request, DecodeError
             found: u64::from(magic),
         });
     }
+    need(buf, Request::header_len(extended))?;
     let flags = r.u16().unwrap_or_default();
     let command = Command::from_u16(r.u16().unwrap_or_default());
     let cookie = r.u64().unwrap_or_default();
@@ -361,13 +364,19 @@ mod tests {
         for n in 0..28 {
             assert_eq!(
                 decode_request(&compact[..n], false),
-                Err(DecodeError::Truncated { need: 28, have: n })
+                Err(DecodeError::Truncated {
+                    need: if n < 4 { 4 } else { 28 },
+                    have: n
+                })
             );
         }
         for n in 0..32 {
             assert_eq!(
                 decode_request(&extended[..n], true),
-                Err(DecodeError::Truncated { need: 32, have: n })
+                Err(DecodeError::Truncated {
+                    need: if n < 4 { 4 } else { 32 },
+                    have: n
+                })
             );
         }
     }

@@ -55,6 +55,17 @@ pub struct Extent {
     pub host_offset: Option<u64>,
 }
 
+/// Where a request goes, decided from the bitmap alone (no I/O).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestMap {
+    /// Entirely in the image, at this file offset (the raw-like fast path).
+    Image(u64),
+    /// Entirely in the base, at the same offset.
+    Base,
+    /// Partly in each.
+    Mixed,
+}
+
 /// How to open an image.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
@@ -457,6 +468,23 @@ impl Image {
         move |e| Error::io(format!("{d}: {what} at offset {offset}"), e)
     }
 
+    /// Map a read request: the bitmap lookup every request starts with.
+    pub fn map_request(&self, offset: u64, len: u64) -> RequestMap {
+        let blocks = self.blocks_of(offset, len);
+        match &self.meta {
+            Some(m) if !blocks.is_empty() => {
+                if m.local.all_set(blocks.clone()) {
+                    RequestMap::Image(self.geo.data_offset + offset)
+                } else if m.local.none_set(blocks) && offset + len <= self.geo.base_range {
+                    RequestMap::Base
+                } else {
+                    RequestMap::Mixed
+                }
+            }
+            _ => RequestMap::Image(self.geo.data_offset + offset),
+        }
+    }
+
     /// Read `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
@@ -464,11 +492,12 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
-        let blocks = self.blocks_of(offset, len);
-        let meta = match &self.meta {
-            Some(m) if !blocks.is_empty() && !m.local.all_set(blocks.clone()) => m,
-            _ => return self.read_image(offset, buf).await,
+        let meta = match (self.map_request(offset, len), &self.meta) {
+            (RequestMap::Image(_), _) | (_, None) => return self.read_image(offset, buf).await,
+            (RequestMap::Base, _) => return self.read_base(offset, buf).await,
+            (RequestMap::Mixed, Some(m)) => m,
         };
+        let blocks = self.blocks_of(offset, len);
         let end = offset + len;
         let bs = self.geo.block_size;
         let mut segs: Vec<(u64, u64, bool)> = Vec::new();

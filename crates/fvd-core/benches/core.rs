@@ -1,0 +1,222 @@
+//! Engine measurements for docs/BENCHMARKS.md (run: `cargo bench -p fvd-core --bench core`).
+//!
+//! 1. bitmap lookup + mapping of a 4 KiB request on a 1 TiB image;
+//! 2. open time of a 1 TiB image with a 4 MiB bitmap;
+//! 3. metadata bytes per TiB;
+//! 4. 4 KiB random first writes through the engine on a copy-on-write image
+//!    vs the same writes to a raw file through the same file backend.
+//!
+//! Set FVD_BENCH_QUICK=1 for a short run (used by the smoke test).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fvd_core::format::header::Region;
+use fvd_core::{BaseSpec, CreateOptions, Format, Image, PathOptions, create_path, open_path};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+const TIB: u64 = 1 << 40;
+
+fn quick() -> bool {
+    std::env::var("FVD_BENCH_QUICK").is_ok()
+}
+
+fn make_tib_image(dir: &Path, rt: &tokio::runtime::Runtime) -> std::path::PathBuf {
+    let base = dir.join("base-1t.raw");
+    std::fs::File::create(&base).unwrap().set_len(TIB).unwrap();
+    let img = dir.join("img-1t.fvd");
+    let spec = BaseSpec {
+        name: "base-1t.raw".into(),
+        format: Format::Raw,
+    };
+    rt.block_on(create_path(
+        &img,
+        Some(&spec),
+        CreateOptions::default(),
+        Some(false),
+    ))
+    .unwrap();
+    img
+}
+
+fn bench_lookup(img: &Image) -> f64 {
+    // Half of the blocks local, so the lookup sees both outcomes.
+    let n: u64 = if quick() { 1_000_000 } else { 20_000_000 };
+    let mut rng = Rng(0x1234_5678);
+    let blocks = TIB / 4096;
+    let start = Instant::now();
+    for _ in 0..n {
+        let off = (rng.next() % blocks) * 4096;
+        black_box(img.map_request(black_box(off), 4096));
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn bench_open(path: &Path, rt: &tokio::runtime::Runtime) -> Duration {
+    let reps = if quick() { 3 } else { 10 };
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let img = rt
+                .block_on(open_path(path, Format::Fvd, PathOptions::default()))
+                .unwrap();
+            let d = t.elapsed();
+            rt.block_on(img.close()).unwrap();
+            d
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// 4 KiB random first writes at queue depth `qd`, plus the final flush.
+fn first_writes(
+    img: Arc<Image>,
+    rt: &tokio::runtime::Runtime,
+    span: u64,
+    count: usize,
+    qd: usize,
+) -> f64 {
+    let mut rng = Rng(0xfeed_beef);
+    let mut offsets: Vec<u64> = (0..span / 4096).map(|b| b * 4096).collect();
+    for i in (1..offsets.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        offsets.swap(i, j);
+    }
+    offsets.truncate(count);
+    let offsets = Arc::new(offsets);
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..qd {
+            let img = img.clone();
+            let offsets = offsets.clone();
+            tasks.push(tokio::spawn(async move {
+                let data = vec![0x5au8; 4096];
+                let mut i = w;
+                while i < offsets.len() {
+                    img.write(offsets[i], &data, false).await.unwrap();
+                    i += qd;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        img.flush().await.unwrap();
+    });
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var("FVD_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .unwrap();
+
+    let tib = make_tib_image(dir.path(), &rt);
+    let img = rt
+        .block_on(open_path(&tib, Format::Fvd, PathOptions::default()))
+        .unwrap();
+    let h = img.header().unwrap().clone();
+    // Make every other 4 KiB block local so lookups hit both paths.
+    rt.block_on(async {
+        for i in 0..4096u64 {
+            img.write(i * 2 * 32768, &[1u8; 512], false).await.unwrap();
+        }
+        img.close().await.unwrap();
+    });
+    drop(img);
+    let img = rt
+        .block_on(open_path(&tib, Format::Fvd, PathOptions::default()))
+        .unwrap();
+    let lookup_ns = bench_lookup(&img);
+    rt.block_on(img.close()).unwrap();
+    drop(img);
+    let open = bench_open(&tib, &rt);
+    let meta_bytes = h.region(Region::Bitmap).length + h.region(Region::Table).length;
+
+    let span: u64 = if quick() { 256 << 20 } else { 2 << 30 };
+    let count = if quick() { 20_000 } else { 100_000 };
+    let base = dir.path().join("base.raw");
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(span).unwrap();
+    // Fill the base with data so first writes really are copy-on-write.
+    {
+        use std::os::unix::fs::FileExt;
+        let chunk = vec![0xa5u8; 1 << 20];
+        for off in (0..span).step_by(1 << 20) {
+            f.write_all_at(&chunk, off).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let mut fvd_iops = Vec::new();
+    let mut raw_iops = Vec::new();
+    for rep in 0..3 {
+        let fvd = dir.path().join(format!("cow-{rep}.fvd"));
+        let spec = BaseSpec {
+            name: "base.raw".into(),
+            format: Format::Raw,
+        };
+        rt.block_on(create_path(
+            &fvd,
+            Some(&spec),
+            CreateOptions::default(),
+            Some(false),
+        ))
+        .unwrap();
+        let raw = dir.path().join(format!("raw-{rep}.raw"));
+        fvd_core::create_raw(&raw, span).unwrap();
+        let a = Arc::new(
+            rt.block_on(open_path(&fvd, Format::Fvd, PathOptions::default()))
+                .unwrap(),
+        );
+        let b = Arc::new(
+            rt.block_on(open_path(&raw, Format::Raw, PathOptions::default()))
+                .unwrap(),
+        );
+        // Interleave the two systems within each repetition.
+        if rep % 2 == 0 {
+            fvd_iops.push(first_writes(a, &rt, span, count, 32));
+            raw_iops.push(first_writes(b, &rt, span, count, 32));
+        } else {
+            raw_iops.push(first_writes(b, &rt, span, count, 32));
+            fvd_iops.push(first_writes(a, &rt, span, count, 32));
+        }
+        let _ = std::fs::remove_file(&fvd);
+        let _ = std::fs::remove_file(&raw);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (f, r) = (med(&mut fvd_iops), med(&mut raw_iops));
+    println!("bench: lookup_4k_1tib_ns={lookup_ns:.1} (target <= 50)");
+    println!(
+        "bench: open_1tib_ms={:.2} (target <= 50)",
+        open.as_secs_f64() * 1000.0
+    );
+    println!(
+        "bench: metadata_bytes_per_tib={} ({:.2} MiB, target <= 6 MiB)",
+        meta_bytes,
+        meta_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "bench: first_writes_4k_qd32 fvd_iops={f:.0} raw_iops={r:.0} ratio={:.3} (target >= 0.95)",
+        f / r
+    );
+}
