@@ -267,3 +267,54 @@ fn concurrent_partial_writes_to_shared_blocks_are_serialised() {
         img.close().await.unwrap();
     });
 }
+
+#[test]
+fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
+    let base_data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 249) as u8 | 1).collect();
+    let base: Option<Arc<dyn Base>> = Some(Arc::new(
+        RawBase::new(Arc::new(MemStorage::from_bytes("base", &base_data))).unwrap(),
+    ));
+    let disk = MemStorage::new("img");
+    let opts = CreateOptions {
+        size: Some(1 << 20),
+        base: Some(("b".into(), "raw".into())),
+        block_size: Some(4096),
+        ..Default::default()
+    };
+    block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).unwrap();
+    let img = open(&disk, &base);
+    block_on(img.write(8192, &[0xee; 100], false)).unwrap();
+    block_on(img.cache(0, 1 << 20)).unwrap();
+    assert_eq!(img.local_blocks(), (256, 256));
+    let base_before = img
+        .stats()
+        .base_read_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut all = vec![0u8; 1 << 20];
+    block_on(img.read(0, &mut all)).unwrap();
+    // Served from the image now: no base reads.
+    assert_eq!(
+        img.stats()
+            .base_read_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        base_before
+    );
+    let mut want = base_data.clone();
+    want[8192..8292].fill(0xee);
+    assert!(all == want);
+    // Soft bits are not journaled: after a crash only the guest write's block is local.
+    block_on(img.flush()).unwrap();
+    drop(img);
+    let img = open(&disk, &base);
+    assert_eq!(img.local_blocks(), (1, 256));
+    block_on(img.read(0, &mut all)).unwrap();
+    assert!(all == want);
+    // A clean close makes copy-on-read fills permanent.
+    block_on(img.cache(0, 1 << 20)).unwrap();
+    block_on(img.close()).unwrap();
+    drop(img);
+    let img = open(&disk, &base);
+    assert_eq!(img.local_blocks(), (256, 256));
+    block_on(img.read(0, &mut all)).unwrap();
+    assert!(all == want);
+}

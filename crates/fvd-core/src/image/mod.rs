@@ -713,6 +713,46 @@ impl Image {
         Ok(())
     }
 
+    /// Copy the base data of `[offset, offset+len)` into the image (the
+    /// NBD_CMD_CACHE / copy-on-read path). The bits it sets are *soft*: kept in
+    /// memory only and never journaled, so after a crash those blocks are
+    /// simply read from the base again. Never overwrites a guest write: the
+    /// blocks are locked and re-checked before the fill is written.
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let meta = match &self.meta {
+            Some(m) if !self.read_only && self.base.is_some() => m,
+            _ => return Ok(()),
+        };
+        self.check_writable()?;
+        let blocks = self.blocks_of(offset, len);
+        let bs = self.geo.block_size;
+        // Bounded work per step: at most this many blocks are filled at once.
+        let step = (crate::format::layout::DEFAULT_MAX_COR_BYTES / bs).max(1);
+        let mut b = blocks.start;
+        while b < blocks.end {
+            let end = (b + step).min(blocks.end);
+            for (r0, r1, local) in meta.local.runs(b..end) {
+                if local {
+                    continue;
+                }
+                let _g = self.locks.lock(r0, r1).await;
+                for (s0, s1, now_local) in meta.local.runs(r0..r1) {
+                    if now_local {
+                        continue;
+                    }
+                    let s = s0 * bs;
+                    let e = (s1 * bs).min(self.geo.base_range);
+                    let data = self.base_bytes(s, e - s).await?;
+                    self.write_image(s, IoBuf::from_slice(&data)).await?;
+                    meta.local.set_range(s0..s1);
+                }
+            }
+            b = end;
+        }
+        Ok(())
+    }
+
     /// Make every completed write durable.
     pub async fn flush(&self) -> Result<()> {
         if self.read_only {

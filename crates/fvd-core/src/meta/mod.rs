@@ -259,7 +259,34 @@ impl Meta {
     pub async fn close(&self, storage: &dyn Storage, stats: &Stats) -> Result<()> {
         self.commit(storage, stats).await?;
         let mut st = self.commit.lock().await;
-        if !st.header.is_clean() {
+        // Soft bits (copy-on-read fills) become permanent at a clean close,
+        // once the data they point at is durable.
+        let mut promoted = Vec::new();
+        for (s, e, local) in self.local.runs(0..self.local.len()) {
+            if !local {
+                continue;
+            }
+            for (a, b, committed) in st.committed.runs(s..e) {
+                if !committed {
+                    push_set_bits(&mut promoted, a, b);
+                }
+            }
+        }
+        if !promoted.is_empty() {
+            if let Err(e) = flush_storage(storage, stats).await {
+                return self.poison(e);
+            }
+            let CommitState {
+                committed,
+                dirty_pages,
+                ..
+            } = &mut *st;
+            for r in &promoted {
+                apply(committed, r, dirty_pages)?;
+                apply(&self.hard, r, &mut BTreeSet::new())?;
+            }
+        }
+        if !st.header.is_clean() || !promoted.is_empty() {
             if let Err(e) = checkpoint(&mut st, storage, stats, true).await {
                 return self.poison(e);
             }
