@@ -28,6 +28,11 @@ impl Rng {
 
 const TIB: u64 = 1 << 40;
 
+/// FVD_BENCH_CACHE=none measures with O_DIRECT.
+fn cache_mode() -> fvd_core::storage::CacheMode {
+    std::env::var("FVD_BENCH_CACHE").ok().and_then(|v| v.parse().ok()).unwrap_or_default()
+}
+
 fn quick() -> bool {
     std::env::var("FVD_BENCH_QUICK").is_ok()
 }
@@ -216,7 +221,9 @@ fn main() {
         meta_bytes as f64 / (1 << 20) as f64
     );
     println!(
-        "bench: first_writes_4k_qd32 fvd_iops={f:.0} raw_iops={r:.0} ratio={:.3} (target >= 0.95)",
+        "bench: first_writes_4k_qd32 cache={:?} io_threads={} fvd_iops={f:.0} raw_iops={r:.0} ratio={:.3} (target >= 0.95)",
+        cache_mode(),
+        std::env::var("FVD_IO_THREADS").unwrap_or_else(|_| "16".into()),
         f / r
     );
 }

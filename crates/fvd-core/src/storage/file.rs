@@ -77,10 +77,12 @@ pub struct FileStorage {
     path: PathBuf,
     direct: bool,
     is_block_device: bool,
-    pool: Pool,
+    pool: Option<Pool>,
 }
 
-fn shared_pool_threads() -> usize {
+/// Threads per file's I/O pool: `FVD_IO_THREADS`, default 16. `0` runs every I/O inline
+/// on the calling thread (used to measure what the pool costs).
+fn pool_threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
         std::env::var("FVD_IO_THREADS")
@@ -141,7 +143,10 @@ impl FileStorage {
             path: path.to_path_buf(),
             direct: opts.cache == CacheMode::None,
             is_block_device,
-            pool: Pool::new(shared_pool_threads()),
+            pool: match pool_threads() {
+                0 => None,
+                n => Some(Pool::new(n)),
+            },
         })
     }
 
@@ -153,6 +158,17 @@ impl FileStorage {
     /// True for block devices (no sparse file system underneath).
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
+    }
+
+    fn run<T, F>(&self, f: F) -> IoFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        match &self.pool {
+            Some(p) => Box::pin(p.run(f)),
+            None => Box::pin(std::future::ready(f())),
+        }
     }
 }
 
@@ -282,20 +298,20 @@ impl Storage for FileStorage {
     fn read_at(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
         let file = self.file.clone();
         let direct = self.direct;
-        Box::pin(self.pool.run(move || {
+        self.run(move || {
             if direct {
                 direct_read(&file, offset, &mut buf)?;
             } else {
                 read_full(&file, offset, &mut buf)?;
             }
             Ok(buf)
-        }))
+        })
     }
 
     fn write_at(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
         let file = self.file.clone();
         let direct = self.direct;
-        Box::pin(self.pool.run(move || {
+        self.run(move || {
             if direct {
                 direct_write(&file, offset, &buf)?;
             } else {
@@ -305,18 +321,18 @@ impl Storage for FileStorage {
                 datasync(&file)?;
             }
             Ok(buf)
-        }))
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
         let file = self.file.clone();
-        Box::pin(self.pool.run(move || datasync(&file)))
+        self.run(move || datasync(&file))
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         let file = self.file.clone();
         let direct = self.direct;
-        Box::pin(self.pool.run(move || {
+        self.run(move || {
             if len == 0 {
                 return Ok(());
             }
@@ -328,13 +344,13 @@ impl Storage for FileStorage {
                 }
                 Err(e) => Err(e),
             }
-        }))
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         let file = self.file.clone();
         let direct = self.direct;
-        Box::pin(self.pool.run(move || {
+        self.run(move || {
             if len == 0 {
                 return Ok(());
             }
@@ -351,7 +367,7 @@ impl Storage for FileStorage {
                 }
                 Err(e) => Err(e),
             }
-        }))
+        })
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -361,7 +377,7 @@ impl Storage for FileStorage {
     fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
         let file = self.file.clone();
         let is_dev = self.is_block_device;
-        Box::pin(self.pool.run(move || {
+        self.run(move || {
             if is_dev {
                 let have = file_len(&file)?;
                 if have < len {
@@ -370,13 +386,13 @@ impl Storage for FileStorage {
                 return Ok(());
             }
             file.set_len(len)
-        }))
+        })
     }
 
     fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>> {
         let file = self.file.clone();
         let is_dev = self.is_block_device;
-        Box::pin(self.pool.run(move || {
+        self.run(move || {
             if is_dev {
                 return Ok(vec![AllocRun {
                     length: len,
@@ -384,7 +400,7 @@ impl Storage for FileStorage {
                 }]);
             }
             allocation_map(&file, offset, len)
-        }))
+        })
     }
 
     fn allocated_bytes(&self) -> io::Result<u64> {
