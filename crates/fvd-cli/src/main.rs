@@ -1,1 +1,133 @@
-fn main() {}
+//! `fvd` — create, inspect, convert, compare, check and exercise FVD images,
+//! in qemu-img's and qemu-io's vocabulary.
+//!
+//! Every failure prints one line, `fvd: <message>`, naming the file and the
+//! problem, and exits with status 1 (`compare` uses 2 for errors, `check` its
+//! own codes).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod common;
+mod size;
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "fvd",
+    version,
+    about = "Fast Virtual Disk image tool (speaks qemu-img's and qemu-io's vocabulary)",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new image (like qemu-img create).
+    Create(cmd::create::Args),
+    /// Show what an image is and how it is laid out (like qemu-img info).
+    Info(cmd::info::Args),
+    /// Show where the data of an image is (like qemu-img map).
+    Map(cmd::map::Args),
+    /// Copy an image into a new one, skipping zeros (like qemu-img convert).
+    Convert(cmd::convert::Args),
+    /// Compare the content of two images (like qemu-img compare).
+    Compare(cmd::compare::Args),
+    /// Check the metadata of an image (like qemu-img check).
+    Check(cmd::check::Args),
+    /// Run qemu-io style commands on an image (like qemu-io).
+    Io(cmd::io::Args),
+    /// Show copy-on-write and free writes on a built-in example.
+    Demo(cmd::demo::Args),
+    /// Export an image over NBD (like qemu-nbd).
+    Serve(cmd::serve::ServeArgs),
+    /// Export the virtual disk as one file over FUSE (like qemu-storage-daemon
+    /// --export type=fuse).
+    Mount(cmd::mount::MountArgs),
+}
+
+impl Command {
+    /// Exit status for an error of this command.
+    fn error_code(&self) -> u8 {
+        match self {
+            Command::Compare(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Squash a message onto one line.
+fn one_line(msg: &str) -> String {
+    msg.split('\n')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(1);
+            }
+            // The message is the first paragraph of clap's report.
+            let text = e.to_string();
+            let para: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let msg = para.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("fvd: {} (try 'fvd --help')", one_line(msg));
+            let compare = std::env::args().nth(1).as_deref() == Some("compare");
+            return ExitCode::from(if compare { 2 } else { 1 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fvd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = cli.command.error_code();
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Create(a) => cmd::create::run(a).await,
+            Command::Info(a) => cmd::info::run(a).await,
+            Command::Map(a) => cmd::map::run(a).await,
+            Command::Convert(a) => cmd::convert::run(a).await,
+            Command::Compare(a) => cmd::compare::run(a).await,
+            Command::Check(a) => cmd::check::run(a).await,
+            Command::Io(a) => cmd::io::run(a).await,
+            Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Serve(a) => cmd::serve::run(a).await,
+            Command::Mount(a) => cmd::mount::run(a).await,
+        }
+    });
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("fvd: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(code)
+        }
+    }
+}

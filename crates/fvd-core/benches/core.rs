@@ -30,7 +30,10 @@ const TIB: u64 = 1 << 40;
 
 /// FVD_BENCH_CACHE=none measures with O_DIRECT.
 fn cache_mode() -> fvd_core::storage::CacheMode {
-    std::env::var("FVD_BENCH_CACHE").ok().and_then(|v| v.parse().ok()).unwrap_or_default()
+    std::env::var("FVD_BENCH_CACHE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
 }
 
 fn quick() -> bool {

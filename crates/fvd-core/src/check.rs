@@ -1,24 +1,24 @@
-//! `check`: consistency of an image's header, journal and bitmap, and
-//! repair of what can be repaired.
+//! `check`: consistency of an image's header, journal, bitmap and chunk
+//! table, and repair of what can be repaired.
 //!
 //! Findings fall in three classes, as in `qemu-img check`:
 //! * corruptions — metadata that contradicts itself (exit code 2);
-//! * leaks — space used by data no metadata refers to: blocks of the base
-//!   range whose bit is 0 but whose image storage holds data, left by
-//!   copy-on-write writes that crashed before their journal record was
-//!   durable (exit code 3);
+//! * leaks — space holding data no metadata refers to: blocks of the base
+//!   range whose bit is 0 but whose storage holds data (copy-on-write writes
+//!   that crashed before their journal record was durable), and in compact
+//!   images physical chunks no table entry references (exit code 3);
 //! * check errors — the check itself could not run (exit code 1).
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{HEADER_SLOT_SIZE, Header, Region, decode_slots};
+use crate::format::header::{HEADER_SLOT_SIZE, Header, INCOMPAT_COMPACT, Region, decode_slots};
+use crate::image::compact::EMPTY;
 use crate::image::{Image, OpenOptions};
 use crate::iobuf::IoBuf;
-use crate::meta;
+use crate::meta::{self, Durable};
 use crate::open::{Format, PathOptions, resolve_base};
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage, Storage};
@@ -57,6 +57,8 @@ pub struct CheckReport {
     pub image_end_offset: u64,
     /// Blocks of the base range in the image, and all of them.
     pub local_blocks: (u64, u64),
+    /// Allocated chunks and all chunks (compact images).
+    pub chunks: Option<(u64, u64)>,
 }
 
 impl CheckReport {
@@ -102,22 +104,45 @@ pub async fn check_path(
     if let Some(mode) = repair
         && report.check_errors.is_empty()
     {
-        repair_image(storage.clone(), path, mode, &report)
-            .await
-            .map(|done| report.repaired = done)?;
-        if !report.repaired.is_empty() {
-            let repaired = std::mem::take(&mut report.repaired);
+        let done = repair_image(storage.clone(), path, mode, &report).await?;
+        if !done.is_empty() {
             report = check_storage(storage.as_ref(), Some(path)).await?;
-            report.repaired = repaired;
+            report.repaired = done;
         }
     }
     Ok(report)
 }
 
+/// The image's metadata as check sees it.
+struct Loaded {
+    header: Header,
+    durable: Durable,
+    capacity: u64,
+}
+
 /// Check an image on any storage. `path` (if known) locates the base.
 pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result<CheckReport> {
-    let desc = storage.describe();
     let mut r = CheckReport::default();
+    let Some(loaded) = load(storage, path, &mut r).await? else {
+        return Ok(r);
+    };
+    if r.corruptions.is_empty() {
+        for (host, len) in leaked_ranges(storage, &loaded).await? {
+            r.leaked_bytes += len;
+            r.leaks.push(format!(
+                "{len} bytes at file offset {host} hold data no metadata refers to"
+            ));
+        }
+    }
+    Ok(r)
+}
+
+async fn load(
+    storage: &dyn Storage,
+    path: Option<&Path>,
+    r: &mut CheckReport,
+) -> Result<Option<Loaded>> {
+    let desc = storage.describe();
     let len = storage
         .len()
         .map_err(|e| Error::io(format!("{desc}: size"), e))?;
@@ -129,7 +154,7 @@ pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result
         Ok(v) => v,
         Err(e) => {
             r.check_errors.push(format!("{desc}: {e}"));
-            return Ok(r);
+            return Ok(None);
         }
     };
     let other = &area[(1 - slot) * HEADER_SLOT_SIZE..(2 - slot) * HEADER_SLOT_SIZE];
@@ -147,15 +172,14 @@ pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result
             "image is truncated: file is {len} bytes, the header needs {}",
             data.end()
         ));
-        return Ok(r);
+        return Ok(None);
     }
-    check_base(&h, path, &mut r);
+    check_base(&h, path, r);
     let bits = h.base_blocks();
-    let bitmap_region = h.region(Region::Bitmap);
     let bitmap = if bits > 0 {
         let raw = storage
             .read_at(
-                bitmap_region.offset,
+                h.region(Region::Bitmap).offset,
                 IoBuf::zeroed(bits.div_ceil(8) as usize),
             )
             .await
@@ -165,6 +189,7 @@ pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result
             Err(e) => {
                 r.corruptions.push(format!("bitmap: {}", e.message()));
                 let mut fixed = raw.to_vec();
+                // Only the partial last byte can hold stray bits.
                 if let Some(last) = fixed.last_mut()
                     && bits % 8 != 0
                 {
@@ -176,6 +201,35 @@ pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result
     } else {
         AtomicBitmap::new(0)
     };
+    let bm_region = h.region(Region::Bitmap);
+    let used = bits.div_ceil(8);
+    if bm_region.length > used {
+        let pad = storage
+            .read_at(
+                bm_region.offset + used,
+                IoBuf::zeroed((bm_region.length - used) as usize),
+            )
+            .await
+            .map_err(|e| Error::io(format!("{desc}: read bitmap"), e))?;
+        if !pad.is_zero() {
+            r.corruptions
+                .push("bitmap: bits are set past the base range".to_string());
+        }
+    }
+    let compact = h.incompatible & INCOMPAT_COMPACT != 0;
+    let table = if compact {
+        let n = h.virtual_size.div_ceil(h.chunk_size as u64) as usize;
+        let raw = storage
+            .read_at(h.region(Region::Table).offset, IoBuf::zeroed(n * 4))
+            .await
+            .map_err(|e| Error::io(format!("{desc}: read chunk table"), e))?;
+        raw.chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut durable = Durable::new(bitmap, table);
     match meta::read_journal(storage, &h).await {
         Ok(replay) => {
             r.journal_blocks = replay.blocks;
@@ -187,9 +241,8 @@ pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result
                 ));
             }
             if !h.is_clean() {
-                let mut dirty = BTreeSet::new();
                 for rec in &replay.records {
-                    if let Err(e) = meta::apply(&bitmap, rec, &mut dirty) {
+                    if let Err(e) = durable.apply(rec) {
                         r.corruptions.push(format!("journal: {}", e.message()));
                         break;
                     }
@@ -201,11 +254,40 @@ pub async fn check_storage(storage: &dyn Storage, path: Option<&Path>) -> Result
         }
         Err(e) => return Err(e),
     }
-    r.local_blocks = (bitmap.count_ones(), bits);
-    if bits > 0 {
-        find_leaks(storage, &h, &bitmap, &mut r).await?;
+    r.local_blocks = (durable.bitmap.count_ones(), bits);
+    let cs = h.chunk_size as u64;
+    let capacity = len.saturating_sub(data.offset) / cs;
+    if compact {
+        check_table(&durable.table, capacity, r);
+        r.image_end_offset = len;
     }
-    Ok(r)
+    Ok(Some(Loaded {
+        header: h,
+        durable,
+        capacity,
+    }))
+}
+
+/// Entries must point inside the data region and no chunk may be used twice.
+fn check_table(table: &[u32], capacity: u64, r: &mut CheckReport) {
+    let mut owner: Vec<Option<usize>> = vec![None; table.len()];
+    let mut allocated = 0;
+    for (c, &p) in table.iter().enumerate() {
+        if p == EMPTY {
+            continue;
+        }
+        allocated += 1;
+        if p as u64 >= capacity || p as usize >= table.len() {
+            r.corruptions.push(format!("chunk table entry {c} points at chunk {p}, past the data region ({capacity} chunks)"));
+            continue;
+        }
+        if let Some(first) = owner[p as usize].replace(c) {
+            r.corruptions.push(format!(
+                "physical chunk {p} is referenced by entries {first} and {c}"
+            ));
+        }
+    }
+    r.chunks = Some((allocated, table.len() as u64));
 }
 
 fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
@@ -228,59 +310,78 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
     }
 }
 
-/// Blocks whose bit is 0 (data comes from the base) but whose image storage holds data.
-async fn leaked_ranges(
-    storage: &dyn Storage,
-    h: &Header,
-    bitmap: &AtomicBitmap,
-) -> Result<Vec<(u64, u64)>> {
+/// Host ranges (offset, length) that hold data no metadata refers to. Only
+/// whole 4 KiB host pages count: a partial page may hold live data next to it.
+async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u64)>> {
+    let h = &l.header;
     let bs = h.block_size as u64;
+    let cs = h.chunk_size as u64;
     let data_off = h.region(Region::Data).offset;
-    let range = h.base_range();
-    let mut out = Vec::new();
-    for (b0, b1, local) in bitmap.runs(0..h.base_blocks()) {
+    let compact = h.incompatible & INCOMPAT_COMPACT != 0;
+    let mut candidates: Vec<(u64, u64)> = Vec::new();
+    // Blocks still in the base whose storage is nevertheless written.
+    for (b0, b1, local) in l.durable.bitmap.runs(0..h.base_blocks()) {
         if local {
             continue;
         }
-        // Only whole 4 KiB host pages count: a partial page at the end of an
-        // unaligned base range may hold data of the range beyond the base.
-        let s = (b0 * bs).div_ceil(4096) * 4096;
-        let e = (b1 * bs).min(range) / 4096 * 4096;
+        let (s, e) = (b0 * bs, (b1 * bs).min(h.base_range()));
+        if !compact {
+            candidates.push((data_off + s, data_off + e));
+            continue;
+        }
+        let mut pos = s;
+        while pos < e {
+            let c = pos / cs;
+            let ce = ((c + 1) * cs).min(e);
+            let p = l.durable.table.get(c as usize).copied().unwrap_or(EMPTY);
+            if p != EMPTY {
+                let host = data_off + p as u64 * cs + pos % cs;
+                candidates.push((host, host + (ce - pos)));
+            }
+            pos = ce;
+        }
+    }
+    // Physical chunks no entry references.
+    if compact {
+        let mut used = vec![false; l.capacity as usize];
+        for &p in &l.durable.table {
+            if let Some(u) = used.get_mut(p as usize) {
+                *u = true;
+            }
+        }
+        let mut p = 0;
+        while p < used.len() {
+            if used[p] {
+                p += 1;
+                continue;
+            }
+            let q = (p..used.len()).find(|&i| used[i]).unwrap_or(used.len());
+            candidates.push((data_off + p as u64 * cs, data_off + q as u64 * cs));
+            p = q;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in candidates {
+        let (s, e) = (s.div_ceil(4096) * 4096, e / 4096 * 4096);
         if s >= e {
             continue;
         }
         let runs = storage
-            .allocation(data_off + s, e - s)
+            .allocation(s, e - s)
             .await
             .map_err(|er| Error::io(format!("{}: allocation map", storage.describe()), er))?;
-        let mut p = s;
+        let mut pos = s;
         for run in runs {
             if run.data {
                 match out.last_mut() {
-                    Some((_, end)) if *end == p => *end = p + run.length,
-                    _ => out.push((p, p + run.length)),
+                    Some((a, n)) if *a + *n == pos => *n += run.length,
+                    _ => out.push((pos, run.length)),
                 }
             }
-            p += run.length;
+            pos += run.length;
         }
     }
     Ok(out)
-}
-
-async fn find_leaks(
-    storage: &dyn Storage,
-    h: &Header,
-    bitmap: &AtomicBitmap,
-    r: &mut CheckReport,
-) -> Result<()> {
-    for (s, e) in leaked_ranges(storage, h, bitmap).await? {
-        r.leaked_bytes += e - s;
-        r.leaks.push(format!(
-            "{} bytes at virtual offset {s} hold data but the bitmap says the base has it",
-            e - s
-        ));
-    }
-    Ok(())
 }
 
 async fn repair_image(
@@ -291,14 +392,13 @@ async fn repair_image(
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
     if mode == Repair::All && (!report.clean || !report.corruptions.is_empty()) {
-        // Opening read-write replays the journal and checkpoints the bitmap
-        // (rewriting it without stray bits); closing sets the clean flag.
         let (h, _) = crate::image::read_header(storage.as_ref()).await?;
-        let bitmap_corrupt = report.corruptions.iter().any(|c| c.starts_with("bitmap"));
-        if bitmap_corrupt {
+        if report.corruptions.iter().any(|c| c.starts_with("bitmap")) {
             rewrite_bitmap(storage.as_ref(), &h).await?;
             done.push("cleared bitmap bits beyond the base range".to_string());
         }
+        // Opening read-write replays the journal and checkpoints; closing
+        // sets the clean flag.
         let base = if h.base_range() > 0 {
             let fmt: Format = h.base_format.parse()?;
             Some(
@@ -323,33 +423,30 @@ async fn repair_image(
         }
     }
     if report.leaked_bytes > 0 {
-        let (h, _) = crate::image::read_header(storage.as_ref()).await?;
-        let bits = h.base_blocks();
-        let raw = storage
-            .read_at(
-                h.region(Region::Bitmap).offset,
-                IoBuf::zeroed(bits.div_ceil(8) as usize),
-            )
-            .await
-            .map_err(|e| Error::io("read bitmap", e))?;
-        let bitmap = AtomicBitmap::from_bytes(bits, &raw)?;
-        if h.is_clean() {
-            let data_off = h.region(Region::Data).offset;
-            let mut freed = 0;
-            for (s, e) in leaked_ranges(storage.as_ref(), &h, &bitmap).await? {
-                storage
-                    .discard(data_off + s, e - s)
-                    .await
-                    .map_err(|er| Error::io("punch leaked data", er))?;
-                freed += e - s;
-            }
-            storage.flush().await.map_err(|e| Error::io("flush", e))?;
-            done.push(format!("freed {freed} bytes of leaked data"));
-        } else {
+        let mut r = CheckReport::default();
+        let Some(loaded) = load(storage.as_ref(), Some(path), &mut r).await? else {
+            return Ok(done);
+        };
+        if !loaded.header.is_clean() {
             done.push(
                 "leaks not repaired: the journal must be replayed first (use -r all)".to_string(),
             );
+            return Ok(done);
         }
+        if !r.corruptions.is_empty() {
+            done.push("leaks not repaired: fix the corruption first (use -r all)".to_string());
+            return Ok(done);
+        }
+        let mut freed = 0;
+        for (host, len) in leaked_ranges(storage.as_ref(), &loaded).await? {
+            storage
+                .discard(host, len)
+                .await
+                .map_err(|er| Error::io("punch leaked data", er))?;
+            freed += len;
+        }
+        storage.flush().await.map_err(|e| Error::io("flush", e))?;
+        done.push(format!("freed {freed} bytes of leaked data"));
     }
     Ok(done)
 }
@@ -363,7 +460,7 @@ async fn rewrite_bitmap(storage: &dyn Storage, h: &Header) -> Result<()> {
         .map_err(|e| Error::io("read bitmap", e))?;
     let mut fixed = raw.to_vec();
     let first_stray_byte = (bits / 8) as usize;
-    if bits % 8 != 0 && first_stray_byte < fixed.len() {
+    if !bits.is_multiple_of(8) && first_stray_byte < fixed.len() {
         fixed[first_stray_byte] &= (1u8 << (bits % 8)) - 1;
     }
     let clear_from = bits.div_ceil(8) as usize;

@@ -20,6 +20,7 @@ pub mod image;
 pub mod iobuf;
 mod meta;
 pub mod open;
+pub mod sim;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};

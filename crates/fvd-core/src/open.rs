@@ -209,10 +209,15 @@ pub async fn create_path(
         }
         None => None,
     };
-    opts.detect_zeroes = detect_zeroes.unwrap_or(base_img.is_some());
+    use std::os::unix::fs::FileTypeExt;
+    let is_device = std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    // A block device need not read zeros where never written: no zero detection.
+    opts.detect_zeroes = !is_device && detect_zeroes.unwrap_or(base_img.is_some());
     let fo = FileOptions {
         write: true,
-        create: true,
+        create: !is_device,
         cache: CacheMode::Writeback,
         lock: true,
     };
@@ -220,7 +225,9 @@ pub async fn create_path(
     let r = create(&storage, &opts, base_img.as_deref()).await;
     if let Err(e) = r {
         drop(storage);
-        let _ = std::fs::remove_file(path);
+        if !is_device {
+            let _ = std::fs::remove_file(path);
+        }
         return Err(e.context(path.display()));
     }
     Ok(())

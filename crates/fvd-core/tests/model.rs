@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use fvd_core::base::{Base, RawBase};
 use fvd_core::executor::block_on;
-use fvd_core::storage::{MemStorage, Storage};
+use fvd_core::storage::MemStorage;
 use fvd_core::{CreateOptions, Image, OpenOptions};
 
 /// xorshift64*: deterministic, dependency-free randomness for the model.
@@ -28,6 +28,8 @@ struct Case {
     base_size: Option<u64>,
     block_size: u32,
     detect_zeroes: bool,
+    /// Chunk size of a compact image; None for the sparse layout.
+    compact: Option<u32>,
 }
 
 fn base_bytes(size: u64, rng: &mut Rng) -> Vec<u8> {
@@ -81,6 +83,10 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
         journal_size: Some(64 * 1024), // small, so recycling happens
         detect_zeroes: case.detect_zeroes,
         copy_on_read: false,
+        compact: case.compact.is_some(),
+        chunk_size: case.compact,
+        grow_unit: Some(256 << 10),
+        grow_cmd: None,
     };
     block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).expect("create");
     let mut img = open(&disk, &base);
@@ -167,6 +173,7 @@ fn model_without_base() {
                     base_size: None,
                     block_size: bs,
                     detect_zeroes: false,
+                    compact: None,
                 },
                 seed,
                 400,
@@ -185,6 +192,7 @@ fn model_with_base_every_block_size() {
                 base_size: Some((3 << 20) + 1536),
                 block_size: bs,
                 detect_zeroes: seed % 2 == 0,
+                compact: None,
             };
             run_case(&case, seed ^ bs as u64, 500);
         }
@@ -199,8 +207,41 @@ fn model_base_larger_than_image() {
             base_size: Some(3 << 20),
             block_size: 4096,
             detect_zeroes: true,
+            compact: None,
         };
         run_case(&case, seed, 300);
+    }
+}
+
+#[test]
+fn model_compact_without_base() {
+    for (bs, cs) in [(4096u32, 65536u32), (65536, 1 << 20)] {
+        for seed in seeds() {
+            let case = Case {
+                virtual_size: 4 << 20,
+                base_size: None,
+                block_size: bs,
+                detect_zeroes: false,
+                compact: Some(cs),
+            };
+            run_case(&case, seed ^ cs as u64, 400);
+        }
+    }
+}
+
+#[test]
+fn model_compact_with_base() {
+    for (bs, cs) in [(512u32, 4096u32), (4096, 65536), (65536, 1 << 20)] {
+        for seed in seeds() {
+            let case = Case {
+                virtual_size: 4 << 20,
+                base_size: Some((3 << 20) + 1536),
+                block_size: bs,
+                detect_zeroes: seed % 2 == 0,
+                compact: Some(cs),
+            };
+            run_case(&case, seed ^ bs as u64 ^ cs as u64, 500);
+        }
     }
 }
 

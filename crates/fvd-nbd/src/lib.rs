@@ -6,6 +6,10 @@
 //! extended replies ([`reply`]), and request validation
 //! ([`transmission`]). Constants live in [`consts`], errors in [`error`].
 //!
+//! With the `server` feature (on by default), [`server`] adds a tokio NBD
+//! server that exports an `fvd-core` image over a unix socket or TCP, with
+//! optional TLS.
+//!
 //! Every decoder is total: it returns an error rather than panicking on
 //! any input, never allocates more than a small multiple of its input, and
 //! uses checked arithmetic throughout.
@@ -30,6 +34,8 @@ pub mod error;
 pub mod handshake;
 pub mod reply;
 pub mod request;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod transmission;
 mod wire;
 

@@ -174,7 +174,7 @@ impl AtomicBitmap {
             let mut j = i + 1;
             // Skip whole words quickly when they are uniform.
             while j < r.end {
-                if j % 64 == 0 && j + 64 <= r.end {
+                if j.is_multiple_of(64) && j + 64 <= r.end {
                     let w = self.words[(j / 64) as usize].load(Ordering::Acquire);
                     if (v && w == u64::MAX) || (!v && w == 0) {
                         j += 64;

@@ -193,12 +193,18 @@ impl Header {
         self.base_range().div_ceil(self.block_size as u64)
     }
 
-    /// Bytes of the virtual disk backed by the base: min(base size, virtual size).
+    /// Bytes of the virtual disk backed by the base: min(base size rounded
+    /// up to a whole 512-byte sector, virtual size). The sector holding an
+    /// unaligned base end is backed by the base as a whole (zeros past the
+    /// base's end), so its bit governs all of it.
     pub fn base_range(&self) -> u64 {
         if self.base_name.is_empty() || self.flags & FLAG_ALL_LOCAL != 0 {
             0
         } else {
-            self.base_size.min(self.virtual_size)
+            self.base_size
+                .min(self.virtual_size)
+                .div_ceil(512)
+                .saturating_mul(512)
         }
     }
 
@@ -418,14 +424,14 @@ impl Header {
         let mut used: Vec<(u64, u64, Region)> = Vec::new();
         for r in Region::ALL {
             let e = self.region(r);
-            if e.offset % 4096 != 0 {
+            if !e.offset.is_multiple_of(4096) {
                 return Err(Error::corrupt(format!(
                     "{} region offset {} is not 4 KiB aligned",
                     r.name(),
                     e.offset
                 )));
             }
-            if r != Region::Data && e.length % 4096 != 0 {
+            if r != Region::Data && !e.length.is_multiple_of(4096) {
                 return Err(Error::corrupt(format!(
                     "{} region length {} is not a multiple of 4 KiB",
                     r.name(),

@@ -209,6 +209,34 @@ pub fn pack(records: &[Record]) -> Vec<Vec<Record>> {
     blocks
 }
 
+/// Split groups of records into blocks: a group that fits in one block is
+/// never split across two (so it becomes durable atomically); a group larger
+/// than a block is split at record boundaries.
+pub fn pack_groups(groups: &[Vec<Record>]) -> Vec<Vec<Record>> {
+    let mut blocks: Vec<Vec<Record>> = Vec::new();
+    let mut used = PAYLOAD;
+    for g in groups {
+        let size: usize = g.iter().map(Record::encoded_len).sum();
+        if size <= PAYLOAD && used + size > PAYLOAD {
+            blocks.push(Vec::new());
+            used = 0;
+        }
+        for r in g {
+            let n = r.encoded_len();
+            if used + n > PAYLOAD {
+                blocks.push(Vec::new());
+                used = 0;
+            }
+            blocks
+                .last_mut()
+                .expect("a block was just pushed")
+                .push(r.clone());
+            used += n;
+        }
+    }
+    blocks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +291,25 @@ mod tests {
         let crc = crc32c::crc32c(&b[8..]);
         put_u32(&mut b, 4, crc);
         assert!(decode_block(&b, 7, 3).is_err());
+    }
+
+    #[test]
+    fn groups_stay_in_one_block() {
+        let small = vec![
+            Record::Table {
+                first: 0,
+                entries: vec![1; 500],
+            },
+            Record::SetBits { first: 0, count: 8 },
+        ];
+        // 2,032 bytes per group: two fit in a block, the third starts a new one.
+        let blocks = pack_groups(&[small.clone(), small.clone(), small.clone()]);
+        assert_eq!(blocks.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 2]);
+        let big: Vec<Record> = (0..600)
+            .map(|i| Record::SetBits { first: i, count: 1 })
+            .collect();
+        let blocks = pack_groups(std::slice::from_ref(&big));
+        assert_eq!(blocks.concat(), big);
     }
 
     #[test]

@@ -1,15 +1,21 @@
-//! The image engine: read, write, flush, discard, write_zeroes, block_status.
+//! The image engine: read, write, flush, discard, write_zeroes, cache,
+//! block_status.
 //!
 //! Mapping first, then I/O: a request is split by the bitmap into runs that
-//! live in the image (at `data_offset + offset`: no address translation) or
-//! in the base; data I/O runs outside every metadata lock.
+//! live in the image or in the base; runs in the image are then mapped to
+//! the file — at `data_offset + offset` in the sparse layout (no address
+//! translation), or through the chunk table in compact images. Data I/O
+//! runs outside every metadata lock.
 //!
 //! Write paths:
-//! * fast (no lock, no metadata): every touched block is `hard`, or the
-//!   request lies beyond the base range — exactly a raw-file write;
-//! * copy-on-write: lock the touched blocks, re-check, merge the missing head
-//!   and tail of partial blocks from the base, write, then publish the bits
-//!   (publish after write). The records reach the journal at the next flush.
+//! * fast (no lock, no metadata): every touched block is `hard` (or the
+//!   request lies beyond the base range) and, in compact images, every
+//!   touched chunk is allocated — exactly a raw-file write;
+//! * slow: lock the touched range (whole blocks; whole chunks in compact
+//!   images), re-check, allocate missing chunks, merge the missing head and
+//!   tail of partial blocks from the base, write, then publish the table
+//!   entries and bits (publish after write). The records reach the journal
+//!   at the next flush.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,14 +28,17 @@ use crate::format::header::{
     self, FLAG_ALL_LOCAL, FLAG_ZERO_DETECTED, HEADER_AREA, Header, INCOMPAT_COMPACT,
     INCOMPAT_ENCRYPTED, INCOMPAT_SNAPSHOTS, Region,
 };
+use crate::format::journal::Record;
 use crate::format::layout::{CreateLayout, compute_layout};
 use crate::iobuf::IoBuf;
-use crate::meta::{self, Meta, Stats};
+use crate::meta::{self, Durable, Meta, Stats};
 use crate::storage::Storage;
 
+pub(crate) mod compact;
 pub mod rangelock;
 
-use rangelock::RangeLocks;
+use compact::{Compact, EMPTY};
+use rangelock::{RangeGuard, RangeLocks};
 
 /// Where the data of an extent comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +60,7 @@ pub struct Extent {
     pub source: Source,
     /// True if the extent reads as zeros.
     pub zero: bool,
-    /// Offset in the image file, for extents in the image.
+    /// Offset in the image file, for extents in the image that have storage.
     pub host_offset: Option<u64>,
 }
 
@@ -62,7 +71,7 @@ pub enum RequestMap {
     Image(u64),
     /// Entirely in the base, at the same offset.
     Base,
-    /// Partly in each.
+    /// Partly in each, or (compact images) spread over chunks.
     Mixed,
 }
 
@@ -71,6 +80,21 @@ pub enum RequestMap {
 pub struct OpenOptions {
     /// Refuse writes; never modify the file (a dirty journal is replayed in memory).
     pub read_only: bool,
+}
+
+/// Chunk usage of a compact image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkUsage {
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// Virtual chunks.
+    pub chunks: u64,
+    /// Chunks with storage.
+    pub allocated: u64,
+    /// Pairs of virtually adjacent allocated chunks.
+    pub adjacent_pairs: u64,
+    /// Of those, pairs that are not physically adjacent.
+    pub fragmented_pairs: u64,
 }
 
 /// Geometry fixed at open.
@@ -89,6 +113,7 @@ pub struct Image {
     base: Option<Arc<dyn Base>>,
     geo: Geometry,
     meta: Option<Meta>,
+    compact: Option<Compact>,
     locks: RangeLocks,
     read_only: bool,
     closed: AtomicBool,
@@ -113,6 +138,14 @@ pub struct CreateOptions {
     pub detect_zeroes: bool,
     /// Default copy-on-read setting recorded in the image.
     pub copy_on_read: bool,
+    /// Use the chunk table (compact image).
+    pub compact: bool,
+    /// Bytes per chunk (compact images).
+    pub chunk_size: Option<u32>,
+    /// Growth step of compact images on files.
+    pub grow_unit: Option<u64>,
+    /// Command growing a block device: `{path}` and `{bytes}` are substituted.
+    pub grow_cmd: Option<String>,
 }
 
 /// Create an image on empty `storage`. `base` must be the opened base when
@@ -146,12 +179,21 @@ pub async fn create(
         },
         block_size: opts.block_size,
         journal_size: opts.journal_size,
-        compact: false,
-        chunk_size: None,
+        compact: opts.compact,
+        chunk_size: opts.chunk_size,
     };
     let mut h = compute_layout(&layout)?;
     if opts.copy_on_read {
         h.flags |= header::FLAG_COPY_ON_READ;
+    }
+    if let Some(g) = opts.grow_unit {
+        h.grow_unit = g;
+    }
+    if let Some(cmd) = &opts.grow_cmd {
+        if cmd.len() > header::MAX_GROW_CMD {
+            return Err(Error::arg("grow_cmd is longer than 1024 bytes"));
+        }
+        h.grow_cmd = cmd.clone();
     }
     let bitmap = AtomicBitmap::new(h.base_blocks());
     if let (true, Some(b)) = (opts.detect_zeroes, base) {
@@ -162,22 +204,42 @@ pub async fn create(
     }
     let io = |what: &'static str| move |e| Error::io(format!("{}: {what}", storage.describe()), e);
     let data = h.region(Region::Data);
-    storage
-        .set_len(data.offset + data.length)
-        .await
-        .map_err(io("set size"))?;
-    let j = h.region(Region::Journal);
-    storage
-        .write_zeroes(j.offset, j.length)
-        .await
-        .map_err(io("clear journal"))?;
+    let len = storage.len().map_err(io("size"))?;
+    let want = data.offset + data.length;
+    if len < want {
+        storage.set_len(want).await.map_err(io("set size"))?;
+    }
+    // Metadata regions start out as "empty": zeros, and 0xFF for the table.
+    // Punching (rather than writing zeros) keeps a new file sparse.
+    for r in [
+        Region::Journal,
+        Region::Bitmap,
+        Region::Snapshots,
+        Region::Refcounts,
+        Region::KeySlots,
+        Region::Profile,
+    ] {
+        let e = h.region(r);
+        storage
+            .discard(e.offset, e.length)
+            .await
+            .map_err(io("clear metadata"))?;
+    }
     let bm = h.region(Region::Bitmap);
-    if bm.length > 0 {
+    if bitmap.count_ones() > 0 {
         let bytes = bitmap.to_bytes(bm.length as usize);
         storage
             .write_at(bm.offset, IoBuf::from_slice(&bytes), false)
             .await
             .map_err(io("write bitmap"))?;
+    }
+    let t = h.region(Region::Table);
+    if t.length > 0 {
+        let ones = vec![0xffu8; t.length as usize];
+        storage
+            .write_at(t.offset, IoBuf::from_slice(&ones), false)
+            .await
+            .map_err(io("write chunk table"))?;
     }
     let mut area = vec![0u8; HEADER_AREA as usize];
     area[..header::HEADER_SLOT_SIZE].copy_from_slice(&h.encode());
@@ -204,23 +266,21 @@ async fn mark_zero_blocks(
             .allocation(pos, len)
             .await
             .map_err(|e| Error::io(format!("{}: block status", base.describe()), e))?;
-        let mut p = pos;
-        let mut data_ranges = Vec::new();
-        for r in runs {
-            if r.data {
-                data_ranges.push((p, p + r.length));
-            }
-            p += r.length;
-        }
-        let buf = if data_ranges.is_empty() {
-            None
-        } else {
+        let any_data = runs.iter().any(|r| r.data);
+        let buf = if any_data {
             let b = base.read_at(pos, IoBuf::zeroed(len as usize)).await;
-            Some(b.map_err(|e| Error::io(format!("{}: read", base.describe()), e))?)
+            let b = b.map_err(|e| Error::io(format!("{}: read", base.describe()), e))?;
+            if b.len() as u64 != len {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("{}: short read at offset {pos}", base.describe()),
+                ));
+            }
+            Some(b)
+        } else {
+            None
         };
-        let first = pos / bs;
-        let last = (pos + len).div_ceil(bs);
-        for blk in first..last {
+        for blk in pos / bs..(pos + len).div_ceil(bs) {
             let s = (blk * bs).max(pos);
             let e = ((blk + 1) * bs).min(pos + len);
             let zero = match &buf {
@@ -236,6 +296,36 @@ async fn mark_zero_blocks(
     Ok(())
 }
 
+fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {
+    if buf.len() != want {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("{what}: short transfer ({} of {want} bytes)", buf.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Records that map virtual chunks `chunks` (sorted) to new entries.
+fn table_records(chunks: &[(u64, u32)]) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::new();
+    for &(c, p) in chunks {
+        match out.last_mut() {
+            Some(Record::Table { first, entries })
+                if *first + entries.len() as u64 == c
+                    && entries.len() < Record::MAX_TABLE_ENTRIES =>
+            {
+                entries.push(p)
+            }
+            _ => out.push(Record::Table {
+                first: c,
+                entries: vec![p],
+            }),
+        }
+    }
+    out
+}
+
 impl Image {
     /// Open an FVD image on `storage`, with its base already opened by the caller.
     pub async fn open(
@@ -245,16 +335,16 @@ impl Image {
     ) -> Result<Image> {
         let desc = storage.describe();
         let (h, slot) = read_header(storage.as_ref()).await?;
-        let unsupported =
-            h.incompatible & (INCOMPAT_COMPACT | INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS);
+        let unsupported = h.incompatible & (INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS);
         if unsupported != 0 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{desc}: image uses features {unsupported:#x} (compact/encrypted/snapshots) not supported by this build"
+                    "{desc}: image uses features {unsupported:#x} (encrypted/snapshots) not supported by this build"
                 ),
             ));
         }
+        let is_compact = h.incompatible & INCOMPAT_COMPACT != 0;
         let data = h.region(Region::Data);
         let file_len = storage
             .len()
@@ -285,44 +375,40 @@ impl Image {
         } else {
             None
         };
-        let bm = h.region(Region::Bitmap);
-        let bits = h.base_blocks();
-        let bitmap = if bits > 0 {
-            let bytes = (bits.div_ceil(8)) as usize;
-            let buf = storage
-                .read_at(bm.offset, IoBuf::zeroed(bytes))
-                .await
-                .map_err(|e| Error::io(format!("{desc}: read bitmap"), e))?;
-            AtomicBitmap::from_bytes(bits, &buf).map_err(|e| e.context(&desc))?
-        } else {
-            AtomicBitmap::new(0)
-        };
-        let mut dirty_pages = std::collections::BTreeSet::new();
-        let mut replayed_blocks = 0;
+        let (mut durable, replay_blocks, replay_records) = load_metadata(storage.as_ref(), &h)
+            .await
+            .map_err(|e| e.context(&desc))?;
         let stats = Stats::default();
-        if !h.is_clean() {
-            let replay = meta::read_journal(storage.as_ref(), &h)
-                .await
-                .map_err(|e| e.context(&desc))?;
-            for r in &replay.records {
-                meta::apply(&bitmap, r, &mut dirty_pages).map_err(|e| e.context(&desc))?;
-            }
-            replayed_blocks = replay.blocks;
-            stats
-                .replayed_records
-                .store(replay.records.len() as u64, Ordering::Relaxed);
-        }
+        stats
+            .replayed_records
+            .store(replay_records, Ordering::Relaxed);
+        let compact = if is_compact {
+            let cs = h.chunk_size as u64;
+            let capacity = file_len.saturating_sub(data.offset) / cs;
+            compact::validate_table(&durable.table, capacity).map_err(|e| e.context(&desc))?;
+            Some(Compact::new(
+                &durable.table,
+                cs,
+                data.offset,
+                capacity,
+                h.grow_unit,
+                h.grow_cmd.clone(),
+            ))
+        } else {
+            durable.table.clear();
+            None
+        };
         let geo = Geometry {
             virtual_size: h.virtual_size,
             block_size: h.block_size as u64,
             base_range,
-            base_blocks: bits,
+            base_blocks: h.base_blocks(),
             data_offset: data.offset,
         };
-        let meta = Meta::new(h.clone(), slot, bitmap);
-        if !h.is_clean() && !opts.read_only {
+        let dirty = !h.is_clean();
+        let meta = Meta::new(h.clone(), slot, durable);
+        if dirty && !opts.read_only {
             let mut st = meta.commit.lock().await;
-            st.dirty_pages = dirty_pages;
             meta::checkpoint(&mut st, storage.as_ref(), &stats, true)
                 .await
                 .map_err(|e| e.context(&desc))?;
@@ -332,13 +418,14 @@ impl Image {
             base,
             geo,
             meta: Some(meta),
+            compact,
             locks: RangeLocks::default(),
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
             stats,
             header: Some(h),
-            replayed_blocks,
+            replayed_blocks: replay_blocks,
         })
     }
 
@@ -358,6 +445,7 @@ impl Image {
                 data_offset: 0,
             },
             meta: None,
+            compact: None,
             locks: RangeLocks::default(),
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
@@ -421,6 +509,20 @@ impl Image {
         }
     }
 
+    /// Chunk usage of a compact image (None in the sparse layout).
+    pub fn chunk_usage(&self) -> Option<ChunkUsage> {
+        self.compact.as_ref().map(|c| {
+            let (allocated, adjacent_pairs, fragmented_pairs) = c.usage();
+            ChunkUsage {
+                chunk_size: c.chunk_size,
+                chunks: c.chunks(),
+                allocated,
+                adjacent_pairs,
+                fragmented_pairs,
+            }
+        })
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.geo.virtual_size => Ok(()),
@@ -462,6 +564,32 @@ impl Image {
         offset / self.geo.block_size..end.div_ceil(self.geo.block_size)
     }
 
+    /// Chunks overlapping `[offset, offset+len)` (compact images).
+    fn chunks_of(c: &Compact, offset: u64, len: u64) -> Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        offset / c.chunk_size..(offset + len).div_ceil(c.chunk_size)
+    }
+
+    /// Lock the span a slow-path request must own: whole blocks, or whole
+    /// chunks in compact images.
+    async fn lock_span(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        match &self.compact {
+            Some(c) => {
+                let r = Self::chunks_of(c, offset, len);
+                self.locks
+                    .lock(r.start * c.chunk_size, r.end * c.chunk_size)
+                    .await
+            }
+            None => {
+                let b = self.blocks_of(offset, len);
+                let bs = self.geo.block_size;
+                self.locks.lock(b.start * bs, b.end * bs).await
+            }
+        }
+    }
+
     fn io_err(&self, what: &str, offset: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
         let d = self.describe();
         let what = what.to_string();
@@ -471,17 +599,30 @@ impl Image {
     /// Map a read request: the bitmap lookup every request starts with.
     pub fn map_request(&self, offset: u64, len: u64) -> RequestMap {
         let blocks = self.blocks_of(offset, len);
-        match &self.meta {
+        let in_image = match &self.meta {
             Some(m) if !blocks.is_empty() => {
                 if m.local.all_set(blocks.clone()) {
-                    RequestMap::Image(self.geo.data_offset + offset)
+                    true
                 } else if m.local.none_set(blocks) && offset + len <= self.geo.base_range {
-                    RequestMap::Base
+                    return RequestMap::Base;
                 } else {
-                    RequestMap::Mixed
+                    return RequestMap::Mixed;
                 }
             }
-            _ => RequestMap::Image(self.geo.data_offset + offset),
+            _ => true,
+        };
+        debug_assert!(in_image);
+        match &self.compact {
+            None => RequestMap::Image(self.geo.data_offset + offset),
+            Some(c) => {
+                let r = Self::chunks_of(c, offset, len);
+                match c.lookup(r.start) {
+                    p if p != EMPTY && r.end - r.start == 1 => {
+                        RequestMap::Image(c.host_offset(p, offset))
+                    }
+                    _ => RequestMap::Mixed,
+                }
+            }
         }
     }
 
@@ -492,12 +633,27 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
-        let meta = match (self.map_request(offset, len), &self.meta) {
-            (RequestMap::Image(_), _) | (_, None) => return self.read_image(offset, buf).await,
-            (RequestMap::Base, _) => return self.read_base(offset, buf).await,
-            (RequestMap::Mixed, Some(m)) => m,
-        };
         let blocks = self.blocks_of(offset, len);
+        let meta = match &self.meta {
+            Some(m) if !blocks.is_empty() && !m.local.all_set(blocks.clone()) => m,
+            _ => return self.read_local(offset, buf).await,
+        };
+        if m_none_local(meta, &blocks) && offset + len <= self.geo.base_range {
+            return self.read_base(offset, buf).await;
+        }
+        for (s, e, from_base) in self.segments(meta, offset, len) {
+            let part = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            if from_base {
+                self.read_base(s, part).await?;
+            } else {
+                self.read_local(s, part).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Split `[offset, offset+len)` into runs in the image and in the base.
+    fn segments(&self, meta: &Meta, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
         let end = offset + len;
         let bs = self.geo.block_size;
         let mut segs: Vec<(u64, u64, bool)> = Vec::new();
@@ -511,7 +667,7 @@ impl Image {
             }
         };
         let mut pos = offset;
-        for (b0, b1, local) in meta.local.runs(blocks) {
+        for (b0, b1, local) in meta.local.runs(self.blocks_of(offset, len)) {
             let s = (b0 * bs).max(offset);
             let e = (b1 * bs).min(end);
             if local {
@@ -524,26 +680,40 @@ impl Image {
             pos = e;
         }
         push(pos, end, false);
-        for (s, e, from_base) in segs {
-            let part = &mut buf[(s - offset) as usize..(e - offset) as usize];
-            if from_base {
-                self.read_base(s, part).await?;
-            } else {
-                self.read_image(s, part).await?;
+        segs
+    }
+
+    /// Read data that lives in the image (sparse offset or through the table).
+    async fn read_local(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        let Some(c) = &self.compact else {
+            return self
+                .read_host(self.geo.data_offset + offset, offset, out)
+                .await;
+        };
+        let mut pos = offset;
+        for chunk in Self::chunks_of(c, offset, out.len() as u64) {
+            let e = ((chunk + 1) * c.chunk_size).min(offset + out.len() as u64);
+            let part = &mut out[(pos - offset) as usize..(e - offset) as usize];
+            match c.pin(chunk) {
+                None => part.fill(0),
+                Some((p, _pin)) => self.read_host(c.host_offset(p, pos), pos, part).await?,
             }
+            pos = e;
         }
         Ok(())
     }
 
-    async fn read_image(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+    async fn read_host(&self, host: u64, virt: u64, out: &mut [u8]) -> Result<()> {
         let buf = self
             .storage
-            .read_at(
-                self.geo.data_offset + offset,
-                IoBuf::for_overwrite(out.len()),
-            )
+            .read_at(host, IoBuf::for_overwrite(out.len()))
             .await
-            .map_err(self.io_err("read", offset))?;
+            .map_err(self.io_err("read", virt))?;
+        expect_len(
+            &buf,
+            out.len(),
+            &format!("{}: read at offset {virt}", self.describe()),
+        )?;
         out.copy_from_slice(&buf);
         Ok(())
     }
@@ -562,6 +732,11 @@ impl Image {
                     e,
                 )
             })?;
+        expect_len(
+            &buf,
+            out.len(),
+            &format!("{}: base read at offset {offset}", base.describe()),
+        )?;
         self.stats
             .base_read_bytes
             .fetch_add(out.len() as u64, Ordering::Relaxed);
@@ -577,15 +752,91 @@ impl Image {
         Ok(v)
     }
 
-    async fn write_image(&self, offset: u64, buf: IoBuf) -> Result<()> {
+    /// Write data that lives in the image. In compact images every chunk must
+    /// be allocated, in the table or in `fresh` (allocated, not yet published).
+    async fn write_local(&self, offset: u64, data: &[u8], fresh: &[(u64, u32)]) -> Result<()> {
+        let Some(c) = &self.compact else {
+            return self
+                .write_host(
+                    self.geo.data_offset + offset,
+                    offset,
+                    IoBuf::from_slice(data),
+                )
+                .await;
+        };
+        // Map each chunk, pin it, and merge physically contiguous parts into one write.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new(); // (virt, host, len)
+        let mut pins = Vec::new();
+        let mut pos = offset;
+        let end = offset + data.len() as u64;
+        for chunk in Self::chunks_of(c, offset, data.len() as u64) {
+            let e = ((chunk + 1) * c.chunk_size).min(end);
+            let phys = match fresh.iter().find(|&&(v, _)| v == chunk) {
+                Some(&(_, p)) => p,
+                None => match c.pin(chunk) {
+                    Some((p, pin)) => {
+                        pins.push(pin);
+                        p
+                    }
+                    None => {
+                        return Err(Error::corrupt(format!(
+                            "chunk {chunk} vanished during a write"
+                        )));
+                    }
+                },
+            };
+            let host = c.host_offset(phys, pos);
+            match runs.last_mut() {
+                Some(r) if r.1 + r.2 == host => r.2 += e - pos,
+                _ => runs.push((pos, host, e - pos)),
+            }
+            pos = e;
+        }
+        for (virt, host, len) in runs {
+            let part = &data[(virt - offset) as usize..(virt - offset + len) as usize];
+            self.write_host(host, virt, IoBuf::from_slice(part)).await?;
+        }
+        drop(pins);
+        Ok(())
+    }
+
+    async fn write_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
         let n = buf.len() as u64;
         self.storage
-            .write_at(self.geo.data_offset + offset, buf, false)
+            .write_at(host, buf, false)
             .await
-            .map_err(self.io_err("write", offset))?;
+            .map_err(self.io_err("write", virt))?;
         self.stats.data_writes.fetch_add(1, Ordering::Relaxed);
         self.stats.data_write_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Make image-resident data read as zeros (unallocated chunks already do).
+    async fn zero_local(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let Some(c) = &self.compact else {
+            return self
+                .zero_host(self.geo.data_offset + offset, offset, len, unmap)
+                .await;
+        };
+        let mut pos = offset;
+        for chunk in Self::chunks_of(c, offset, len) {
+            let e = ((chunk + 1) * c.chunk_size).min(offset + len);
+            if let Some((p, _pin)) = c.pin(chunk) {
+                self.zero_host(c.host_offset(p, pos), pos, e - pos, unmap)
+                    .await?;
+            }
+            pos = e;
+        }
+        Ok(())
+    }
+
+    async fn zero_host(&self, host: u64, virt: u64, len: u64, unmap: bool) -> Result<()> {
+        let r = if unmap {
+            self.storage.discard(host, len).await
+        } else {
+            self.storage.write_zeroes(host, len).await
+        };
+        r.map_err(self.io_err("zero", virt))
     }
 
     fn mark_dirty(&self) {
@@ -596,19 +847,24 @@ impl Image {
     }
 
     async fn flush_raw(&self) -> Result<()> {
-        if self.raw_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = meta::flush_storage(self.storage.as_ref(), &self.stats).await {
-                self.raw_dirty.store(true, Ordering::Release);
-                return Err(e);
-            }
+        if self.raw_dirty.swap(false, Ordering::AcqRel)
+            && let Err(e) = meta::flush_storage(self.storage.as_ref(), &self.stats).await
+        {
+            self.raw_dirty.store(true, Ordering::Release);
+            return Err(e);
         }
         Ok(())
     }
 
-    /// True if the write of `blocks` needs the copy-on-write path.
-    fn needs_cow(&self, blocks: &Range<u64>) -> bool {
-        match &self.meta {
-            Some(m) => !blocks.is_empty() && !m.hard.all_set(blocks.clone()),
+    /// True if a write of `[offset, offset+len)` needs the slow path.
+    fn needs_slow_path(&self, offset: u64, len: u64) -> bool {
+        let Some(m) = &self.meta else { return false };
+        let blocks = self.blocks_of(offset, len);
+        if !blocks.is_empty() && !m.hard.all_set(blocks) {
+            return true;
+        }
+        match &self.compact {
+            Some(c) => !c.all_allocated(Self::chunks_of(c, offset, len)),
             None => false,
         }
     }
@@ -618,17 +874,113 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         if !data.is_empty() {
-            let blocks = self.blocks_of(offset, data.len() as u64);
-            if self.needs_cow(&blocks) {
-                let _g = self.locks.lock(blocks.start, blocks.end).await;
-                self.cow_write(offset, Some(data), data.len() as u64, false, blocks)
-                    .await?;
+            let len = data.len() as u64;
+            if self.needs_slow_path(offset, len) {
+                let _g = self.lock_span(offset, len).await;
+                self.slow_write(offset, data).await?;
             } else {
-                self.write_image(offset, IoBuf::from_slice(data)).await?;
+                self.write_local(offset, data, &[]).await?;
                 self.mark_dirty();
             }
         }
         if fua { self.flush().await } else { Ok(()) }
+    }
+
+    /// Allocate the unallocated chunks of `[offset, offset+len)` (span lock
+    /// held). New chunks not wholly covered by the range are zeroed first, so
+    /// their untouched parts read as zeros whatever the storage held before.
+    async fn allocate_chunks(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let (Some(c), Some(m)) = (&self.compact, &self.meta) else {
+            return Ok(Vec::new());
+        };
+        let missing: Vec<u64> = Self::chunks_of(c, offset, len)
+            .filter(|&ch| c.lookup(ch) == EMPTY)
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fresh = c
+            .allocate(self.storage.as_ref(), &missing, m.rounds_done())
+            .await?;
+        for &(ch, p) in &fresh {
+            let covered = offset <= ch * c.chunk_size && (ch + 1) * c.chunk_size <= offset + len;
+            if !covered {
+                let host = c.data_offset + p as u64 * c.chunk_size;
+                if let Err(e) = self
+                    .zero_host(host, ch * c.chunk_size, c.chunk_size, true)
+                    .await
+                {
+                    c.release(&fresh);
+                    return Err(e);
+                }
+            }
+        }
+        self.stats
+            .chunks_allocated
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        Ok(fresh)
+    }
+
+    /// Copy-on-write + allocation of `[offset, offset+data.len())`, span lock held.
+    async fn slow_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let meta = self.meta.as_ref().expect("the slow path needs metadata");
+        let len = data.len() as u64;
+        let end = offset + len;
+        let bs = self.geo.block_size;
+        let blocks = self.blocks_of(offset, len);
+        // Missing head of the first block and tail of the last, if they are not local.
+        let (head, tail) = if blocks.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            let head_start = blocks.start * bs;
+            let head = if offset > head_start && !meta.local.get(blocks.start) {
+                self.base_bytes(head_start, offset - head_start).await?
+            } else {
+                Vec::new()
+            };
+            let tail_end = (blocks.end * bs).min(self.geo.base_range);
+            let tail = if end < tail_end && !meta.local.get(blocks.end - 1) {
+                self.base_bytes(end, tail_end - end).await?
+            } else {
+                Vec::new()
+            };
+            (head, tail)
+        };
+        let start = offset - head.len() as u64;
+        let fresh = self
+            .allocate_chunks(start, head.len() as u64 + len + tail.len() as u64)
+            .await?;
+        let r = if head.is_empty() && tail.is_empty() {
+            self.write_local(offset, data, &fresh).await
+        } else {
+            let mut buf = Vec::with_capacity(head.len() + data.len() + tail.len());
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(data);
+            buf.extend_from_slice(&tail);
+            self.write_local(start, &buf, &fresh).await
+        };
+        self.publish(r, &fresh, blocks)
+    }
+
+    /// Publish after write: make fresh chunks visible and queue their table
+    /// records with the blocks' bits, or give the chunks back on failure.
+    fn publish(&self, r: Result<()>, fresh: &[(u64, u32)], blocks: Range<u64>) -> Result<()> {
+        let meta = self.meta.as_ref().expect("publishing needs metadata");
+        if let Err(e) = r {
+            if let Some(c) = &self.compact {
+                c.release(fresh);
+            }
+            return Err(e);
+        }
+        if let Some(c) = &self.compact {
+            c.publish(fresh);
+        }
+        if fresh.is_empty() {
+            meta.publish_hard(blocks);
+        } else {
+            meta.publish_group(table_records(fresh), blocks);
+        }
+        Ok(())
     }
 
     /// Make `[offset, offset+len)` read as zeros; with `unmap` the space may be freed.
@@ -636,48 +988,87 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, len)?;
         if len > 0 {
-            let blocks = self.blocks_of(offset, len);
-            if self.needs_cow(&blocks) {
-                let _g = self.locks.lock(blocks.start, blocks.end).await;
-                self.cow_write(offset, None, len, unmap, blocks).await?;
+            if self.needs_slow_path(offset, len) || (unmap && self.frees_chunks(offset, len)) {
+                let _g = self.lock_span(offset, len).await;
+                self.slow_zero(offset, len, unmap).await?;
             } else {
-                self.zero_image(offset, len, unmap).await?;
+                self.zero_local(offset, len, unmap).await?;
                 self.mark_dirty();
             }
         }
         if fua { self.flush().await } else { Ok(()) }
     }
 
-    /// Discard a range: it reads as zeros afterwards and its space is freed
-    /// where the storage allows.
-    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes(offset, len, true, false).await
+    /// True if the range covers a whole allocated chunk (compact images).
+    fn frees_chunks(&self, offset: u64, len: u64) -> bool {
+        let Some(c) = &self.compact else { return false };
+        let first = offset.div_ceil(c.chunk_size);
+        let last = self.full_chunk_end(c, offset + len);
+        (first..last).any(|ch| c.lookup(ch) != EMPTY)
     }
 
-    async fn zero_image(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        let off = self.geo.data_offset + offset;
-        let r = if unmap {
-            self.storage.discard(off, len).await
+    /// One past the last chunk that `[.., end)` covers completely (the last
+    /// chunk of the disk counts as covered when `end` is the disk's end).
+    fn full_chunk_end(&self, c: &Compact, end: u64) -> u64 {
+        if end == self.geo.virtual_size {
+            end.div_ceil(c.chunk_size)
         } else {
-            self.storage.write_zeroes(off, len).await
-        };
-        r.map_err(self.io_err("zero", offset))
+            end / c.chunk_size
+        }
     }
 
-    /// Copy-on-write of `blocks`, with their range lock held. `data` is None
-    /// for zeroing.
-    async fn cow_write(
+    /// Zeroing that copies partial base blocks, allocates, or frees chunks.
+    async fn slow_zero(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let meta = self.meta.as_ref().expect("the slow path needs metadata");
+        let end = offset + len;
+        let Some(c) = &self.compact else {
+            return self.sparse_slow_zero(meta, offset, len, unmap).await;
+        };
+        let cs = c.chunk_size;
+        // Chunks freed whole, and the blocks whose bits go with them (the
+        // freed chunks are consecutive, so their blocks form one range).
+        let mut freed = Vec::new();
+        let mut freed_blocks: Option<Range<u64>> = None;
+        for ch in Self::chunks_of(c, offset, len) {
+            let s = (ch * cs).max(offset);
+            let e = ((ch + 1) * cs).min(end);
+            let whole = s == ch * cs && ch < self.full_chunk_end(c, end);
+            let blocks = self.blocks_of(s, e - s);
+            let all_local = blocks.is_empty() || meta.local.all_set(blocks.clone());
+            if whole && unmap {
+                if c.free(ch, meta.next_round()) != EMPTY {
+                    freed.push((ch, EMPTY));
+                    self.stats.chunks_freed.fetch_add(1, Ordering::Relaxed);
+                }
+                if !blocks.is_empty() {
+                    let r = freed_blocks.get_or_insert(blocks.clone());
+                    *r = r.start.min(blocks.start)..r.end.max(blocks.end);
+                }
+            } else if c.lookup(ch) != EMPTY && all_local {
+                self.zero_local(s, e - s, unmap).await?;
+                meta.publish_hard(blocks);
+            } else if c.lookup(ch) == EMPTY && all_local {
+                // An unallocated chunk already reads as zeros.
+                meta.publish_hard(blocks);
+            } else {
+                // Partial blocks still in the base: a copy-on-write of zeros.
+                self.slow_write(s, &vec![0u8; (e - s) as usize]).await?;
+            }
+        }
+        meta.publish_group(table_records(&freed), freed_blocks.unwrap_or(0..0));
+        Ok(())
+    }
+
+    async fn sparse_slow_zero(
         &self,
+        meta: &Meta,
         offset: u64,
-        data: Option<&[u8]>,
         len: u64,
         unmap: bool,
-        blocks: Range<u64>,
     ) -> Result<()> {
-        let meta = self.meta.as_ref().expect("copy-on-write needs metadata");
         let bs = self.geo.block_size;
         let end = offset + len;
-        // Missing head of the first block and tail of the last, if they are not local.
+        let blocks = self.blocks_of(offset, len);
         let head_start = blocks.start * bs;
         let head = if offset > head_start && !meta.local.get(blocks.start) {
             self.base_bytes(head_start, offset - head_start).await?
@@ -690,34 +1081,30 @@ impl Image {
         } else {
             Vec::new()
         };
-        let start = offset - head.len() as u64;
-        match data {
-            Some(d) => {
-                let mut buf = IoBuf::for_overwrite(head.len() + d.len() + tail.len());
-                buf[..head.len()].copy_from_slice(&head);
-                buf[head.len()..head.len() + d.len()].copy_from_slice(d);
-                buf[head.len() + d.len()..].copy_from_slice(&tail);
-                self.write_image(start, buf).await?;
-            }
-            None => {
-                if !head.is_empty() {
-                    self.write_image(start, IoBuf::from_slice(&head)).await?;
-                }
-                self.zero_image(offset, len, unmap).await?;
-                if !tail.is_empty() {
-                    self.write_image(end, IoBuf::from_slice(&tail)).await?;
-                }
-            }
+        if !head.is_empty() {
+            self.write_local(head_start, &head, &[]).await?;
+        }
+        self.zero_local(offset, len, unmap).await?;
+        if !tail.is_empty() {
+            self.write_local(end, &tail, &[]).await?;
         }
         meta.publish_hard(blocks);
         Ok(())
+    }
+
+    /// Discard a range: it reads as zeros afterwards and its space is freed
+    /// where the storage allows.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true, false).await
     }
 
     /// Copy the base data of `[offset, offset+len)` into the image (the
     /// NBD_CMD_CACHE / copy-on-read path). The bits it sets are *soft*: kept in
     /// memory only and never journaled, so after a crash those blocks are
     /// simply read from the base again. Never overwrites a guest write: the
-    /// blocks are locked and re-checked before the fill is written.
+    /// blocks are locked and re-checked before the fill is written. (In
+    /// compact images a chunk the fill allocates is journaled, because a later
+    /// guest write into the same chunk relies on its table entry.)
     pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         let meta = match &self.meta {
@@ -736,7 +1123,7 @@ impl Image {
                 if local {
                     continue;
                 }
-                let _g = self.locks.lock(r0, r1).await;
+                let _g = self.lock_span(r0 * bs, (r1 - r0) * bs).await;
                 for (s0, s1, now_local) in meta.local.runs(r0..r1) {
                     if now_local {
                         continue;
@@ -744,7 +1131,18 @@ impl Image {
                     let s = s0 * bs;
                     let e = (s1 * bs).min(self.geo.base_range);
                     let data = self.base_bytes(s, e - s).await?;
-                    self.write_image(s, IoBuf::from_slice(&data)).await?;
+                    let fresh = self.allocate_chunks(s, e - s).await?;
+                    let r = self.write_local(s, &data, &fresh).await;
+                    if let Err(err) = r {
+                        if let Some(c) = &self.compact {
+                            c.release(&fresh);
+                        }
+                        return Err(err);
+                    }
+                    if let Some(c) = &self.compact {
+                        c.publish(&fresh);
+                        meta.publish_group(table_records(&fresh), 0..0);
+                    }
                     meta.local.set_range(s0..s1);
                 }
             }
@@ -764,7 +1162,7 @@ impl Image {
         }
     }
 
-    /// Flush, write the bitmap in place if it changed, and set the clean flag.
+    /// Flush, write the bitmap and table in place if they changed, and set the clean flag.
     pub async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
             return Ok(());
@@ -782,91 +1180,63 @@ impl Image {
         if len == 0 {
             return Ok(out);
         }
-        let end = offset + len;
-        let bs = self.geo.block_size;
-        let blocks = self.blocks_of(offset, len);
-        let mut segs: Vec<(u64, u64, bool)> = Vec::new();
-        let mut pos = offset;
-        if let Some(m) = &self.meta
-            && !blocks.is_empty()
-        {
-            for (b0, b1, local) in m.local.runs(blocks) {
-                let s = (b0 * bs).max(offset);
-                let e = (b1 * bs)
-                    .min(end)
-                    .min(if local { end } else { self.geo.base_range });
-                segs.push((s, e, !local));
-                pos = e;
-            }
-        }
-        if pos < end {
-            segs.push((pos, end, false));
-        }
+        let segs = match &self.meta {
+            Some(m) => self.segments(m, offset, len),
+            None => vec![(offset, offset + len, false)],
+        };
         for (s, e, from_base) in segs {
-            let runs = if from_base {
+            if from_base {
                 let base = self
                     .base
                     .as_ref()
                     .ok_or_else(|| Error::new(ErrorKind::Io, "base image is not open"))?;
-                base.allocation(s, e - s)
+                let runs = base
+                    .allocation(s, e - s)
                     .await
-                    .map_err(|er| Error::io(format!("{}: block status", base.describe()), er))?
+                    .map_err(|er| Error::io(format!("{}: block status", base.describe()), er))?;
+                push_runs(&mut out, s, e, Source::Base, None, runs);
             } else {
-                self.storage
-                    .allocation(self.geo.data_offset + s, e - s)
-                    .await
-                    .map_err(self.io_err("block status", s))?
-            };
-            let mut p = s;
-            for r in runs {
-                let length = r.length.min(e - p);
-                if length == 0 {
-                    continue;
-                }
-                let source = if from_base {
-                    Source::Base
-                } else {
-                    Source::Image
-                };
-                let host_offset = if from_base {
-                    None
-                } else {
-                    Some(self.geo.data_offset + p)
-                };
-                match out.last_mut() {
-                    Some(l)
-                        if l.source == source
-                            && l.zero == !r.data
-                            && l.start + l.length == p
-                            && l.host_offset.map(|h| h + l.length) == host_offset =>
-                    {
-                        l.length += length
-                    }
-                    _ => out.push(Extent {
-                        start: p,
-                        length,
-                        source,
-                        zero: !r.data,
-                        host_offset,
-                    }),
-                }
-                p += length;
-            }
-            if p < e {
-                out.push(Extent {
-                    start: p,
-                    length: e - p,
-                    source: if from_base {
-                        Source::Base
-                    } else {
-                        Source::Image
-                    },
-                    zero: true,
-                    host_offset: None,
-                });
+                self.local_status(&mut out, s, e).await?;
             }
         }
         Ok(out)
+    }
+
+    async fn local_status(&self, out: &mut Vec<Extent>, s: u64, e: u64) -> Result<()> {
+        let Some(c) = &self.compact else {
+            let runs = self
+                .storage
+                .allocation(self.geo.data_offset + s, e - s)
+                .await
+                .map_err(self.io_err("block status", s))?;
+            push_runs(
+                out,
+                s,
+                e,
+                Source::Image,
+                Some(self.geo.data_offset + s),
+                runs,
+            );
+            return Ok(());
+        };
+        let mut pos = s;
+        for ch in Self::chunks_of(c, s, e - s) {
+            let ce = ((ch + 1) * c.chunk_size).min(e);
+            match c.pin(ch) {
+                None => push_runs(out, pos, ce, Source::Image, None, vec![]),
+                Some((p, _pin)) => {
+                    let host = c.host_offset(p, pos);
+                    let runs = self
+                        .storage
+                        .allocation(host, ce - pos)
+                        .await
+                        .map_err(self.io_err("block status", pos))?;
+                    push_runs(out, pos, ce, Source::Image, Some(host), runs);
+                }
+            }
+            pos = ce;
+        }
+        Ok(())
     }
 
     /// Set the all-local flag when every block of the base range is in the
@@ -888,6 +1258,92 @@ impl Image {
         meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
         Ok(true)
     }
+}
+
+fn m_none_local(meta: &Meta, blocks: &Range<u64>) -> bool {
+    meta.local.none_set(blocks.clone())
+}
+
+/// Append allocation runs of `[s, e)` as extents (holes read as zeros; a
+/// missing tail of the runs is a hole).
+fn push_runs(
+    out: &mut Vec<Extent>,
+    s: u64,
+    e: u64,
+    source: Source,
+    host: Option<u64>,
+    runs: Vec<crate::storage::AllocRun>,
+) {
+    let mut p = s;
+    let mut push = |start: u64, length: u64, zero: bool, host_offset: Option<u64>| {
+        if length == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(l)
+                if l.source == source
+                    && l.zero == zero
+                    && l.start + l.length == start
+                    && l.host_offset.map(|h| h + l.length) == host_offset =>
+            {
+                l.length += length
+            }
+            _ => out.push(Extent {
+                start,
+                length,
+                source,
+                zero,
+                host_offset,
+            }),
+        }
+    };
+    for r in runs {
+        let length = r.length.min(e - p);
+        push(p, length, !r.data, host.map(|h| h + (p - s)));
+        p += length;
+    }
+    if p < e {
+        push(p, e - p, true, host.map(|h| h + (p - s)));
+    }
+}
+
+/// Read the bitmap (and table) and replay the journal if the image is dirty.
+async fn load_metadata(storage: &dyn Storage, h: &Header) -> Result<(Durable, u64, u64)> {
+    let bits = h.base_blocks();
+    let bitmap = if bits > 0 {
+        let bytes = bits.div_ceil(8) as usize;
+        let buf = storage
+            .read_at(h.region(Region::Bitmap).offset, IoBuf::zeroed(bytes))
+            .await
+            .map_err(|e| Error::io("read bitmap", e))?;
+        expect_len(&buf, bytes, "read bitmap")?;
+        AtomicBitmap::from_bytes(bits, &buf)?
+    } else {
+        AtomicBitmap::new(0)
+    };
+    let chunks = h.virtual_size.div_ceil(h.chunk_size as u64);
+    let table = if h.incompatible & INCOMPAT_COMPACT != 0 {
+        let bytes = (chunks * 4) as usize;
+        let buf = storage
+            .read_at(h.region(Region::Table).offset, IoBuf::zeroed(bytes))
+            .await
+            .map_err(|e| Error::io("read chunk table", e))?;
+        expect_len(&buf, bytes, "read chunk table")?;
+        buf.chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut durable = Durable::new(bitmap, table);
+    if h.is_clean() {
+        return Ok((durable, 0, 0));
+    }
+    let replay = meta::read_journal(storage, h).await?;
+    for r in &replay.records {
+        durable.apply(r)?;
+    }
+    Ok((durable, replay.blocks, replay.records.len() as u64))
 }
 
 /// Read and validate the newest header of an image.

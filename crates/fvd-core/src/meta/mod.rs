@@ -5,22 +5,31 @@
 //!   image. Copy-on-read fills set it without journaling ("soft" bits).
 //! * `hard` — blocks written by the guest whose bit is on disk or queued in
 //!   `pending`; a write needs metadata only if it turns a `hard` bit on.
-//! * `committed` — exactly what the on-disk bitmap plus the journal say. Only
-//!   touched under the commit lock; a checkpoint writes it in place.
+//! * `durable.bitmap` — exactly what the on-disk bitmap plus the journal
+//!   say. Only touched under the commit lock; a checkpoint writes it in place.
 //!
-//! Invariant: committed ⊆ hard ⊆ local, and every `hard` bit not in
-//! `committed` is covered by a record in `pending` or in the round being
-//! committed.
+//! Invariant: durable ⊆ hard ⊆ local, and every `hard` bit not durable is
+//! covered by a record in `pending` or in the round being committed. The
+//! chunk table of compact images follows the same rule: the in-memory table
+//! (in `image::compact`) runs ahead of `durable.table` by the records in
+//! `pending`.
+//!
+//! # Record groups
+//! `pending` holds groups of records that must become durable together (the
+//! table entries of newly allocated chunks and the bits of the blocks written
+//! into them). A group never spans two journal blocks, so a torn journal
+//! write can never leave a bit durable without its chunk.
 //!
 //! # Flush ordering (publish after write)
 //! A commit round: (1) fdatasync the image, making the data of every write
-//! that completed before the round started durable; (2) write the journal
-//! blocks holding the records of those writes (and the header with the clean
-//! flag cleared, the first time); (3) fdatasync again. So no record is ever
-//! durable before the data it points at. A checkpoint writes the committed
-//! bitmap in place, fdatasyncs, then writes the header with the next journal
-//! epoch and fdatasyncs: old-epoch blocks are ignored only once the bitmap
-//! that subsumes them is durable.
+//! that completed before the round started durable; (2) the first time
+//! after the image was clean, write the header with the clean flag cleared
+//! and fdatasync; (3) write the journal blocks holding the records of those
+//! writes; (4) fdatasync again. So no record is ever
+//! durable before the data it points at. A checkpoint writes the durable
+//! bitmap and table pages in place, fdatasyncs, then writes the header with
+//! the next journal epoch and fdatasyncs: old-epoch blocks are ignored only
+//! once the metadata that subsumes them is durable.
 //!
 //! # Lock order
 //! `Meta::commit` (async mutex) → `Meta::pending` (std mutex, never held across
@@ -54,7 +63,7 @@ pub struct Stats {
     pub journal_blocks: AtomicU64,
     /// Header slot writes.
     pub header_writes: AtomicU64,
-    /// Bytes of bitmap written in place (checkpoints).
+    /// Bytes of bitmap and table written in place (checkpoints).
     pub bitmap_bytes_written: AtomicU64,
     /// Checkpoints (journal recycles and clean closes that wrote metadata).
     pub checkpoints: AtomicU64,
@@ -62,6 +71,10 @@ pub struct Stats {
     pub storage_flushes: AtomicU64,
     /// Journal records replayed at open.
     pub replayed_records: AtomicU64,
+    /// Chunks allocated (compact images).
+    pub chunks_allocated: AtomicU64,
+    /// Chunks freed by discard (compact images).
+    pub chunks_freed: AtomicU64,
 }
 
 impl Stats {
@@ -73,16 +86,73 @@ impl Stats {
     }
 }
 
+/// What the on-disk bitmap and table say once the journal is applied, and
+/// which 4 KiB pages of their regions differ from what is written in place.
+pub(crate) struct Durable {
+    pub bitmap: AtomicBitmap,
+    pub table: Vec<u32>,
+    pub bitmap_dirty: BTreeSet<u64>,
+    pub table_dirty: BTreeSet<u64>,
+}
+
+impl Durable {
+    pub fn new(bitmap: AtomicBitmap, table: Vec<u32>) -> Self {
+        Durable {
+            bitmap,
+            table,
+            bitmap_dirty: BTreeSet::new(),
+            table_dirty: BTreeSet::new(),
+        }
+    }
+
+    /// Apply one record (replay, or a record being committed).
+    pub fn apply(&mut self, r: &Record) -> Result<()> {
+        match r {
+            Record::SetBits { first, count } | Record::ClearBits { first, count } => {
+                let bm = &self.bitmap;
+                let end = first.checked_add(*count as u64).filter(|&e| e <= bm.len()).ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "journal record for blocks {first}..+{count} lies outside the bitmap ({} blocks)",
+                        bm.len()
+                    ))
+                })?;
+                if matches!(r, Record::SetBits { .. }) {
+                    bm.set_range(*first..end);
+                } else {
+                    bm.clear_range(*first..end);
+                }
+                self.bitmap_dirty
+                    .extend(first / 8 / 4096..=(end - 1) / 8 / 4096);
+                Ok(())
+            }
+            Record::Table { first, entries } => {
+                let end = first
+                    .checked_add(entries.len() as u64)
+                    .filter(|&e| e <= self.table.len() as u64)
+                    .ok_or_else(|| {
+                        Error::corrupt(format!(
+                            "journal record for chunks {first}..+{} lies outside the chunk table ({} chunks)",
+                            entries.len(),
+                            self.table.len()
+                        ))
+                    })?;
+                self.table[*first as usize..end as usize].copy_from_slice(entries);
+                self.table_dirty
+                    .extend(first * 4 / 4096..=(end * 4 - 1) / 4096);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The state only a commit round touches.
 pub(crate) struct CommitState {
     /// The newest header on disk.
     pub header: Header,
     /// Slot (0 or 1) holding `header`.
     pub slot: usize,
-    /// Bitmap as on disk + journal.
-    pub committed: AtomicBitmap,
-    /// 4 KiB pages of the bitmap region changed since the last checkpoint.
-    pub dirty_pages: BTreeSet<u64>,
+    /// Bitmap and table as on disk + journal.
+    pub durable: Durable,
     /// Next journal block index.
     pub journal_pos: u64,
 }
@@ -91,7 +161,7 @@ pub(crate) struct CommitState {
 pub(crate) struct Meta {
     pub local: AtomicBitmap,
     pub hard: AtomicBitmap,
-    pending: Mutex<Vec<Record>>,
+    pending: Mutex<Vec<Vec<Record>>>,
     data_dirty: AtomicBool,
     rounds_started: AtomicU64,
     rounds_done: AtomicU64,
@@ -106,12 +176,12 @@ pub(crate) struct Replay {
 }
 
 impl Meta {
-    pub fn new(header: Header, slot: usize, bitmap: AtomicBitmap) -> Self {
-        let bits = bitmap.len();
+    pub fn new(header: Header, slot: usize, durable: Durable) -> Self {
+        let bits = durable.bitmap.len();
         let local = AtomicBitmap::new(bits);
-        local.copy_from(&bitmap);
+        local.copy_from(&durable.bitmap);
         let hard = AtomicBitmap::new(bits);
-        hard.copy_from(&bitmap);
+        hard.copy_from(&durable.bitmap);
         Meta {
             local,
             hard,
@@ -122,8 +192,7 @@ impl Meta {
             commit: tokio::sync::Mutex::new(CommitState {
                 header,
                 slot,
-                committed: bitmap,
-                dirty_pages: BTreeSet::new(),
+                durable,
                 journal_pos: 0,
             }),
             poisoned: AtomicBool::new(false),
@@ -135,31 +204,71 @@ impl Meta {
         self.data_dirty.store(true, Ordering::Release);
     }
 
-    /// After a guest write of blocks `r` completed: set their bits and queue
-    /// records for those that were not yet hard.
-    pub fn publish_hard(&self, r: Range<u64>) {
+    /// The commit round a record queued now will be part of, at the latest.
+    pub fn next_round(&self) -> u64 {
+        self.rounds_started.load(Ordering::SeqCst) + 1
+    }
+
+    /// Rounds that completed (their records are durable).
+    pub fn rounds_done(&self) -> u64 {
+        self.rounds_done.load(Ordering::SeqCst)
+    }
+
+    /// Set `local` and `hard` for blocks `r`; the runs of blocks that were
+    /// not yet hard, as SET_BITS records.
+    fn harden(&self, r: Range<u64>) -> Vec<Record> {
+        let mut out = Vec::new();
         let mut run_start: Option<u64> = None;
-        let mut new_runs = Vec::new();
         for b in r.clone() {
             self.local.set(b);
             let was = self.hard.set(b);
             match (was, run_start) {
                 (false, None) => run_start = Some(b),
                 (true, Some(s)) => {
-                    new_runs.push((s, b));
+                    push_set_bits(&mut out, s, b);
                     run_start = None;
                 }
                 _ => {}
             }
         }
         if let Some(s) = run_start {
-            new_runs.push((s, r.end));
+            push_set_bits(&mut out, s, r.end);
         }
-        if !new_runs.is_empty() {
+        out
+    }
+
+    /// After a guest write of blocks `r` completed: set their bits and queue
+    /// records for those that were not yet hard.
+    pub fn publish_hard(&self, r: Range<u64>) {
+        let recs = self.harden(r);
+        if !recs.is_empty() {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for (s, e) in new_runs {
-                push_set_bits(&mut p, s, e);
+            // Merge with the previous group when it holds only bits (sequential
+            // writes then cost one record).
+            match p.last_mut() {
+                Some(g) if g.iter().all(|r| matches!(r, Record::SetBits { .. })) => {
+                    for rec in recs {
+                        if let Record::SetBits { first, count } = rec {
+                            push_set_bits(g, first, first + count as u64);
+                        }
+                    }
+                }
+                _ => p.push(recs),
             }
+        }
+        self.mark_data_dirty();
+    }
+
+    /// Queue `table` records together with the bits of `blocks`, as one group
+    /// that becomes durable atomically.
+    pub fn publish_group(&self, table: Vec<Record>, blocks: Range<u64>) {
+        let mut group = table;
+        group.extend(self.harden(blocks));
+        if !group.is_empty() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(group);
         }
         self.mark_data_dirty();
     }
@@ -194,20 +303,19 @@ impl Meta {
             return Ok(());
         }
         let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
-        let records = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let groups = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let dirty = self.data_dirty.swap(false, Ordering::AcqRel);
-        if records.is_empty() && !dirty {
+        if groups.is_empty() && !dirty {
             self.rounds_done.store(round, Ordering::SeqCst);
             return Ok(());
         }
         if let Err(e) = flush_storage(storage, stats).await {
             return self.poison(e);
         }
-        if !records.is_empty() {
-            let r = self.write_records(&mut st, storage, stats, &records).await;
-            if let Err(e) = r {
-                return self.poison(e);
-            }
+        if !groups.is_empty()
+            && let Err(e) = self.write_records(&mut st, storage, stats, &groups).await
+        {
+            return self.poison(e);
         }
         self.rounds_done.store(round, Ordering::SeqCst);
         Ok(())
@@ -218,16 +326,27 @@ impl Meta {
         st: &mut CommitState,
         storage: &dyn Storage,
         stats: &Stats,
-        records: &[Record],
+        groups: &[Vec<Record>],
     ) -> Result<()> {
-        let blocks = journal::pack(records);
+        let blocks = journal::pack_groups(groups);
         let capacity = st.header.region(Region::Journal).length / journal::BLOCK_SIZE as u64;
-        for r in records {
-            apply(&st.committed, r, &mut st.dirty_pages)?;
+        for r in groups.iter().flatten() {
+            st.durable.apply(r)?;
         }
         if st.journal_pos + blocks.len() as u64 > capacity {
-            // Journal full: write the whole committed bitmap in place instead.
+            // Journal full: write the whole durable metadata in place instead.
             return checkpoint(st, storage, stats, false).await;
+        }
+        if st.header.is_clean() {
+            // First metadata change since the image was clean: the header must
+            // say "replay the journal" durably before any journal block of this
+            // epoch is written. Otherwise a crash could keep blocks but not the
+            // header, and a later session at the same epoch, writing fewer
+            // blocks from 0, would replay them as its own (stale records).
+            let mut h = st.header.clone();
+            h.flags &= !FLAG_CLEAN;
+            write_header(st, storage, stats, h).await?;
+            flush_storage(storage, stats).await?;
         }
         let mut buf = IoBuf::zeroed(blocks.len() * journal::BLOCK_SIZE);
         for (i, recs) in blocks.iter().enumerate() {
@@ -245,13 +364,6 @@ impl Meta {
             .journal_blocks
             .fetch_add(blocks.len() as u64, Ordering::Relaxed);
         st.journal_pos += blocks.len() as u64;
-        if st.header.is_clean() {
-            // First metadata change since open: the header must say "replay the
-            // journal" no later than the journal blocks are durable.
-            let mut h = st.header.clone();
-            h.flags &= !FLAG_CLEAN;
-            write_header(st, storage, stats, h).await?;
-        }
         flush_storage(storage, stats).await
     }
 
@@ -266,8 +378,8 @@ impl Meta {
             if !local {
                 continue;
             }
-            for (a, b, committed) in st.committed.runs(s..e) {
-                if !committed {
+            for (a, b, durable) in st.durable.bitmap.runs(s..e) {
+                if !durable {
                     push_set_bits(&mut promoted, a, b);
                 }
             }
@@ -276,20 +388,17 @@ impl Meta {
             if let Err(e) = flush_storage(storage, stats).await {
                 return self.poison(e);
             }
-            let CommitState {
-                committed,
-                dirty_pages,
-                ..
-            } = &mut *st;
             for r in &promoted {
-                apply(committed, r, dirty_pages)?;
-                apply(&self.hard, r, &mut BTreeSet::new())?;
+                st.durable.apply(r)?;
+                if let Record::SetBits { first, count } = r {
+                    self.hard.set_range(*first..first + *count as u64);
+                }
             }
         }
-        if !st.header.is_clean() || !promoted.is_empty() {
-            if let Err(e) = checkpoint(&mut st, storage, stats, true).await {
-                return self.poison(e);
-            }
+        if (!st.header.is_clean() || !promoted.is_empty())
+            && let Err(e) = checkpoint(&mut st, storage, stats, true).await
+        {
+            return self.poison(e);
         }
         Ok(())
     }
@@ -312,33 +421,6 @@ fn push_set_bits(p: &mut Vec<Record>, s: u64, e: u64) {
             count: n as u32,
         });
         start += n;
-    }
-}
-
-/// Apply one record to a bitmap, noting the dirty pages of the bitmap region.
-pub(crate) fn apply(bm: &AtomicBitmap, r: &Record, dirty: &mut BTreeSet<u64>) -> Result<()> {
-    match r {
-        Record::SetBits { first, count } | Record::ClearBits { first, count } => {
-            let end = first.checked_add(*count as u64).filter(|&e| e <= bm.len()).ok_or_else(|| {
-                Error::corrupt(format!(
-                    "journal record for blocks {first}..+{count} lies outside the bitmap ({} blocks)",
-                    bm.len()
-                ))
-            })?;
-            if matches!(r, Record::SetBits { .. }) {
-                bm.set_range(*first..end);
-            } else {
-                bm.clear_range(*first..end);
-            }
-            let first_page = first / 8 / 4096;
-            let last_page = (end - 1) / 8 / 4096;
-            dirty.extend(first_page..=last_page);
-            Ok(())
-        }
-        Record::Table { .. } => Err(Error::new(
-            ErrorKind::Unsupported,
-            "journal holds chunk-table records but this image has no chunk table",
-        )),
     }
 }
 
@@ -367,16 +449,15 @@ pub(crate) async fn write_header(
     Ok(())
 }
 
-/// Write the committed bitmap in place and start a new journal epoch.
-pub(crate) async fn checkpoint(
-    st: &mut CommitState,
+/// Write runs of dirty 4 KiB pages of a region, taking each run's bytes from `bytes_of`.
+async fn write_pages(
     storage: &dyn Storage,
     stats: &Stats,
-    clean: bool,
+    region: crate::format::header::Extent,
+    pages: BTreeSet<u64>,
+    bytes_of: impl Fn(usize, usize) -> Vec<u8>,
 ) -> Result<()> {
-    flush_storage(storage, stats).await?;
-    let region = st.header.region(Region::Bitmap);
-    let pages: Vec<u64> = std::mem::take(&mut st.dirty_pages).into_iter().collect();
+    let pages: Vec<u64> = pages.into_iter().collect();
     let mut i = 0;
     while i < pages.len() {
         // Coalesce consecutive pages into one write.
@@ -389,15 +470,58 @@ pub(crate) async fn checkpoint(
             .min(region.length)
             .saturating_sub(start);
         if len > 0 {
-            let bytes = st.committed.bytes_range(start as usize, len as usize);
+            let bytes = bytes_of(start as usize, len as usize);
             storage
                 .write_at(region.offset + start, IoBuf::from_slice(&bytes), false)
                 .await
-                .map_err(|e| Error::io("bitmap write", e))?;
+                .map_err(|e| Error::io("metadata write", e))?;
             stats.bitmap_bytes_written.fetch_add(len, Ordering::Relaxed);
         }
         i = j;
     }
+    Ok(())
+}
+
+/// Encode bytes `[start, start+len)` of an on-disk chunk table.
+pub(crate) fn table_bytes(table: &[u32], start: usize, len: usize) -> Vec<u8> {
+    let mut out = vec![0xffu8; len];
+    for (k, byte) in out.iter_mut().enumerate() {
+        let pos = start + k;
+        if let Some(e) = table.get(pos / 4) {
+            *byte = e.to_le_bytes()[pos % 4];
+        }
+    }
+    out
+}
+
+/// Write the durable bitmap and table in place and start a new journal epoch.
+pub(crate) async fn checkpoint(
+    st: &mut CommitState,
+    storage: &dyn Storage,
+    stats: &Stats,
+    clean: bool,
+) -> Result<()> {
+    flush_storage(storage, stats).await?;
+    let bitmap_pages = std::mem::take(&mut st.durable.bitmap_dirty);
+    let bm = &st.durable.bitmap;
+    write_pages(
+        storage,
+        stats,
+        st.header.region(Region::Bitmap),
+        bitmap_pages,
+        |s, l| bm.bytes_range(s, l),
+    )
+    .await?;
+    let table_pages = std::mem::take(&mut st.durable.table_dirty);
+    let table = &st.durable.table;
+    write_pages(
+        storage,
+        stats,
+        st.header.region(Region::Table),
+        table_pages,
+        |s, l| table_bytes(table, s, l),
+    )
+    .await?;
     flush_storage(storage, stats).await?;
     let mut h = st.header.clone();
     h.journal_epoch = h.journal_epoch.wrapping_add(1);

@@ -509,6 +509,33 @@ impl SimStorage {
         (next, report)
     }
 
+    /// Crash keeping exactly the non-durable writes (completed or in flight)
+    /// for which `keep(offset, len)` is true, whole and in completion order
+    /// (in-flight ones last). For tests that need one precise crash state.
+    pub fn crash_keeping(&self, mut keep: impl FnMut(u64, u64) -> bool) -> SimStorage {
+        let mut d = self.lock();
+        d.dead = true;
+        let completed = std::mem::take(&mut d.volatile);
+        let inflight = std::mem::take(&mut d.inflight);
+        let mut pages = std::mem::take(&mut d.durable);
+        for r in completed.iter().chain(inflight.values()) {
+            if keep(r.offset, r.len) {
+                r.apply(&mut pages);
+            }
+        }
+        d.cur = Pages::default();
+        SimStorage {
+            disk: Arc::new(Mutex::new(Disk::new(
+                pages,
+                d.len,
+                d.faults.clone(),
+                d.latency,
+            ))),
+            sim: self.sim.clone(),
+            name: self.name.clone(),
+        }
+    }
+
     /// Decide the latency and whether the operation fails; count it.
     fn begin(&self, kind: Kind) -> (u64, bool) {
         let mut d = self.lock();
@@ -567,11 +594,7 @@ impl SimStorage {
                 p.apply(&mut d.cur);
                 d.volatile.push(p);
             }
-            return Err(eio(if kind == Kind::Zero {
-                "zero"
-            } else {
-                "write"
-            }));
+            return Err(eio(if kind == Kind::Zero { "zero" } else { "write" }));
         }
         let end = rec.offset + rec.len;
         if let Some(cap) = d.faults.capacity {

@@ -159,7 +159,7 @@ impl Storage for MemStorage {
         if len < g.len {
             let first_dead = len.div_ceil(PAGE);
             g.pages.retain(|&p, _| p < first_dead);
-            if len % PAGE != 0
+            if !len.is_multiple_of(PAGE)
                 && let Some(p) = g.pages.get_mut(&(len / PAGE))
             {
                 p[(len % PAGE) as usize..].fill(0);

@@ -37,6 +37,7 @@ pub struct AllocRun {
 }
 
 /// Byte storage with positional asynchronous I/O.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Read `buf.len()` bytes at `offset` into `buf` and give it back.
     fn read_at(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf>;

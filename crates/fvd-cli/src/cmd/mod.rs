@@ -1,0 +1,13 @@
+//! One module per subcommand; each has an `Args` (clap) and an async `run`
+//! returning the exit status.
+
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod demo;
+pub mod info;
+pub mod io;
+pub mod map;
+pub mod mount;
+pub mod serve;

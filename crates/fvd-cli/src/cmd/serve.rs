@@ -1,0 +1,191 @@
+//! `fvd serve` — export an image over NBD (like `qemu-nbd`).
+//!
+//! Listens on a unix socket (`--socket`, mode 0600, removed on exit) or on
+//! TCP (`--bind`, default 127.0.0.1:10809). One export, named by
+//! `--export-name` (default: the empty name); clients asking for another
+//! name are refused. Up to `--shared` clients are served at once (default
+//! 16; more wait in the listen backlog); all of them share one open image,
+//! so the export advertises multi-connection consistency.
+//!
+//! Runs until SIGINT or SIGTERM (or, with `--once`, until the last client
+//! has left): it then stops accepting, lets the requests in flight finish,
+//! flushes and closes the image cleanly, removes the socket and exits 0.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use fvd_core::storage::CacheMode;
+use fvd_core::{Format, PathOptions};
+use fvd_nbd::consts::DEFAULT_PORT;
+use fvd_nbd::server::{
+    DEFAULT_MAX_CLIENTS, ListenAddr, Listener, Server, ServerConfig, TlsFiles, shutdown_signal,
+};
+
+/// Arguments of `fvd serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Listen on this unix socket (created with mode 0600, removed on exit).
+    #[arg(short = 'k', long, value_name = "PATH", conflicts_with = "bind")]
+    pub socket: Option<PathBuf>,
+    /// Listen on TCP at ADDR:PORT, ADDR or :PORT (default 127.0.0.1:10809).
+    #[arg(short = 'b', long, value_name = "ADDR:PORT")]
+    pub bind: Option<String>,
+    /// Name of the export (default: the empty name).
+    #[arg(short = 'x', long, value_name = "NAME", default_value = "")]
+    pub export_name: String,
+    /// Export read-only.
+    #[arg(short = 'r', long)]
+    pub read_only: bool,
+    /// Most clients served at once; more wait until one leaves.
+    #[arg(short = 'e', long, value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS)]
+    pub shared: usize,
+    /// Image format: fvd (default) or raw.
+    #[arg(short = 'f', value_name = "FMT", default_value = "fvd", value_parser = parse_format)]
+    pub format: Format,
+    /// Host cache mode: writeback (page cache) or none (O_DIRECT; the
+    /// export then asks for 512-byte aligned requests).
+    #[arg(long, value_name = "MODE", default_value = "writeback", value_parser = parse_cache)]
+    pub cache: CacheMode,
+    /// Server certificate (PEM): turns on TLS, and requires it.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the server certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM): clients must present a certificate it signed.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Exit when the last client disconnects (like qemu-nbd without -t).
+    #[arg(long)]
+    pub once: bool,
+    /// Report connections and failed requests on standard error.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Refuse NBD_OPT_STRUCTURED_REPLY (and extended headers): for tests.
+    #[arg(long, hide = true)]
+    pub no_structured_replies: bool,
+    /// Refuse NBD_OPT_EXTENDED_HEADERS: for tests.
+    #[arg(long, hide = true)]
+    pub no_extended_headers: bool,
+    /// The image.
+    pub image: PathBuf,
+}
+
+fn parse_format(s: &str) -> std::result::Result<Format, String> {
+    s.parse::<Format>().map_err(|e| e.to_string())
+}
+
+fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
+    s.parse::<CacheMode>()
+}
+
+/// Parse `ADDR:PORT`, `ADDR` or `:PORT`.
+fn parse_bind(s: &str) -> Result<SocketAddr> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = s.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, DEFAULT_PORT));
+    }
+    if let Some(port) = s.strip_prefix(':')
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    bail!("--bind {s}: expected ADDR:PORT, ADDR or :PORT (ADDR an IP address)")
+}
+
+/// Run `fvd serve`.
+pub async fn run(a: ServeArgs) -> Result<u8> {
+    let addr = match (&a.socket, &a.bind) {
+        (Some(p), _) => ListenAddr::Unix(p.clone()),
+        (None, Some(b)) => ListenAddr::Tcp(parse_bind(b)?),
+        (None, None) => ListenAddr::Tcp(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            DEFAULT_PORT,
+        )),
+    };
+    if a.shared == 0 {
+        bail!("--shared must be at least 1");
+    }
+    // Catch the signals before anything can be left half done.
+    let signal = shutdown_signal()
+        .await
+        .context("cannot install signal handlers")?;
+    let opts = PathOptions {
+        read_only: a.read_only,
+        cache: a.cache,
+        force_share: false,
+    };
+    let path = a.image.display().to_string();
+    let image = fvd_core::open_path(&a.image, a.format, opts)
+        .await
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains(&path) {
+                anyhow!(msg)
+            } else {
+                anyhow!("{path}: {msg}")
+            }
+        })?;
+    let image = Arc::new(image);
+    let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
+    let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);
+    let config = ServerConfig {
+        export_name: a.export_name.clone(),
+        max_clients: a.shared,
+        min_block_size,
+        preferred_block_size: preferred,
+        structured_replies: !a.no_structured_replies,
+        extended_headers: !a.no_extended_headers,
+        tls: a
+            .tls_cert
+            .as_ref()
+            .zip(a.tls_key.as_ref())
+            .map(|(c, k)| TlsFiles {
+                cert: c.clone(),
+                key: k.clone(),
+                ca: a.tls_ca.clone(),
+            }),
+        once: a.once,
+        verbose: a.verbose,
+        ..ServerConfig::default()
+    };
+    let started = async {
+        let server = Server::new(image.clone(), config)?;
+        let listener = Listener::bind(&addr).await?;
+        Ok::<_, std::io::Error>((server, listener))
+    }
+    .await;
+    let (server, listener) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = image.close().await;
+            return Err(anyhow!(e));
+        }
+    };
+    eprintln!(
+        "fvd serve: serving {path} at {}{}",
+        listener.uri(&a.export_name),
+        if a.read_only { " (read-only)" } else { "" }
+    );
+    let summary = server
+        .serve(listener, signal)
+        .await
+        .map_err(|e| anyhow!("{path}: closing: {e}"))?;
+    if summary.abandoned > 0 {
+        eprintln!(
+            "fvd serve: {} connection(s) did not finish in time",
+            summary.abandoned
+        );
+    }
+    if a.verbose {
+        eprintln!(
+            "fvd serve: stopped after {} connection(s); {path} closed cleanly",
+            summary.connections
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,547 @@
+//! The NBD server: one image, one export, many connections.
+//!
+//! Layers, each in its own module:
+//! * this module — configuration, the listener (unix socket or TCP), the
+//!   accept loop with its client limit, signals and the orderly shutdown;
+//! * [`handshake`](self::handshake) — the option negotiation state machine
+//!   (fixed newstyle, `STARTTLS`, `INFO`/`GO`, structured replies,
+//!   extended headers, metadata contexts);
+//! * [`transmission`](self::transmission) — the request loop: many
+//!   requests in flight per connection, replies written out of order
+//!   through one writer;
+//! * [`tls`](self::tls) — loading certificates for `STARTTLS`.
+//!
+//! Every connection shares one [`Image`], so `NBD_FLAG_CAN_MULTI_CONN` is
+//! advertised: a flush on any connection covers the writes completed on
+//! all of them.
+//!
+//! Shutdown (a signal, or the last client leaving with
+//! [`ServerConfig::once`]): stop accepting, stop reading new requests,
+//! let the requests in flight finish and send their replies, then flush
+//! and close the image (which sets its clean flag) and remove the unix
+//! socket.
+//!
+//! Robustness rules: a protocol violation that leaves the byte stream in
+//! an unknown state (bad magic, a write payload larger than
+//! [`MAX_PAYLOAD`]) closes that connection only — the payload is not read
+//! and discarded, the client gets an `EINVAL` reply and then a hard
+//! disconnect; every other invalid request gets an error reply and the
+//! connection goes on. Memory per connection is bounded by
+//! [`ServerConfig::max_inflight`] requests and
+//! [`ServerConfig::max_buffered`] bytes of payload and read data.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use fvd_core::Image;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::consts;
+use crate::transmission::MAX_PAYLOAD;
+
+mod handshake;
+mod tls;
+mod transmission;
+
+pub use tls::TlsFiles;
+
+/// Name of the `qemu:allocation-depth` metadata context: 1 for data in the
+/// image, 2 for data still in its base.
+pub const META_CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// Default number of clients served at once.
+pub const DEFAULT_MAX_CLIENTS: usize = 16;
+
+/// Default TCP address: loopback only, the IANA NBD port.
+pub const DEFAULT_TCP_ADDR: &str = "127.0.0.1:10809";
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A unix socket at this path (created with mode 0600, removed on exit).
+    Unix(PathBuf),
+    /// A TCP address (port 0 picks a free port).
+    Tcp(SocketAddr),
+}
+
+/// How the server behaves.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The export's name; clients asking for another name get
+    /// `NBD_REP_ERR_UNKNOWN`.
+    pub export_name: String,
+    /// Clients served at once; more wait in the listen backlog.
+    pub max_clients: usize,
+    /// Smallest request granularity advertised (1, or 512 for
+    /// `O_DIRECT` images); requests not aligned to it fail with `EINVAL`.
+    pub min_block_size: u32,
+    /// Preferred request granularity advertised.
+    pub preferred_block_size: u32,
+    /// Offer `NBD_OPT_STRUCTURED_REPLY` (when false, extended headers are
+    /// refused too: their replies are structured).
+    pub structured_replies: bool,
+    /// Offer `NBD_OPT_EXTENDED_HEADERS`.
+    pub extended_headers: bool,
+    /// Certificates for `STARTTLS`; when set, TLS is required (FORCEDTLS).
+    pub tls: Option<TlsFiles>,
+    /// Stop once the last client has disconnected (like `qemu-nbd`
+    /// without `--persistent`).
+    pub once: bool,
+    /// Print connection events to standard error.
+    pub verbose: bool,
+    /// Time a client has for the whole negotiation (TLS included).
+    pub handshake_timeout: Duration,
+    /// Requests in flight per connection.
+    pub max_inflight: usize,
+    /// Bytes of write payload and read data held per connection.
+    pub max_buffered: usize,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            export_name: String::new(),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            min_block_size: 1,
+            preferred_block_size: 4096,
+            structured_replies: true,
+            extended_headers: true,
+            tls: None,
+            once: false,
+            verbose: false,
+            handshake_timeout: Duration::from_secs(30),
+            max_inflight: 64,
+            max_buffered: 64 << 20,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every connection needs, shared.
+pub(crate) struct Shared {
+    pub(crate) image: Arc<Image>,
+    pub(crate) config: ServerConfig,
+    pub(crate) size: u64,
+    pub(crate) read_only: bool,
+    pub(crate) tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    /// Transmission flags for a session (`structured`: structured replies
+    /// or extended headers negotiated; `extended`: extended headers).
+    pub(crate) fn export_flags(&self, structured: bool, extended: bool) -> u16 {
+        let mut flags =
+            consts::FLAG_HAS_FLAGS | consts::FLAG_CAN_MULTI_CONN | consts::FLAG_SEND_CACHE;
+        if self.read_only {
+            flags |= consts::FLAG_READ_ONLY;
+        } else {
+            flags |= consts::FLAG_SEND_FLUSH
+                | consts::FLAG_SEND_FUA
+                | consts::FLAG_SEND_TRIM
+                | consts::FLAG_SEND_WRITE_ZEROES
+                | consts::FLAG_SEND_FAST_ZERO;
+        }
+        if structured {
+            flags |= consts::FLAG_SEND_DF;
+        }
+        if extended {
+            flags |= consts::FLAG_BLOCK_STATUS_PAYLOAD;
+        }
+        flags
+    }
+
+    /// Largest request payload (and read length) accepted.
+    pub(crate) fn max_payload(&self) -> u32 {
+        MAX_PAYLOAD
+    }
+
+    pub(crate) fn log(&self, msg: std::fmt::Arguments<'_>) {
+        if self.config.verbose {
+            eprintln!("fvd serve: {msg}");
+        }
+    }
+}
+
+/// A plain (not yet encrypted) client connection.
+pub(crate) enum Plain {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+/// A client connection, possibly upgraded to TLS.
+pub(crate) enum Conn {
+    Plain(Plain),
+    Tls(Box<tokio_rustls::server::TlsStream<Plain>>),
+}
+
+macro_rules! delegate_plain {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Plain::Unix($s) => $e,
+            Plain::Tcp($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Plain {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate_plain!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Plain {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate_plain!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_plain!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_plain!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate_plain!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Removes the unix socket file when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+enum ListenerKind {
+    Unix(UnixListener, SocketFile),
+    Tcp(TcpListener),
+}
+
+/// A bound listening socket.
+pub struct Listener {
+    kind: ListenerKind,
+}
+
+impl Listener {
+    /// Bind `addr`. A unix socket gets mode 0600; a stale socket file
+    /// (nobody accepting on it) is replaced, anything else at the path is
+    /// an error.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Unix(path) => bind_unix(path),
+            ListenAddr::Tcp(sa) => {
+                let l = TcpListener::bind(sa)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {sa}: {e}")))?;
+                Ok(Listener {
+                    kind: ListenerKind::Tcp(l),
+                })
+            }
+        }
+    }
+
+    /// Where clients connect, as an NBD URI for `export_name`.
+    pub fn uri(&self, export_name: &str) -> String {
+        match &self.kind {
+            ListenerKind::Unix(_, f) => {
+                format!("nbd+unix:///{export_name}?socket={}", f.0.display())
+            }
+            ListenerKind::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("nbd://{a}/{export_name}"),
+                Err(_) => "nbd://?".to_string(),
+            },
+        }
+    }
+
+    /// The TCP address actually bound (None for unix sockets).
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        match &self.kind {
+            ListenerKind::Tcp(l) => l.local_addr().ok(),
+            ListenerKind::Unix(..) => None,
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(Plain, String)> {
+        match &self.kind {
+            ListenerKind::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((Plain::Unix(s), "unix client".to_string()))
+            }
+            ListenerKind::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Plain::Tcp(s), peer.to_string()))
+            }
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> io::Result<Listener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let in_use = std::os::unix::net::UnixStream::connect(path).is_ok();
+        if !meta.file_type().is_socket() || in_use {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{}: {}",
+                    path.display(),
+                    if in_use {
+                        "a server is already listening on this socket"
+                    } else {
+                        "exists and is not a socket"
+                    }
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: cannot listen: {e}", path.display())))?;
+    let guard = SocketFile(path.to_path_buf());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Listener {
+        kind: ListenerKind::Unix(l, guard),
+    })
+}
+
+/// How a [`Server::serve`] run ended.
+#[derive(Debug, Clone, Default)]
+pub struct ServeSummary {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections still running when the drain timeout expired.
+    pub abandoned: usize,
+}
+
+/// An NBD server for one image.
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Prepare a server for `image` (loads the TLS certificates, if any).
+    pub fn new(image: Arc<Image>, mut config: ServerConfig) -> io::Result<Server> {
+        let tls = match &config.tls {
+            Some(files) => Some(tls::acceptor(files)?),
+            None => None,
+        };
+        if !config.structured_replies {
+            config.extended_headers = false;
+        }
+        config.max_clients = config.max_clients.max(1);
+        config.max_inflight = config.max_inflight.max(1);
+        // At least one largest request must fit in the budget.
+        config.max_buffered = config
+            .max_buffered
+            .max(usize::try_from(MAX_PAYLOAD).unwrap_or(usize::MAX));
+        config.min_block_size = config.min_block_size.max(1);
+        config.preferred_block_size = config
+            .preferred_block_size
+            .clamp(config.min_block_size, MAX_PAYLOAD);
+        let size = image.virtual_size();
+        let read_only = image.is_read_only();
+        Ok(Server {
+            shared: Arc::new(Shared {
+                image,
+                config,
+                size,
+                read_only,
+                tls,
+            }),
+        })
+    }
+
+    /// Accept clients on `listener` until `shutdown` completes (or, with
+    /// [`ServerConfig::once`], the last client leaves); then drain the
+    /// requests in flight, flush and close the image, and remove the unix
+    /// socket. Errors closing the image are returned.
+    pub async fn serve<F>(self, listener: Listener, shutdown: F) -> io::Result<ServeSummary>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let shared = self.shared;
+        let cfg = &shared.config;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(cfg.max_clients));
+        let active = Arc::new(AtomicUsize::new(0));
+        let idle = Arc::new(Notify::new());
+        let mut summary = ServeSummary::default();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = idle.notified() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = idle.notified() => break,
+                a = listener.accept() => a,
+            };
+            let (plain, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    shared.log(format_args!("accept failed: {e}"));
+                    // Out of descriptors and the like: back off a little.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            summary.connections = summary.connections.saturating_add(1);
+            active.fetch_add(1, Ordering::AcqRel);
+            let shared2 = shared.clone();
+            let stop = stop_rx.clone();
+            let active2 = active.clone();
+            let idle2 = idle.clone();
+            tokio::spawn(async move {
+                shared2.log(format_args!("{peer}: connected"));
+                match serve_connection(Conn::Plain(plain), &shared2, stop).await {
+                    Ok(()) => shared2.log(format_args!("{peer}: disconnected")),
+                    Err(e) => shared2.log(format_args!("{peer}: closed: {e}")),
+                }
+                drop(permit);
+                if active2.fetch_sub(1, Ordering::AcqRel) == 1 && shared2.config.once {
+                    idle2.notify_one();
+                }
+            });
+        }
+        // Stop every connection from reading new requests, then wait for
+        // them to finish what they have in flight.
+        let _ = stop_tx.send(true);
+        drop(listener);
+        let all = u32::try_from(cfg.max_clients).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(
+            cfg.drain_timeout.saturating_add(Duration::from_secs(1)),
+            slots.acquire_many(all),
+        )
+        .await;
+        if drained.is_err() {
+            summary.abandoned = active.load(Ordering::Acquire);
+        }
+        shared.image.flush().await.map_err(io::Error::from)?;
+        shared.image.close().await.map_err(io::Error::from)?;
+        Ok(summary)
+    }
+}
+
+/// One connection, from the greeting to the last reply.
+async fn serve_connection(
+    conn: Conn,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let negotiation = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        handshake::negotiate(conn, shared),
+    );
+    // A server shutting down drops clients still negotiating.
+    let negotiated = tokio::select! {
+        biased;
+        _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+        n = negotiation => n,
+    };
+    let negotiated = negotiated
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "negotiation timed out"))??;
+    let Some((conn, session)) = negotiated else {
+        return Ok(());
+    };
+    match conn {
+        Conn::Plain(Plain::Unix(s)) => {
+            let (r, w) = s.into_split();
+            transmission::run(r, w, shared.clone(), session, stop).await
+        }
+        Conn::Plain(Plain::Tcp(s)) => {
+            let (r, w) = s.into_split();
+            transmission::run(r, w, shared.clone(), session, stop).await
+        }
+        Conn::Tls(s) => {
+            let (r, w) = tokio::io::split(*s);
+            transmission::run(r, w, shared.clone(), session, stop).await
+        }
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+    })
+}
