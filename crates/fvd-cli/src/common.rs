@@ -69,12 +69,20 @@ pub struct ImageOptions {
     pub backing_fmt: Option<Format>,
     /// `size=` (same as the SIZE argument)
     pub size: Option<u64>,
+    /// `compact=on|off`: the chunk-table layout
+    pub compact: Option<bool>,
+    /// `chunk_size=`
+    pub chunk_size: Option<u32>,
+    /// `grow_unit=`
+    pub grow_unit: Option<u64>,
+    /// `grow_cmd=` (a literal comma is written `,,` as in qemu-img)
+    pub grow_cmd: Option<String>,
     /// `-o help` was given: list the options instead of acting.
     pub help: bool,
 }
 
 /// Every `-o` key `fvd create` knows, with a description for `-o help`.
-pub const CREATE_KEYS: [(&str, &str); 7] = [
+pub const CREATE_KEYS: [(&str, &str); 11] = [
     (
         "block_size",
         "bytes per bitmap block: a power of two from 512 to 1M (default: 4K, larger for huge bases)",
@@ -91,10 +99,20 @@ pub const CREATE_KEYS: [(&str, &str); 7] = [
     ("backing_file", "base image (same as -b)"),
     ("backing_fmt", "base image format, raw or fvd (same as -F)"),
     ("size", "virtual disk size (same as the SIZE argument)"),
+    (
+        "compact",
+        "on|off: map data through a one-level chunk table (thin provisioning without a sparse file system, e.g. on a block device)",
+    ),
+    ("chunk_size", "bytes per chunk of a compact image: a power of two (default 1M)"),
+    ("grow_unit", "a compact image on a file grows by this much when full (default 64M)"),
+    (
+        "grow_cmd",
+        "command run when a compact image on a block device is full; {path} and {bytes} are substituted (write ,, for a comma)",
+    ),
 ];
 
 /// The `-o` keys `fvd convert` accepts for its output.
-pub const CONVERT_KEYS: [&str; 2] = ["block_size", "journal_size"];
+pub const CONVERT_KEYS: [&str; 5] = ["block_size", "journal_size", "compact", "chunk_size", "grow_unit"];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
@@ -104,11 +122,30 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// Split an option list at single commas; `,,` stands for a literal comma.
+fn split_options(list: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().expect("never empty").push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().expect("never empty").push(c);
+        }
+    }
+    out
+}
+
 /// Parse every `-o` list; only keys in `allowed` are accepted.
 pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOptions> {
     let mut o = ImageOptions::default();
     for list in lists {
-        for item in list.split(',').filter(|s| !s.is_empty()) {
+        for item in split_options(list).iter().map(String::as_str).filter(|s| !s.is_empty()) {
             if item == "help" || item == "?" {
                 o.help = true;
                 continue;
@@ -134,6 +171,16 @@ pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOp
                 "journal_size" => o.journal_size = Some(size(val)?),
                 "size" => o.size = Some(size(val)?),
                 "detect_zeroes" => o.detect_zeroes = Some(parse_bool(key, val)?),
+                "compact" => o.compact = Some(parse_bool(key, val)?),
+                "chunk_size" => {
+                    let v = size(val)?;
+                    o.chunk_size = Some(
+                        u32::try_from(v)
+                            .map_err(|_| anyhow!("option chunk_size: {v} is too large"))?,
+                    );
+                }
+                "grow_unit" => o.grow_unit = Some(size(val)?),
+                "grow_cmd" => o.grow_cmd = Some(val.to_string()),
                 "copy_on_read" => o.copy_on_read = Some(parse_bool(key, val)?),
                 "backing_file" => o.backing_file = Some(val.to_string()),
                 "backing_fmt" => {
@@ -280,6 +327,14 @@ mod tests {
         assert_eq!(o.block_size, Some(65536));
         assert_eq!(o.detect_zeroes, Some(false));
         assert_eq!(o.journal_size, Some(1 << 20));
+        let o = parse_image_options(
+            &["compact=on,chunk_size=64K,grow_cmd=echo a,,b {bytes}".into()],
+            &["compact", "chunk_size", "grow_cmd"],
+        )
+        .unwrap();
+        assert_eq!(o.compact, Some(true));
+        assert_eq!(o.chunk_size, Some(65536));
+        assert_eq!(o.grow_cmd.as_deref(), Some("echo a,b {bytes}"));
         let e = parse_image_options(&["cluster_size=64k".into()], &["block_size"]).unwrap_err();
         assert!(e.to_string().contains("cluster_size"), "{e}");
         assert!(parse_image_options(&["detect_zeroes=maybe".into()], &["detect_zeroes"]).is_err());

@@ -33,7 +33,8 @@ pub struct Args {
     /// Output format: fvd (default) or raw.
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "fvd", value_parser = parse_format)]
     pub output_format: Format,
-    /// Options of the new image: block_size=N, journal_size=N.
+    /// Options of the new image: block_size=N, journal_size=N, compact=on|off,
+    /// chunk_size=N, grow_unit=N.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Show a progress bar.
@@ -62,8 +63,12 @@ pub async fn run(a: Args) -> Result<u8> {
         }
         return Ok(0);
     }
-    if a.output_format == Format::Raw && (opts.block_size.is_some() || opts.journal_size.is_some())
-    {
+    let any_option = opts.block_size.is_some()
+        || opts.journal_size.is_some()
+        || opts.compact.is_some()
+        || opts.chunk_size.is_some()
+        || opts.grow_unit.is_some();
+    if a.output_format == Format::Raw && any_option {
         bail!(
             "{}: -o options are not supported for raw output",
             a.target.display()
@@ -88,6 +93,9 @@ pub async fn run(a: Args) -> Result<u8> {
                 size: Some(dst_size),
                 block_size: opts.block_size,
                 journal_size: opts.journal_size,
+                compact: opts.compact.unwrap_or(false),
+                chunk_size: opts.chunk_size,
+                grow_unit: opts.grow_unit,
                 ..CreateOptions::default()
             };
             fvd_core::create_path(&a.target, None, co, None)

@@ -24,7 +24,8 @@ pub struct Args {
     #[arg(short = 'F', value_name = "BASE_FMT", value_parser = parse_format)]
     pub base_format: Option<Format>,
     /// Options: block_size=N, journal_size=N, detect_zeroes=on|off,
-    /// copy_on_read=on|off (-o help lists them).
+    /// copy_on_read=on|off, compact=on|off, chunk_size=N, grow_unit=N,
+    /// grow_cmd=CMD (-o help lists them).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Print nothing on success.
@@ -95,6 +96,10 @@ pub async fn run(a: Args) -> Result<u8> {
                 ("journal_size", opts.journal_size.is_some()),
                 ("detect_zeroes", opts.detect_zeroes.is_some()),
                 ("copy_on_read", opts.copy_on_read.is_some()),
+                ("compact", opts.compact.is_some()),
+                ("chunk_size", opts.chunk_size.is_some()),
+                ("grow_unit", opts.grow_unit.is_some()),
+                ("grow_cmd", opts.grow_cmd.is_some()),
             ];
             if let Some((k, _)) = used.iter().find(|(_, set)| *set) {
                 bail!(
@@ -134,6 +139,10 @@ pub async fn run(a: Args) -> Result<u8> {
                 block_size: opts.block_size,
                 journal_size: opts.journal_size,
                 copy_on_read: opts.copy_on_read.unwrap_or(false),
+                compact: opts.compact.unwrap_or(false),
+                chunk_size: opts.chunk_size,
+                grow_unit: opts.grow_unit,
+                grow_cmd: opts.grow_cmd.clone(),
                 ..CreateOptions::default()
             };
             fvd_core::create_path(img, spec.as_ref(), co, opts.detect_zeroes)
@@ -157,6 +166,9 @@ pub async fn run(a: Args) -> Result<u8> {
                     ));
                 }
                 line.push_str(&format!(" block_size={}", h.block_size));
+                if h.incompatible & fvd_core::format::header::INCOMPAT_COMPACT != 0 {
+                    line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
+                }
                 println!("{line}");
             }
             Ok(0)

@@ -100,6 +100,20 @@ struct FvdData {
     autoclear_features: u64,
     journal_epoch: u64,
     replayed_journal_blocks: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compact: Option<CompactData>,
+}
+
+/// Chunk usage of a compact image.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
+struct CompactData {
+    chunks: u64,
+    allocated_chunks: u64,
+    allocated_bytes: u64,
+    /// Share of virtually adjacent allocated chunk pairs that are not
+    /// physically adjacent.
+    fragmentation: f64,
 }
 
 /// Names of the set bits of a feature word.
@@ -154,6 +168,16 @@ fn fvd_data(img: &Image, h: &Header) -> FvdData {
         autoclear_features: h.autoclear,
         journal_epoch: h.journal_epoch,
         replayed_journal_blocks: img.replayed_blocks(),
+        compact: img.chunk_usage().map(|u| CompactData {
+            chunks: u.chunks,
+            allocated_chunks: u.allocated,
+            allocated_bytes: u.allocated * u.chunk_size,
+            fragmentation: if u.adjacent_pairs == 0 {
+                0.0
+            } else {
+                u.fragmented_pairs as f64 / u.adjacent_pairs as f64
+            },
+        }),
     }
 }
 
@@ -231,6 +255,16 @@ pub async fn run(a: Args) -> Result<u8> {
                     "    metadata bytes: {} (bitmap {}, chunk table {})",
                     d.metadata_bytes, d.bitmap_bytes, d.table_bytes
                 );
+                if let Some(c) = &d.compact {
+                    println!(
+                        "    chunks: {} allocated of {} ({}, chunk size {}), fragmentation {}%",
+                        c.allocated_chunks,
+                        c.chunks,
+                        human(c.allocated_bytes),
+                        human(d.chunk_size),
+                        percent(c.fragmentation)
+                    );
+                }
                 println!(
                     "    journal size: {} ({} bytes)",
                     human(d.journal_size),

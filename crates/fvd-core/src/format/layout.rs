@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 
 /// Default bitmap size limit that picks the block size.
 pub const MAX_DEFAULT_BITMAP_BYTES: u64 = 4 << 20;
+/// The same limit for compact images, whose chunk table takes 4 MiB per TiB:
+/// bitmap + table stay within 6 MiB per TiB.
+pub const MAX_DEFAULT_COMPACT_BITMAP_BYTES: u64 = 2 << 20;
 /// Smallest default block size.
 pub const MIN_DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// Default journal size.
@@ -48,8 +51,13 @@ pub struct CreateLayout {
 /// The default block size for a base range: the smallest power of two
 /// >= 4 KiB that keeps the bitmap <= 4 MiB.
 pub fn default_block_size(base_range: u64) -> u32 {
+    block_size_for(base_range, MAX_DEFAULT_BITMAP_BYTES)
+}
+
+/// The smallest power of two >= 4 KiB keeping the bitmap within `limit` bytes.
+fn block_size_for(base_range: u64, limit: u64) -> u32 {
     let mut bs = MIN_DEFAULT_BLOCK_SIZE as u64;
-    while base_range.div_ceil(bs).div_ceil(8) > MAX_DEFAULT_BITMAP_BYTES && bs < 1 << 20 {
+    while base_range.div_ceil(bs).div_ceil(8) > limit && bs < 1 << 20 {
         bs *= 2;
     }
     bs as u32
@@ -90,6 +98,7 @@ pub fn compute_layout(c: &CreateLayout) -> Result<Header> {
             )));
         }
         Some(bs) => bs,
+        None if c.compact => block_size_for(base_range, MAX_DEFAULT_COMPACT_BITMAP_BYTES),
         None => default_block_size(base_range),
     };
     let chunk_size = c.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE.max(block_size));
@@ -186,6 +195,21 @@ mod tests {
         .unwrap();
         assert_eq!(h.region(Region::Bitmap).length, 4 << 20);
         assert_eq!(h.region(Region::Data).offset % DATA_ALIGN, 0);
+    }
+
+    #[test]
+    fn one_tib_compact_metadata_is_six_mib() {
+        let h = compute_layout(&CreateLayout {
+            virtual_size: 1 << 40,
+            base: Some(("b".into(), "raw".into(), 1 << 40, String::new())),
+            block_size: None,
+            journal_size: None,
+            compact: true,
+            chunk_size: None,
+        })
+        .unwrap();
+        assert_eq!(h.block_size, 64 << 10);
+        assert_eq!(h.region(Region::Bitmap).length + h.region(Region::Table).length, 6 << 20);
     }
 
     #[test]

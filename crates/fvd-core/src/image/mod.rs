@@ -1036,6 +1036,13 @@ impl Image {
             let blocks = self.blocks_of(s, e - s);
             let all_local = blocks.is_empty() || meta.local.all_set(blocks.clone());
             if whole && unmap {
+                // Give the space back now: nothing can reuse the chunk before
+                // its free is durable, and zeros are what a discard reads.
+                let p = c.lookup(ch);
+                if p != EMPTY {
+                    let host = c.data_offset + p as u64 * cs;
+                    self.zero_host(host, s, cs, true).await?;
+                }
                 if c.free(ch, meta.next_round()) != EMPTY {
                     freed.push((ch, EMPTY));
                     self.stats.chunks_freed.fetch_add(1, Ordering::Relaxed);

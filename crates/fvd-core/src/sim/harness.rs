@@ -66,12 +66,15 @@ pub struct SimConfig {
     pub space_slack: Option<u64>,
     /// I/O latency of image and base.
     pub latency: Latency,
+    /// Compact image (chunk table) of this chunk size, or the sparse layout.
+    pub compact_chunk: Option<u32>,
 }
 
 impl SimConfig {
     /// A configuration drawn from `seed`: block size 512/4096/65536, no
     /// base, a base smaller than the image (unaligned end), as large, or
-    /// larger; 1 to 64 testers; faults in about a third of the seeds.
+    /// larger; sparse or (a quarter of the seeds) compact layout; 1 to 64
+    /// testers; faults in about a third of the seeds.
     pub fn from_seed(seed: u64) -> Self {
         let mut r = Rng::new(seed ^ 0x000c_0f19_u64.rotate_left(40));
         let block_size = *r.pick(&[512u32, 4096, 65536]);
@@ -141,6 +144,8 @@ impl SimConfig {
                 tail: *r.pick(&[0.0, 0.02]),
                 tail_max: 5_000_000,
             },
+            compact_chunk: (r.below(4) == 0)
+                .then(|| block_size.max(*r.pick(&[4096u32, 16384, 65536]))),
         }
     }
 }
@@ -774,6 +779,9 @@ impl Run {
             block_size: Some(cfg.block_size),
             journal_size: Some(cfg.journal_size),
             detect_zeroes: cfg.detect_zeroes,
+            compact: cfg.compact_chunk.is_some(),
+            chunk_size: cfg.compact_chunk,
+            grow_unit: cfg.compact_chunk.map(|c| c as u64 * 4),
             ..CreateOptions::default()
         };
         let base_ref = self.base.clone();
