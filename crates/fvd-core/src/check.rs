@@ -341,9 +341,11 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
             pos = ce;
         }
     }
-    // Physical chunks no entry references.
+    // Physical chunks no entry references, below the highest one in use
+    // (past it lies free capacity, not leaked space).
     if compact {
-        let mut used = vec![false; l.capacity as usize];
+        let high = l.durable.table.iter().filter(|&&p| p != EMPTY).map(|&p| p as u64 + 1).max().unwrap_or(0);
+        let mut used = vec![false; high.min(l.capacity) as usize];
         for &p in &l.durable.table {
             if let Some(u) = used.get_mut(p as usize) {
                 *u = true;

@@ -254,3 +254,32 @@ fn image_corpus_random() {
         let _ = fuzz::image(&m);
     }
 }
+
+/// `FVD_FUZZ_SEED_DIR=<dir>` writes the seed inputs of every fuzz target to
+/// `<dir>/<target>/` (for `cargo fuzz run <target> <dir>/<target>`).
+#[test]
+fn write_seed_corpus_if_asked() {
+    let Some(dir) = std::env::var_os("FVD_FUZZ_SEED_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let write = |target: &str, name: &str, data: &[u8]| {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), data).unwrap();
+    };
+    for (name, img) in fuzz::seed_images() {
+        write("image", &name, &img);
+        write("header", &name, &img[..2 * HEADER_SLOT_SIZE]);
+        let (h, _) = newest(&img);
+        let bm = h.region(Region::Bitmap);
+        if bm.length > 0 {
+            let mut m = h.base_blocks().to_le_bytes().to_vec();
+            m.extend_from_slice(&img[bm.offset as usize..bm.end() as usize]);
+            write("bitmap", &name, &m);
+        }
+    }
+    for (i, b) in journal_blocks().iter().enumerate() {
+        write("journal", &format!("block{i}"), b);
+    }
+}
