@@ -489,6 +489,12 @@ impl Header {
             )));
         }
         if self.incompatible & INCOMPAT_COMPACT != 0 {
+            // The data region runs to the end of the storage: it must start
+            // after every other region.
+            let last = used.iter().map(|u| u.1).max().unwrap_or(0);
+            if data.offset < HEADER_AREA || data.offset < last {
+                return Err(Error::corrupt("data region of a compact image overlaps the metadata"));
+            }
             let chunks = self.virtual_size.div_ceil(self.chunk_size as u64);
             if self.region(Region::Table).length < chunks * 4 {
                 return Err(Error::corrupt(
