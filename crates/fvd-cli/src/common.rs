@@ -103,8 +103,14 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
         "compact",
         "on|off: map data through a one-level chunk table (thin provisioning without a sparse file system, e.g. on a block device)",
     ),
-    ("chunk_size", "bytes per chunk of a compact image: a power of two (default 1M)"),
-    ("grow_unit", "a compact image on a file grows by this much when full (default 64M)"),
+    (
+        "chunk_size",
+        "bytes per chunk of a compact image: a power of two (default 1M)",
+    ),
+    (
+        "grow_unit",
+        "a compact image on a file grows by this much when full (default 64M)",
+    ),
     (
         "grow_cmd",
         "command run when a compact image on a block device is full; {path} and {bytes} are substituted (write ,, for a comma)",
@@ -112,7 +118,13 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
 ];
 
 /// The `-o` keys `fvd convert` accepts for its output.
-pub const CONVERT_KEYS: [&str; 5] = ["block_size", "journal_size", "compact", "chunk_size", "grow_unit"];
+pub const CONVERT_KEYS: [&str; 5] = [
+    "block_size",
+    "journal_size",
+    "compact",
+    "chunk_size",
+    "grow_unit",
+];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
@@ -145,7 +157,11 @@ fn split_options(list: &str) -> Vec<String> {
 pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOptions> {
     let mut o = ImageOptions::default();
     for list in lists {
-        for item in split_options(list).iter().map(String::as_str).filter(|s| !s.is_empty()) {
+        for item in split_options(list)
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+        {
             if item == "help" || item == "?" {
                 o.help = true;
                 continue;

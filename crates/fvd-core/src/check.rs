@@ -295,6 +295,9 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
         return;
     }
     let Some(path) = path else { return };
+    if crate::base::is_url(&h.base_name) || h.base_format == "qcow2" {
+        return; // only a provider can reach it; opening checks it
+    }
     let bpath = resolve_base(path, &h.base_name);
     match std::fs::metadata(&bpath) {
         Err(e) => r
@@ -344,7 +347,14 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
     // Physical chunks no entry references, below the highest one in use
     // (past it lies free capacity, not leaked space).
     if compact {
-        let high = l.durable.table.iter().filter(|&&p| p != EMPTY).map(|&p| p as u64 + 1).max().unwrap_or(0);
+        let high = l
+            .durable
+            .table
+            .iter()
+            .filter(|&&p| p != EMPTY)
+            .map(|&p| p as u64 + 1)
+            .max()
+            .unwrap_or(0);
         let mut used = vec![false; high.min(l.capacity) as usize];
         for &p in &l.durable.table {
             if let Some(u) = used.get_mut(p as usize) {
@@ -404,13 +414,8 @@ async fn repair_image(
         let base = if h.base_range() > 0 {
             let fmt: Format = h.base_format.parse()?;
             Some(
-                crate::open::open_base(
-                    &resolve_base(path, &h.base_name),
-                    fmt,
-                    PathOptions::default(),
-                    0,
-                )
-                .await?,
+                crate::open::open_base_named(path, &h.base_name, fmt, PathOptions::default(), 0)
+                    .await?,
             )
         } else {
             None

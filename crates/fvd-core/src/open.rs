@@ -23,6 +23,8 @@ pub enum Format {
     Fvd,
     /// A raw disk image.
     Raw,
+    /// A qcow2 image: read-only, through a registered base provider.
+    Qcow2,
 }
 
 impl std::str::FromStr for Format {
@@ -31,9 +33,10 @@ impl std::str::FromStr for Format {
         match s {
             "fvd" => Ok(Format::Fvd),
             "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
             other => Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("unknown format '{other}' (expected fvd or raw)"),
+                format!("unknown format '{other}' (expected fvd, raw or qcow2)"),
             )),
         }
     }
@@ -45,6 +48,7 @@ impl Format {
         match self {
             Format::Fvd => "fvd",
             Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
         }
     }
 }
@@ -70,9 +74,13 @@ impl Default for PathOptions {
     }
 }
 
-/// Resolve a base name recorded in the image at `image_path`.
+/// Resolve a base name recorded in the image at `image_path` (URLs are
+/// returned unchanged).
 pub fn resolve_base(image_path: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
+    if crate::base::is_url(name) {
+        return p.to_path_buf();
+    }
     if p.is_absolute() {
         return p.to_path_buf();
     }
@@ -92,6 +100,36 @@ fn open_storage(path: &Path, write: bool, opts: PathOptions) -> Result<Arc<dyn S
     Ok(Arc::new(FileStorage::open(path, fo)?))
 }
 
+/// Open the base named `name` (as recorded in an image at `image_path`, or
+/// as given on the command line) in `format`, read-only. Paths resolve
+/// against the image's directory; URLs and qcow2 go to the registered
+/// providers.
+pub fn open_base_named<'a>(
+    image_path: &'a Path,
+    name: &'a str,
+    format: Format,
+    opts: PathOptions,
+    depth: usize,
+) -> BoxFut<'a, Arc<dyn Base>> {
+    Box::pin(async move {
+        if crate::base::is_url(name) || format == Format::Qcow2 {
+            let target = resolve_base(image_path, name);
+            let target = target.to_string_lossy();
+            return match crate::base::open_with_providers(&target, format.name()) {
+                Some(fut) => fut.await,
+                None => Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "no support for base '{name}' in format {} in this program",
+                        format.name()
+                    ),
+                )),
+            };
+        }
+        open_base(&resolve_base(image_path, name), format, opts, depth).await
+    })
+}
+
 /// Open a base image by path, in the given format, read-only.
 pub fn open_base<'a>(
     path: &'a Path,
@@ -105,6 +143,16 @@ pub fn open_base<'a>(
                 "{}: base chain is deeper than {MAX_CHAIN_DEPTH}",
                 path.display()
             )));
+        }
+        if format == Format::Qcow2 {
+            let name = path.to_string_lossy();
+            return match crate::base::open_with_providers(&name, format.name()) {
+                Some(fut) => fut.await,
+                None => Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("{name}: qcow2 is not supported by this program"),
+                )),
+            };
         }
         if !path.exists() {
             return Err(Error::new(
@@ -123,6 +171,7 @@ pub fn open_base<'a>(
                 let img = open_fvd_at(path, storage, ro, depth + 1).await?;
                 Arc::new(FvdBase::new(Arc::new(img)))
             }
+            Format::Qcow2 => unreachable!("handled above"),
         })
     })
 }
@@ -143,9 +192,8 @@ async fn open_fvd_at(
             .base_format
             .parse()
             .map_err(|e: Error| e.context(path.display()))?;
-        let bpath = resolve_base(path, &h.base_name);
         Some(
-            open_base(&bpath, fmt, opts, depth)
+            open_base_named(path, &h.base_name, fmt, opts, depth)
                 .await
                 .map_err(|e| e.context(format!("{}: base", path.display())))?,
         )
@@ -164,11 +212,27 @@ async fn open_fvd_at(
 
 /// Open an image file in `format`.
 pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result<Image> {
-    if !path.exists() {
+    if !path.exists() && !crate::base::is_url(&path.to_string_lossy()) {
         return Err(Error::new(
             ErrorKind::NotFound,
             format!("{}: no such file", path.display()),
         ));
+    }
+    if format == Format::Qcow2 || crate::base::is_url(&path.to_string_lossy()) {
+        // Read-only views of what only a provider can open.
+        if !opts.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "{}: {} images can only be opened read-only",
+                    path.display(),
+                    format.name()
+                ),
+            ));
+        }
+        let base = open_base_named(path, &path.to_string_lossy(), format, opts, 0).await?;
+        let storage: Arc<dyn Storage> = Arc::new(crate::base::BaseStorage::new(base));
+        return Image::open_raw(storage, OpenOptions { read_only: true });
     }
     let storage = open_storage(path, !opts.read_only, opts)?;
     match format {
@@ -179,6 +243,7 @@ pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result
             },
         ),
         Format::Fvd => open_fvd_at(path, storage, opts, 0).await,
+        Format::Qcow2 => unreachable!("handled above"),
     }
 }
 
@@ -200,8 +265,7 @@ pub async fn create_path(
 ) -> Result<()> {
     let base_img = match base {
         Some(b) => {
-            let bpath = resolve_base(path, &b.name);
-            let img = open_base(&bpath, b.format, PathOptions::default(), 0)
+            let img = open_base_named(path, &b.name, b.format, PathOptions::default(), 0)
                 .await
                 .map_err(|e| e.context(format!("{}: cannot open base", path.display())))?;
             opts.base = Some((b.name.clone(), b.format.name().to_string()));
@@ -214,7 +278,9 @@ pub async fn create_path(
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
     // A block device need not read zeros where never written: no zero detection.
-    opts.detect_zeroes = !is_device && detect_zeroes.unwrap_or(base_img.is_some());
+    // Zero detection reads the whole base: on by default for local bases only.
+    let local_base = base.is_some_and(|b| !crate::base::is_url(&b.name));
+    opts.detect_zeroes = !is_device && detect_zeroes.unwrap_or(local_base);
     let fo = FileOptions {
         write: true,
         create: !is_device,

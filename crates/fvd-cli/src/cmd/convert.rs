@@ -74,6 +74,12 @@ pub async fn run(a: Args) -> Result<u8> {
             a.target.display()
         );
     }
+    if a.output_format == Format::Qcow2 {
+        bail!(
+            "{}: fvd writes fvd and raw images; qcow2 is read-only here",
+            a.target.display()
+        );
+    }
     if a.target.exists() {
         bail!(
             "{}: file exists; fvd convert never overwrites an image (remove it first)",
@@ -84,10 +90,12 @@ pub async fn run(a: Args) -> Result<u8> {
     let src_size = src.virtual_size();
     let dst_size = match a.output_format {
         Format::Fvd => src_size.div_ceil(512) * 512,
-        Format::Raw => src_size,
+        Format::Raw | Format::Qcow2 => src_size,
     };
     match a.output_format {
-        Format::Raw => fvd_core::create_raw(&a.target, dst_size).map_err(|e| at(&a.target, e))?,
+        Format::Raw | Format::Qcow2 => {
+            fvd_core::create_raw(&a.target, dst_size).map_err(|e| at(&a.target, e))?
+        }
         Format::Fvd => {
             let co = CreateOptions {
                 size: Some(dst_size),

@@ -87,6 +87,10 @@ pub async fn run(a: Args) -> Result<u8> {
         (None, None) => None,
     };
     match a.format {
+        Format::Qcow2 => bail!(
+            "{}: fvd creates fvd and raw images; use qemu-img for qcow2",
+            img.display()
+        ),
         Format::Raw => {
             if base.is_some() {
                 bail!("{}: raw images cannot have a base image", img.display());

@@ -24,6 +24,103 @@ pub trait Base: Send + Sync {
     fn format(&self) -> &'static str;
     /// A description for messages.
     fn describe(&self) -> String;
+    /// What identifies this base's content, recorded at create time and
+    /// compared at every open (a changed base is refused). Sources that know
+    /// more than the size (an HTTP ETag, Last-Modified) add it here.
+    fn validator(&self) -> String {
+        format!("size={}", self.size())
+    }
+}
+
+/// Opens bases the core cannot open itself: URLs (`nbd://`, `http://`...)
+/// and formats other than raw and FVD (qcow2). Transports register one at
+/// startup with [`register_base_provider`]; the core stays free of network
+/// code.
+pub trait BaseProvider: Send + Sync {
+    /// Open `name` (a URL, or a path already resolved against the image's
+    /// directory) in `format`, or `None` if this provider does not handle it.
+    fn open(&self, name: &str, format: &str)
+    -> Option<crate::open::BoxFut<'static, Arc<dyn Base>>>;
+}
+
+static PROVIDERS: std::sync::RwLock<Vec<Arc<dyn BaseProvider>>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Add a provider; later registrations are asked first.
+pub fn register_base_provider(p: Arc<dyn BaseProvider>) {
+    PROVIDERS
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(0, p);
+}
+
+/// Ask the registered providers to open `name` in `format`.
+pub fn open_with_providers(
+    name: &str,
+    format: &str,
+) -> Option<crate::open::BoxFut<'static, Arc<dyn Base>>> {
+    let providers = PROVIDERS.read().unwrap_or_else(|e| e.into_inner()).clone();
+    providers.iter().find_map(|p| p.open(name, format))
+}
+
+/// True if a base name is a URL rather than a path.
+pub fn is_url(name: &str) -> bool {
+    name.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+    })
+}
+
+/// A read-only [`Storage`] view of a base, so any base (a qcow2 file, a URL)
+/// can be inspected, compared or converted like a raw image.
+pub struct BaseStorage {
+    base: Arc<dyn Base>,
+}
+
+impl BaseStorage {
+    /// Wrap `base`.
+    pub fn new(base: Arc<dyn Base>) -> Self {
+        BaseStorage { base }
+    }
+}
+
+fn read_only_error<T>() -> std::io::Result<T> {
+    Err(std::io::Error::from_raw_os_error(libc::EROFS))
+}
+
+impl Storage for BaseStorage {
+    fn read_at(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+        self.base.read_at(offset, buf)
+    }
+    fn write_at(&self, _offset: u64, _buf: IoBuf, _fua: bool) -> IoFuture<'_, IoBuf> {
+        Box::pin(std::future::ready(read_only_error()))
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(std::future::ready(read_only_error()))
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(std::future::ready(read_only_error()))
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.base.size())
+    }
+    fn set_len(&self, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(std::future::ready(read_only_error()))
+    }
+    fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>> {
+        self.base.allocation(offset, len)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        Ok(0)
+    }
+    fn describe(&self) -> String {
+        self.base.describe()
+    }
 }
 
 /// A raw file (or any storage) used as a base.

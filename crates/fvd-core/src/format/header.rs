@@ -403,7 +403,7 @@ impl Header {
         }
         match self.base_format.as_str() {
             "" if self.base_name.is_empty() => {}
-            "raw" | "fvd" if !self.base_name.is_empty() => {}
+            "raw" | "fvd" | "qcow2" if !self.base_name.is_empty() => {}
             "" => return Err(Error::corrupt("base_name is set but base_format is empty")),
             f if self.base_name.is_empty() => {
                 return Err(Error::corrupt(format!(
@@ -493,7 +493,9 @@ impl Header {
             // after every other region.
             let last = used.iter().map(|u| u.1).max().unwrap_or(0);
             if data.offset < HEADER_AREA || data.offset < last {
-                return Err(Error::corrupt("data region of a compact image overlaps the metadata"));
+                return Err(Error::corrupt(
+                    "data region of a compact image overlaps the metadata",
+                ));
             }
             let chunks = self.virtual_size.div_ceil(self.chunk_size as u64);
             if self.region(Region::Table).length < chunks * 4 {

@@ -209,7 +209,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(h.block_size, 64 << 10);
-        assert_eq!(h.region(Region::Bitmap).length + h.region(Region::Table).length, 6 << 20);
+        assert_eq!(
+            h.region(Region::Bitmap).length + h.region(Region::Table).length,
+            6 << 20
+        );
     }
 
     #[test]

@@ -168,12 +168,9 @@ pub async fn create(
     let layout = CreateLayout {
         virtual_size: size,
         base: match (&opts.base, base) {
-            (Some((name, fmt)), Some(_)) => Some((
-                name.clone(),
-                fmt.clone(),
-                base_size,
-                format!("size={base_size}"),
-            )),
+            (Some((name, fmt)), Some(b)) => {
+                Some((name.clone(), fmt.clone(), base_size, b.validator()))
+            }
             (Some(_), None) => return Err(Error::arg("base named but not opened")),
             _ => None,
         },
@@ -369,6 +366,14 @@ impl Image {
                     b.describe(),
                     h.base_size,
                     b.size()
+                )));
+            }
+            let now = b.validator();
+            if !h.base_validator.is_empty() && now != h.base_validator {
+                return Err(Error::invalid(format!(
+                    "{desc}: base image '{}' changed: it was '{}' at create time and is '{now}' now",
+                    b.describe(),
+                    h.base_validator
                 )));
             }
             Some(b)

@@ -564,8 +564,7 @@ mod tests {
                 });
             }
             ex.run();
-            let v = log.borrow().clone();
-            v
+            log.take()
         }
         assert_eq!(order(9), order(9));
         assert_ne!(order(9), order(10));

@@ -330,9 +330,9 @@ fn check_written(img: &Image, written: &[(u64, Vec<u8>)], when: &str) {
 }
 
 /// Small valid images for seeding fuzzers: every combination of base (none,
-/// smaller with an unaligned end, larger), block size, and state (fresh,
-/// dirty journal, cleanly closed), with the regions packed tightly so that
-/// an image is tens of KiB rather than megabytes.
+/// smaller with an unaligned end, larger), block size, layout (sparse,
+/// compact) and state (fresh, dirty journal, cleanly closed), with the
+/// regions packed tightly so that an image is tens of KiB, not megabytes.
 #[doc(hidden)]
 pub fn seed_images() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -342,10 +342,13 @@ pub fn seed_images() -> Vec<(String, Vec<u8>)> {
         ("bigbase", Some(100_000u64)),
     ] {
         for bs in [512u32, 4096, 65536] {
-            for state in ["fresh", "dirty", "clean"] {
-                let name = format!("{bname}-bs{bs}-{state}");
-                if let Some(img) = build_image(base, bs, state) {
-                    out.push((name, img));
+            for compact in [false, true] {
+                for state in ["fresh", "dirty", "clean"] {
+                    let layout = if compact { "compact" } else { "sparse" };
+                    let name = format!("{bname}-{layout}-bs{bs}-{state}");
+                    if let Some(img) = build_image(base, bs, compact, state) {
+                        out.push((name, img));
+                    }
                 }
             }
         }
@@ -353,7 +356,7 @@ pub fn seed_images() -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn build_image(base_size: Option<u64>, bs: u32, state: &str) -> Option<Vec<u8>> {
+fn build_image(base_size: Option<u64>, bs: u32, compact: bool, state: &str) -> Option<Vec<u8>> {
     let size: u64 = if bs == 65536 { 256 << 10 } else { 64 << 10 };
     let base = base_size.map(|s| Arc::new(PatternBase { size: s }) as Arc<dyn Base>);
     let disk = MemStorage::new("seed");
@@ -362,6 +365,9 @@ fn build_image(base_size: Option<u64>, bs: u32, state: &str) -> Option<Vec<u8>> 
         base: base.as_ref().map(|_| ("base.raw".into(), "raw".into())),
         block_size: Some(bs),
         journal_size: Some(16 << 10),
+        compact,
+        chunk_size: compact.then_some(bs.max(4096)),
+        grow_unit: compact.then_some(bs.max(4096) as u64),
         ..CreateOptions::default()
     };
     block_on(crate::image::create(&disk, &opts, base.as_deref())).ok()?;
@@ -435,12 +441,13 @@ mod tests {
     #[test]
     fn seeds_are_valid_small_images() {
         let seeds = seed_images();
-        assert_eq!(seeds.len(), 27);
+        assert_eq!(seeds.len(), 54);
         for (name, img) in &seeds {
             assert!(img.len() < 400 << 10, "{name} is {} bytes", img.len());
             let (h, _) = header::decode_slots(img).unwrap();
-            // Without a base no write needs metadata: the image stays clean.
-            let dirty = name.ends_with("dirty") && !name.starts_with("nobase");
+            // Without a base a sparse image needs no metadata: it stays clean.
+            let dirty = name.ends_with("dirty")
+                && (name.contains("compact") || !name.starts_with("nobase"));
             assert_eq!(h.is_clean(), !dirty, "{name}");
             assert_eq!(image(img), Reached::Reopened, "{name}");
         }

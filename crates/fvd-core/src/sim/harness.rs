@@ -896,10 +896,9 @@ impl Run {
             Ok(Ok(ro)) => {
                 if !ro.header().is_some_and(|h| h.is_clean()) {
                     self.violation("image is not clean after close".into());
-                    return;
-                }
-                if self.check_disk(&ro, true, false, "after close").is_none() {
-                    return;
+                } else {
+                    // Violations are recorded by check_disk itself.
+                    let _ = self.check_disk(&ro, true, false, "after close");
                 }
             }
             other => {
