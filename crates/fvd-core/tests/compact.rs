@@ -27,7 +27,12 @@ fn new_image(disk: &MemStorage, size: u64) -> Image {
 }
 
 fn reopen(disk: &MemStorage) -> Image {
-    block_on(Image::open(Arc::new(disk.clone()), None, OpenOptions::default())).unwrap()
+    block_on(Image::open(
+        Arc::new(disk.clone()),
+        None,
+        OpenOptions::default(),
+    ))
+    .unwrap()
 }
 
 /// Host offset of the chunk holding virtual offset `v`.
@@ -75,7 +80,10 @@ fn freed_chunk_is_reused_only_after_the_free_is_durable() {
     block_on(img.write(9 * MIB, &[0xcc; 4096], false)).unwrap();
     assert_eq!(host_of(&img, 9 * MIB), Some(p0));
     assert!(read(&img, 0, 4096).iter().all(|&b| b == 0));
-    assert!(read(&img, 9 * MIB + 4096, 4096).iter().all(|&b| b == 0), "a reused chunk must read zeros");
+    assert!(
+        read(&img, 9 * MIB + 4096, 4096).iter().all(|&b| b == 0),
+        "a reused chunk must read zeros"
+    );
 }
 
 #[test]
@@ -101,12 +109,21 @@ fn crash_after_discard_and_reuse_never_shows_another_ranges_data() {
             // The discard was never flushed: its old content may come back.
             c0.iter().all(|&b| b == 0) || c0.iter().all(|&b| b == 0xaa)
         };
-        assert!(ok, "discarded range shows another range's data (flushed discard: {flush_discard})");
+        assert!(
+            ok,
+            "discarded range shows another range's data (flushed discard: {flush_discard})"
+        );
         let c7 = read(&img, 7 * MIB, MIB as usize);
-        assert!(c7.iter().all(|&b| b == 0), "an unflushed allocation survived the crash");
+        assert!(
+            c7.iter().all(|&b| b == 0),
+            "an unflushed allocation survived the crash"
+        );
         // The unflushed allocation's data is a leak (space), never corruption.
         let r = block_on(fvd_core::check::check_storage(&disk, None)).unwrap();
-        assert!(r.corruptions.is_empty() && r.check_errors.is_empty(), "{r:?}");
+        assert!(
+            r.corruptions.is_empty() && r.check_errors.is_empty(),
+            "{r:?}"
+        );
     }
 }
 
@@ -136,7 +153,9 @@ impl Storage for Limited {
     }
     fn write_at(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
         if offset + buf.len() as u64 > self.limit.load(Ordering::SeqCst) {
-            return Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(libc_enospc()))));
+            return Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(
+                libc_enospc(),
+            ))));
         }
         self.inner.write_at(offset, buf, fua)
     }
@@ -154,7 +173,9 @@ impl Storage for Limited {
     }
     fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
         if len > self.limit.load(Ordering::SeqCst) {
-            return Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(libc_enospc()))));
+            return Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(
+                libc_enospc(),
+            ))));
         }
         self.inner.set_len(len)
     }
@@ -176,9 +197,17 @@ fn libc_enospc() -> i32 {
 #[test]
 fn out_of_space_fails_the_write_and_keeps_the_image_consistent() {
     let inner = MemStorage::new("img");
-    block_on(fvd_core::image::create(&inner, &compact_opts(256 * MIB), None)).unwrap();
+    block_on(fvd_core::image::create(
+        &inner,
+        &compact_opts(256 * MIB),
+        None,
+    ))
+    .unwrap();
     let data_offset = inner.len().unwrap();
-    let disk = Arc::new(Limited { inner: inner.clone(), limit: AtomicU64::new(data_offset + 4 * MIB) });
+    let disk = Arc::new(Limited {
+        inner: inner.clone(),
+        limit: AtomicU64::new(data_offset + 4 * MIB),
+    });
     let img = block_on(Image::open(disk.clone(), None, OpenOptions::default())).unwrap();
     for i in 0..4 {
         block_on(img.write(i * 10 * MIB, &[i as u8 + 1; 4096], false)).unwrap();
@@ -189,7 +218,11 @@ fn out_of_space_fails_the_write_and_keeps_the_image_consistent() {
     // The earlier writes survive; the failed one left nothing behind.
     assert!(read(&img, 100 * MIB, 4096).iter().all(|&b| b == 0));
     for i in 0..4u64 {
-        assert!(read(&img, i * 10 * MIB, 4096).iter().all(|&b| b == i as u8 + 1));
+        assert!(
+            read(&img, i * 10 * MIB, 4096)
+                .iter()
+                .all(|&b| b == i as u8 + 1)
+        );
     }
     // Space freed by a discard (once durable) makes room again.
     block_on(img.discard(0, MIB)).unwrap();

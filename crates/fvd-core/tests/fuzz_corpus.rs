@@ -161,13 +161,15 @@ fn image_corpus_valid_and_truncated() {
 
 #[test]
 fn image_corpus_every_header_byte() {
-    // Three seeds (a dirty one over a base, a clean one without, a fresh one
-    // over a larger base); each byte of the newest header slot mutated.
+    // Four seeds (a dirty one over a base, a clean one without, a fresh one
+    // over a larger base, a dirty compact one); each byte of the newest
+    // header slot mutated.
     let seeds = fuzz::seed_images();
     let chosen = [
-        "smallbase-bs4096-dirty",
-        "nobase-bs512-clean",
-        "bigbase-bs65536-fresh",
+        "smallbase-sparse-bs4096-dirty",
+        "nobase-sparse-bs512-clean",
+        "bigbase-sparse-bs65536-fresh",
+        "smallbase-compact-bs512-dirty",
     ];
     let mut reached = [0usize; 4];
     for want in chosen {
@@ -199,7 +201,7 @@ fn image_corpus_every_header_byte() {
 fn image_corpus_journal_and_bitmap_bytes() {
     let seeds = fuzz::seed_images();
     for (name, img) in seeds.iter().filter(|(n, _)| n.ends_with("dirty")) {
-        if name.starts_with("nobase") {
+        if name.starts_with("nobase-sparse") {
             continue;
         }
         let (h, _) = newest(img);
@@ -217,8 +219,14 @@ fn image_corpus_journal_and_bitmap_bytes() {
         }
         // With checksums fixed, some mutations are corruption (open refuses
         // the image), others valid records (the engine must cope).
-        assert!(reached[Reached::Rejected as usize] > 0, "{name}: {reached:?}");
-        assert!(reached[Reached::Reopened as usize] > 0, "{name}: {reached:?}");
+        assert!(
+            reached[Reached::Rejected as usize] > 0,
+            "{name}: {reached:?}"
+        );
+        assert!(
+            reached[Reached::Reopened as usize] > 0,
+            "{name}: {reached:?}"
+        );
         eprintln!("{name}: journal bytes reached {reached:?}");
         let bm = h.region(Region::Bitmap);
         if bm.length > 0 {

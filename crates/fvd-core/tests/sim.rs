@@ -4,12 +4,14 @@
 //! * `FVD_SIM_SEED=<seed>` replays one seed (as printed by a failure).
 //! * `FVD_SIM_SOAK=<minutes>` keeps running new seeds for that long.
 //! * `FVD_SIM_SEEDS=<n>` runs the first n seeds of the default run.
+//! * `FVD_SIM_LAYOUT=sparse|compact` runs only seeds whose image has that
+//!   layout (the seed alone still decides everything, so replays match).
 //!
 //! The default run prints one line:
 //! `sim: seeds=<n> crash_points=<n> ios=<n> violations=<n>`.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,15 +39,26 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
+/// The configuration of `seed`, or None if `FVD_SIM_LAYOUT` excludes it.
+fn config(seed: u64) -> Option<SimConfig> {
+    let cfg = SimConfig::from_seed(seed);
+    match std::env::var("FVD_SIM_LAYOUT").as_deref() {
+        Ok("sparse") if cfg.compact_chunk.is_some() => None,
+        Ok("compact") if cfg.compact_chunk.is_none() => None,
+        Ok("sparse" | "compact") | Err(_) => Some(cfg),
+        Ok(other) => panic!("FVD_SIM_LAYOUT must be sparse or compact, not {other}"),
+    }
+}
+
 /// Run seeds on every core until `next` yields None.
-fn run_parallel(next: impl Fn() -> Option<u64> + Sync) -> Vec<SimReport> {
+fn run_parallel(next: impl Fn() -> Option<SimConfig> + Sync) -> Vec<SimReport> {
     let out = Mutex::new(Vec::new());
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                while let Some(seed) = next() {
-                    let r = run(&SimConfig::from_seed(seed));
+                while let Some(cfg) = next() {
+                    let r = run(&cfg);
                     out.lock().unwrap().push(r);
                 }
             });
@@ -66,19 +79,28 @@ fn random_testers_with_crash_points() {
     } else if let Some(minutes) = env_u64("FVD_SIM_SOAK") {
         let until = started + Duration::from_secs(minutes * 60);
         let i = AtomicU64::new(0);
-        let stop = AtomicBool::new(false);
         run_parallel(|| {
-            if Instant::now() >= until || stop.load(Ordering::Relaxed) {
-                return None;
+            while Instant::now() < until {
+                if let Some(c) = config(seed_of(i.fetch_add(1, Ordering::Relaxed))) {
+                    return Some(c);
+                }
             }
-            Some(seed_of(i.fetch_add(1, Ordering::Relaxed)))
+            None
         })
     } else {
+        // The first n seeds the layout filter accepts.
         let n = env_u64("FVD_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
-        let i = AtomicU64::new(0);
+        let taken = Mutex::new((0u64, 0u64));
         run_parallel(|| {
-            let k = i.fetch_add(1, Ordering::Relaxed);
-            (k < n).then(|| seed_of(k))
+            let mut t = taken.lock().unwrap();
+            while t.1 < n {
+                t.0 += 1;
+                if let Some(c) = config(seed_of(t.0 - 1)) {
+                    t.1 += 1;
+                    return Some(c);
+                }
+            }
+            None
         })
     };
     let crash_points: u64 = reports.iter().map(|r| r.crash_points).sum();

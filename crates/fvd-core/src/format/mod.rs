@@ -8,6 +8,7 @@ pub mod bitmap;
 pub mod header;
 pub mod journal;
 pub mod layout;
+pub mod profile;
 
 pub(crate) fn get_u16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])

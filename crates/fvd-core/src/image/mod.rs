@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::base::Base;
 use crate::error::{Error, ErrorKind, Result};
@@ -35,7 +35,12 @@ use crate::meta::{self, Durable, Meta, Stats};
 use crate::storage::Storage;
 
 pub(crate) mod compact;
+mod cor;
+pub mod prefetch;
+mod profile;
 pub mod rangelock;
+
+pub use cor::Spawner;
 
 use compact::{Compact, EMPTY};
 use rangelock::{RangeGuard, RangeLocks};
@@ -102,7 +107,6 @@ pub struct ChunkUsage {
 struct Geometry {
     virtual_size: u64,
     block_size: u64,
-    base_range: u64,
     base_blocks: u64,
     data_offset: u64,
 }
@@ -121,6 +125,14 @@ pub struct Image {
     stats: Stats,
     header: Option<Header>,
     replayed_blocks: u64,
+    /// Bytes of the virtual disk backed by the base; drops to 0 once every
+    /// block is local (prefetch done), so I/O stops consulting the bitmap.
+    base_range: AtomicU64,
+    cor: cor::CorState,
+    background: std::sync::OnceLock<cor::Background>,
+    profile: profile::Recorder,
+    /// Guest requests served (prefetch yields when this moves).
+    foreground_ops: AtomicU64,
 }
 
 /// What a new image should look like.
@@ -406,7 +418,6 @@ impl Image {
         let geo = Geometry {
             virtual_size: h.virtual_size,
             block_size: h.block_size as u64,
-            base_range,
             base_blocks: h.base_blocks(),
             data_offset: data.offset,
         };
@@ -429,6 +440,14 @@ impl Image {
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
             stats,
+            base_range: AtomicU64::new(base_range),
+            cor: cor::CorState::new(
+                h.flags & header::FLAG_COPY_ON_READ != 0 && !opts.read_only,
+                h.max_cor_bytes,
+            ),
+            background: std::sync::OnceLock::new(),
+            profile: profile::Recorder::default(),
+            foreground_ops: AtomicU64::new(0),
             header: Some(h),
             replayed_blocks: replay_blocks,
         })
@@ -445,7 +464,6 @@ impl Image {
             geo: Geometry {
                 virtual_size: len,
                 block_size: 4096,
-                base_range: 0,
                 base_blocks: 0,
                 data_offset: 0,
             },
@@ -458,7 +476,17 @@ impl Image {
             stats: Stats::default(),
             header: None,
             replayed_blocks: 0,
+            base_range: AtomicU64::new(0),
+            cor: cor::CorState::new(false, 0),
+            background: std::sync::OnceLock::new(),
+            profile: profile::Recorder::default(),
+            foreground_ops: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes of the virtual disk still backed by the base (0 once all local).
+    pub fn base_range(&self) -> u64 {
+        self.base_range.load(Ordering::Acquire)
     }
 
     /// Size of the virtual disk.
@@ -562,7 +590,7 @@ impl Image {
 
     /// Blocks of the base range overlapping `[offset, offset+len)`.
     fn blocks_of(&self, offset: u64, len: u64) -> Range<u64> {
-        let end = (offset + len).min(self.geo.base_range);
+        let end = (offset + len).min(self.base_range());
         if offset >= end {
             return 0..0;
         }
@@ -608,7 +636,7 @@ impl Image {
             Some(m) if !blocks.is_empty() => {
                 if m.local.all_set(blocks.clone()) {
                     true
-                } else if m.local.none_set(blocks) && offset + len <= self.geo.base_range {
+                } else if m.local.none_set(blocks) && offset + len <= self.base_range() {
                     return RequestMap::Base;
                 } else {
                     return RequestMap::Mixed;
@@ -638,18 +666,19 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         let blocks = self.blocks_of(offset, len);
         let meta = match &self.meta {
             Some(m) if !blocks.is_empty() && !m.local.all_set(blocks.clone()) => m,
             _ => return self.read_local(offset, buf).await,
         };
-        if m_none_local(meta, &blocks) && offset + len <= self.geo.base_range {
-            return self.read_base(offset, buf).await;
+        if m_none_local(meta, &blocks) && offset + len <= self.base_range() {
+            return self.read_from_base(offset, buf).await;
         }
         for (s, e, from_base) in self.segments(meta, offset, len) {
             let part = &mut buf[(s - offset) as usize..(e - offset) as usize];
             if from_base {
-                self.read_base(s, part).await?;
+                self.read_from_base(s, part).await?;
             } else {
                 self.read_local(s, part).await?;
             }
@@ -678,7 +707,7 @@ impl Image {
             if local {
                 push(s, e, false);
             } else {
-                let be = e.min(self.geo.base_range);
+                let be = e.min(self.base_range());
                 push(s, be, true);
                 push(be, e, false);
             }
@@ -877,6 +906,7 @@ impl Image {
     /// Write `data` at `offset`; with `fua` it is durable on return.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_writable()?;
+        self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, data.len() as u64)?;
         if !data.is_empty() {
             let len = data.len() as u64;
@@ -943,7 +973,7 @@ impl Image {
             } else {
                 Vec::new()
             };
-            let tail_end = (blocks.end * bs).min(self.geo.base_range);
+            let tail_end = (blocks.end * bs).min(self.base_range());
             let tail = if end < tail_end && !meta.local.get(blocks.end - 1) {
                 self.base_bytes(end, tail_end - end).await?
             } else {
@@ -991,6 +1021,7 @@ impl Image {
     /// Make `[offset, offset+len)` read as zeros; with `unmap` the space may be freed.
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<()> {
         self.check_writable()?;
+        self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, len)?;
         if len > 0 {
             if self.needs_slow_path(offset, len) || (unmap && self.frees_chunks(offset, len)) {
@@ -1087,7 +1118,7 @@ impl Image {
         } else {
             Vec::new()
         };
-        let tail_end = (blocks.end * bs).min(self.geo.base_range);
+        let tail_end = (blocks.end * bs).min(self.base_range());
         let tail = if end < tail_end && !meta.local.get(blocks.end - 1) {
             self.base_bytes(end, tail_end - end).await?
         } else {
@@ -1119,45 +1150,18 @@ impl Image {
     /// guest write into the same chunk relies on its table entry.)
     pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
-        let meta = match &self.meta {
-            Some(m) if !self.read_only && self.base.is_some() => m,
-            _ => return Ok(()),
-        };
+        if self.meta.is_none() || self.read_only || self.base.is_none() {
+            return Ok(());
+        }
         self.check_writable()?;
         let blocks = self.blocks_of(offset, len);
-        let bs = self.geo.block_size;
         // Bounded work per step: at most this many blocks are filled at once.
-        let step = (crate::format::layout::DEFAULT_MAX_COR_BYTES / bs).max(1);
+        let step = (crate::format::layout::DEFAULT_MAX_COR_BYTES / self.geo.block_size).max(1);
         let mut b = blocks.start;
         while b < blocks.end {
             let end = (b + step).min(blocks.end);
-            for (r0, r1, local) in meta.local.runs(b..end) {
-                if local {
-                    continue;
-                }
-                let _g = self.lock_span(r0 * bs, (r1 - r0) * bs).await;
-                for (s0, s1, now_local) in meta.local.runs(r0..r1) {
-                    if now_local {
-                        continue;
-                    }
-                    let s = s0 * bs;
-                    let e = (s1 * bs).min(self.geo.base_range);
-                    let data = self.base_bytes(s, e - s).await?;
-                    let fresh = self.allocate_chunks(s, e - s).await?;
-                    let r = self.write_local(s, &data, &fresh).await;
-                    if let Err(err) = r {
-                        if let Some(c) = &self.compact {
-                            c.release(&fresh);
-                        }
-                        return Err(err);
-                    }
-                    if let Some(c) = &self.compact {
-                        c.publish(&fresh);
-                        meta.publish_group(table_records(&fresh), 0..0);
-                    }
-                    meta.local.set_range(s0..s1);
-                }
-            }
+            let n = self.fill_blocks(b..end, None, false).await?;
+            self.stats.cor_bytes.fetch_add(n, Ordering::Relaxed);
             b = end;
         }
         Ok(())
@@ -1251,23 +1255,34 @@ impl Image {
         Ok(())
     }
 
-    /// Set the all-local flag when every block of the base range is in the
-    /// image (used by prefetch and `check -r`). Returns whether it was set.
+    /// When every block of the base range is in the image (prefetch done):
+    /// make the data durable, set the all-local flag with a new journal epoch
+    /// (old bitmap records no longer apply), and stop consulting the bitmap
+    /// and the base. Returns whether the image is now detached.
     pub async fn detach_base_if_complete(&self) -> Result<bool> {
         let meta = match &self.meta {
             Some(m) if !self.read_only => m,
             _ => return Ok(false),
         };
-        if self.geo.base_blocks == 0 || !meta.hard.all_set(0..self.geo.base_blocks) {
+        let blocks = self.geo.base_blocks;
+        if self.base_range() == 0 {
+            return Ok(true);
+        }
+        if !meta.local.all_set(0..blocks) {
             return Ok(false);
         }
         meta.commit(self.storage.as_ref(), &self.stats).await?;
         let mut st = meta.commit.lock().await;
+        meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
         let mut h = st.header.clone();
         h.flags |= FLAG_ALL_LOCAL;
-        meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
+        h.journal_epoch = h.journal_epoch.wrapping_add(1);
         meta::write_header(&mut st, self.storage.as_ref(), &self.stats, h).await?;
         meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
+        st.journal_pos = 0;
+        st.durable.bitmap = AtomicBitmap::new(0);
+        st.durable.bitmap_dirty.clear();
+        self.base_range.store(0, Ordering::Release);
         Ok(true)
     }
 }

@@ -75,6 +75,12 @@ pub struct Stats {
     pub chunks_allocated: AtomicU64,
     /// Chunks freed by discard (compact images).
     pub chunks_freed: AtomicU64,
+    /// Bytes copied from the base into the image by copy-on-read and NBD_CMD_CACHE.
+    pub cor_bytes: AtomicU64,
+    /// Bytes copied from the base into the image by prefetch.
+    pub prefetch_bytes: AtomicU64,
+    /// Copy-on-read fills skipped because too many bytes were in flight.
+    pub cor_skipped: AtomicU64,
 }
 
 impl Stats {
@@ -374,7 +380,13 @@ impl Meta {
         // Soft bits (copy-on-read fills) become permanent at a clean close,
         // once the data they point at is durable.
         let mut promoted = Vec::new();
-        for (s, e, local) in self.local.runs(0..self.local.len()) {
+        // After the base was detached the durable bitmap is gone: nothing to promote.
+        let bits = if st.durable.bitmap.is_empty() {
+            0
+        } else {
+            self.local.len()
+        };
+        for (s, e, local) in self.local.runs(0..bits) {
             if !local {
                 continue;
             }

@@ -1,0 +1,198 @@
+//! Copy-on-read and fills from the base: data read from the base is written
+//! into the image so it is never fetched twice.
+//!
+//! A fill is a *soft* write: it sets `local` bits in memory only (compact
+//! images journal the table entry of a chunk a fill allocates, because later
+//! guest writes into that chunk depend on it). It never overwrites a guest
+//! write: the blocks are locked and re-checked before the fill is written,
+//! and a guest write to a block being filled waits for the lock. Fills in
+//! flight are bounded by `max_cor_bytes`; beyond it a read simply is not
+//! copied. With a background spawner (the NBD server's runtime) the fill runs
+//! after the guest read has been answered; otherwise it completes before the
+//! read returns.
+
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use super::Image;
+use crate::error::Result;
+
+/// Runs a future in the background (a tokio `spawn`, or the simulator's).
+pub type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send + 'static>>) + Send + Sync>;
+
+pub(crate) struct Background {
+    image: Weak<Image>,
+    spawn: Spawner,
+}
+
+/// Copy-on-read switch and the bound on bytes in flight.
+pub(crate) struct CorState {
+    enabled: AtomicBool,
+    inflight: AtomicU64,
+    max: u64,
+}
+
+impl CorState {
+    pub fn new(enabled: bool, max: u64) -> Self {
+        CorState {
+            enabled: AtomicBool::new(enabled),
+            inflight: AtomicU64::new(0),
+            max: max.max(1 << 20),
+        }
+    }
+
+    fn try_reserve(&self, n: u64) -> bool {
+        let mut cur = self.inflight.load(Ordering::Acquire);
+        loop {
+            if cur + n > self.max {
+                return false;
+            }
+            match self
+                .inflight
+                .compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn release(&self, n: u64) {
+        self.inflight.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Image {
+    /// Turn copy-on-read on or off (the image's default comes from its header).
+    pub fn set_copy_on_read(&self, on: bool) {
+        self.cor.enabled.store(
+            on && !self.read_only && self.meta.is_some(),
+            Ordering::Release,
+        );
+    }
+
+    /// True if reads of base data copy it into the image.
+    pub fn copy_on_read(&self) -> bool {
+        self.cor.enabled.load(Ordering::Acquire)
+    }
+
+    /// Let copy-on-read fills run after the guest read returns, on `spawn`.
+    pub fn enable_background(self: &Arc<Self>, spawn: Spawner) {
+        let _ = self.background.set(Background {
+            image: Arc::downgrade(self),
+            spawn,
+        });
+    }
+
+    /// Guest requests served so far.
+    pub fn foreground_ops(&self) -> u64 {
+        self.foreground_ops.load(Ordering::Relaxed)
+    }
+
+    /// Read base data for the guest, recording the profile and copying it
+    /// into the image when copy-on-read is on.
+    pub(crate) async fn read_from_base(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        self.record_profile(offset, out.len() as u64);
+        if !self.copy_on_read() {
+            return self.read_base(offset, out).await;
+        }
+        let bs = self.geo.block_size;
+        let blocks = self.blocks_of(offset, out.len() as u64);
+        let start = blocks.start * bs;
+        let end = (blocks.end * bs).min(self.base_range());
+        let n = end - start;
+        if !self.cor.try_reserve(n) {
+            self.stats.cor_skipped.fetch_add(1, Ordering::Relaxed);
+            return self.read_base(offset, out).await;
+        }
+        // Widen to whole blocks so the fill can set their bits.
+        let mut data = vec![0u8; n as usize];
+        if let Err(e) = self.read_base(start, &mut data).await {
+            self.cor.release(n);
+            return Err(e);
+        }
+        let skip = (offset - start) as usize;
+        out.copy_from_slice(&data[skip..skip + out.len()]);
+        match self
+            .background
+            .get()
+            .and_then(|b| b.image.upgrade().map(|img| (img, b.spawn.clone())))
+        {
+            Some((img, spawn)) => spawn(Box::pin(async move {
+                img.finish_cor(blocks, start, &data).await;
+            })),
+            None => self.finish_cor(blocks, start, &data).await,
+        }
+        Ok(())
+    }
+
+    async fn finish_cor(&self, blocks: Range<u64>, start: u64, data: &[u8]) {
+        // A failed fill (no space, a write error) costs nothing but the copy:
+        // the guest's read already has its data and the block stays in the base.
+        if let Ok(n) = self.fill_blocks(blocks, Some((start, data)), false).await {
+            self.stats.cor_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        self.cor.release(data.len() as u64);
+    }
+
+    /// Copy the non-local blocks of `blocks` into the image, from `src`
+    /// (data starting at virtual offset `.0`) or else from the base. `hard`
+    /// fills are journaled like guest writes (offline prefetch, resumable);
+    /// soft ones only set bits in memory. Returns the bytes written.
+    pub(crate) async fn fill_blocks(
+        &self,
+        blocks: Range<u64>,
+        src: Option<(u64, &[u8])>,
+        hard: bool,
+    ) -> Result<u64> {
+        let Some(meta) = &self.meta else { return Ok(0) };
+        let bs = self.geo.block_size;
+        let mut filled = 0;
+        for (r0, r1, local) in meta.local.runs(blocks) {
+            if local {
+                continue;
+            }
+            let _g = self.lock_span(r0 * bs, (r1 - r0) * bs).await;
+            for (s0, s1, now_local) in meta.local.runs(r0..r1) {
+                if now_local {
+                    continue;
+                }
+                let s = s0 * bs;
+                let e = (s1 * bs).min(self.base_range());
+                if s >= e {
+                    continue;
+                }
+                let fetched;
+                let data: &[u8] = match src {
+                    Some((start, bytes)) => &bytes[(s - start) as usize..(e - start) as usize],
+                    None => {
+                        fetched = self.base_bytes(s, e - s).await?;
+                        &fetched
+                    }
+                };
+                let fresh = self.allocate_chunks(s, e - s).await?;
+                let r = self.write_local(s, data, &fresh).await;
+                if hard {
+                    self.publish(r, &fresh, s0..s1)?;
+                } else {
+                    if let Err(err) = r {
+                        if let Some(c) = &self.compact {
+                            c.release(&fresh);
+                        }
+                        return Err(err);
+                    }
+                    if let Some(c) = &self.compact {
+                        c.publish(&fresh);
+                        meta.publish_group(super::table_records(&fresh), 0..0);
+                    }
+                    meta.local.set_range(s0..s1);
+                }
+                filled += e - s;
+            }
+        }
+        Ok(filled)
+    }
+}

@@ -1,0 +1,336 @@
+//! Whole-image prefetch: copy the base into the image in the background, then
+//! detach the base.
+//!
+//! Starts from FVD's 2011 algorithm — an EWMA of the throughput of base
+//! reads; when it falls below a floor the prefetcher pauses with probability
+//! ½ for a random time, so many hosts sharing one storage server do not back
+//! off (and come back) in lockstep — and improves it:
+//! * it yields to foreground I/O: whenever guest requests arrived since its
+//!   last step it sleeps a short random delay before the next one;
+//! * it never exceeds an optional rate cap (bytes per second);
+//! * it skips blocks already local or being written (fills lock and re-check);
+//! * profile mode fetches the ranges a recorded run read first, then the rest.
+//!
+//! When every block is local it sets the all-local flag ([`Image::detach_base_if_complete`]),
+//! after which I/O skips the bitmap and the base is never opened again.
+//! Time and randomness come from a [`Clock`], so the simulator can drive it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::Image;
+use crate::error::Result;
+
+/// Virtual or real time, and randomness, for background work.
+pub trait Clock: Send + Sync {
+    /// Time since an arbitrary start.
+    fn now(&self) -> Duration;
+    /// Resolve after `d`.
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    /// A random number.
+    fn random(&self) -> u64;
+}
+
+/// Which order to prefetch in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchMode {
+    /// Sequentially over the base range.
+    Adaptive,
+    /// The image's recorded profile first, then the rest sequentially.
+    Profile,
+}
+
+/// How to prefetch.
+#[derive(Debug, Clone)]
+pub struct PrefetchConfig {
+    /// Order.
+    pub mode: PrefetchMode,
+    /// Wait this long after start.
+    pub start_delay: Duration,
+    /// Never copy faster than this many bytes per second.
+    pub rate_limit: Option<u64>,
+    /// Bytes per step.
+    pub step_bytes: u64,
+    /// Below this base throughput (bytes/s) the prefetcher may pause.
+    pub min_throughput: u64,
+    /// Longest random pause.
+    pub max_pause: Duration,
+    /// EWMA weight of the previous estimate (FVD used 0.8).
+    pub alpha: f64,
+    /// Longest random delay when yielding to guest I/O.
+    pub yield_delay: Duration,
+    /// Journal the copied blocks (offline prefetch: progress survives a crash).
+    pub hard: bool,
+    /// With `hard`, flush after this many bytes.
+    pub flush_every: u64,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            mode: PrefetchMode::Adaptive,
+            start_delay: Duration::ZERO,
+            rate_limit: None,
+            step_bytes: 1 << 20,
+            min_throughput: 5 << 20,
+            max_pause: Duration::from_secs(30),
+            alpha: 0.8,
+            yield_delay: Duration::from_millis(5),
+            hard: false,
+            flush_every: 64 << 20,
+        }
+    }
+}
+
+/// Prefetch state, for the stats interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PrefetchState {
+    /// Not started (start delay).
+    Waiting = 0,
+    /// Copying.
+    Running = 1,
+    /// Backed off (slow base, or yielding).
+    Paused = 2,
+    /// Every block is local; the base is detached.
+    Done = 3,
+    /// Stopped by an error.
+    Failed = 4,
+    /// Prefetch is off.
+    Off = 5,
+}
+
+impl PrefetchState {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefetchState::Waiting => "waiting",
+            PrefetchState::Running => "running",
+            PrefetchState::Paused => "paused",
+            PrefetchState::Done => "done",
+            PrefetchState::Failed => "failed",
+            PrefetchState::Off => "off",
+        }
+    }
+}
+
+/// Live progress of a prefetch.
+#[derive(Debug)]
+pub struct PrefetchStatus {
+    state: AtomicU8,
+    /// Bytes of the base range still in the base when prefetch started.
+    pub total: AtomicU64,
+    /// Bytes copied so far.
+    pub done: AtomicU64,
+    /// Random pauses taken because the base was slow.
+    pub pauses: AtomicU64,
+    /// Steps delayed to let guest I/O through.
+    pub yields: AtomicU64,
+    /// Latest throughput estimate (bytes/s).
+    pub throughput: AtomicU64,
+}
+
+impl Default for PrefetchStatus {
+    fn default() -> Self {
+        PrefetchStatus {
+            state: AtomicU8::new(PrefetchState::Off as u8),
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+            yields: AtomicU64::new(0),
+            throughput: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PrefetchStatus {
+    /// Current state.
+    pub fn state(&self) -> PrefetchState {
+        match self.state.load(Ordering::Acquire) {
+            0 => PrefetchState::Waiting,
+            1 => PrefetchState::Running,
+            2 => PrefetchState::Paused,
+            3 => PrefetchState::Done,
+            4 => PrefetchState::Failed,
+            _ => PrefetchState::Off,
+        }
+    }
+
+    fn set(&self, s: PrefetchState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+}
+
+/// Copy the base into `img` per `cfg`, then detach the base.
+pub async fn prefetch(
+    img: Arc<Image>,
+    cfg: PrefetchConfig,
+    clock: Arc<dyn Clock>,
+    status: Arc<PrefetchStatus>,
+) -> Result<()> {
+    let r = run(&img, &cfg, clock.as_ref(), &status).await;
+    status.set(if r.is_ok() {
+        PrefetchState::Done
+    } else {
+        PrefetchState::Failed
+    });
+    r
+}
+
+async fn run(
+    img: &Image,
+    cfg: &PrefetchConfig,
+    clock: &dyn Clock,
+    status: &PrefetchStatus,
+) -> Result<()> {
+    status.set(PrefetchState::Waiting);
+    if !cfg.start_delay.is_zero() {
+        clock.sleep(cfg.start_delay).await;
+    }
+    let range = img.base_range();
+    if range == 0 || img.read_only || img.meta.is_none() {
+        return Ok(());
+    }
+    let bs = img.geo.block_size;
+    let (local, blocks) = img.local_blocks();
+    status
+        .total
+        .store(blocks.saturating_sub(local) * bs, Ordering::Relaxed);
+    let mut work: Vec<(u64, u64)> = Vec::new();
+    if cfg.mode == PrefetchMode::Profile
+        && let Some(p) = img.stored_profile().await?
+    {
+        work.extend(
+            p.into_iter()
+                .filter(|&(o, _)| o < range)
+                .map(|(o, l)| (o, l.min(range - o))),
+        );
+    }
+    work.push((0, range));
+    status.set(PrefetchState::Running);
+    let started = clock.now();
+    let mut copied = 0u64;
+    let mut since_flush = 0u64;
+    let mut ewma: Option<f64> = None;
+    let mut fg_seen = img.foreground_ops();
+    for (off, len) in work {
+        let mut pos = off;
+        while pos < off + len {
+            if img.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let step = cfg.step_bytes.max(bs).min(off + len - pos);
+            let blocks = img.blocks_of(pos, step);
+            pos += step;
+            if img
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.local.all_set(blocks.clone()))
+            {
+                continue;
+            }
+            // Yield to guest I/O that arrived since the last step.
+            let fg = img.foreground_ops();
+            if fg != fg_seen {
+                fg_seen = fg;
+                status.yields.fetch_add(1, Ordering::Relaxed);
+                let ms = cfg.yield_delay.as_micros().max(1) as u64;
+                clock
+                    .sleep(Duration::from_micros(1 + clock.random() % ms))
+                    .await;
+            }
+            let t0 = clock.now();
+            let n = img.fill_blocks(blocks, None, cfg.hard).await?;
+            let dt = (clock.now() - t0).as_secs_f64().max(1e-6);
+            if n == 0 {
+                continue;
+            }
+            img.stats.prefetch_bytes.fetch_add(n, Ordering::Relaxed);
+            status.done.fetch_add(n, Ordering::Relaxed);
+            copied += n;
+            since_flush += n;
+            let sample = n as f64 / dt;
+            let est = match ewma {
+                Some(e) => cfg.alpha * e + (1.0 - cfg.alpha) * sample,
+                None => sample,
+            };
+            ewma = Some(est);
+            status.throughput.store(est as u64, Ordering::Relaxed);
+            if est < cfg.min_throughput as f64 && clock.random().is_multiple_of(2) {
+                // Slow base, probably contended: back off for a random time.
+                status.set(PrefetchState::Paused);
+                status.pauses.fetch_add(1, Ordering::Relaxed);
+                let max = cfg.max_pause.as_millis().max(1) as u64;
+                clock
+                    .sleep(Duration::from_millis(1 + clock.random() % max))
+                    .await;
+                ewma = None;
+                status.set(PrefetchState::Running);
+            }
+            if let Some(cap) = cfg.rate_limit.filter(|&c| c > 0) {
+                let due = Duration::from_secs_f64(copied as f64 / cap as f64);
+                let elapsed = clock.now() - started;
+                if due > elapsed {
+                    clock.sleep(due - elapsed).await;
+                }
+            }
+            if cfg.hard && since_flush >= cfg.flush_every {
+                img.flush().await?;
+                since_flush = 0;
+            }
+        }
+    }
+    img.flush().await?;
+    img.detach_base_if_complete().await?;
+    Ok(())
+}
+
+/// Real time with sleeps on short-lived threads: works under any executor
+/// (the CLI's `block_on`, tokio, plain threads).
+pub struct ThreadClock {
+    start: std::time::Instant,
+    seed: AtomicU64,
+}
+
+impl Default for ThreadClock {
+    fn default() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9);
+        ThreadClock {
+            start: std::time::Instant::now(),
+            seed: AtomicU64::new(nanos | 1),
+        }
+    }
+}
+
+impl Clock for ThreadClock {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            let _ = tx.send(());
+        });
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+
+    fn random(&self) -> u64 {
+        // xorshift64*, shared across callers.
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.seed.store(x, Ordering::Relaxed);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
