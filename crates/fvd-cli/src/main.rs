@@ -47,6 +47,10 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Export an image over NBD (like qemu-nbd).
     Serve(cmd::serve::ServeArgs),
+    /// Copy everything from the base into the image, then detach the base.
+    Prefetch(cmd::prefetch::Args),
+    /// Show, export or import an image's prefetch profile.
+    Profile(cmd::profile::Args),
     /// Export the virtual disk as one file over FUSE (like qemu-storage-daemon
     /// --export type=fuse).
     Mount(cmd::mount::MountArgs),
@@ -118,6 +122,8 @@ fn main() -> ExitCode {
             Command::Compare(a) => cmd::compare::run(a).await,
             Command::Check(a) => cmd::check::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
+            Command::Prefetch(a) => cmd::prefetch::run(a).await,
+            Command::Profile(a) => cmd::profile::run(a).await,
             Command::Demo(a) => cmd::demo::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
             Command::Mount(a) => cmd::mount::run(a).await,

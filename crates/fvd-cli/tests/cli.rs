@@ -526,3 +526,73 @@ fn check_exit_codes_for_leaks_and_corruption() {
             .contains("Data may be corrupted, or further writes to the image may corrupt it.")
     );
 }
+
+#[test]
+fn prefetch_detaches_the_base_and_profiles_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    let mut data = vec![0u8; 8 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(6 << 20) {
+        *b = (i / 4096) as u8 | 1;
+    }
+    std::fs::write(&base, &data).unwrap();
+    let img = d.join("img.fvd");
+    let fvd = env!("CARGO_BIN_EXE_fvd");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(fvd).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (c, _, e) = run(&[
+        "create",
+        "-q",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(c, Some(0), "{e}");
+    let (c, out, e) = run(&["profile", "show", img.to_str().unwrap()]);
+    assert_eq!(c, Some(0), "{e}");
+    assert!(out.contains("no prefetch profile"), "{out}");
+    // A profile file made by hand, imported, exported back identically.
+    let prof = d.join("boot.profile");
+    std::fs::write(
+        &prof,
+        fvd_core::format::profile::encode(&[(4 << 20, 65536), (0, 4096)]),
+    )
+    .unwrap();
+    let (c, _, e) = run(&[
+        "profile",
+        "import",
+        img.to_str().unwrap(),
+        prof.to_str().unwrap(),
+    ]);
+    assert_eq!(c, Some(0), "{e}");
+    let back = d.join("back.profile");
+    let (c, _, e) = run(&[
+        "profile",
+        "export",
+        img.to_str().unwrap(),
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(c, Some(0), "{e}");
+    assert_eq!(std::fs::read(&prof).unwrap(), std::fs::read(&back).unwrap());
+    let (c, out, e) = run(&["prefetch", "--profile", img.to_str().unwrap()]);
+    assert_eq!(c, Some(0), "{e}{out}");
+    // The base is no longer needed.
+    std::fs::remove_file(&base).unwrap();
+    let (c, out, e) = run(&["io", "-c", "read -P 0x01 2M 4k", img.to_str().unwrap()]);
+    assert_eq!(c, Some(0), "{e}{out}");
+    let (c, out, e) = run(&["check", img.to_str().unwrap()]);
+    assert_eq!(c, Some(0), "{e}{out}");
+    let (c, out, _) = run(&["info", "--output=json", img.to_str().unwrap()]);
+    assert_eq!(c, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format-specific"]["data"]["all-local"], true);
+}

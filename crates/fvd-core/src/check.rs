@@ -203,7 +203,9 @@ async fn load(
     };
     let bm_region = h.region(Region::Bitmap);
     let used = bits.div_ceil(8);
-    if bm_region.length > used {
+    // With ALL_LOCAL the bitmap is ignored entirely, stale bits and all.
+    let all_local = h.flags & crate::format::header::FLAG_ALL_LOCAL != 0;
+    if bm_region.length > used && !all_local {
         let pad = storage
             .read_at(
                 bm_region.offset + used,

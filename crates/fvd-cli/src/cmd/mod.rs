@@ -10,4 +10,6 @@ pub mod info;
 pub mod io;
 pub mod map;
 pub mod mount;
+pub mod prefetch;
+pub mod profile;
 pub mod serve;
