@@ -223,6 +223,20 @@ fn main() {
         meta_bytes,
         meta_bytes as f64 / (1 << 20) as f64
     );
+    let compact = fvd_core::format::layout::compute_layout(&fvd_core::format::layout::CreateLayout {
+        virtual_size: TIB,
+        base: Some(("b".into(), "raw".into(), TIB, String::new())),
+        block_size: None,
+        journal_size: None,
+        compact: true,
+        chunk_size: None,
+    })
+    .unwrap();
+    let cmeta = compact.region(Region::Bitmap).length + compact.region(Region::Table).length;
+    println!(
+        "bench: compact_metadata_bytes_per_tib={cmeta} ({:.2} MiB: bitmap + chunk table, target <= 6 MiB; qcow2 L2: 128 MiB)",
+        cmeta as f64 / (1 << 20) as f64
+    );
     println!(
         "bench: first_writes_4k_qd32 cache={:?} io_threads={} fvd_iops={f:.0} raw_iops={r:.0} ratio={:.3} (target >= 0.95)",
         cache_mode(),
