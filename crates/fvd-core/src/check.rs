@@ -219,18 +219,7 @@ async fn load(
         }
     }
     let compact = h.incompatible & INCOMPAT_COMPACT != 0;
-    let table = if compact {
-        let n = h.virtual_size.div_ceil(h.chunk_size as u64) as usize;
-        let raw = storage
-            .read_at(h.region(Region::Table).offset, IoBuf::zeroed(n * 4))
-            .await
-            .map_err(|e| Error::io(format!("{desc}: read chunk table"), e))?;
-        raw.chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let table = crate::image::read_table(storage, &h).await?;
     let mut durable = Durable::new(bitmap, table);
     match meta::read_journal(storage, &h).await {
         Ok(replay) => {

@@ -956,31 +956,41 @@ impl Image {
         Ok(fresh)
     }
 
+    /// Base bytes completing the partial first and last blocks of
+    /// `[offset, end)` that are not local yet (empty where none are needed).
+    async fn cow_edges(
+        &self,
+        meta: &Meta,
+        offset: u64,
+        end: u64,
+        blocks: &Range<u64>,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        if blocks.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let bs = self.geo.block_size;
+        let head_start = blocks.start * bs;
+        let head = if offset > head_start && !meta.local.get(blocks.start) {
+            self.base_bytes(head_start, offset - head_start).await?
+        } else {
+            Vec::new()
+        };
+        let tail_end = (blocks.end * bs).min(self.base_range());
+        let tail = if end < tail_end && !meta.local.get(blocks.end - 1) {
+            self.base_bytes(end, tail_end - end).await?
+        } else {
+            Vec::new()
+        };
+        Ok((head, tail))
+    }
+
     /// Copy-on-write + allocation of `[offset, offset+data.len())`, span lock held.
     async fn slow_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let meta = self.meta.as_ref().expect("the slow path needs metadata");
         let len = data.len() as u64;
         let end = offset + len;
-        let bs = self.geo.block_size;
         let blocks = self.blocks_of(offset, len);
-        // Missing head of the first block and tail of the last, if they are not local.
-        let (head, tail) = if blocks.is_empty() {
-            (Vec::new(), Vec::new())
-        } else {
-            let head_start = blocks.start * bs;
-            let head = if offset > head_start && !meta.local.get(blocks.start) {
-                self.base_bytes(head_start, offset - head_start).await?
-            } else {
-                Vec::new()
-            };
-            let tail_end = (blocks.end * bs).min(self.base_range());
-            let tail = if end < tail_end && !meta.local.get(blocks.end - 1) {
-                self.base_bytes(end, tail_end - end).await?
-            } else {
-                Vec::new()
-            };
-            (head, tail)
-        };
+        let (head, tail) = self.cow_edges(meta, offset, end, &blocks).await?;
         let start = offset - head.len() as u64;
         let fresh = self
             .allocate_chunks(start, head.len() as u64 + len + tail.len() as u64)
@@ -1109,23 +1119,12 @@ impl Image {
         len: u64,
         unmap: bool,
     ) -> Result<()> {
-        let bs = self.geo.block_size;
         let end = offset + len;
         let blocks = self.blocks_of(offset, len);
-        let head_start = blocks.start * bs;
-        let head = if offset > head_start && !meta.local.get(blocks.start) {
-            self.base_bytes(head_start, offset - head_start).await?
-        } else {
-            Vec::new()
-        };
-        let tail_end = (blocks.end * bs).min(self.base_range());
-        let tail = if end < tail_end && !meta.local.get(blocks.end - 1) {
-            self.base_bytes(end, tail_end - end).await?
-        } else {
-            Vec::new()
-        };
+        let (head, tail) = self.cow_edges(meta, offset, end, &blocks).await?;
         if !head.is_empty() {
-            self.write_local(head_start, &head, &[]).await?;
+            self.write_local(offset - head.len() as u64, &head, &[])
+                .await?;
         }
         self.zero_local(offset, len, unmap).await?;
         if !tail.is_empty() {
@@ -1348,20 +1347,7 @@ async fn load_metadata(storage: &dyn Storage, h: &Header) -> Result<(Durable, u6
     } else {
         AtomicBitmap::new(0)
     };
-    let chunks = h.virtual_size.div_ceil(h.chunk_size as u64);
-    let table = if h.incompatible & INCOMPAT_COMPACT != 0 {
-        let bytes = (chunks * 4) as usize;
-        let buf = storage
-            .read_at(h.region(Region::Table).offset, IoBuf::zeroed(bytes))
-            .await
-            .map_err(|e| Error::io("read chunk table", e))?;
-        expect_len(&buf, bytes, "read chunk table")?;
-        buf.chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let table = read_table(storage, h).await?;
     let mut durable = Durable::new(bitmap, table);
     if h.is_clean() {
         return Ok((durable, 0, 0));
@@ -1371,6 +1357,23 @@ async fn load_metadata(storage: &dyn Storage, h: &Header) -> Result<(Durable, u6
         durable.apply(r)?;
     }
     Ok((durable, replay.blocks, replay.records.len() as u64))
+}
+
+/// Read the on-disk chunk table (empty for the sparse layout).
+pub(crate) async fn read_table(storage: &dyn Storage, h: &Header) -> Result<Vec<u32>> {
+    if h.incompatible & INCOMPAT_COMPACT == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes = (h.virtual_size.div_ceil(h.chunk_size as u64) * 4) as usize;
+    let buf = storage
+        .read_at(h.region(Region::Table).offset, IoBuf::zeroed(bytes))
+        .await
+        .map_err(|e| Error::io(format!("{}: read chunk table", storage.describe()), e))?;
+    expect_len(&buf, bytes, "read chunk table")?;
+    Ok(buf
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// Read and validate the newest header of an image.
