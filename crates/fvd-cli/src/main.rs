@@ -76,6 +76,7 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    fvd_remote::register();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

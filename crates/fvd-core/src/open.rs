@@ -230,7 +230,14 @@ pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result
                 ),
             ));
         }
-        let base = open_base_named(path, &path.to_string_lossy(), format, opts, 0).await?;
+        // The path is the user's own, already relative to the current
+        // directory: not resolved against anything.
+        let name = path.to_string_lossy();
+        let base = if crate::base::is_url(&name) {
+            open_base_named(path, &name, format, opts, 0).await?
+        } else {
+            open_base(path, format, opts, 0).await?
+        };
         let storage: Arc<dyn Storage> = Arc::new(crate::base::BaseStorage::new(base));
         return Image::open_raw(storage, OpenOptions { read_only: true });
     }

@@ -17,10 +17,11 @@ pub struct Args {
     #[arg(short = 'f', value_name = "FMT", default_value = "fvd", value_parser = parse_format)]
     pub format: Format,
     /// Base image ("backing file"), recorded as given; a relative name is
-    /// resolved against the image's directory.
+    /// resolved against the image's directory. URLs (nbd://, nbd+unix://,
+    /// http://, https://) name remote bases.
     #[arg(short = 'b', value_name = "BASE")]
     pub base: Option<String>,
-    /// Format of the base image (raw or fvd); required with -b.
+    /// Format of the base image (raw, fvd or qcow2); required with -b.
     #[arg(short = 'F', value_name = "BASE_FMT", value_parser = parse_format)]
     pub base_format: Option<Format>,
     /// Options: block_size=N, journal_size=N, detect_zeroes=on|off,
