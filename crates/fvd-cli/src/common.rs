@@ -94,7 +94,7 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
     ),
     (
         "copy_on_read",
-        "on|off: copy base data into the image when it is read",
+        "on|off: copy base data into the image when it is read (default on for nbd:// and http(s):// bases)",
     ),
     ("backing_file", "base image (same as -b)"),
     ("backing_fmt", "base image format, raw or fvd (same as -F)"),
