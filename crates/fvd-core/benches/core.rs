@@ -223,15 +223,16 @@ fn main() {
         meta_bytes,
         meta_bytes as f64 / (1 << 20) as f64
     );
-    let compact = fvd_core::format::layout::compute_layout(&fvd_core::format::layout::CreateLayout {
-        virtual_size: TIB,
-        base: Some(("b".into(), "raw".into(), TIB, String::new())),
-        block_size: None,
-        journal_size: None,
-        compact: true,
-        chunk_size: None,
-    })
-    .unwrap();
+    let compact =
+        fvd_core::format::layout::compute_layout(&fvd_core::format::layout::CreateLayout {
+            virtual_size: TIB,
+            base: Some(("b".into(), "raw".into(), TIB, String::new())),
+            block_size: None,
+            journal_size: None,
+            compact: true,
+            chunk_size: None,
+        })
+        .unwrap();
     let cmeta = compact.region(Region::Bitmap).length + compact.region(Region::Table).length;
     println!(
         "bench: compact_metadata_bytes_per_tib={cmeta} ({:.2} MiB: bitmap + chunk table, target <= 6 MiB; qcow2 L2: 128 MiB)",

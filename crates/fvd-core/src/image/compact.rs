@@ -47,6 +47,9 @@ pub(crate) struct Compact {
     table: Box<[AtomicU32]>,
     pins: Box<[AtomicU32]>,
     alloc: Mutex<Allocator>,
+    /// Serialises growth: two concurrent `set_len` calls could complete in
+    /// the wrong order and shrink the storage under a chunk in use.
+    grow_lock: tokio::sync::Mutex<()>,
 }
 
 /// Keeps a physical chunk from being reused while an I/O uses it.
@@ -114,6 +117,7 @@ impl Compact {
                 pending_free: Vec::new(),
                 capacity,
             }),
+            grow_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -265,10 +269,30 @@ impl Compact {
         p
     }
 
+    /// True while some freed chunk waits for its free to become durable.
+    pub fn has_pending_frees(&self) -> bool {
+        !self.lock().pending_free.is_empty()
+    }
+
+    /// Set the commit round of pending frees.
+    pub fn set_pending_round(&self, phys: &[u32], round: u64) {
+        let mut a = self.lock();
+        for e in a.pending_free.iter_mut() {
+            if phys.contains(&e.0) {
+                e.1 = round;
+            }
+        }
+    }
+
     async fn grow(&self, storage: &dyn Storage, need_chunks: u64) -> Result<()> {
+        let _grow = self.grow_lock.lock().await;
         let cs = self.chunk_size;
         let step = (self.grow_unit.max(cs) / cs).max(1);
         let have = self.lock().capacity;
+        if have >= need_chunks {
+            // Grown by another allocation while this one waited.
+            return Ok(());
+        }
         let target = (need_chunks.max(have + step)).min(self.chunks());
         let target_len = self.data_offset + target * cs;
         let needed_len = self.data_offset + need_chunks * cs;

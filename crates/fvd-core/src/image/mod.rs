@@ -934,9 +934,22 @@ impl Image {
         if missing.is_empty() {
             return Ok(Vec::new());
         }
-        let fresh = c
-            .allocate(self.storage.as_ref(), &missing, m.rounds_done())
-            .await?;
+        let mut tries = 0;
+        let fresh = loop {
+            match c
+                .allocate(self.storage.as_ref(), &missing, m.rounds_done())
+                .await
+            {
+                // Chunks freed by discards are reusable once their free is
+                // durable (and other writers may take them first): commit,
+                // then try again.
+                Err(e) if e.kind() == ErrorKind::NoSpace && c.has_pending_frees() && tries < 64 => {
+                    tries += 1;
+                    m.commit(self.storage.as_ref(), &self.stats).await?;
+                }
+                r => break r?,
+            }
+        };
         for &(ch, p) in &fresh {
             let covered = offset <= ch * c.chunk_size && (ch + 1) * c.chunk_size <= offset + len;
             if !covered {
@@ -1074,7 +1087,9 @@ impl Image {
         // Chunks freed whole, and the blocks whose bits go with them (the
         // freed chunks are consecutive, so their blocks form one range).
         let mut freed = Vec::new();
+        let mut freed_phys: Vec<u32> = Vec::new();
         let mut freed_blocks: Option<Range<u64>> = None;
+        let mut failed = None;
         for ch in Self::chunks_of(c, offset, len) {
             let s = (ch * cs).max(offset);
             let e = ((ch + 1) * cs).min(end);
@@ -1087,9 +1102,16 @@ impl Image {
                 let p = c.lookup(ch);
                 if p != EMPTY {
                     let host = c.data_offset + p as u64 * cs;
-                    self.zero_host(host, s, cs, true).await?;
+                    if let Err(e) = self.zero_host(host, s, cs, true).await {
+                        failed = Some(e);
+                        break;
+                    }
                 }
-                if c.free(ch, meta.next_round()) != EMPTY {
+                // Not reusable before the round that journals the free is
+                // known: its record is queued only at the end (see below).
+                let p_old = c.free(ch, u64::MAX);
+                if p_old != EMPTY {
+                    freed_phys.push(p_old);
                     freed.push((ch, EMPTY));
                     self.stats.chunks_freed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1098,18 +1120,26 @@ impl Image {
                     *r = r.start.min(blocks.start)..r.end.max(blocks.end);
                 }
             } else if c.lookup(ch) != EMPTY && all_local {
-                self.zero_local(s, e - s, unmap).await?;
+                if let Err(e) = self.zero_local(s, e - s, unmap).await {
+                    failed = Some(e);
+                    break;
+                }
                 meta.publish_hard(blocks);
             } else if c.lookup(ch) == EMPTY && all_local {
                 // An unallocated chunk already reads as zeros.
                 meta.publish_hard(blocks);
-            } else {
+            } else if let Err(e) = self.slow_write(s, &vec![0u8; (e - s) as usize]).await {
                 // Partial blocks still in the base: a copy-on-write of zeros.
-                self.slow_write(s, &vec![0u8; (e - s) as usize]).await?;
+                failed = Some(e);
+                break;
             }
         }
+        // Publish the frees done so far even after an error: the chunks are
+        // unmapped in memory, so their free must reach the journal, and they
+        // become reusable only once it is durable.
         meta.publish_group(table_records(&freed), freed_blocks.unwrap_or(0..0));
-        Ok(())
+        c.set_pending_round(&freed_phys, meta.next_round());
+        failed.map_or(Ok(()), Err)
     }
 
     async fn sparse_slow_zero(

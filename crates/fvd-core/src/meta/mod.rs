@@ -27,9 +27,10 @@
 //! and fdatasync; (3) write the journal blocks holding the records of those
 //! writes; (4) fdatasync again. So no record is ever
 //! durable before the data it points at. A checkpoint writes the durable
-//! bitmap and table pages in place, fdatasyncs, then writes the header with
-//! the next journal epoch and fdatasyncs: old-epoch blocks are ignored only
-//! once the metadata that subsumes them is durable.
+//! table pages in place and fdatasyncs, then the bitmap pages and
+//! fdatasyncs (no bit is durable before its chunk's entry), then writes the
+//! header with the next journal epoch and fdatasyncs: old-epoch blocks are
+//! ignored only once the metadata that subsumes them is durable.
 //!
 //! # Lock order
 //! `Meta::commit` (async mutex) → `Meta::pending` (std mutex, never held across
@@ -514,16 +515,9 @@ pub(crate) async fn checkpoint(
     clean: bool,
 ) -> Result<()> {
     flush_storage(storage, stats).await?;
-    let bitmap_pages = std::mem::take(&mut st.durable.bitmap_dirty);
-    let bm = &st.durable.bitmap;
-    write_pages(
-        storage,
-        stats,
-        st.header.region(Region::Bitmap),
-        bitmap_pages,
-        |s, l| bm.bytes_range(s, l),
-    )
-    .await?;
+    // Table pages first, made durable before any bitmap page: the records of
+    // a round that overflowed the journal live only here, and a bit durable
+    // without its chunk's table entry would make the block read zeros.
     let table_pages = std::mem::take(&mut st.durable.table_dirty);
     let table = &st.durable.table;
     write_pages(
@@ -532,6 +526,17 @@ pub(crate) async fn checkpoint(
         st.header.region(Region::Table),
         table_pages,
         |s, l| table_bytes(table, s, l),
+    )
+    .await?;
+    flush_storage(storage, stats).await?;
+    let bitmap_pages = std::mem::take(&mut st.durable.bitmap_dirty);
+    let bm = &st.durable.bitmap;
+    write_pages(
+        storage,
+        stats,
+        st.header.region(Region::Bitmap),
+        bitmap_pages,
+        |s, l| bm.bytes_range(s, l),
     )
     .await?;
     flush_storage(storage, stats).await?;

@@ -68,13 +68,15 @@ pub struct SimConfig {
     pub latency: Latency,
     /// Compact image (chunk table) of this chunk size, or the sparse layout.
     pub compact_chunk: Option<u32>,
+    /// Copy-on-read (foreground fills: a read returns after its fill).
+    pub copy_on_read: bool,
 }
 
 impl SimConfig {
     /// A configuration drawn from `seed`: block size 512/4096/65536, no
     /// base, a base smaller than the image (unaligned end), as large, or
-    /// larger; sparse or (a quarter of the seeds) compact layout; 1 to 64
-    /// testers; faults in about a third of the seeds.
+    /// larger; sparse or (a quarter of the seeds) compact layout;
+    /// copy-on-read in a third; 1 to 64 testers; faults in about a third.
     pub fn from_seed(seed: u64) -> Self {
         let mut r = Rng::new(seed ^ 0x000c_0f19_u64.rotate_left(40));
         let block_size = *r.pick(&[512u32, 4096, 65536]);
@@ -146,6 +148,7 @@ impl SimConfig {
             },
             compact_chunk: (r.below(4) == 0)
                 .then(|| block_size.max(*r.pick(&[4096u32, 16384, 65536]))),
+            copy_on_read: r.below(3) == 0,
         }
     }
 }
@@ -228,6 +231,8 @@ struct World {
     crash_at: u64,
     crashes: u64,
     poisoned: bool,
+    /// Faults injected before the current session started.
+    session_faults: u64,
     violations: Vec<Violation>,
 }
 
@@ -380,6 +385,12 @@ impl World {
                 // A failed flush poisons the engine: it must be reopened.
                 self.poisoned = true;
             }
+            return;
+        }
+        if e.kind() == ErrorKind::Io && self.sim.faults_injected() != self.session_faults {
+            // An earlier fault may have failed a commit the engine ran on
+            // its own (inside a write), poisoning it: end the session.
+            self.poisoned = true;
             return;
         }
         self.violation(format!("{what} failed with no fault injected: {e}"));
@@ -732,6 +743,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         crash_at: 0,
         crashes: 0,
         poisoned: false,
+        session_faults: 0,
         violations: Vec::new(),
     }));
     let mut run = Run {
@@ -782,6 +794,7 @@ impl Run {
             compact: cfg.compact_chunk.is_some(),
             chunk_size: cfg.compact_chunk,
             grow_unit: cfg.compact_chunk.map(|c| c as u64 * 4),
+            copy_on_read: cfg.copy_on_read,
             ..CreateOptions::default()
         };
         let base_ref = self.base.clone();
@@ -814,6 +827,7 @@ impl Run {
             {
                 let mut w = self.world.borrow_mut();
                 w.poisoned = false;
+                w.session_faults = self.sim.faults_injected();
                 w.inflight.clear();
                 w.schedule_crash();
             }
