@@ -12,7 +12,11 @@ fn usable() -> bool {
         eprintln!("SKIP: loop devices need root");
         return false;
     }
-    let ok = Command::new("losetup").arg("--version").stdout(Stdio::null()).status().is_ok();
+    let ok = Command::new("losetup")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
     if !ok {
         eprintln!("SKIP: losetup is not installed");
     }
@@ -20,7 +24,11 @@ fn usable() -> bool {
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(prog).args(args).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -38,7 +46,9 @@ impl Loop {
         std::fs::File::create(file).unwrap().set_len(size).unwrap();
         let (ok, out, err) = run("losetup", &["-f", "--show", file.to_str().unwrap()]);
         assert!(ok, "losetup: {err}");
-        Loop { dev: out.trim().to_string() }
+        Loop {
+            dev: out.trim().to_string(),
+        }
     }
 }
 
@@ -60,8 +70,14 @@ fn compact_image_on_a_loop_device_grows_through_the_grow_command() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("lv.img");
     let lo = Loop::new(&backing, 16 << 20);
-    let grow = format!("truncate -s +{{bytes}} {} && losetup -c {{path}}", backing.display());
-    let opts = format!("compact=on,chunk_size=1M,journal_size=256K,grow_cmd={}", grow.replace(',', ",,"));
+    let grow = format!(
+        "truncate -s +{{bytes}} {} && losetup -c {{path}}",
+        backing.display()
+    );
+    let opts = format!(
+        "compact=on,chunk_size=1M,journal_size=256K,grow_cmd={}",
+        grow.replace(',', ",,")
+    );
     let (ok, _, err) = fvd(&["create", "-o", &opts, &lo.dev, "256M"]);
     assert!(ok, "create: {err}");
     // 96 MiB of data: far more than the 16 MiB device holds at first.
@@ -87,9 +103,20 @@ fn compact_image_on_a_loop_device_grows_through_the_grow_command() {
     let (ok, out, _) = fvd(&["info", "--output=json", &lo.dev]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["format-specific"]["data"]["compact"]["allocated-chunks"], 96, "{out}");
+    assert_eq!(
+        v["format-specific"]["data"]["compact"]["allocated-chunks"], 96,
+        "{out}"
+    );
     // Reopen and verify again.
-    let (ok, out, err) = fvd(&["io", "-r", "-c", "read -P 0x6b 180M 64M", "-c", "read -P 0x5a 0 32M", &lo.dev]);
+    let (ok, out, err) = fvd(&[
+        "io",
+        "-r",
+        "-c",
+        "read -P 0x6b 180M 64M",
+        "-c",
+        "read -P 0x5a 0 32M",
+        &lo.dev,
+    ]);
     assert!(ok, "{err}\n{out}");
 }
 
@@ -101,13 +128,22 @@ fn compact_image_on_a_full_device_fails_with_enospc_and_stays_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("lv.img");
     let lo = Loop::new(&backing, 16 << 20);
-    let (ok, _, err) = fvd(&["create", "-o", "compact=on,chunk_size=1M,journal_size=256K", &lo.dev, "256M"]);
+    let (ok, _, err) = fvd(&[
+        "create",
+        "-o",
+        "compact=on,chunk_size=1M,journal_size=256K",
+        &lo.dev,
+        "256M",
+    ]);
     assert!(ok, "create: {err}");
     let (ok, out, err) = fvd(&["io", "-c", "write -P 0x11 0 2M", &lo.dev]);
     assert!(ok, "{err}{out}");
     let (ok, out, err) = fvd(&["io", "-c", "write -P 0x22 50M 32M", &lo.dev]);
     assert!(!ok, "a write past the device's capacity succeeded: {out}");
-    assert!(err.contains("space") || out.contains("space"), "no ENOSPC message: {err}{out}");
+    assert!(
+        err.contains("space") || out.contains("space"),
+        "no ENOSPC message: {err}{out}"
+    );
     let (ok, out, err) = fvd(&["check", &lo.dev]);
     assert!(ok, "check after ENOSPC: {err}\n{out}");
     let (ok, out, err) = fvd(&["io", "-r", "-c", "read -P 0x11 0 2M", &lo.dev]);

@@ -146,7 +146,8 @@ pub async fn run(a: Args) -> Result<u8> {
                 // Copy-on-read is on by default for remote bases: every byte
                 // fetched over the network once is kept.
                 copy_on_read: opts.copy_on_read.unwrap_or_else(|| {
-                    spec.as_ref().is_some_and(|b| fvd_core::base::is_url(&b.name))
+                    spec.as_ref()
+                        .is_some_and(|b| fvd_core::base::is_url(&b.name))
                 }),
                 compact: opts.compact.unwrap_or(false),
                 chunk_size: opts.chunk_size,
