@@ -174,7 +174,12 @@ pub async fn run(a: Args) -> Result<u8> {
         }
         None => (temp_dir()?, a.keep),
     };
-    let result = demo(&dir).await;
+    let result = match demo(&dir).await {
+        Ok((base, image)) => {
+            super::demo_nbd::serve_and_drive(&dir, &image, base_byte).map(|()| (base, image))
+        }
+        Err(e) => Err(e),
+    };
     if !keep {
         let _ = std::fs::remove_dir_all(&dir);
     }

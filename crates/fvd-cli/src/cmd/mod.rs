@@ -6,6 +6,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod demo;
+pub mod demo_nbd;
 pub mod info;
 pub mod io;
 pub mod map;
