@@ -14,3 +14,4 @@ pub mod mount;
 pub mod prefetch;
 pub mod profile;
 pub mod serve;
+pub mod serve_extras;

@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Exit when the last client disconnects (like qemu-nbd without -t).
     #[arg(long)]
     pub once: bool,
+    /// Threads of the server's event loop. The default, 1, is
+    /// qemu-storage-daemon's model: one loop for the protocol, with image
+    /// I/O on the engine's own I/O threads; more help with many busy
+    /// clients on many cores.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
     /// Report connections and failed requests on standard error.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -69,6 +75,9 @@ pub struct ServeArgs {
     /// Refuse NBD_OPT_EXTENDED_HEADERS: for tests.
     #[arg(long, hide = true)]
     pub no_extended_headers: bool,
+    /// Copy-on-read, prefetch, profile and statistics options.
+    #[command(flatten)]
+    pub base: super::serve_extras::BaseArgs,
     /// The image.
     pub image: PathBuf,
 }
@@ -97,8 +106,37 @@ fn parse_bind(s: &str) -> Result<SocketAddr> {
     bail!("--bind {s}: expected ADDR:PORT, ADDR or :PORT (ADDR an IP address)")
 }
 
-/// Run `fvd serve`.
+/// Run `fvd serve` on a runtime of its own (`--threads` workers).
 pub async fn run(a: ServeArgs) -> Result<u8> {
+    if a.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("fvd-serve".into())
+        .spawn(move || {
+            let rt = if a.threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(a.threads)
+                    .enable_all()
+                    .build()
+            };
+            let r = match rt {
+                Ok(rt) => rt.block_on(serve(a)),
+                Err(e) => Err(anyhow!("cannot start the server's runtime: {e}")),
+            };
+            let _ = tx.send(r);
+        })
+        .context("cannot start the server thread")?;
+    rx.await
+        .map_err(|_| anyhow!("the server thread ended unexpectedly"))?
+}
+
+async fn serve(a: ServeArgs) -> Result<u8> {
     let addr = match (&a.socket, &a.bind) {
         (Some(p), _) => ListenAddr::Unix(p.clone()),
         (None, Some(b)) => ListenAddr::Tcp(parse_bind(b)?),
@@ -131,6 +169,13 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
             }
         })?;
     let image = Arc::new(image);
+    let extras = match super::serve_extras::start(&image, &a.base).await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = image.close().await;
+            return Err(e);
+        }
+    };
     let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
     let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);
     let config = ServerConfig {
@@ -175,6 +220,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
         .serve(listener, signal)
         .await
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
+    extras.finish(&image);
     if summary.abandoned > 0 {
         eprintln!(
             "fvd serve: {} connection(s) did not finish in time",

@@ -1209,7 +1209,14 @@ impl Image {
 
     /// Flush, write the bitmap and table in place if they changed, and set the clean flag.
     pub async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) || self.read_only {
+        if self.closed.load(Ordering::Acquire) || self.read_only {
+            return Ok(());
+        }
+        // A profile recorded in this run is kept in the image.
+        if self.meta.is_some() {
+            self.save_recorded_profile().await?;
+        }
+        if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         match &self.meta {

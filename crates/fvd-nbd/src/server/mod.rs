@@ -3,13 +3,13 @@
 //! Layers, each in its own module:
 //! * this module — configuration, the listener (unix socket or TCP), the
 //!   accept loop with its client limit, signals and the orderly shutdown;
-//! * [`handshake`](self::handshake) — the option negotiation state machine
+//! * `handshake` — the option negotiation state machine
 //!   (fixed newstyle, `STARTTLS`, `INFO`/`GO`, structured replies,
 //!   extended headers, metadata contexts);
-//! * [`transmission`](self::transmission) — the request loop: many
+//! * `transmission` — the request loop: many
 //!   requests in flight per connection, replies written out of order
 //!   through one writer;
-//! * [`tls`](self::tls) — loading certificates for `STARTTLS`.
+//! * `tls` — loading certificates for `STARTTLS`.
 //!
 //! Every connection shares one [`Image`], so `NBD_FLAG_CAN_MULTI_CONN` is
 //! advertised: a flush on any connection covers the writes completed on
@@ -397,10 +397,12 @@ impl Server {
         }
         config.max_clients = config.max_clients.max(1);
         config.max_inflight = config.max_inflight.max(1);
-        // At least one largest request must fit in the budget.
-        config.max_buffered = config
-            .max_buffered
-            .max(usize::try_from(MAX_PAYLOAD).unwrap_or(usize::MAX));
+        // At least one largest request (and its overhead) must fit.
+        config.max_buffered = config.max_buffered.max(
+            usize::try_from(MAX_PAYLOAD)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(2),
+        );
         config.min_block_size = config.min_block_size.max(1);
         config.preferred_block_size = config
             .preferred_block_size
@@ -544,4 +546,56 @@ pub async fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send> {
             _ = term.recv() => {},
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unix_socket_mode_stale_file_and_removal() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fvd-nbd-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        // A stale socket (nobody accepting) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let l = Listener::bind(&ListenAddr::Unix(path.clone()))
+            .await
+            .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            l.uri("disk"),
+            format!("nbd+unix:///disk?socket={}", path.display())
+        );
+        // A live one is not.
+        let err = Listener::bind(&ListenAddr::Unix(path.clone())).await;
+        assert!(err.is_err());
+        drop(l);
+        assert!(
+            !path.exists(),
+            "the socket file is removed with the listener"
+        );
+        // Neither is a regular file.
+        std::fs::write(&path, b"x").unwrap();
+        assert!(
+            Listener::bind(&ListenAddr::Unix(path.clone()))
+                .await
+                .is_err()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_port_zero_reports_the_bound_port() {
+        let l = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let port = l.local_tcp_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert_eq!(l.uri(""), format!("nbd://127.0.0.1:{port}/"));
+    }
 }

@@ -2,15 +2,17 @@
 //!
 //! One reader (this loop) decodes requests, validates them with
 //! [`validate_request`], reads their payloads and spawns one task per
-//! request; tasks run concurrently against the shared image and write
-//! their replies, in completion order, through one writer behind a mutex
-//! (each reply is written whole while the lock is held, so replies never
-//! interleave).
+//! request; tasks run concurrently against the shared image and hand their
+//! replies, each whole, in completion order, to one writer task, which
+//! writes whatever has queued up with a single vectored write (so replies
+//! never interleave, and a busy connection needs few system calls).
 //!
 //! Bounds: at most [`ServerConfig::max_inflight`] requests run at once;
-//! write payloads plus read lengths of the requests in flight stay under
-//! [`ServerConfig::max_buffered`] bytes (the reader waits for room before
-//! reading the next payload). A payload larger than the export's maximum
+//! write payloads, read lengths and a fixed overhead per request stay
+//! under [`ServerConfig::max_buffered`] bytes from the moment a request is
+//! read until its reply has been written (the reader waits for room before
+//! reading the next payload), so a client that stops reading replies stops
+//! being served instead of filling memory. A payload larger than the export's maximum
 //! block size (32 MiB) is not read: the client gets `EINVAL` and the
 //! connection is closed, since the stream cannot be resynchronised
 //! without reading it.
@@ -26,13 +28,13 @@
 //! [`ServerConfig::max_buffered`]: super::ServerConfig::max_buffered
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fvd_core::{Extent, Source};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{Mutex, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::Shared;
@@ -58,12 +60,86 @@ const BLOCK_STATUS_WINDOW: u64 = 1 << 30;
 /// 2^20).
 const MAX_DESCRIPTORS: usize = 1 << 16;
 
+/// Bytes charged to the buffer budget for every request on top of its
+/// payload and read data (reply headers, bookkeeping).
+const REQUEST_OVERHEAD: u32 = 64;
+
+/// Most replies gathered into one vectored write.
+const MAX_BATCH: usize = 256;
+
+/// Bytes after which a batch is written even if more replies are queued.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// What request tasks hand to the writer task.
+enum Msg {
+    /// One complete reply.
+    Reply(Vec<u8>),
+    /// The budget of a finished request, released once everything queued
+    /// before it has been written.
+    Release(OwnedSemaphorePermit),
+}
+
 /// Per-connection state shared by the request tasks.
-struct Ctx<W> {
+struct Ctx {
     shared: Arc<Shared>,
     session: Session,
-    writer: Mutex<W>,
-    broken: AtomicBool,
+    out: mpsc::UnboundedSender<Msg>,
+    broken: Arc<AtomicBool>,
+}
+
+/// Write all of `bufs` with as few vectored writes as the stream allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, bufs: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// The writer task: write queued replies in batches until every sender is
+/// gone, then shut the stream down. After a write error it keeps draining
+/// (releasing budgets) without writing.
+async fn writer_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    broken: Arc<AtomicBool>,
+) {
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut released: Vec<OwnedSemaphorePermit> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Reply(b) => {
+                    bytes = bytes.saturating_add(b.len());
+                    batch.push(b);
+                }
+                Msg::Release(p) => released.push(p),
+            }
+            if batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() && !broken.load(Ordering::Acquire) {
+            let r = match write_all_vectored(&mut w, &batch).await {
+                Ok(()) => w.flush().await,
+                Err(e) => Err(e),
+            };
+            if r.is_err() {
+                broken.store(true, Ordering::Release);
+            }
+        }
+        batch.clear();
+        released.clear();
+    }
+    let _ = w.shutdown().await;
 }
 
 /// Completes with `None` as soon as `stop` fires (or its sender is gone).
@@ -108,11 +184,14 @@ where
     tctx.block_status = session.any_meta();
     tctx.min_block_size = cfg.min_block_size;
     tctx.max_payload = shared.max_payload();
+    let (out, rx) = mpsc::unbounded_channel();
+    let broken = Arc::new(AtomicBool::new(false));
+    let mut writer_task = tokio::spawn(writer_loop(writer, rx, broken.clone()));
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         session,
-        writer: Mutex::new(writer),
-        broken: AtomicBool::new(false),
+        out,
+        broken,
     });
     let mut rd = BufReader::with_capacity(128 * 1024, reader);
     let hdr_len = Request::header_len(session.extended);
@@ -150,7 +229,7 @@ where
         if payload_len > u64::from(tctx.max_payload) {
             // The payload cannot be buffered and skipping it would take as
             // long as reading it: refuse and hang up.
-            ctx.error(&req, EINVAL, "request payload too large").await;
+            ctx.error(&req, EINVAL, "request payload too large");
             result = Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("request payload of {payload_len} bytes refused"),
@@ -163,7 +242,9 @@ where
         } else {
             0
         };
-        let cost = u32::try_from(payload_len.saturating_add(read_len)).unwrap_or(u32::MAX);
+        let cost = u32::try_from(payload_len.saturating_add(read_len))
+            .unwrap_or(u32::MAX)
+            .saturating_add(REQUEST_OVERHEAD);
         // Room for the request: a task slot and its bytes.
         while tasks.len() >= max_inflight {
             if unless_stopped(&mut stop, tasks.join_next()).await.is_none() {
@@ -178,23 +259,23 @@ where
             Some(Ok(p)) => p,
             _ => break,
         };
-        let mut payload = Vec::new();
-        if payload_len > 0 {
-            payload.resize(usize::try_from(payload_len).unwrap_or(0), 0);
-            if let Err(e) = rd.read_exact(&mut payload).await {
+        let payload = match read_payload(&mut rd, payload_len).await {
+            Ok(p) => p,
+            Err(e) => {
                 if e.kind() != io::ErrorKind::UnexpectedEof {
                     result = Err(e);
                 }
                 break;
             }
-        }
+        };
         let task_ctx = ctx.clone();
         tasks.spawn(async move {
             match verdict {
                 Ok(()) => task_ctx.process(req, payload).await,
-                Err(code) => task_ctx.error(&req, code, "invalid request").await,
+                Err(code) => task_ctx.error(&req, code, "invalid request"),
             }
-            drop(permit);
+            // The budget returns once the reply has been written.
+            let _ = task_ctx.out.send(Msg::Release(permit));
         });
     }
 
@@ -204,9 +285,29 @@ where
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    let mut w = ctx.writer.lock().await;
-    let _ = w.shutdown().await;
+    // Every sender gone: the writer writes what is queued and shuts down.
+    drop(ctx);
+    if tokio::time::timeout(drain_timeout, &mut writer_task)
+        .await
+        .is_err()
+    {
+        writer_task.abort();
+    }
     result
+}
+
+/// Read a request payload of `len` bytes (at most the maximum payload)
+/// into a new vector, without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> io::Result<Vec<u8>> {
+    let n = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    let mut payload = Vec::with_capacity(n);
+    while payload.len() < n {
+        let want = u64::try_from(n.saturating_sub(payload.len())).unwrap_or(0);
+        if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload)
 }
 
 /// `base:allocation` flags of an extent: zero ranges are holes.
@@ -243,19 +344,11 @@ fn errno_message(errno: i32) -> String {
     io::Error::from_raw_os_error(errno).to_string()
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
-    /// Write one whole reply.
-    async fn send(&self, bytes: &[u8]) {
-        if self.broken.load(Ordering::Acquire) {
-            return;
-        }
-        let mut w = self.writer.lock().await;
-        let r = match w.write_all(bytes).await {
-            Ok(()) => w.flush().await,
-            Err(e) => Err(e),
-        };
-        if r.is_err() {
-            self.broken.store(true, Ordering::Release);
+impl Ctx {
+    /// Queue one whole reply for the writer.
+    fn send(&self, bytes: Vec<u8>) {
+        if !self.broken.load(Ordering::Acquire) {
+            let _ = self.out.send(Msg::Reply(bytes));
         }
     }
 
@@ -264,26 +357,25 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
     }
 
     /// Success without payload.
-    async fn ok(&self, req: &Request) {
+    fn ok(&self, req: &Request) {
         if self.session.extended {
-            self.send(&reply::none_done(self.reply_to(req))).await;
+            self.send(reply::none_done(self.reply_to(req)));
         } else {
-            self.send(&encode_simple_reply(req.cookie, 0)).await;
+            self.send(encode_simple_reply(req.cookie, 0).to_vec());
         }
     }
 
     /// Failure with an NBD error code.
-    async fn error(&self, req: &Request, code: u32, message: &str) {
+    fn error(&self, req: &Request, code: u32, message: &str) {
         if self.session.structured {
             let msg = format!("{}: {message}", req.command.name());
-            self.send(&reply::error_chunk(self.reply_to(req), code, &msg, true))
-                .await;
+            self.send(reply::error_chunk(self.reply_to(req), code, &msg, true));
         } else {
-            self.send(&encode_simple_reply(req.cookie, code)).await;
+            self.send(encode_simple_reply(req.cookie, code).to_vec());
         }
     }
 
-    async fn engine_error(&self, req: &Request, e: &fvd_core::Error) {
+    fn engine_error(&self, req: &Request, e: &fvd_core::Error) {
         let errno = e.errno();
         self.shared.log(format_args!(
             "{} at {}+{}: {e}",
@@ -291,14 +383,13 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             req.offset,
             req.length
         ));
-        self.error(req, nbd_error_from_errno(errno), &errno_message(errno))
-            .await;
+        self.error(req, nbd_error_from_errno(errno), &errno_message(errno));
     }
 
-    async fn finish(&self, req: &Request, r: fvd_core::Result<()>) {
+    fn finish(&self, req: &Request, r: fvd_core::Result<()>) {
         match r {
-            Ok(()) => self.ok(req).await,
-            Err(e) => self.engine_error(req, &e).await,
+            Ok(()) => self.ok(req),
+            Err(e) => self.engine_error(req, &e),
         }
     }
 
@@ -309,33 +400,33 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             Command::Read => self.read(&req).await,
             Command::Write => {
                 let r = image.write(req.offset, &payload, fua).await;
-                self.finish(&req, r).await;
+                self.finish(&req, r);
             }
             Command::Flush => {
                 let r = image.flush().await;
-                self.finish(&req, r).await;
+                self.finish(&req, r);
             }
             Command::Trim => {
                 let mut r = image.discard(req.offset, req.length).await;
                 if r.is_ok() && fua {
                     r = image.flush().await;
                 }
-                self.finish(&req, r).await;
+                self.finish(&req, r);
             }
             Command::WriteZeroes => {
                 // Zeroing is always fast here (fallocate or metadata), so
                 // NBD_CMD_FLAG_FAST_ZERO never has to fail.
                 let unmap = !req.has_flags(consts::CMD_FLAG_NO_HOLE);
                 let r = image.write_zeroes(req.offset, req.length, unmap, fua).await;
-                self.finish(&req, r).await;
+                self.finish(&req, r);
             }
             Command::Cache => {
                 let r = image.cache(req.offset, req.length).await;
-                self.finish(&req, r).await;
+                self.finish(&req, r);
             }
             Command::BlockStatus => self.block_status(&req, &payload).await,
             Command::Disc | Command::Resize | Command::Unknown(_) => {
-                self.error(&req, EINVAL, "unsupported command").await;
+                self.error(&req, EINVAL, "unsupported command");
             }
         }
     }
@@ -343,7 +434,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
     async fn read(&self, req: &Request) {
         let image = &self.shared.image;
         let Ok(len) = usize::try_from(req.length) else {
-            self.error(req, EINVAL, "read too long").await;
+            self.error(req, EINVAL, "read too long");
             return;
         };
         if !self.session.structured {
@@ -354,15 +445,15 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             match image.read(req.offset, data).await {
                 Ok(()) => {
                     head.copy_from_slice(&encode_simple_reply(req.cookie, 0));
-                    self.send(&buf).await;
+                    self.send(buf);
                 }
-                Err(e) => self.engine_error(req, &e).await,
+                Err(e) => self.engine_error(req, &e),
             }
             return;
         }
         let to = self.reply_to(req);
         if len == 0 {
-            self.send(&reply::none_done(to)).await;
+            self.send(reply::none_done(to));
             return;
         }
         if !req.has_flags(consts::CMD_FLAG_DF)
@@ -371,15 +462,15 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             && extents.iter().any(|e| e.zero)
         {
             match self.sparse_read(req, to, &extents).await {
-                Ok(out) => self.send(&out).await,
-                Err(e) => self.engine_error(req, &e).await,
+                Ok(out) => self.send(out),
+                Err(e) => self.engine_error(req, &e),
             }
             return;
         }
         let head = match reply::offset_data_header(to, req.offset, req.length, true) {
             Ok(h) => h,
             Err(_) => {
-                self.error(req, EOVERFLOW, "read too long").await;
+                self.error(req, EOVERFLOW, "read too long");
                 return;
             }
         };
@@ -389,8 +480,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
         };
         h.copy_from_slice(&head);
         match image.read(req.offset, data).await {
-            Ok(()) => self.send(&buf).await,
-            Err(e) => self.engine_error(req, &e).await,
+            Ok(()) => self.send(buf),
+            Err(e) => self.engine_error(req, &e),
         }
     }
 
@@ -444,7 +535,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             let p = match decode_block_status_payload(payload) {
                 Ok(p) => p,
                 Err(_) => {
-                    self.error(req, EINVAL, "bad block status payload").await;
+                    self.error(req, EINVAL, "bad block status payload");
                     return;
                 }
             };
@@ -452,8 +543,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
                 let selected = (id == META_ID_BASE_ALLOCATION && session.meta_base)
                     || (id == META_ID_ALLOCATION_DEPTH && session.meta_depth);
                 if !selected {
-                    self.error(req, EINVAL, "metadata context not selected")
-                        .await;
+                    self.error(req, EINVAL, "metadata context not selected");
                     return;
                 }
                 ids.push(id);
@@ -462,7 +552,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             if let Err(code) =
                 validate_range(Command::BlockStatus, req.offset, length, self.shared.size)
             {
-                self.error(req, code, "range outside the export").await;
+                self.error(req, code, "range outside the export");
                 return;
             }
         } else {
@@ -474,14 +564,14 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             }
         }
         if length == 0 || ids.is_empty() {
-            self.error(req, EINVAL, "empty block status request").await;
+            self.error(req, EINVAL, "empty block status request");
             return;
         }
         let window = length.min(BLOCK_STATUS_WINDOW);
         let extents = match self.shared.image.block_status(req.offset, window).await {
             Ok(e) => e,
             Err(e) => {
-                self.engine_error(req, &e).await;
+                self.engine_error(req, &e);
                 return;
             }
         };
@@ -510,7 +600,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
                 match d {
                     Some(d) => reply::block_status(to, id, &d, i == last),
                     None => {
-                        self.error(req, EOVERFLOW, "extent too long").await;
+                        self.error(req, EOVERFLOW, "extent too long");
                         return;
                     }
                 }
@@ -518,11 +608,76 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Ctx<W> {
             match chunk {
                 Ok(c) => out.extend_from_slice(&c),
                 Err(_) => {
-                    self.error(req, EIO, "no extents").await;
+                    self.error(req, EIO, "no extents");
                     return;
                 }
             }
         }
-        self.send(&out).await;
+        self.send(out);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn ext(start: u64, length: u64, source: Source, zero: bool) -> Extent {
+        Extent {
+            start,
+            length,
+            source,
+            zero,
+            host_offset: None,
+        }
+    }
+
+    #[test]
+    fn descriptors_merge_by_flags() {
+        let e = [
+            ext(0, 4096, Source::Image, false),
+            ext(4096, 4096, Source::Base, false),
+            ext(8192, 8192, Source::Base, true),
+            ext(16384, 0, Source::Image, true),
+            ext(16384, 4096, Source::Image, true),
+        ];
+        assert_eq!(
+            descriptors(&e, allocation_flags),
+            vec![(8192, 0), (12288, STATE_HOLE_ZERO)]
+        );
+        assert_eq!(
+            descriptors(&e, depth_flags),
+            vec![(4096, 1), (12288, 2), (4096, 1)]
+        );
+        assert!(descriptors(&[], depth_flags).is_empty());
+    }
+
+    const STATE_HOLE_ZERO: u32 = consts::STATE_HOLE | consts::STATE_ZERO;
+
+    #[tokio::test]
+    async fn vectored_writes_survive_short_writes() {
+        // A duplex pipe with a tiny buffer forces many partial writes.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let bufs: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; usize::from(i) % 13]).collect();
+        let want: Vec<u8> = bufs.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        write_all_vectored(&mut a, &bufs).await.unwrap();
+        drop(a);
+        assert_eq!(reader.await.unwrap(), want);
+    }
+
+    #[tokio::test]
+    async fn payloads_are_read_exactly() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut r = BufReader::with_capacity(1000, &data[..]);
+        assert_eq!(read_payload(&mut r, 70_000).await.unwrap(), data[..70_000]);
+        assert_eq!(read_payload(&mut r, 0).await.unwrap(), Vec::<u8>::new());
+        assert_eq!(read_payload(&mut r, 30_000).await.unwrap(), data[70_000..]);
+        let e = read_payload(&mut r, 1).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -1,0 +1,175 @@
+//! Copy-on-read, prefetch and statistics for `fvd serve`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use fvd_core::Image;
+use fvd_core::image::prefetch::{
+    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, ThreadClock, prefetch,
+};
+use serde_json::json;
+
+use crate::size::parse_size;
+
+/// Prefetch choices.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefetchChoice {
+    /// No background prefetch.
+    #[default]
+    Off,
+    /// Copy the base sequentially in the background, yielding to the guest.
+    Adaptive,
+    /// Copy the ranges of the image's recorded profile first, then the rest.
+    Profile,
+}
+
+/// Options of `fvd serve` about the base.
+#[derive(clap::Args, Debug, Default)]
+pub struct BaseArgs {
+    /// Copy data read from the base into the image: on|off (default: the image's setting).
+    #[arg(long = "copy-on-read", value_name = "on|off", value_parser = parse_on_off)]
+    pub copy_on_read: Option<bool>,
+    /// Prefetch the base in the background.
+    #[arg(long, value_enum, default_value_t = PrefetchChoice::Off)]
+    pub prefetch: PrefetchChoice,
+    /// Seconds to wait before prefetching.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub prefetch_delay: f64,
+    /// Prefetch at most this many bytes per second (e.g. 20M).
+    #[arg(long, value_name = "BYTES")]
+    pub prefetch_rate: Option<String>,
+    /// Record the order in which base data is first read into the image's
+    /// prefetch profile (saved when the server exits).
+    #[arg(long)]
+    pub record_profile: bool,
+    /// Answer JSON statistics on this unix socket (one object per connection).
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
+}
+
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("expected on or off, got '{s}'")),
+    }
+}
+
+/// What runs beside the server.
+pub struct Extras {
+    status: Arc<PrefetchStatus>,
+    started: Instant,
+    stats_socket: Option<PathBuf>,
+    record_profile: bool,
+}
+
+/// Apply the options to `image` and start prefetch and the stats socket.
+pub async fn start(image: &Arc<Image>, a: &BaseArgs) -> Result<Extras> {
+    let h = tokio::runtime::Handle::current();
+    image.enable_background(Arc::new(move |f| {
+        h.spawn(f);
+    }));
+    if let Some(on) = a.copy_on_read {
+        image.set_copy_on_read(on);
+    }
+    image.set_profile_recording(a.record_profile);
+    let status = Arc::new(PrefetchStatus::default());
+    if a.prefetch != PrefetchChoice::Off && image.base_range() > 0 {
+        let rate = a
+            .prefetch_rate
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(|e| anyhow!("--prefetch-rate: {e}"))?;
+        let cfg = PrefetchConfig {
+            mode: if a.prefetch == PrefetchChoice::Profile {
+                PrefetchMode::Profile
+            } else {
+                PrefetchMode::Adaptive
+            },
+            start_delay: Duration::from_secs_f64(a.prefetch_delay.max(0.0)),
+            rate_limit: rate,
+            ..PrefetchConfig::default()
+        };
+        let (img, st) = (image.clone(), status.clone());
+        tokio::spawn(async move {
+            if let Err(e) = prefetch(img, cfg, Arc::new(ThreadClock::default()), st).await {
+                eprintln!("fvd serve: prefetch stopped: {e}");
+            }
+        });
+    }
+    let extras = Extras {
+        status,
+        started: Instant::now(),
+        stats_socket: a.stats_socket.clone(),
+        record_profile: a.record_profile,
+    };
+    if let Some(path) = &a.stats_socket {
+        let _ = std::fs::remove_file(path);
+        let listener =
+            tokio::net::UnixListener::bind(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let (img, st, started) = (image.clone(), extras.status.clone(), extras.started);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let body = stats_json(&img, &st, started).to_string() + "\n";
+                use tokio::io::AsyncWriteExt;
+                let _ = sock.write_all(body.as_bytes()).await;
+            }
+        });
+    }
+    Ok(extras)
+}
+
+fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json::Value {
+    let s = img.stats();
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let state =
+        if st.state() == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
+            "done"
+        } else {
+            st.state().name()
+        };
+    let prefetch_bytes = s.prefetch_bytes.load(Ordering::Relaxed);
+    let (local, blocks) = img.local_blocks();
+    json!({
+        "base-bytes-read": s.base_read_bytes.load(Ordering::Relaxed),
+        "copy-on-read-bytes": s.cor_bytes.load(Ordering::Relaxed),
+        "copy-on-read": img.copy_on_read(),
+        "prefetch": {
+            "state": state,
+            "done-bytes": st.done.load(Ordering::Relaxed),
+            "total-bytes": st.total.load(Ordering::Relaxed),
+            "pauses": st.pauses.load(Ordering::Relaxed),
+            "yields": st.yields.load(Ordering::Relaxed),
+            "throughput": prefetch_bytes as f64 / secs,
+        },
+        "local-blocks": local,
+        "base-blocks": blocks,
+        "foreground-ops": img.foreground_ops(),
+        "foreground-write-bytes": s.data_write_bytes.load(Ordering::Relaxed).saturating_sub(prefetch_bytes + s.cor_bytes.load(Ordering::Relaxed)),
+        "uptime-seconds": secs,
+    })
+}
+
+impl Extras {
+    /// After the server stopped (the image is closed, and a recorded profile
+    /// stored in it): log the figures and remove the stats socket.
+    pub fn finish(&self, image: &Image) {
+        if self.record_profile {
+            eprintln!(
+                "fvd serve: recorded a prefetch profile of {} ranges",
+                image.recorded_profile().len()
+            );
+        }
+        eprintln!(
+            "fvd serve: stats {}",
+            stats_json(image, &self.status, self.started)
+        );
+        if let Some(p) = &self.stats_socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
