@@ -359,3 +359,54 @@ fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
     block_on(img.read(0, &mut all)).unwrap();
     assert!(all == want);
 }
+
+#[test]
+fn zero_detection_over_a_sparse_base_marks_holes_and_zero_data_only() {
+    for bs in [512u32, 4096, 65536] {
+        // Holes, explicit zeros and data, with run edges inside blocks.
+        let mem = MemStorage::new("base");
+        let size: u64 = (3 << 20) + 1536;
+        mem.write_sync(0, &[0u8; 0]);
+        mem.write_sync(5000, &vec![7u8; 3000]);
+        mem.write_sync(1 << 20, &vec![0u8; 300_000]);
+        mem.write_sync((2 << 20) + 100, &vec![9u8; 10]);
+        mem.write_sync(size - 10, &[3u8; 10]);
+        let want = mem.to_vec();
+        let base: Option<Arc<dyn Base>> = Some(Arc::new(RawBase::new(Arc::new(mem)).unwrap()));
+        let disk = MemStorage::new("img");
+        let opts = CreateOptions {
+            size: Some(4 << 20),
+            base: Some(("b".into(), "raw".into())),
+            block_size: Some(bs),
+            detect_zeroes: true,
+            ..Default::default()
+        };
+        block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).unwrap();
+        let img = open(&disk, &base);
+        let (local, total) = img.local_blocks();
+        assert!(
+            local > 0 && local < total,
+            "block size {bs}: {local} of {total} local"
+        );
+        let mut all = vec![0u8; size as usize];
+        block_on(img.read(0, &mut all)).unwrap();
+        assert!(
+            all == want,
+            "block size {bs}: content differs after zero detection"
+        );
+        // Every block marked local must be zero in the base.
+        for b in 0..total {
+            let (s, e) = (
+                (b * bs as u64) as usize,
+                (((b + 1) * bs as u64).min(size)) as usize,
+            );
+            let ext = block_on(img.block_status(s as u64, (e - s) as u64)).unwrap();
+            if ext.iter().all(|x| x.source == fvd_core::Source::Image) {
+                assert!(
+                    want[s..e].iter().all(|&x| x == 0),
+                    "block {b} (bs {bs}) marked zero but holds data"
+                );
+            }
+        }
+    }
+}

@@ -266,43 +266,77 @@ async fn mark_zero_blocks(
     bs: u64,
     range: u64,
 ) -> Result<()> {
+    // Ask for the allocation map in large windows (a sparse base answers
+    // with a few runs), mark the blocks of holes at once, and read only the
+    // data runs to look for zero-filled blocks.
+    const WINDOW: u64 = 64 << 30;
     const STEP: u64 = 4 << 20;
     let step = STEP.max(bs) / bs * bs;
+    let err = |what: &'static str| move |e| Error::io(format!("{}: {what}", base.describe()), e);
     let mut pos = 0;
     while pos < range {
-        let len = step.min(range - pos);
+        let wlen = WINDOW.min(range - pos);
         let runs = base
-            .allocation(pos, len)
+            .allocation(pos, wlen)
             .await
-            .map_err(|e| Error::io(format!("{}: block status", base.describe()), e))?;
-        let any_data = runs.iter().any(|r| r.data);
-        let buf = if any_data {
-            let b = base.read_at(pos, IoBuf::zeroed(len as usize)).await;
-            let b = b.map_err(|e| Error::io(format!("{}: read", base.describe()), e))?;
-            if b.len() as u64 != len {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    format!("{}: short read at offset {pos}", base.describe()),
-                ));
+            .map_err(err("block status"))?;
+        let mut p = pos;
+        for run in runs {
+            let (s, e) = (p, (p + run.length).min(pos + wlen));
+            p = e;
+            if s >= e {
+                continue;
             }
-            Some(b)
-        } else {
-            None
-        };
-        for blk in pos / bs..(pos + len).div_ceil(bs) {
-            let s = (blk * bs).max(pos);
-            let e = ((blk + 1) * bs).min(pos + len);
-            let zero = match &buf {
-                None => true,
-                Some(b) => crate::iobuf::is_zero(&b[(s - pos) as usize..(e - pos) as usize]),
-            };
-            if zero {
-                bitmap.set(blk);
+            if !run.data {
+                // Whole blocks inside the hole; partial ones are settled below
+                // only if their data part reads as zeros too.
+                let (b0, b1) = (s.div_ceil(bs), e / bs);
+                if b0 < b1 {
+                    bitmap.set_range(b0..b1);
+                }
+                for blk in [s / bs, e.saturating_sub(1) / bs] {
+                    let (bs0, be) = (blk * bs, ((blk + 1) * bs).min(range));
+                    if (bs0 < s || be > e) && block_is_zero(base, bs0, be).await? {
+                        bitmap.set(blk);
+                    }
+                }
+                continue;
+            }
+            // Data run: read it a step at a time, aligned to blocks.
+            let mut q = s / bs * bs;
+            while q < e {
+                let len = step.min(((e.div_ceil(bs) * bs).min(range)) - q);
+                let buf = base
+                    .read_at(q, IoBuf::zeroed(len as usize))
+                    .await
+                    .map_err(err("read"))?;
+                if buf.len() as u64 != len {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("{}: short read at offset {q}", base.describe()),
+                    ));
+                }
+                for blk in q / bs..(q + len).div_ceil(bs) {
+                    let (bs0, be) = ((blk * bs).max(q), ((blk + 1) * bs).min(q + len));
+                    if crate::iobuf::is_zero(&buf[(bs0 - q) as usize..(be - q) as usize]) {
+                        bitmap.set(blk);
+                    }
+                }
+                q += len;
             }
         }
-        pos += len;
+        pos += wlen;
     }
     Ok(())
+}
+
+/// True if the base reads as zeros over `[s, e)`.
+async fn block_is_zero(base: &dyn Base, s: u64, e: u64) -> Result<bool> {
+    let buf = base
+        .read_at(s, IoBuf::zeroed((e - s) as usize))
+        .await
+        .map_err(|er| Error::io(format!("{}: read", base.describe()), er))?;
+    Ok(buf.len() as u64 == e - s && buf.is_zero())
 }
 
 fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {
