@@ -369,7 +369,7 @@ fn zero_detection_over_a_sparse_base_marks_holes_and_zero_data_only() {
         mem.write_sync(0, &[0u8; 0]);
         mem.write_sync(5000, &vec![7u8; 3000]);
         mem.write_sync(1 << 20, &vec![0u8; 300_000]);
-        mem.write_sync((2 << 20) + 100, &vec![9u8; 10]);
+        mem.write_sync((2 << 20) + 100, &[9u8; 10]);
         mem.write_sync(size - 10, &[3u8; 10]);
         let want = mem.to_vec();
         let base: Option<Arc<dyn Base>> = Some(Arc::new(RawBase::new(Arc::new(mem)).unwrap()));
