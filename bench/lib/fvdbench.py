@@ -26,6 +26,7 @@ import os
 import random
 import re
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -934,6 +935,7 @@ def main(argv):
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc = dict(
+        argv=" ".join(["bench/run"] + [shlex.quote(a) for a in argv]),
         mode=mode,
         date=stamp,
         elapsed_s=round(elapsed, 1),
