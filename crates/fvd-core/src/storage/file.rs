@@ -117,8 +117,21 @@ impl FileStorage {
             } else {
                 libc::LOCK_SH
             };
-            // SAFETY: flock on a valid descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
+            // A lock can be held for an instant by a process that another
+            // thread of ours forked (it shares the descriptor until its exec
+            // closes it): try a few times before calling the image busy.
+            let mut tries = 0;
+            let rc = loop {
+                // SAFETY: flock on a valid descriptor we own.
+                let rc = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
+                let busy =
+                    rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+                if !busy || tries == 5 {
+                    break rc;
+                }
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
             if rc != 0 {
                 let err = io::Error::last_os_error();
                 if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
