@@ -253,7 +253,12 @@ impl Meta {
             // Merge with the previous group when it holds only bits (sequential
             // writes then cost one record).
             match p.last_mut() {
-                Some(g) if g.iter().all(|r| matches!(r, Record::SetBits { .. })) => {
+                // A group is bits-only exactly when its first record is (table
+                // records come first); a bounded group keeps this O(1).
+                Some(g)
+                    if g.len() < MAX_BITS_GROUP
+                        && matches!(g.first(), Some(Record::SetBits { .. })) =>
+                {
                     for rec in recs {
                         if let Record::SetBits { first, count } = rec {
                             push_set_bits(g, first, first + count as u64);
@@ -416,6 +421,9 @@ impl Meta {
         Ok(())
     }
 }
+
+/// Records per bits-only group (about one journal block's worth).
+const MAX_BITS_GROUP: usize = journal::PAYLOAD / 16;
 
 fn push_set_bits(p: &mut Vec<Record>, s: u64, e: u64) {
     // Extend the previous record when runs are adjacent (sequential writes).
