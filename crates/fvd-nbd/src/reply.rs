@@ -573,6 +573,18 @@ pub enum ChunkPayload<'a> {
     },
 }
 
+impl ChunkPayload<'_> {
+    /// The error code and message of an error chunk (of any error type).
+    pub fn error(&self) -> Option<(u32, &str)> {
+        match self {
+            ChunkPayload::Error { error, message }
+            | ChunkPayload::ErrorOffset { error, message, .. }
+            | ChunkPayload::UnknownError { error, message, .. } => Some((*error, message.as_str())),
+            _ => None,
+        }
+    }
+}
+
 fn bad_chunk(reply_type: u16, reason: &'static str) -> DecodeError {
     DecodeError::InvalidChunk { reply_type, reason }
 }

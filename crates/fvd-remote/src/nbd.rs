@@ -709,22 +709,9 @@ impl Connection {
                         dst[from..from + n as usize].fill(0);
                         covered += n;
                     }
-                    ChunkPayload::Error {
-                        error: code,
-                        message,
-                    }
-                    | ChunkPayload::ErrorOffset {
-                        error: code,
-                        message,
-                        ..
-                    }
-                    | ChunkPayload::UnknownError {
-                        error: code,
-                        message,
-                        ..
-                    } => {
-                        if error.is_none() {
-                            error = Some(self.server_error(&what, code, &message));
+                    p if p.error().is_some() => {
+                        if let (None, Some((code, message))) = (&error, p.error()) {
+                            error = Some(self.server_error(&what, code, message));
                         }
                     }
                     other => {
@@ -844,22 +831,9 @@ impl Connection {
                         );
                     }
                 }
-                ChunkPayload::Error {
-                    error: code,
-                    message,
-                }
-                | ChunkPayload::ErrorOffset {
-                    error: code,
-                    message,
-                    ..
-                }
-                | ChunkPayload::UnknownError {
-                    error: code,
-                    message,
-                    ..
-                } => {
-                    if error.is_none() {
-                        error = Some(self.server_error(&what, code, &message));
+                p if p.error().is_some() => {
+                    if let (None, Some((code, message))) = (&error, p.error()) {
+                        error = Some(self.server_error(&what, code, message));
                     }
                 }
                 other => {
