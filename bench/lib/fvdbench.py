@@ -43,6 +43,7 @@ from infra import (  # noqa: E402
     Loop,
     Process,
     allocated_bytes,
+    detach_loop,
     fmt_cmd,
     install_signal_handlers,
     log,
@@ -298,7 +299,7 @@ class Bench:
         note("losetup", ["losetup", "-f", "--show", "--direct-io=on", backing])
         out, _ = run(["losetup", "-f", "--show", "--direct-io=on", backing], timeout=60)
         dev = out.strip()
-        self.cleanup.push(f"detach {dev}", lambda: run(["losetup", "-d", dev], check=False))
+        self.cleanup.push(f"detach {dev}", lambda: detach_loop(dev))
         name = os.path.basename(dev)
         with open(f"/sys/block/{name}/loop/dio") as f:
             if f.read().strip() != "1":

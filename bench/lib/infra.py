@@ -234,12 +234,25 @@ class Loop:
         self._cleanup.pop(self._token)
 
     def _detach(self):
-        for _ in range(50):
-            _, err = run(["losetup", "-d", self.dev], check=False, timeout=60)
-            if not os.path.exists(f"/sys/block/{os.path.basename(self.dev)}/loop"):
-                return
-            time.sleep(0.1)
-        raise BenchError(f"cannot detach {self.dev}: {err}")
+        detach_loop(self.dev)
+
+
+def detach_loop(dev):
+    """Detach a loop device and wait until the kernel has really let it go.
+
+    `losetup -d` on a device that is still briefly busy (a just-unmounted file
+    system, udev probing it) only sets autoclear and returns; the device then
+    stays attached for a moment, so we retry and check sysfs.
+    """
+    err = ""
+    for _ in range(100):
+        if not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop"):
+            return
+        _, err = run(["losetup", "-d", dev], check=False, timeout=60)
+        if not os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop"):
+            return
+        time.sleep(0.1)
+    raise BenchError(f"cannot detach {dev}: {err.strip()}")
 
 
 class FsMount:
