@@ -1,0 +1,622 @@
+#!/usr/bin/env python3
+"""Remote bases: copy-on-read, prefetch and profile-directed prefetch.
+
+One base image (random data, so nothing is a hole) is served by nbdkit over
+a unix socket through its `rate` filter (200 Mbit/s) and `delay` filter
+(2 ms per read), a stand-in for a base on network storage. nbdkit's `log`
+filter, closest to the client, records every request that reaches the
+base server: "bytes fetched" below are counted there, at the server, the
+same way for every system.
+
+Parts (each on fresh images):
+  a  read the base twice through a copy-on-write image — 1 GiB sequentially
+     (1 MiB reads) and 5,000 random 4 KiB reads (fio, same seed both passes)
+     — with FVD (copy-on-read, 4 KiB blocks), qcow2 + QEMU's copy-on-read
+     filter (qemu-storage-daemon, 64 KiB clusters) and nbdkit cow + cache
+     filters (cache-on-read): bytes fetched vs unique bytes read, per pass;
+  b  idle adaptive prefetch of the whole base: its rate vs the link rate
+     (the base read directly with fio, 1 MiB reads, 4 in flight);
+  c  4 KiB random reads (QD1) of data already in the image, with prefetch
+     off and with adaptive prefetch running: latency percentiles;
+  d  replay of a boot-like read trace (qemu-io reads with think time), once
+     recording a profile, then on fresh images with prefetch off, adaptive,
+     and profile (the recorded profile imported); plus the same trace on a
+     local raw copy of the base as the lower bound.
+
+Usage: bench/prefetch.py [--quick [--smoke]] [--fvd PATH] [--parts abcd] [--workdir DIR]
+                         [--out DIR] [--rate 200M] [--delay 2ms]
+Needs nbdkit (file plugin; log, delay, rate, cow, cache filters), fio with
+the nbd engine, qemu-io, qemu-img, qemu-storage-daemon. Results go to stdout
+(markdown) and bench/results/prefetch-<mode>-<stamp>.{json,md}.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+
+from infra import (  # noqa: E402
+    BenchError,
+    Cleanup,
+    Process,
+    fmt_cmd,
+    install_signal_handlers,
+    log,
+    run,
+    socket_ready,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+READ_LINE = re.compile(r" Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+) ")
+
+
+def unique_bytes(reads):
+    """Bytes covered by (offset, length) reads, counted in 4 KiB blocks."""
+    blocks = set()
+    for off, n in reads:
+        blocks.update(range(off // (4 * KiB), (off + n + 4 * KiB - 1) // (4 * KiB)))
+    return len(blocks) * 4 * KiB
+
+
+def human(n):
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class BaseServer:
+    """nbdkit serving the base file through rate + delay, logging requests."""
+
+    def __init__(self, bench):
+        self.sock = bench.path("base.sock")
+        self.logfile = bench.path("base-requests.log")
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+        args = ["nbdkit", "-f", "-r", "--exit-with-parent", "-U", self.sock,
+                "--filter=log", "--filter=delay", "--filter=rate",
+                "file", bench.base, f"logfile={self.logfile}",
+                f"rate={bench.args.rate}", f"delay-read={bench.args.delay}"]
+        bench.note("base server", args)
+        self.proc = Process(bench.cleanup, args, bench.path("nbdkit-base.log"), "nbdkit (base)")
+        self.proc.wait_until(lambda: socket_ready(self.sock), "base socket")
+
+    def mark(self):
+        """A position in the request log; `fetched` counts from there."""
+        try:
+            return os.path.getsize(self.logfile)
+        except OSError:
+            return 0
+
+    def fetched(self, mark):
+        """(bytes, requests) read from the base since `mark`."""
+        total = reqs = 0
+        with open(self.logfile, "rb") as f:
+            f.seek(mark)
+            for line in f.read().decode(errors="replace").splitlines():
+                m = READ_LINE.search(line)
+                if m:
+                    total += int(m.group(2), 16)
+                    reqs += 1
+        return total, reqs
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.cleanup = Cleanup()
+        self.dir = tempfile.mkdtemp(prefix="fvd-prefetch.", dir=args.workdir)
+        self.cleanup.push("remove workdir", lambda: shutil.rmtree(self.dir, ignore_errors=True))
+        self.commands = {}
+        self.results = {}
+        self.size = args.size
+        self.rand_ios = args.rand_ios
+        self.fvd = args.fvd
+        self.base = self.path("base.raw")
+        self.seq = 0
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def fresh(self, name):
+        self.seq += 1
+        return self.path(f"{self.seq:02d}-{name}")
+
+    def note(self, what, args):
+        self.commands.setdefault(what, fmt_cmd(args).replace(self.dir, "$W"))
+
+    # ---------- setup
+
+    def write_base(self):
+        log(f"writing a {human(self.size)} base of random data")
+        rng = random.Random(1)
+        with open(self.base, "wb") as f:
+            left = self.size
+            while left:
+                n = min(left, 8 * MiB)
+                f.write(rng.randbytes(n))
+                left -= n
+            os.fsync(f.fileno())
+
+    def fvd_image(self, name, extra_opts=None):
+        img = self.fresh(name + ".fvd")
+        args = [self.fvd, "create", "-q", "-b", self.server.uri, "-F", "raw"]
+        if extra_opts:
+            args += ["-o", extra_opts]
+        args.append(img)
+        self.note("create fvd", args)
+        run(args)
+        return img
+
+    def serve_fvd(self, img, extra=()):
+        sock = img + ".sock"
+        stats = img + ".stats"
+        args = [self.fvd, "serve", img, "-k", sock, "--stats-socket", stats] + list(extra)
+        self.note("serve fvd " + " ".join(extra), args)
+        p = Process(self.cleanup, args, self.path("fvd-serve.log"), f"fvd serve {os.path.basename(img)}")
+        p.wait_until(lambda: socket_ready(sock) and socket_ready(stats), "NBD and stats sockets")
+        p.uri = f"nbd+unix:///?socket={sock}"
+        p.stats_path = stats
+        return p
+
+    def serve_qcow2_cor(self, name):
+        img = self.fresh(name + ".qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(self.size)])
+        sock = img + ".sock"
+        args = ["qemu-storage-daemon",
+                "--blockdev", f"driver=nbd,node-name=base,server.type=unix,server.path={self.server.sock},read-only=on",
+                "--blockdev", f"driver=file,node-name=ovf,filename={img}",
+                "--blockdev", "driver=qcow2,node-name=ov,file=ovf,backing=base",
+                "--blockdev", "driver=copy-on-read,node-name=cor,file=ov",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "type=nbd,id=exp,node-name=cor,name=cor,writable=on"]
+        self.note("serve qcow2 + copy-on-read (qemu-storage-daemon)", args)
+        p = Process(self.cleanup, args, self.path("qsd.log"), "qemu-storage-daemon (qcow2 + copy-on-read)")
+        p.wait_until(lambda: socket_ready(sock), "NBD socket")
+        p.uri = f"nbd+unix:///cor?socket={sock}"
+        return p
+
+    def serve_nbdkit_cow_cache(self, name):
+        sock = self.fresh(name + ".sock")
+        tmp = self.fresh(name + ".tmp")
+        os.mkdir(tmp)
+        args = ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=cow", "--filter=cache",
+                "nbd", f"socket={self.server.sock}", "cache-on-read=true"]
+        self.note("serve nbdkit cow + cache", args)
+        env_tmp = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = tmp  # the filters' overlay and cache files
+        try:
+            p = Process(self.cleanup, args, self.path("nbdkit-cow.log"), "nbdkit (cow + cache)")
+        finally:
+            if env_tmp is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = env_tmp
+        p.wait_until(lambda: socket_ready(sock), "NBD socket")
+        p.uri = f"nbd+unix:///?socket={sock}"
+        return p
+
+    # ---------- clients
+
+    def fio(self, uri, job, label):
+        """Run one fio job against an NBD URI; return its read-side result."""
+        jobfile = self.path("fio.job")
+        out = self.path("fio.json")
+        lines = ["[global]", "ioengine=nbd", f"uri={uri}", "randrepeat=1", "", f"[{label}]"]
+        lines += [f"{k}={v}" for k, v in job.items()]
+        with open(jobfile, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.commands.setdefault(f"fio-jobfile {label}", "\n".join(lines).replace(self.dir, "$W"))
+        if os.path.exists(out):
+            os.unlink(out)
+        run(["fio", "--output-format=json", f"--output={out}", jobfile], timeout=1800)
+        with open(out) as f:
+            data = f.read()
+        res = json.loads(data[data.index("{"):])["jobs"][0]
+        if res.get("error"):
+            raise BenchError(f"fio {label} failed with error {res['error']}")
+        return res["read"]
+
+    def stats(self, proc):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(proc.stats_path)
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        s.close()
+        return json.loads(buf)
+
+    # ---------- part a: bytes fetched, copy-on-read
+
+    def part_a(self):
+        log("part a: bytes fetched from the base, two passes")
+        seq_job = dict(rw="read", bs="1m", iodepth=1, size=str(self.size))
+        rand_job = dict(rw="randread", bs="4k", iodepth=1, size=str(self.size),
+                        number_ios=str(self.rand_ios), randseed="4242")
+        systems = [
+            ("FVD (copy-on-read, 4 KiB blocks)", self.start_fvd_cor),
+            ("qcow2 + copy-on-read filter (64 KiB clusters)", self.serve_qcow2_cor),
+            ("nbdkit cow + cache (cache-on-read)", self.serve_nbdkit_cow_cache),
+        ]
+        rows = []
+        for case, job, kind in (("sequential 1 MiB reads", seq_job, "seq"),
+                                (f"{self.rand_ios} random 4 KiB reads", rand_job, "rand")):
+            for system, start in systems:
+                proc = start("a")
+                passes = []
+                for p in (1, 2):
+                    iolog = self.path(f"iolog-{p}")
+                    if os.path.exists(iolog):
+                        os.unlink(iolog)  # fio appends
+                    j = dict(job, write_iolog=iolog)
+                    mark = self.server.mark()
+                    r = self.fio(proc.uri, j, f"a-{kind}-pass{p}")
+                    fetched, reqs = self.server.fetched(mark)
+                    offsets = self.iolog_reads(iolog)
+                    passes.append(dict(fetched=fetched, requests=reqs, seconds=r["runtime"] / 1000,
+                                       read=r["io_bytes"], offsets=offsets))
+                if passes[0]["offsets"] != passes[1]["offsets"]:
+                    raise BenchError(f"{system}: the two passes of {case} read different offsets")
+                uniq = unique_bytes(passes[0]["offsets"])
+                row = dict(case=case, system=system, unique=uniq)
+                for i, p in enumerate(passes, 1):
+                    row[f"pass{i}"] = dict(fetched=p["fetched"], requests=p["requests"],
+                                           seconds=p["seconds"], ratio=p["fetched"] / uniq)
+                if hasattr(proc, "stats_path"):
+                    row["fvd-stats"] = self.stats(proc)
+                proc.stop()
+                log(f"  {case} / {system}: pass 1 fetched {human(row['pass1']['fetched'])} "
+                    f"({row['pass1']['ratio']:.2f}x unique) in {row['pass1']['seconds']:.1f} s; "
+                    f"pass 2 fetched {human(row['pass2']['fetched'])}")
+                rows.append(row)
+        self.results["a"] = rows
+
+    def iolog_reads(self, path):
+        offs = []
+        with open(path) as f:
+            for line in f:
+                # "file read off len" (v2) or "usec file read off len" (v3).
+                parts = line.split()
+                if len(parts) >= 4 and parts[-3] == "read":
+                    offs.append((int(parts[-2]), int(parts[-1])))
+        if not offs:
+            raise BenchError(f"fio wrote no reads into {path}")
+        return offs
+
+    def start_fvd_cor(self, name):
+        img = self.fvd_image(name)
+        return self.serve_fvd(img, ["--prefetch", "off", "--copy-on-read", "on"])
+
+    # ---------- part b: idle prefetch vs link rate
+
+    def link_rate(self):
+        if "link" not in self.results:
+            log("measuring the link: the base read directly, 1 MiB reads, 4 in flight")
+            r = self.fio(self.server.uri, dict(rw="read", bs="1m", iodepth=4, size=str(self.size)),
+                         "link-rate")
+            # nbdkit reads "200M" as 200 * 2^20 bits/s. Its token bucket
+            # lets about a second's worth through at full speed after an
+            # idle time, so a direct read can beat the nominal rate.
+            nominal = parse_size(self.args.rate) / 8
+            self.results["link"] = dict(bytes=r["io_bytes"], seconds=r["runtime"] / 1000,
+                                        measured=r["io_bytes"] / (r["runtime"] / 1000),
+                                        rate=nominal)
+            log(f"  link: nominal {nominal / MiB:.1f} MiB/s, direct read "
+                f"{self.results['link']['measured'] / MiB:.1f} MiB/s")
+        return self.results["link"]["rate"]
+
+    def part_b(self):
+        link = self.link_rate()
+        log("part b: idle adaptive prefetch")
+        img = self.fvd_image("b")
+        mark = self.server.mark()
+        t0 = time.monotonic()
+        proc = self.serve_fvd(img, ["--prefetch", "adaptive"])
+        st = self.wait_prefetch(proc, timeout=max(600, 4 * self.size / link))
+        secs = time.monotonic() - t0
+        fetched, reqs = self.server.fetched(mark)
+        proc.stop()
+        info = json.loads(run([self.fvd, "info", "--output=json", img])[0])
+        rate = self.size / secs
+        self.results["b"] = dict(seconds=secs, fetched=fetched, requests=reqs, rate=rate,
+                                 link_rate=link, ratio=rate / link, pauses=st["prefetch"]["pauses"],
+                                 all_local=info["format-specific"]["data"]["all-local"])
+        log(f"  prefetch: {human(self.size)} in {secs:.1f} s = {rate / MiB:.1f} MiB/s "
+            f"({rate / link:.2f}x the link), fetched {human(fetched)} in {reqs} requests")
+
+    def wait_prefetch(self, proc, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            proc.check_alive()
+            st = self.stats(proc)
+            state = st["prefetch"]["state"]
+            if state == "done":
+                return st
+            if state == "failed":
+                raise BenchError(f"prefetch failed:\n{proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"prefetch not done after {timeout:.0f} s: {st}")
+            time.sleep(0.05)
+
+    # ---------- part c: local reads while prefetch runs
+
+    def part_c(self):
+        log("part c: 4 KiB random reads of local data, prefetch off vs running")
+        local = self.size // 4
+        template = self.fvd_image("c-template")
+        proc = self.serve_fvd(template, ["--prefetch", "off"])
+        mark = self.server.mark()
+        self.fio(proc.uri, dict(rw="write", bs="1m", iodepth=4, size=str(local)), "c-fill")
+        proc.stop()
+        if self.server.fetched(mark)[0]:
+            raise BenchError("whole-block writes fetched base data")
+        runs = []
+        for rep in range(self.args.reps):
+            for mode in ("off", "adaptive"):
+                img = self.fresh(f"c-{mode}.fvd")
+                run(["cp", "--sparse=always", template, img])
+                extra = ["--prefetch", mode]
+                if mode == "adaptive":
+                    # Cap so that prefetch outlasts the measurement on any link.
+                    cap = self.args.c_rate or int((self.size - local) / (self.args.c_runtime * 2))
+                    extra += ["--prefetch-rate", str(cap)]
+                proc = self.serve_fvd(img, extra)
+                r = self.fio(proc.uri, dict(rw="randread", bs="4k", iodepth=1, size=str(local),
+                                            time_based=1, runtime=str(self.args.c_runtime),
+                                            percentile_list="50:99:99.9"), f"c-{mode}")
+                st = self.stats(proc)
+                proc.stop()
+                pf = st["prefetch"]
+                if mode == "adaptive" and not (pf["state"] in ("running", "paused") and pf["done-bytes"] > 0):
+                    raise BenchError(f"prefetch was not running throughout the measurement: {pf}")
+                pct = r["clat_ns"]["percentile"]
+                runs.append(dict(mode=mode, rep=rep, iops=r["iops"], p50_us=pct["50.000000"] / 1000,
+                                 p99_us=pct["99.000000"] / 1000, p999_us=pct["99.900000"] / 1000,
+                                 mean_us=r["clat_ns"]["mean"] / 1000,
+                                 prefetched=pf["done-bytes"]))
+                log(f"  {mode} rep {rep}: p50 {runs[-1]['p50_us']:.1f} us, p99 {runs[-1]['p99_us']:.1f} us, "
+                    f"p99.9 {runs[-1]['p999_us']:.1f} us; prefetched {human(pf['done-bytes'])}")
+
+        def avg(mode, key):
+            v = [r[key] for r in runs if r["mode"] == mode]
+            return sum(v) / len(v)
+
+        self.results["c"] = dict(runs=runs, p99_ratio=avg("adaptive", "p99_us") / avg("off", "p99_us"),
+                                 p50_ratio=avg("adaptive", "p50_us") / avg("off", "p50_us"))
+
+    # ---------- part d: boot-like trace
+
+    def boot_trace(self):
+        """Reads as a booting guest issues them: files read in runs of 64-128
+        KiB requests, scattered small reads, think time between them."""
+        rng = random.Random(7)
+        ops = []
+        blocks = self.size // (4 * KiB)
+        for _ in range(self.args.trace_ops):
+            if rng.random() < 0.35:
+                off = rng.randrange(blocks) * 4 * KiB
+                for _ in range(rng.randint(2, 8)):
+                    n = rng.choice((64, 128)) * KiB
+                    if off + n > self.size:
+                        break
+                    ops.append(f"read {off} {n}")
+                    off += n
+            else:
+                n = rng.choice((4, 4, 8, 16, 32)) * KiB
+                off = rng.randrange(blocks - 8) * 4 * KiB
+                ops.append(f"read {off} {n}")
+            think = int(rng.expovariate(1 / self.args.think_ms))
+            if think:
+                ops.append(f"sleep {think}")
+        return ops
+
+    def replay(self, uri, trace_file):
+        args = ["qemu-io", "-r", "-f", "raw", uri]
+        self.note("replay trace", args + ["<", "$W/trace.qemu-io"])
+        with open(trace_file) as f:
+            t = time.monotonic()
+            p = subprocess.run(args, stdin=f, capture_output=True, text=True, timeout=1800)
+            secs = time.monotonic() - t
+        if p.returncode != 0 or "error" in p.stdout.lower() or "error" in p.stderr.lower():
+            raise BenchError(f"trace replay failed: {(p.stdout + p.stderr)[-1500:]}")
+        return secs
+
+    def part_d(self):
+        log("part d: boot-like trace replay")
+        ops = self.boot_trace()
+        trace = self.path("trace.qemu-io")
+        with open(trace, "w") as f:
+            f.write("\n".join(ops + ["quit"]) + "\n")
+        reads = [o for o in ops if o.startswith("read")]
+        uniq = unique_bytes([(int(o.split()[1]), int(o.split()[2])) for o in reads])
+        think = sum(int(o.split()[1]) for o in ops if o.startswith("sleep")) / 1000
+        info = dict(reads=len(reads), unique=uniq, think_seconds=think)
+        log(f"  trace: {len(reads)} reads, {human(info['unique'])} unique, {think:.1f} s think time")
+
+        # Lower bound: the same trace on a local copy of the base.
+        proc = self.serve_fvd_raw()
+        local = self.replay(proc.uri, trace)
+        proc.stop()
+
+        # Record the profile on a first "boot".
+        rec = self.fvd_image("d-record")
+        proc = self.serve_fvd(rec, ["--prefetch", "off", "--record-profile"])
+        mark = self.server.mark()
+        recorded = self.replay(proc.uri, trace)
+        fetched_rec = self.server.fetched(mark)[0]
+        proc.stop()
+        profile = self.path("boot.profile")
+        run([self.fvd, "profile", "export", rec, profile])
+        self.note("profile export", [self.fvd, "profile", "export", rec, profile])
+
+        runs = []
+        for rep in range(self.args.reps):
+            for mode in ("off", "adaptive", "profile"):
+                img = self.fvd_image(f"d-{mode}")
+                if mode == "profile":
+                    args = [self.fvd, "profile", "import", img, profile]
+                    self.note("profile import", args)
+                    run(args)
+                proc = self.serve_fvd(img, ["--prefetch", mode])
+                mark = self.server.mark()
+                secs = self.replay(proc.uri, trace)
+                st = self.stats(proc)
+                proc.stop()
+                fetched, reqs = self.server.fetched(mark)
+                runs.append(dict(mode=mode, rep=rep, seconds=secs, prefetched=st["prefetch"]["done-bytes"],
+                                 guest_fetch_bytes=st["copy-on-read-bytes"]))
+                log(f"  prefetch {mode} rep {rep}: {secs:.2f} s (local copy {local:.2f} s); "
+                    f"prefetched {human(st['prefetch']['done-bytes'])}")
+        self.results["d"] = dict(trace=info, local_seconds=local, record_seconds=recorded,
+                                 record_fetched=fetched_rec, runs=runs)
+
+    def serve_fvd_raw(self):
+        sock = self.fresh("raw.sock")
+        args = [self.fvd, "serve", "-f", "raw", "-r", self.base, "-k", sock]
+        p = Process(self.cleanup, args, self.path("fvd-serve.log"), "fvd serve (raw base)")
+        p.wait_until(lambda: socket_ready(sock), "NBD socket")
+        p.uri = f"nbd+unix:///?socket={sock}"
+        return p
+
+    # ---------- report
+
+    def report(self):
+        r = self.results
+        out = []
+        out.append(f"Base: {human(self.size)} of random data behind nbdkit `rate={self.args.rate}` "
+                   f"(bits/s) + `delay-read={self.args.delay}`; bytes fetched counted by nbdkit's log "
+                   "filter at the base server.")
+        if "link" in r:
+            out.append(f"Link rate: nominal {r['link']['rate'] / MiB:.1f} MiB/s; the whole base read "
+                       f"directly (1 MiB x 4 in flight) ran at {r['link']['measured'] / MiB:.1f} MiB/s "
+                       "(nbdkit's token bucket lets a burst through after idle time).")
+        if "a" in r:
+            out += ["", "#### (a) Bytes fetched from the base, read twice", "",
+                    "| case | system | unique bytes | pass 1 fetched | x unique | requests | pass 1 s "
+                    "| pass 2 fetched | pass 2 s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for row in r["a"]:
+                p1, p2 = row["pass1"], row["pass2"]
+                out.append(f"| {row['case']} | {row['system']} | {human(row['unique'])} | "
+                           f"{human(p1['fetched'])} | {p1['ratio']:.2f}x | {p1['requests']} | "
+                           f"{p1['seconds']:.1f} | {human(p2['fetched'])} | {p2['seconds']:.1f} |")
+        if "b" in r:
+            b = r["b"]
+            out += ["", "#### (b) Idle adaptive prefetch", "",
+                    f"{human(self.size)} prefetched in {b['seconds']:.1f} s = {b['rate'] / MiB:.1f} MiB/s, "
+                    f"**{b['ratio']:.2f}x the nominal link rate** (target >= 0.80), "
+                    f"{b['rate'] / r['link']['measured']:.2f}x the direct read; fetched {human(b['fetched'])} "
+                    f"in {b['requests']} requests, {b['pauses']} pauses; image all-local afterwards: "
+                    f"{b['all_local']}."]
+        if "c" in r:
+            c = r["c"]
+            out += ["", "#### (c) 4 KiB random reads of local data (QD1) while prefetch runs", "",
+                    "| prefetch | rep | IOPS | p50 us | p99 us | p99.9 us | prefetched meanwhile |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
+            for x in c["runs"]:
+                out.append(f"| {x['mode']} | {x['rep']} | {x['iops']:.0f} | {x['p50_us']:.1f} | "
+                           f"{x['p99_us']:.1f} | {x['p999_us']:.1f} | {human(x['prefetched'])} |")
+            out += ["", f"p99 with prefetch running / without: **{c['p99_ratio']:.2f}x** (target <= 1.10); "
+                    f"p50: {c['p50_ratio']:.2f}x."]
+        if "d" in r:
+            d = r["d"]
+            t = d["trace"]
+            out += ["", "#### (d) Boot-like trace replay", "",
+                    f"Trace: {t['reads']} reads, {human(t['unique'])} unique, {t['think_seconds']:.1f} s of "
+                    f"think time. Local raw copy of the base (lower bound): {d['local_seconds']:.2f} s; "
+                    f"recording run: {d['record_seconds']:.2f} s.", "",
+                    "| prefetch | rep | seconds | x local | prefetched during the run |",
+                    "|---|---:|---:|---:|---:|"]
+            for x in d["runs"]:
+                out.append(f"| {x['mode']} | {x['rep']} | {x['seconds']:.2f} | "
+                           f"{x['seconds'] / d['local_seconds']:.2f}x | {human(x['prefetched'])} |")
+        out += ["", "Commands ($W = the work directory):", "", "```"]
+        for k, v in self.commands.items():
+            out.append(f"# {k}")
+            out.append(v)
+        out.append("```")
+        return "\n".join(out) + "\n"
+
+
+def parse_size(s):
+    s = s.strip().upper()
+    mult = {"K": KiB, "M": MiB, "G": GiB}.get(s[-1:], 1)
+    return int(float(s.rstrip("KMG")) * mult)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="256 MiB base, 1,000 random reads, short runs")
+    p.add_argument("--fvd", default=None, help="the fvd binary (default: build it with cargo)")
+    p.add_argument("--parts", default="abcd")
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--rate", default="200M", help="nbdkit rate filter, bits per second")
+    p.add_argument("--delay", default="2ms", help="nbdkit delay filter, per read")
+    p.add_argument("--c-rate", type=int, default=None,
+                   help="part c: prefetch rate cap in bytes/s (default: outlast the measurement)")
+    p.add_argument("--c-runtime", type=int, default=None, help="part c: seconds per measurement")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --quick: a 32 MiB base and tiny runs, to test the harness (~30 s)")
+    args = p.parse_args()
+    args.size = 256 * MiB if args.quick else GiB
+    args.rand_ios = 1000 if args.quick else 5000
+    args.c_runtime = args.c_runtime or (5 if args.quick else 20)
+    args.reps = 1 if args.quick else 2
+    args.trace_ops = 300 if args.quick else 1200
+    args.think_ms = 12
+    if args.smoke:
+        args.quick, args.reps = True, 1
+        args.size, args.rand_ios, args.c_runtime, args.trace_ops, args.think_ms = 32 * MiB, 200, 1, 60, 2
+    if args.fvd is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        run(["cargo", "build", "--release", "-q", "-p", "fvd-cli"], timeout=3600)
+        args.fvd = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(root, "target")),
+                                "release", "fvd")
+    for tool in ("nbdkit", "fio", "qemu-io", "qemu-img", "qemu-storage-daemon"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench/prefetch.py: {tool} is not installed")
+    install_signal_handlers()
+    bench = Bench(args)
+    try:
+        bench.write_base()
+        bench.server = BaseServer(bench)
+        started = time.monotonic()
+        for part in args.parts:
+            getattr(bench, f"part_{part}")()
+        text = bench.report()
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"prefetch-{mode}-{stamp}")
+        with open(base + ".json", "w") as f:
+            json.dump(dict(args={k: v for k, v in vars(args).items()}, results=bench.results,
+                           seconds=time.monotonic() - started), f, indent=1, default=str)
+        with open(base + ".md", "w") as f:
+            f.write(text)
+        print(text)
+        log(f"results: {base}.{{json,md}}")
+    except BenchError as e:
+        log(f"FAILED: {e}")
+        sys.exit(1)
+    finally:
+        bench.cleanup.run_all()
+
+
+if __name__ == "__main__":
+    main()
