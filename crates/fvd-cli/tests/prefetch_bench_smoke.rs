@@ -87,7 +87,10 @@ fn prefetch_benchmark_smoke_run() {
         let p1 = row["pass1"]["fetched"].as_u64().unwrap();
         let p2 = row["pass2"]["fetched"].as_u64().unwrap();
         let unique = row["unique"].as_u64().unwrap();
-        assert!(unique > 0 && p1 >= unique, "{sys} / {case}: fetched {p1} < unique {unique}");
+        assert!(
+            unique > 0 && p1 >= unique,
+            "{sys} / {case}: fetched {p1} < unique {unique}"
+        );
         assert_eq!(p2, 0, "{sys} / {case}: the second pass fetched {p2} bytes");
         if sys.starts_with("FVD") {
             assert_eq!(p1, unique, "FVD / {case}: fetched {p1}, unique {unique}");
@@ -95,13 +98,20 @@ fn prefetch_benchmark_smoke_run() {
             assert_eq!(stats["base-bytes-read"].as_u64(), Some(p1), "{stats}");
         }
         if sys.starts_with("qcow2") && case.contains("random") {
-            assert!(p1 > 4 * unique, "qcow2 fetches whole 64 KiB clusters: {p1} vs {unique}");
+            assert!(
+                p1 > 4 * unique,
+                "qcow2 fetches whole 64 KiB clusters: {p1} vs {unique}"
+            );
         }
     }
 
     let b = &r["b"];
     assert_eq!(b["all_local"], serde_json::Value::Bool(true), "{b}");
-    assert_eq!(b["fetched"].as_u64(), Some(size), "prefetch reads each byte once: {b}");
+    assert_eq!(
+        b["fetched"].as_u64(),
+        Some(size),
+        "prefetch reads each byte once: {b}"
+    );
 
     let c = r["c"]["runs"].as_array().expect("part c runs");
     assert!(c.iter().any(|x| x["mode"] == "off"));
