@@ -101,6 +101,11 @@ impl Image {
         }
         let bs = self.geo.block_size;
         let blocks = self.blocks_of(offset, out.len() as u64);
+        if blocks.is_empty() {
+            // The base was detached (prefetch done) after the request was
+            // mapped: every block is in the image now.
+            return self.read_local(offset, out).await;
+        }
         let start = blocks.start * bs;
         let end = (blocks.end * bs).min(self.base_range());
         let n = end - start;

@@ -25,8 +25,8 @@ use crate::base::Base;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{
-    self, FLAG_ALL_LOCAL, FLAG_ZERO_DETECTED, HEADER_AREA, Header, INCOMPAT_COMPACT,
-    INCOMPAT_ENCRYPTED, INCOMPAT_SNAPSHOTS, Region,
+    self, FLAG_ZERO_DETECTED, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED,
+    INCOMPAT_SNAPSHOTS, Region,
 };
 use crate::format::journal::Record;
 use crate::format::layout::{CreateLayout, compute_layout};
@@ -1326,9 +1326,11 @@ impl Image {
     }
 
     /// When every block of the base range is in the image (prefetch done):
-    /// make the data durable, set the all-local flag with a new journal epoch
-    /// (old bitmap records no longer apply), and stop consulting the bitmap
-    /// and the base. Returns whether the image is now detached.
+    /// make the data durable, checkpoint with the all-local flag in the new
+    /// header (old bitmap records no longer apply; chunk-table records are
+    /// written in place first), and stop consulting the bitmap and the base.
+    /// A failure poisons the image. Returns whether the image is now
+    /// detached.
     pub async fn detach_base_if_complete(&self) -> Result<bool> {
         let meta = match &self.meta {
             Some(m) if !self.read_only => m,
@@ -1342,16 +1344,7 @@ impl Image {
             return Ok(false);
         }
         meta.commit(self.storage.as_ref(), &self.stats).await?;
-        let mut st = meta.commit.lock().await;
-        meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
-        let mut h = st.header.clone();
-        h.flags |= FLAG_ALL_LOCAL;
-        h.journal_epoch = h.journal_epoch.wrapping_add(1);
-        meta::write_header(&mut st, self.storage.as_ref(), &self.stats, h).await?;
-        meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
-        st.journal_pos = 0;
-        st.durable.bitmap = AtomicBitmap::new(0);
-        st.durable.bitmap_dirty.clear();
+        meta.detach_base(self.storage.as_ref(), &self.stats).await?;
         self.base_range.store(0, Ordering::Release);
         Ok(true)
     }

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{FLAG_CLEAN, HEADER_SLOT_SIZE, Header, Region};
+use crate::format::header::{FLAG_ALL_LOCAL, FLAG_CLEAN, HEADER_SLOT_SIZE, Header, Region};
 use crate::format::journal::{self, Record};
 use crate::iobuf::IoBuf;
 use crate::storage::Storage;
@@ -315,7 +315,17 @@ impl Meta {
             return Ok(());
         }
         let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
-        let groups = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut groups =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if st.header.flags & FLAG_ALL_LOCAL != 0 {
+            // The base is detached and the durable bitmap gone: bits mean
+            // nothing any more, but a write that mapped its blocks before the
+            // detach may still publish some. Only table records remain.
+            for g in &mut groups {
+                g.retain(|r| matches!(r, Record::Table { .. }));
+            }
+            groups.retain(|g| !g.is_empty());
+        }
         let dirty = self.data_dirty.swap(false, Ordering::AcqRel);
         if groups.is_empty() && !dirty {
             self.rounds_done.store(round, Ordering::SeqCst);
@@ -377,6 +387,24 @@ impl Meta {
             .fetch_add(blocks.len() as u64, Ordering::Relaxed);
         st.journal_pos += blocks.len() as u64;
         flush_storage(storage, stats).await
+    }
+
+    /// Detach the base (every block is local): a checkpoint whose header
+    /// carries the all-local flag — not just a new header, since the new
+    /// epoch ends the old journal, whose chunk-table records (compact
+    /// images) must be in place first. The durable bitmap is gone after it.
+    /// A failure poisons the image, as in a commit round: the header may
+    /// already be at the new epoch while the journal position is not.
+    pub async fn detach_base(&self, storage: &dyn Storage, stats: &Stats) -> Result<()> {
+        let mut st = self.commit.lock().await;
+        self.check_poisoned()?;
+        if let Err(e) = checkpoint_with_flags(&mut st, storage, stats, false, FLAG_ALL_LOCAL).await
+        {
+            return self.poison(e);
+        }
+        st.durable.bitmap = AtomicBitmap::new(0);
+        st.durable.bitmap_dirty.clear();
+        Ok(())
     }
 
     /// Flush, then (if metadata changed since open) checkpoint and set the clean flag.
@@ -522,6 +550,17 @@ pub(crate) async fn checkpoint(
     stats: &Stats,
     clean: bool,
 ) -> Result<()> {
+    checkpoint_with_flags(st, storage, stats, clean, 0).await
+}
+
+/// [`checkpoint`], setting `flags` in the new header too.
+async fn checkpoint_with_flags(
+    st: &mut CommitState,
+    storage: &dyn Storage,
+    stats: &Stats,
+    clean: bool,
+    flags: u64,
+) -> Result<()> {
     flush_storage(storage, stats).await?;
     // Table pages first, made durable before any bitmap page: the records of
     // a round that overflowed the journal live only here, and a bit durable
@@ -550,6 +589,7 @@ pub(crate) async fn checkpoint(
     flush_storage(storage, stats).await?;
     let mut h = st.header.clone();
     h.journal_epoch = h.journal_epoch.wrapping_add(1);
+    h.flags |= flags;
     if clean {
         h.flags |= FLAG_CLEAN;
     }

@@ -10,6 +10,10 @@
 //!   (a hang, if the main future is still pending), or at a deadline — the
 //!   simulator's crash point: every event due at or before the deadline has
 //!   happened, nothing after it has.
+//! * The engine's background work runs here too: [`SimHandle::spawner`] is
+//!   an [`crate::image::Spawner`] (background copy-on-read fills) whose
+//!   tasks join the executor at its next step, and [`SimClock`] is a
+//!   [`Clock`] (prefetch) on virtual time and the seeded random stream.
 //!
 //! Shared state sits behind a `Mutex` only because wakers and the storage
 //! futures must be `Send + Sync`; nothing ever contends for it.
@@ -25,6 +29,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use super::rng::Rng;
+use crate::image::Spawner;
+use crate::image::prefetch::Clock;
 
 /// Index used in the ready queue for the future passed to `block_on`.
 const MAIN: usize = usize::MAX;
@@ -58,6 +64,8 @@ struct State {
 
 pub(crate) struct Shared {
     state: Mutex<State>,
+    /// Tasks spawned through a [`SimHandle`], not yet taken by the executor.
+    incoming: Mutex<Vec<SendFuture>>,
     faults: AtomicU64,
     polls: AtomicU64,
 }
@@ -65,6 +73,10 @@ pub(crate) struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn incoming(&self) -> MutexGuard<'_, Vec<SendFuture>> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn enqueue(&self, idx: usize, generation: u64) {
@@ -103,6 +115,7 @@ impl Wake for TaskWaker {
 }
 
 type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
+type SendFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 struct Slot {
     generation: u64,
@@ -167,6 +180,7 @@ impl Executor {
                     next_timer: 0,
                     deadline: None,
                 }),
+                incoming: Mutex::new(Vec::new()),
                 faults: AtomicU64::new(0),
                 polls: AtomicU64::new(0),
             }),
@@ -198,9 +212,10 @@ impl Executor {
         self.shared.lock().deadline
     }
 
-    /// Number of live tasks.
+    /// Number of live tasks (spawned through a handle and not yet started
+    /// included).
     pub fn tasks(&self) -> usize {
-        self.slots.borrow().iter().filter(|s| s.is_some()).count()
+        self.slots.borrow().iter().filter(|s| s.is_some()).count() + self.shared.incoming().len()
     }
 
     /// Start `fut` as a task; it runs during later `block_on`/`run` calls.
@@ -241,7 +256,26 @@ impl Executor {
     /// Drop every task and timer (a crash). Virtual time keeps running.
     pub fn clear(&self) {
         // Take the futures out before dropping them: their destructors may
-        // wake other tasks or drop timers, which touch the shared state.
+        // wake other tasks or drop timers, which touch the shared state (or
+        // even spawn: loop until nothing is left).
+        loop {
+            let incoming = std::mem::take(&mut *self.shared.incoming());
+            let had_tasks = self.slots.borrow().iter().any(|s| s.is_some());
+            if incoming.is_empty() && !had_tasks {
+                break;
+            }
+            drop(incoming);
+            self.clear_slots();
+        }
+        let mut st = self.shared.lock();
+        st.ready.clear();
+        st.queued.iter_mut().for_each(|q| *q = 0);
+        st.main_queued = false;
+        st.timers.clear();
+        st.timer_entries.clear();
+    }
+
+    fn clear_slots(&self) {
         let dead: Vec<Slot> = {
             let mut slots = self.slots.borrow_mut();
             let mut free = self.free.borrow_mut();
@@ -257,12 +291,14 @@ impl Executor {
             out
         };
         drop(dead);
-        let mut st = self.shared.lock();
-        st.ready.clear();
-        st.queued.iter_mut().for_each(|q| *q = 0);
-        st.main_queued = false;
-        st.timers.clear();
-        st.timer_entries.clear();
+    }
+
+    /// Start the tasks spawned through handles since the last step.
+    fn adopt_incoming(&self) {
+        let incoming = std::mem::take(&mut *self.shared.incoming());
+        for f in incoming {
+            self.spawn(f);
+        }
     }
 
     /// Run the spawned tasks until nothing is left to do or the deadline.
@@ -293,6 +329,7 @@ impl Executor {
         }));
         self.shared.enqueue(MAIN, 0);
         loop {
+            self.adopt_incoming();
             let next = {
                 let mut st = self.shared.lock();
                 if st.ready.is_empty() {
@@ -407,6 +444,31 @@ impl SimHandle {
         self.shared.lock().deadline = t;
     }
 
+    /// The current deadline.
+    pub fn deadline(&self) -> Option<u64> {
+        self.shared.lock().deadline
+    }
+
+    /// Start `fut` as a task of the executor; it joins the run at the
+    /// executor's next step (in spawn order, so runs stay deterministic).
+    /// Unlike [`Executor::spawn`] this works from any task or storage
+    /// future, which is what the engine's background work needs.
+    pub fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.shared.incoming().push(Box::pin(fut));
+    }
+
+    /// An engine [`Spawner`] running background work (copy-on-read fills)
+    /// as tasks of this executor.
+    pub fn spawner(&self) -> Spawner {
+        let h = self.clone();
+        Arc::new(move |f: SendFuture| h.spawn(f))
+    }
+
+    /// A [`Clock`] on this executor's virtual time and random stream.
+    pub fn clock(&self) -> SimClock {
+        SimClock { sim: self.clone() }
+    }
+
     /// A future that completes after virtual time `d`.
     pub fn sleep(&self, d: Duration) -> Sleep {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -446,6 +508,27 @@ impl SimHandle {
     /// Task polls so far (a measure of work done).
     pub fn polls(&self) -> u64 {
         self.shared.polls.load(Ordering::Relaxed)
+    }
+}
+
+/// The engine's [`Clock`] in the simulator: virtual time, virtual sleeps,
+/// and numbers from the simulation's seeded random stream.
+#[derive(Clone)]
+pub struct SimClock {
+    sim: SimHandle,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.sim.now())
+    }
+
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(self.sim.sleep(d))
+    }
+
+    fn random(&self) -> u64 {
+        self.sim.random()
     }
 }
 
@@ -540,6 +623,51 @@ mod tests {
         ex.set_deadline(None);
         assert_eq!(ex.run(), Stop::Idle);
         assert_eq!(hits.get(), 5);
+    }
+
+    #[test]
+    fn handle_spawns_and_clock_runs_on_virtual_time() {
+        use std::sync::atomic::AtomicUsize;
+        let ex = Executor::new(4);
+        let h = ex.handle();
+        let clock = h.clock();
+        let done = Arc::new(AtomicUsize::new(0));
+        let spawn = h.spawner();
+        for i in 0..3u64 {
+            let (c, d) = (clock.clone(), done.clone());
+            spawn(Box::pin(async move {
+                c.sleep(Duration::from_micros(i + 1)).await;
+                d.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+        // Spawned outside a run: pending until the executor runs.
+        assert_eq!(ex.tasks(), 3);
+        assert_eq!(ex.run(), Stop::Idle);
+        assert_eq!(done.load(Ordering::Relaxed), 3);
+        assert_eq!(clock.now(), Duration::from_micros(3));
+        // A task spawning through the handle: the new task joins the run.
+        let h2 = h.clone();
+        let d = done.clone();
+        ex.block_on(async move {
+            h2.spawn(async move {
+                d.fetch_add(1, Ordering::Relaxed);
+            });
+        })
+        .unwrap();
+        assert_eq!(ex.run(), Stop::Idle);
+        assert_eq!(done.load(Ordering::Relaxed), 4);
+        // A crash drops tasks spawned but not started yet.
+        let d = done.clone();
+        h.spawn(async move {
+            d.fetch_add(1, Ordering::Relaxed);
+        });
+        ex.clear();
+        assert_eq!(ex.tasks(), 0);
+        assert_eq!(ex.run(), Stop::Idle);
+        assert_eq!(done.load(Ordering::Relaxed), 4);
+        // Same seed, same random numbers.
+        let other = Executor::new(4).handle().clock();
+        assert_eq!(Executor::new(4).handle().clock().random(), other.random());
     }
 
     #[test]

@@ -14,6 +14,19 @@
 //! the whole disk is compared with what the model allows, and the run goes
 //! on with the reopened image. At the end the image is flushed, closed,
 //! checked and compared once more.
+//!
+//! Background seeds ([`background_seed`]) add the engine's background work:
+//! copy-on-read fills spawned as tasks of the executor after the guest read
+//! returned, and a prefetch task per session (adaptive or profile order,
+//! soft or journaled fills, sometimes rate-capped, under the simulator's
+//! clock) racing the testers, the crash points and the faults. Nothing in
+//! the model changes for them — fills and prefetch never change what a
+//! sector reads — so every read and every whole-disk check also asserts that
+//! a fill never overwrote a guest write and never changed data the guest did
+//! not write. Once a prefetch completes the base must be detached: after a
+//! crash whose header says so the image is reopened *without* its base. At
+//! the end a last prefetch runs without faults; it must complete, leave
+//! every block local and the disk as the model says.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -22,12 +35,32 @@ use std::sync::Arc;
 
 use super::executor::{Executor, SimHandle, Stop};
 use super::model::{self, BASE, FIRST_TAG, Model, SECTOR, Seen, Val, ZERO};
-use super::rng::Rng;
+use super::rng::{Rng, mix64};
 use super::storage::{CrashPolicy, Faults, Latency, SimBase, SimStorage};
 use crate::base::Base;
 use crate::error::ErrorKind;
+use crate::format::header::FLAG_ALL_LOCAL;
+use crate::image::prefetch::{
+    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
+};
 use crate::image::{CreateOptions, Image, OpenOptions, Source};
 use crate::storage::Storage;
+
+/// Top 16 bits of every background seed (see [`background_seed`]).
+const BACKGROUND_TAG: u64 = 0xb6f0;
+
+/// The `i`-th background seed: its configuration (see
+/// [`SimConfig::from_seed`]) adds background copy-on-read and/or a prefetch
+/// task to a configuration drawn like any other. The seed alone says so
+/// (its top 16 bits), so a background seed replays like any other.
+pub fn background_seed(i: u64) -> u64 {
+    (mix64(i ^ 0x0b6f_05ee_d000) >> 16) | (BACKGROUND_TAG << 48)
+}
+
+/// True for seeds made by [`background_seed`].
+pub fn is_background_seed(seed: u64) -> bool {
+    seed >> 48 == BACKGROUND_TAG
+}
 
 /// Everything that shapes one run. [`SimConfig::from_seed`] derives a
 /// varied configuration from the seed alone, so a seed replays a run.
@@ -70,6 +103,13 @@ pub struct SimConfig {
     pub compact_chunk: Option<u32>,
     /// Copy-on-read (foreground fills: a read returns after its fill).
     pub copy_on_read: bool,
+    /// With copy-on-read: fills run as background tasks of the executor
+    /// (through the engine's spawner), after the guest read returned.
+    pub background_cor: bool,
+    /// A prefetch task runs alongside the testers in every session (until
+    /// the base is detached or the request budget is spent), and once more
+    /// without faults at the end.
+    pub prefetch: Option<PrefetchConfig>,
 }
 
 impl SimConfig {
@@ -77,7 +117,17 @@ impl SimConfig {
     /// base, a base smaller than the image (unaligned end), as large, or
     /// larger; sparse or (a quarter of the seeds) compact layout;
     /// copy-on-read in a third; 1 to 64 testers; faults in about a third.
+    /// Background seeds ([`background_seed`]) then get a base and background
+    /// work (see [`SimConfig::add_background_work`]).
     pub fn from_seed(seed: u64) -> Self {
+        let mut cfg = Self::classic(seed);
+        if is_background_seed(seed) {
+            cfg.add_background_work();
+        }
+        cfg
+    }
+
+    fn classic(seed: u64) -> Self {
         let mut r = Rng::new(seed ^ 0x000c_0f19_u64.rotate_left(40));
         let block_size = *r.pick(&[512u32, 4096, 65536]);
         let min_size: u64 = if block_size == 65536 {
@@ -149,7 +199,64 @@ impl SimConfig {
             compact_chunk: (r.below(4) == 0)
                 .then(|| block_size.max(*r.pick(&[4096u32, 16384, 65536]))),
             copy_on_read: r.below(3) == 0,
+            background_cor: false,
+            prefetch: None,
         }
+    }
+
+    /// Make this a background configuration (drawn from the seed, from a
+    /// stream of its own): 3000 requests; a base if there was none;
+    /// copy-on-read in the background, a prefetch task, or both; the
+    /// prefetch in adaptive or (a quarter) profile order, journaled like
+    /// offline prefetch in a third, rate-capped in a third, often pausing
+    /// for a "slow" base.
+    pub fn add_background_work(&mut self) {
+        let mut r = Rng::new(self.seed ^ 0x6b67_7764_u64.rotate_left(24));
+        let v = self.virtual_size;
+        // Shorter runs, more of them: the shapes of background work vary more
+        // from seed to seed than within a run.
+        self.ios = 3000;
+        if self.base_size.is_none() {
+            self.base_size = Some(match r.below(3) {
+                0 => v * r.range(1, 7) / 8 + *r.pick(&[0, 100, 1536, 4096]),
+                1 => v,
+                _ => v + r.range(1, 64) * 512,
+            });
+        }
+        let (cor, pf) = match r.below(3) {
+            0 => (true, false),
+            1 => (false, true),
+            _ => (true, true),
+        };
+        if cor {
+            self.copy_on_read = true;
+            self.background_cor = true;
+        }
+        if !pf {
+            return;
+        }
+        let bs = self.block_size as u64;
+        let us = std::time::Duration::from_micros;
+        // Fields not drawn here keep the engine's defaults.
+        let mut p = PrefetchConfig {
+            mode: if r.below(4) == 0 {
+                PrefetchMode::Profile
+            } else {
+                PrefetchMode::Adaptive
+            },
+            ..PrefetchConfig::default()
+        };
+        p.start_delay = us(*r.pick(&[0, 0, 100, 1000, 5000]));
+        // The whole disk in 5 ms, 50 ms or 0.5 s of virtual time.
+        p.rate_limit = (r.below(3) == 0).then(|| v * 1000 / *r.pick(&[5, 50, 500]));
+        p.step_bytes = bs.max(*r.pick(&[512, 4096, 16384, 65536, 262144]));
+        // 0: never pause; u64::MAX: the base always looks slow.
+        p.min_throughput = *r.pick(&[0, 0, 256 << 20, u64::MAX]);
+        p.max_pause = us(1000 * *r.pick(&[1, 5]));
+        p.yield_delay = us(*r.pick(&[100, 1000, 5000]));
+        p.hard = r.below(3) == 0;
+        p.flush_every = *r.pick(&[16 << 10, 256 << 10, 64 << 20]);
+        self.prefetch = Some(p);
     }
 }
 
@@ -193,6 +300,18 @@ pub struct SimReport {
     pub virtual_ns: u64,
     /// Contract violations (a run stops at the first one it detects).
     pub violations: Vec<Violation>,
+    /// Prefetch tasks that completed (the base detached).
+    pub prefetches_done: u64,
+    /// Prefetch tasks that failed (with faults injected).
+    pub prefetches_failed: u64,
+    /// Bytes copied from the base into the image by copy-on-read and
+    /// prefetch fills.
+    pub fill_bytes: u64,
+    /// The image ended all-local, its base detached.
+    pub detached: bool,
+    /// Recoveries after a crash that found the image detached and opened,
+    /// checked and compared it without its base.
+    pub detached_reopens: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +353,11 @@ struct World {
     /// Faults injected before the current session started.
     session_faults: u64,
     violations: Vec<Violation>,
+    prefetches_done: u64,
+    prefetches_failed: u64,
+    /// Background work failed in this session (the engine may be poisoned
+    /// without a tester noticing): the session ends with a crash point.
+    background_failed: bool,
 }
 
 impl World {
@@ -397,6 +521,23 @@ impl World {
     }
 }
 
+impl World {
+    /// Background work failed: fine if a fault was injected meanwhile. The
+    /// testers go on (if the engine poisoned itself they find out); half
+    /// the time a crash point follows at once, so the image is checked
+    /// right after the failure, and at the latest the session ends with one.
+    fn background_failed(&mut self, what: &str, e: &crate::Error, faults_before: u64) {
+        self.failed(what, e, faults_before, false);
+        self.background_failed = true;
+        if self.cfg.ios_per_crash > 0 && self.rng.below(2) == 0 {
+            let at = self.sim.now() + self.rng.below(self.cfg.latency.max * 2);
+            if self.sim.deadline().is_none_or(|d| d > at) {
+                self.sim.set_deadline(Some(at));
+            }
+        }
+    }
+}
+
 fn val_name(v: Val) -> String {
     match v {
         ZERO => "zeros".into(),
@@ -413,7 +554,7 @@ fn sector_data(tag: Val, first: u64, count: u64) -> Vec<u8> {
     v
 }
 
-async fn tester(id: usize, img: Rc<Image>, w: Rc<RefCell<World>>, sim: SimHandle) {
+async fn tester(id: usize, img: Arc<Image>, w: Rc<RefCell<World>>, sim: SimHandle) {
     loop {
         let plan = {
             let mut wb = w.borrow_mut();
@@ -506,6 +647,62 @@ async fn tester(id: usize, img: Rc<Image>, w: Rc<RefCell<World>>, sim: SimHandle
     }
 }
 
+/// One session's prefetch task: store a profile first (profile mode), then
+/// prefetch. Success must leave the base detached; failure needs a fault.
+async fn prefetcher(
+    img: Arc<Image>,
+    cfg: PrefetchConfig,
+    profile: Option<Vec<(u64, u64)>>,
+    w: Rc<RefCell<World>>,
+    sim: SimHandle,
+) {
+    let faults0 = sim.faults_injected();
+    if let Some(entries) = profile
+        && let Err(e) = img.store_profile(&entries).await
+    {
+        w.borrow_mut()
+            .background_failed("store prefetch profile", &e, faults0);
+        return;
+    }
+    let status = Arc::new(PrefetchStatus::default());
+    let r = prefetch(img.clone(), cfg, Arc::new(sim.clock()), status.clone()).await;
+    let mut wb = w.borrow_mut();
+    match r {
+        Ok(()) => {
+            wb.prefetches_done += 1;
+            let (local, blocks) = img.local_blocks();
+            if img.base_range() != 0 || local != blocks || status.state() != PrefetchState::Done {
+                wb.violation(format!(
+                    "prefetch completed but the image is not all-local: base range {}, {local} of {blocks} blocks local, state {}",
+                    img.base_range(),
+                    status.state().name()
+                ));
+            }
+        }
+        Err(e) => {
+            wb.prefetches_failed += 1;
+            if status.state() != PrefetchState::Failed {
+                wb.violation(format!(
+                    "prefetch failed ({e}) but reports state {}",
+                    status.state().name()
+                ));
+            }
+            wb.background_failed("prefetch", &e, faults0);
+        }
+    }
+}
+
+/// Random profile ranges inside the base range, for profile-mode prefetch.
+fn random_profile(rng: &mut Rng, range: u64) -> Vec<(u64, u64)> {
+    (0..rng.range(1, 6))
+        .map(|_| {
+            let off = rng.below(range);
+            let len = rng.range(1, 64 << 10).min(range - off);
+            (off, len)
+        })
+        .collect()
+}
+
 /// Extents must tile `[off, off+len)` in order.
 fn check_extents(ext: &[crate::Extent], off: u64, len: u64, size: u64) -> Option<String> {
     let mut pos = off;
@@ -575,12 +772,18 @@ struct Run {
     sim: SimHandle,
     rng: Rng,
     base: Option<SimBase>,
+    /// The image on disk is all-local: it is opened without its base.
+    detached: bool,
     world: Rc<RefCell<World>>,
     report: SimReport,
 }
 
 impl Run {
+    /// The base to open the image with (none once it was detached).
     fn base_dyn(&self) -> Option<Arc<dyn Base>> {
+        if self.detached {
+            return None;
+        }
         self.base.clone().map(|b| Arc::new(b) as Arc<dyn Base>)
     }
 
@@ -610,6 +813,33 @@ impl Run {
                 Faults::default()
             });
         }
+    }
+
+    /// Share a freshly opened image with the tasks, its background
+    /// copy-on-read fills running on the executor when configured.
+    fn share(&mut self, img: Image) -> Arc<Image> {
+        let img = Arc::new(img);
+        if self.cfg.background_cor {
+            img.enable_background(self.sim.spawner());
+        }
+        self.detached = self.base.is_some() && img.base_range() == 0;
+        img
+    }
+
+    /// Add the fill counters of `img` to the report.
+    fn note_fills(&mut self, img: &Image) {
+        let s = img.stats();
+        self.report.fill_bytes += s.cor_bytes.load(std::sync::atomic::Ordering::Relaxed)
+            + s.prefetch_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True if the newest header on `disk` says the image is all-local.
+    fn all_local_on(&mut self, disk: &SimStorage) -> bool {
+        let snap = disk.snapshot("image-header");
+        matches!(
+            self.exec.block_on(crate::image::read_header(&snap)),
+            Ok(Ok((h, _))) if h.flags & FLAG_ALL_LOCAL != 0
+        )
     }
 
     /// Read the whole disk through `img` and compare it with the model.
@@ -654,7 +884,7 @@ impl Run {
 
     /// Crash `disk`, check the survivor and reopen it (crashing recovery
     /// too, sometimes). None after a violation.
-    fn crash_and_recover(&mut self, disk: SimStorage) -> Option<(SimStorage, Image)> {
+    fn crash_and_recover(&mut self, disk: SimStorage) -> Option<(SimStorage, Arc<Image>)> {
         let mut disk = disk;
         loop {
             let policy = CrashPolicy::random(&mut self.rng);
@@ -663,6 +893,10 @@ impl Run {
             self.report.crash_points += 1;
             self.world.borrow_mut().crashes += 1;
             self.faults(&disk, false);
+            // A detached image (all-local header durable) must open, check
+            // and read without its base.
+            self.detached = self.all_local_on(&disk);
+            self.report.detached_reopens += self.detached as u64;
             // Consistency of the bytes as they are, before recovery.
             let snap: Arc<dyn Storage> = Arc::new(disk.snapshot("image-check"));
             let ro = match self.exec.block_on(check_consistency(snap, self.base_dyn())) {
@@ -692,6 +926,7 @@ impl Run {
             self.exec.set_deadline(None);
             match opened {
                 Ok(Ok(img)) => {
+                    let img = self.share(img);
                     let view = self.check_disk(&img, true, true, "after crash and recovery")?;
                     if view != ro_view {
                         let at = view.iter().zip(&ro_view).position(|(a, b)| a != b);
@@ -745,6 +980,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         poisoned: false,
         session_faults: 0,
         violations: Vec::new(),
+        prefetches_done: 0,
+        prefetches_failed: 0,
+        background_failed: false,
     }));
     let mut run = Run {
         cfg: cfg.clone(),
@@ -752,6 +990,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         sim,
         rng,
         base,
+        detached: false,
         world,
         report: SimReport {
             seed: cfg.seed,
@@ -772,6 +1011,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let w = run.world.borrow();
     run.report.ios = w.ios;
     run.report.violations = w.violations.clone();
+    run.report.prefetches_done += w.prefetches_done;
+    run.report.prefetches_failed += w.prefetches_failed;
     run.report.faults = run.sim.faults_injected();
     run.report.virtual_ns = run.sim.now();
     run.report.clone()
@@ -813,28 +1054,42 @@ impl Run {
             OpenOptions::default(),
         ));
         let mut img = match opened {
-            Ok(Ok(i)) => i,
+            Ok(Ok(i)) => self.share(i),
             other => {
                 self.violation(format!("open failed: {:?}", other.map(|r| r.map(|_| ()))));
                 return;
             }
         };
         loop {
-            // One session: testers run until the budget is spent, the engine
-            // poisons itself, or the crash point.
+            // One session: testers (and background work) run until the
+            // budget is spent, the engine poisons itself, or the crash point.
             self.faults(&disk, true);
-            let shared = Rc::new(img);
             {
                 let mut w = self.world.borrow_mut();
                 w.poisoned = false;
+                w.background_failed = false;
                 w.session_faults = self.sim.faults_injected();
                 w.inflight.clear();
                 w.schedule_crash();
             }
             for t in 0..cfg.testers {
-                self.exec.spawn(tester(
-                    t,
-                    shared.clone(),
+                self.exec
+                    .spawn(tester(t, img.clone(), self.world.clone(), self.sim.clone()));
+            }
+            let budget_left = self.world.borrow().ios < cfg.ios;
+            if let Some(p) = &cfg.prefetch
+                && img.base_range() > 0
+                && budget_left
+            {
+                if p.mode == PrefetchMode::Profile {
+                    img.set_profile_recording(true);
+                }
+                let profile = (p.mode == PrefetchMode::Profile)
+                    .then(|| random_profile(&mut self.rng, img.base_range()));
+                self.exec.spawn(prefetcher(
+                    img.clone(),
+                    p.clone(),
+                    profile,
                     self.world.clone(),
                     self.sim.clone(),
                 ));
@@ -849,18 +1104,21 @@ impl Run {
             let crash = match stop {
                 Stop::Deadline => true,
                 Stop::Idle if tasks > 0 => {
-                    self.violation(format!("hang: {tasks} testers blocked forever"));
+                    self.violation(format!(
+                        "hang: {tasks} tasks (testers, fills, prefetch) blocked forever"
+                    ));
                     return;
                 }
-                Stop::Idle => self.world.borrow().poisoned,
-            };
-            img = match Rc::try_unwrap(shared) {
-                Ok(i) => i,
-                Err(_) => {
-                    self.violation("image still referenced after the session".into());
-                    return;
+                Stop::Idle => {
+                    let w = self.world.borrow();
+                    w.poisoned || w.background_failed
                 }
             };
+            if Arc::strong_count(&img) != 1 {
+                self.violation("image still referenced after the session".into());
+                return;
+            }
+            self.note_fills(&img);
             if !crash {
                 break;
             }
@@ -876,9 +1134,55 @@ impl Run {
         self.finish(disk, img);
     }
 
+    /// A last prefetch, without faults, must complete: every block local,
+    /// the base detached, the disk as the model says.
+    fn final_prefetch(&mut self, img: &Arc<Image>, p: &PrefetchConfig) -> Option<()> {
+        let status = Arc::new(PrefetchStatus::default());
+        let clock = Arc::new(self.sim.clock());
+        let fills_before = img
+            .stats()
+            .prefetch_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        match self
+            .exec
+            .block_on(prefetch(img.clone(), p.clone(), clock, status.clone()))
+        {
+            Ok(Ok(())) => self.report.prefetches_done += 1,
+            Ok(Err(e)) => {
+                self.violation(format!("prefetch without faults failed: {e}"));
+                return None;
+            }
+            Err(s) => {
+                self.violation(format!("prefetch without faults did not complete ({s:?})"));
+                return None;
+            }
+        }
+        let (local, blocks) = img.local_blocks();
+        if img.base_range() != 0 || local != blocks || status.state() != PrefetchState::Done {
+            let copied = img
+                .stats()
+                .prefetch_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                - fills_before;
+            self.violation(format!(
+                "prefetch without faults completed but the image is not all-local: base range {}, {local} of {blocks} blocks local, state {}, {copied} bytes copied",
+                img.base_range(),
+                status.state().name()
+            ));
+            return None;
+        }
+        self.check_disk(img, false, false, "after prefetch")?;
+        Some(())
+    }
+
     /// Flush, close, check, reopen and compare once more.
-    fn finish(&mut self, disk: SimStorage, img: Image) {
+    fn finish(&mut self, disk: SimStorage, img: Arc<Image>) {
         self.faults(&disk, false);
+        if let Some(p) = self.cfg.prefetch.clone()
+            && self.final_prefetch(&img, &p).is_none()
+        {
+            return;
+        }
         let issued = self.world.borrow_mut().model.flush_issued();
         match self.exec.block_on(img.flush()) {
             Ok(Ok(())) => self.world.borrow_mut().model.flush_done(issued),
@@ -895,6 +1199,7 @@ impl Run {
             self.violation(format!("close failed: {e}"));
             return;
         }
+        self.note_fills(&img);
         drop(img);
         // Everything is durable now: a crash must lose nothing.
         let (disk, _) = disk.crash(
@@ -905,6 +1210,12 @@ impl Run {
                 tear: 0.0,
             },
         );
+        self.detached = self.all_local_on(&disk);
+        self.report.detached = self.detached;
+        if self.cfg.prefetch.is_some() && !self.detached {
+            self.violation("the image is not all-local on disk after its prefetch".into());
+            return;
+        }
         let snap: Arc<dyn Storage> = Arc::new(disk.snapshot("image-check"));
         match self.exec.block_on(check_consistency(snap, self.base_dyn())) {
             Ok(Ok(ro)) => {

@@ -6,7 +6,9 @@
 //! one seeded random stream under virtual time, so a failing seed replays
 //! exactly.
 //!
-//! * [`executor`] — a single-threaded executor with virtual time and timers;
+//! * [`executor`] — a single-threaded executor with virtual time and timers,
+//!   which also runs the engine's background work (copy-on-read fills,
+//!   prefetch) through its spawner and clock;
 //! * [`storage`] — [`SimStorage`], a disk with a volatile write cache,
 //!   faults and crashes, and [`SimBase`], a base with faults and short reads;
 //! * [`model`] — the per-sector truth model;
@@ -23,7 +25,9 @@ pub mod model;
 pub mod rng;
 pub mod storage;
 
-pub use executor::{Executor, SimHandle, Sleep, Stop, sleep};
-pub use harness::{SimConfig, SimReport, Violation, check_consistency, run};
+pub use executor::{Executor, SimClock, SimHandle, Sleep, Stop, sleep};
+pub use harness::{
+    SimConfig, SimReport, Violation, background_seed, check_consistency, is_background_seed, run,
+};
 pub use rng::Rng;
 pub use storage::{CrashPolicy, CrashReport, Faults, Latency, Pages, SimBase, SimStorage};
