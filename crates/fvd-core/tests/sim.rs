@@ -1137,3 +1137,30 @@ fn regression_background_seeds() {
         assert!(r.violations.is_empty(), "{}", r.violations[0]);
     }
 }
+
+/// Storing a prefetch profile fdatasyncs the image, covering guest writes
+/// not yet flushed; if that fails, the kernel may have dropped their pages,
+/// so no later flush may report success.
+#[test]
+fn failed_flush_while_storing_a_profile_poisons_the_image() {
+    for k in 0..2u64 {
+        let fx = Fixture::with_layout(300 + k, 4096, None);
+        let img = fx.open();
+        fx.exec
+            .block_on(img.write(4096, &sector_of(1, 8), false))
+            .unwrap()
+            .unwrap();
+        fx.disk.update_faults(|f| f.fail_flush_at = Some(k));
+        let stored = fx.exec.block_on(img.store_profile(&[(0, 4096)])).unwrap();
+        assert!(
+            stored.is_err(),
+            "k={k}: the injected flush failure was not reported"
+        );
+        fx.disk.update_faults(|f| f.fail_flush_at = None);
+        let flushed = fx.exec.block_on(img.flush()).unwrap();
+        assert!(
+            flushed.is_err(),
+            "k={k}: a flush after a failed fdatasync reported success"
+        );
+    }
+}

@@ -5,8 +5,12 @@
 //! reads; when it falls below a floor the prefetcher pauses with probability
 //! ½ for a random time, so many hosts sharing one storage server do not back
 //! off (and come back) in lockstep — and improves it:
+//! * it keeps several steps in flight while the guest is idle, so a base
+//!   with per-request latency is still read at close to its link rate;
 //! * it yields to foreground I/O: whenever guest requests arrived since its
-//!   last step it sleeps a short random delay before the next one;
+//!   last step it drops to one small step at a time and rests a multiple of
+//!   that step's duration (plus a short random delay) before the next, so the
+//!   guest gets the CPU, the disk and the link most of the time;
 //! * it never exceeds an optional rate cap (bytes per second);
 //! * it skips blocks already local or being written (fills lock and re-check);
 //! * profile mode fetches the ranges a recorded run read first, then the rest.
@@ -16,6 +20,7 @@
 //! Time and randomness come from a [`Clock`], so the simulator can drive it.
 
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -62,6 +67,13 @@ pub struct PrefetchConfig {
     pub alpha: f64,
     /// Longest random delay when yielding to guest I/O.
     pub yield_delay: Duration,
+    /// Steps in flight at once while the guest is idle.
+    pub depth: usize,
+    /// Bytes per step while the guest is busy.
+    pub busy_step_bytes: u64,
+    /// While the guest is busy, rest this many times each step's duration
+    /// (4: prefetch gets at most a fifth of the time).
+    pub busy_rest: u32,
     /// Journal the copied blocks (offline prefetch: progress survives a crash).
     pub hard: bool,
     /// With `hard`, flush after this many bytes.
@@ -79,6 +91,9 @@ impl Default for PrefetchConfig {
             max_pause: Duration::from_secs(30),
             alpha: 0.8,
             yield_delay: Duration::from_millis(5),
+            depth: 4,
+            busy_step_bytes: 256 << 10,
+            busy_rest: 4,
             hard: false,
             flush_every: 64 << 20,
         }
@@ -211,48 +226,52 @@ async fn run(
     }
     work.push((0, range));
     status.set(PrefetchState::Running);
+    let mut steps = Steps {
+        work,
+        index: 0,
+        pos: None,
+    };
     let started = clock.now();
     let mut copied = 0u64;
     let mut since_flush = 0u64;
     let mut ewma: Option<f64> = None;
     let mut fg_seen = img.foreground_ops();
-    for (off, len) in work {
-        let mut pos = off;
-        while pos < off + len {
-            if img.closed.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            let step = cfg.step_bytes.max(bs).min(off + len - pos);
-            let blocks = img.blocks_of(pos, step);
-            pos += step;
-            if img
-                .meta
-                .as_ref()
-                .is_some_and(|m| m.local.all_set(blocks.clone()))
-            {
-                continue;
-            }
-            // Yield to guest I/O that arrived since the last step.
-            let fg = img.foreground_ops();
-            if fg != fg_seen {
-                fg_seen = fg;
-                status.yields.fetch_add(1, Ordering::Relaxed);
-                let ms = cfg.yield_delay.as_micros().max(1) as u64;
-                clock
-                    .sleep(Duration::from_micros(1 + clock.random() % ms))
-                    .await;
-            }
-            let t0 = clock.now();
-            let n = img.fill_blocks(blocks, None, cfg.hard).await?;
-            let dt = (clock.now() - t0).as_secs_f64().max(1e-6);
-            if n == 0 {
-                continue;
-            }
+    loop {
+        if img.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Guest requests since the last batch: one small step, then rest.
+        let fg = img.foreground_ops();
+        let busy = fg != fg_seen;
+        fg_seen = fg;
+        let (count, size) = if busy {
+            (1, cfg.busy_step_bytes)
+        } else {
+            (cfg.depth.max(1), cfg.step_bytes)
+        };
+        let batch = steps.next_batch(img, count, size.max(bs));
+        if batch.is_empty() {
+            break;
+        }
+        let t0 = clock.now();
+        let fills = batch
+            .into_iter()
+            .map(|blocks| {
+                Box::pin(img.fill_blocks(blocks, None, cfg.hard))
+                    as Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>>
+            })
+            .collect();
+        let mut n = 0;
+        for r in join_all(fills).await {
+            n += r?;
+        }
+        let took = clock.now() - t0;
+        if n > 0 {
             img.stats.prefetch_bytes.fetch_add(n, Ordering::Relaxed);
             status.done.fetch_add(n, Ordering::Relaxed);
             copied += n;
             since_flush += n;
-            let sample = n as f64 / dt;
+            let sample = n as f64 / took.as_secs_f64().max(1e-6);
             let est = match ewma {
                 Some(e) => cfg.alpha * e + (1.0 - cfg.alpha) * sample,
                 None => sample,
@@ -270,22 +289,87 @@ async fn run(
                 ewma = None;
                 status.set(PrefetchState::Running);
             }
-            if let Some(cap) = cfg.rate_limit.filter(|&c| c > 0) {
-                let due = Duration::from_secs_f64(copied as f64 / cap as f64);
-                let elapsed = clock.now() - started;
-                if due > elapsed {
-                    clock.sleep(due - elapsed).await;
-                }
+        }
+        if busy {
+            status.yields.fetch_add(1, Ordering::Relaxed);
+            let jitter = cfg.yield_delay.as_micros().max(1) as u64;
+            let rest = took * cfg.busy_rest + Duration::from_micros(1 + clock.random() % jitter);
+            clock.sleep(rest).await;
+        }
+        if let Some(cap) = cfg.rate_limit.filter(|&c| c > 0) {
+            let due = Duration::from_secs_f64(copied as f64 / cap as f64);
+            let elapsed = clock.now() - started;
+            if due > elapsed {
+                clock.sleep(due - elapsed).await;
             }
-            if cfg.hard && since_flush >= cfg.flush_every {
-                img.flush().await?;
-                since_flush = 0;
-            }
+        }
+        if cfg.hard && since_flush >= cfg.flush_every {
+            img.flush().await?;
+            since_flush = 0;
         }
     }
     img.flush().await?;
     img.detach_base_if_complete().await?;
     Ok(())
+}
+
+/// The block ranges still to copy, in prefetch order.
+struct Steps {
+    work: Vec<(u64, u64)>,
+    index: usize,
+    /// Position inside `work[index]`.
+    pos: Option<u64>,
+}
+
+impl Steps {
+    /// Up to `count` block ranges of about `size` bytes each that are not
+    /// yet all local; empty when everything has been visited.
+    fn next_batch(&mut self, img: &Image, count: usize, size: u64) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        while out.len() < count && self.index < self.work.len() {
+            let (off, len) = self.work[self.index];
+            let pos = self.pos.unwrap_or(off);
+            if pos >= off + len {
+                self.index += 1;
+                self.pos = None;
+                continue;
+            }
+            let step = size.min(off + len - pos);
+            self.pos = Some(pos + step);
+            let blocks = img.blocks_of(pos, step);
+            let local = img
+                .meta
+                .as_ref()
+                .is_none_or(|m| m.local.all_set(blocks.clone()));
+            if !local {
+                out.push(blocks);
+            }
+        }
+        out
+    }
+}
+
+/// Run futures concurrently on the current task; results in input order.
+async fn join_all<'a, T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
 
 /// Real time with sleeps on short-lived threads: works under any executor

@@ -121,11 +121,18 @@ impl Image {
             .await
             .map_err(|e| Error::io(format!("{}: write prefetch profile", self.describe()), e))?;
         let mut st = meta.commit.lock().await;
-        meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
-        let mut nh = st.header.clone();
-        nh.compatible |= COMPAT_PREFETCH_PROFILE;
-        meta::write_header(&mut st, self.storage.as_ref(), &self.stats, nh).await?;
-        meta::flush_storage(self.storage.as_ref(), &self.stats).await
+        meta.check_poisoned()?;
+        let r = async {
+            meta::flush_storage(self.storage.as_ref(), &self.stats).await?;
+            let mut nh = st.header.clone();
+            nh.compatible |= COMPAT_PREFETCH_PROFILE;
+            meta::write_header(&mut st, self.storage.as_ref(), &self.stats, nh).await?;
+            meta::flush_storage(self.storage.as_ref(), &self.stats).await
+        }
+        .await;
+        // These fdatasyncs also cover guest writes not yet flushed: a failure
+        // poisons the image exactly as a failed commit does.
+        r.or_else(|e| meta.poison(e))
     }
 
     /// Store the profile recorded in this run, if it recorded anything new.

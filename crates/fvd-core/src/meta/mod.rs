@@ -300,7 +300,9 @@ impl Meta {
         Ok(())
     }
 
-    fn poison<T>(&self, e: Error) -> Result<T> {
+    /// Mark the image poisoned (a flush failed: the kernel may have dropped
+    /// dirty pages, so a later successful flush would prove nothing).
+    pub(crate) fn poison<T>(&self, e: Error) -> Result<T> {
         self.poisoned.store(true, Ordering::Release);
         Err(e)
     }
