@@ -144,6 +144,7 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "total-bytes": st.total.load(Ordering::Relaxed),
             "pauses": st.pauses.load(Ordering::Relaxed),
             "yields": st.yields.load(Ordering::Relaxed),
+            "busy-rest": st.busy_rest.load(Ordering::Relaxed),
             "throughput": prefetch_bytes as f64 / secs,
         },
         "local-blocks": local,

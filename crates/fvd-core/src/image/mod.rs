@@ -133,6 +133,8 @@ pub struct Image {
     profile: profile::Recorder,
     /// Guest requests served (prefetch yields when this moves).
     foreground_ops: AtomicU64,
+    /// Latency of guest requests, timed once a prefetch watches it.
+    latency: prefetch::LatencyWatch,
 }
 
 /// What a new image should look like.
@@ -482,6 +484,7 @@ impl Image {
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
+            latency: prefetch::LatencyWatch::default(),
             header: Some(h),
             replayed_blocks: replay_blocks,
         })
@@ -515,6 +518,7 @@ impl Image {
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
+            latency: prefetch::LatencyWatch::default(),
         })
     }
 
@@ -695,6 +699,13 @@ impl Image {
 
     /// Read `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let t0 = self.latency.start();
+        let r = self.read_untimed(offset, buf).await;
+        self.latency.finish(t0);
+        r
+    }
+
+    async fn read_untimed(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {
@@ -939,6 +950,13 @@ impl Image {
 
     /// Write `data` at `offset`; with `fua` it is durable on return.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let t0 = self.latency.start();
+        let r = self.write_untimed(offset, data, fua).await;
+        self.latency.finish(t0);
+        r
+    }
+
+    async fn write_untimed(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_writable()?;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, data.len() as u64)?;
@@ -1077,6 +1095,19 @@ impl Image {
 
     /// Make `[offset, offset+len)` read as zeros; with `unmap` the space may be freed.
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<()> {
+        let t0 = self.latency.start();
+        let r = self.write_zeroes_untimed(offset, len, unmap, fua).await;
+        self.latency.finish(t0);
+        r
+    }
+
+    async fn write_zeroes_untimed(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<()> {
         self.check_writable()?;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, len)?;

@@ -71,8 +71,10 @@ pub struct PrefetchConfig {
     pub depth: usize,
     /// Bytes per step while the guest is busy.
     pub busy_step_bytes: u64,
-    /// While the guest is busy, rest this many times each step's duration
-    /// (4: prefetch gets at most a fifth of the time).
+    /// While the guest is busy, rest at least this many times each step's
+    /// duration (4: prefetch gets at most a fifth of the time); more, up to
+    /// 64, while the guest's requests are more than 10% slower during steps
+    /// than during rests.
     pub busy_rest: u32,
     /// Journal the copied blocks (offline prefetch: progress survives a crash).
     pub hard: bool,
@@ -146,6 +148,9 @@ pub struct PrefetchStatus {
     pub yields: AtomicU64,
     /// Latest throughput estimate (bytes/s).
     pub throughput: AtomicU64,
+    /// Current rest after each step while the guest is busy, in step
+    /// durations (raised when steps slow the guest down).
+    pub busy_rest: AtomicU64,
 }
 
 impl Default for PrefetchStatus {
@@ -157,6 +162,7 @@ impl Default for PrefetchStatus {
             pauses: AtomicU64::new(0),
             yields: AtomicU64::new(0),
             throughput: AtomicU64::new(0),
+            busy_rest: AtomicU64::new(0),
         }
     }
 }
@@ -186,6 +192,7 @@ pub async fn prefetch(
     clock: Arc<dyn Clock>,
     status: Arc<PrefetchStatus>,
 ) -> Result<()> {
+    img.latency.watch(clock.clone());
     let r = run(&img, &cfg, clock.as_ref(), &status).await;
     status.set(if r.is_ok() {
         PrefetchState::Done
@@ -236,6 +243,8 @@ async fn run(
     let mut since_flush = 0u64;
     let mut ewma: Option<f64> = None;
     let mut fg_seen = img.foreground_ops();
+    let mut pacer = BusyPacer::new(cfg.busy_rest);
+    status.busy_rest.store(pacer.rest as u64, Ordering::Relaxed);
     loop {
         if img.closed.load(Ordering::Acquire) {
             return Ok(());
@@ -254,6 +263,7 @@ async fn run(
             break;
         }
         let t0 = clock.now();
+        let lat0 = img.latency.snapshot();
         let fills = batch
             .into_iter()
             .map(|blocks| {
@@ -292,9 +302,12 @@ async fn run(
         }
         if busy {
             status.yields.fetch_add(1, Ordering::Relaxed);
+            let lat1 = img.latency.snapshot();
             let jitter = cfg.yield_delay.as_micros().max(1) as u64;
-            let rest = took * cfg.busy_rest + Duration::from_micros(1 + clock.random() % jitter);
+            let rest = took * pacer.rest + Duration::from_micros(1 + clock.random() % jitter);
             clock.sleep(rest).await;
+            pacer.cycle(lat0, lat1, img.latency.snapshot());
+            status.busy_rest.store(pacer.rest as u64, Ordering::Relaxed);
         }
         if let Some(cap) = cfg.rate_limit.filter(|&c| c > 0) {
             let due = Duration::from_secs_f64(copied as f64 / cap as f64);
@@ -311,6 +324,96 @@ async fn run(
     img.flush().await?;
     img.detach_base_if_complete().await?;
     Ok(())
+}
+
+/// Guest request latency, timed with the prefetcher's [`Clock`] once a
+/// prefetch starts watching (before that, I/O pays nothing for it).
+#[derive(Default)]
+pub struct LatencyWatch {
+    clock: std::sync::OnceLock<Arc<dyn Clock>>,
+    total_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyWatch {
+    /// Start timing a request (None while nobody watches).
+    pub(crate) fn start(&self) -> Option<Duration> {
+        self.clock.get().map(|c| c.now())
+    }
+
+    /// Finish timing a request started with [`LatencyWatch::start`].
+    pub(crate) fn finish(&self, t0: Option<Duration>) {
+        if let (Some(t0), Some(c)) = (t0, self.clock.get()) {
+            let ns = c.now().saturating_sub(t0).as_nanos() as u64;
+            self.total_ns.fetch_add(ns, Ordering::Relaxed);
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn watch(&self, clock: Arc<dyn Clock>) {
+        let _ = self.clock.set(clock);
+    }
+
+    /// (total nanoseconds, requests) so far.
+    fn snapshot(&self) -> (u64, u64) {
+        (
+            self.total_ns.load(Ordering::Relaxed),
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Guest latency while prefetch steps run vs while it rests, and the rest
+/// factor they steer: doubled when steps slow the guest down by more than
+/// [`BusyPacer::TOLERANCE`], lowered by one (down to the configured factor)
+/// when they do not.
+struct BusyPacer {
+    rest: u32,
+    floor: u32,
+    step: (u64, u64),
+    idle: (u64, u64),
+}
+
+impl BusyPacer {
+    /// Steps may cost the guest this much extra mean latency.
+    const TOLERANCE: f64 = 1.10;
+    /// Requests timed in each state before a decision.
+    const SAMPLES: u64 = 32;
+    /// Longest rest, in step durations.
+    const MAX_REST: u32 = 64;
+
+    fn new(floor: u32) -> Self {
+        BusyPacer {
+            rest: floor,
+            floor,
+            step: (0, 0),
+            idle: (0, 0),
+        }
+    }
+
+    fn add(acc: &mut (u64, u64), from: (u64, u64), to: (u64, u64)) {
+        acc.0 += to.0.saturating_sub(from.0);
+        acc.1 += to.1.saturating_sub(from.1);
+    }
+
+    /// Account one busy cycle: guest latency totals at the start of the
+    /// step, at its end (= start of the rest) and at the end of the rest.
+    fn cycle(&mut self, start: (u64, u64), mid: (u64, u64), end: (u64, u64)) {
+        Self::add(&mut self.step, start, mid);
+        Self::add(&mut self.idle, mid, end);
+        if self.step.1 < Self::SAMPLES || self.idle.1 < Self::SAMPLES {
+            return;
+        }
+        let during = self.step.0 as f64 / self.step.1 as f64;
+        let without = self.idle.0 as f64 / self.idle.1 as f64;
+        self.rest = if during > without * Self::TOLERANCE {
+            (self.rest.max(1) * 2).min(Self::MAX_REST)
+        } else {
+            self.rest.saturating_sub(1).max(self.floor)
+        };
+        self.step = (0, 0);
+        self.idle = (0, 0);
+    }
 }
 
 /// The block ranges still to copy, in prefetch order.
@@ -416,5 +519,42 @@ impl Clock for ThreadClock {
         x ^= x >> 27;
         self.seed.store(x, Ordering::Relaxed);
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BusyPacer;
+
+    /// Feed `n` busy cycles with these mean guest latencies (ns) during
+    /// steps and rests, 8 requests each.
+    fn feed(p: &mut BusyPacer, n: usize, during: u64, resting: u64) {
+        let mut t = (0u64, 0u64);
+        for _ in 0..n {
+            let start = t;
+            let mid = (t.0 + 8 * during, t.1 + 8);
+            let end = (mid.0 + 8 * resting, mid.1 + 8);
+            p.cycle(start, mid, end);
+            t = end;
+        }
+    }
+
+    #[test]
+    fn rests_longer_while_steps_slow_the_guest_and_recovers_after() {
+        let mut p = BusyPacer::new(4);
+        feed(&mut p, 3, 200, 100);
+        assert_eq!(p.rest, 4, "no decision before enough samples");
+        feed(&mut p, 1, 200, 100);
+        assert_eq!(p.rest, 8);
+        feed(&mut p, 40, 200, 100);
+        assert_eq!(p.rest, BusyPacer::MAX_REST, "doubles up to the cap");
+        feed(&mut p, 4, 105, 100);
+        assert_eq!(
+            p.rest,
+            BusyPacer::MAX_REST - 1,
+            "within tolerance: one less"
+        );
+        feed(&mut p, 1000, 100, 100);
+        assert_eq!(p.rest, 4, "never below the configured floor");
     }
 }
