@@ -17,6 +17,7 @@ use std::pin::Pin;
 
 use crate::iobuf::IoBuf;
 
+mod aio;
 pub mod file;
 pub mod mem;
 mod pool;
