@@ -190,20 +190,10 @@ class Bench:
 
     def serve_nbdkit_cow_cache(self, name):
         sock = self.fresh(name + ".sock")
-        tmp = self.fresh(name + ".tmp")
-        os.mkdir(tmp)
         args = ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=cow", "--filter=cache",
                 "nbd", f"socket={self.server.sock}", "cache-on-read=true"]
         self.note("serve nbdkit cow + cache", args)
-        env_tmp = os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = tmp  # the filters' overlay and cache files
-        try:
-            p = Process(self.cleanup, args, self.path("nbdkit-cow.log"), "nbdkit (cow + cache)")
-        finally:
-            if env_tmp is None:
-                del os.environ["TMPDIR"]
-            else:
-                os.environ["TMPDIR"] = env_tmp
+        p = Process(self.cleanup, args, self.path("nbdkit-cow.log"), "nbdkit (cow + cache)")
         p.wait_until(lambda: socket_ready(sock), "NBD socket")
         p.uri = f"nbd+unix:///?socket={sock}"
         return p
@@ -593,6 +583,9 @@ def main():
             sys.exit(f"bench/prefetch.py: {tool} is not installed")
     install_signal_handlers()
     bench = Bench(args)
+    # Temporary files of every child (nbdkit's cow overlay and cache) go
+    # into the work directory, removed at the end.
+    os.environ["TMPDIR"] = bench.dir
     try:
         bench.write_base()
         bench.server = BaseServer(bench)

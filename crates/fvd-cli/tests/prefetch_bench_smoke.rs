@@ -6,19 +6,11 @@
 //! all-local, and the trace replay ran in every mode. Skipped with a note
 //! when a tool is missing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/prefetch.py")
@@ -26,7 +18,7 @@ fn script() -> PathBuf {
 
 #[test]
 fn prefetch_benchmark_smoke_run() {
-    for t in [
+    if !common::have_tools(&[
         "python3",
         "nbdkit",
         "fio",
@@ -34,11 +26,8 @@ fn prefetch_benchmark_smoke_run() {
         "qemu-img",
         "qemu-storage-daemon",
         "setpriv",
-    ] {
-        if !have(t) {
-            eprintln!("SKIP: {t} is not installed");
-            return;
-        }
+    ]) {
+        return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let work = tmp.path().join("work");

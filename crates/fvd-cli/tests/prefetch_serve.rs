@@ -5,20 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FVD: &str = env!("CARGO_BIN_EXE_fvd");
+mod common;
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIP: {tool} is not installed");
-    }
-    ok
-}
+const FVD: &str = env!("CARGO_BIN_EXE_fvd");
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -112,7 +101,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn copy_on_read_fetches_nothing_twice_and_prefetch_detaches_the_base() {
-    if !have("nbdkit") || !have("qemu-io") {
+    if !common::have_tools(&["nbdkit", "qemu-io"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
