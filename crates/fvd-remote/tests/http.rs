@@ -340,7 +340,12 @@ fn serve(conn: std::net::TcpStream, file: &[u8], mode: Mode, count: &AtomicUsize
             if h.is_empty() {
                 break;
             }
-            if let Some(v) = h.strip_prefix("Range: bytes=") {
+            // Header names are case-insensitive (HTTP/1.1 clients may send
+            // them in lower case).
+            if let Some((name, v)) = h.split_once(':')
+                && name.eq_ignore_ascii_case("range")
+            {
+                let v = v.trim().strip_prefix("bytes=").unwrap();
                 let (a, b) = v.split_once('-').unwrap();
                 range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
             }
