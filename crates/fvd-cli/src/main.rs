@@ -22,6 +22,12 @@ mod size;
     propagate_version = true
 )]
 struct Cli {
+    /// Settings of a remote base store, like qemu-img's --object:
+    /// `s3,endpoint=URL,region=NAME,url-style=path|virtual-host,access-key-id=ID,
+    /// secret-access-key-file=PATH,session-token-file=PATH` (each wins over
+    /// the AWS_* variables; secrets only from files)
+    #[arg(long, global = true, value_name = "TYPE,KEY=VALUE,...")]
+    object: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -103,6 +109,13 @@ fn main() -> ExitCode {
             return ExitCode::from(if compare { 2 } else { 1 });
         }
     };
+    for spec in &cli.object {
+        // The message never repeats the option: it may hold a secret.
+        if let Err(msg) = fvd_remote::s3::configure(spec) {
+            eprintln!("fvd: --object: {}", one_line(&msg));
+            return ExitCode::from(cli.command.error_code());
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -231,9 +231,18 @@ fn classify(name: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> Fa
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut hyper_err = None;
     while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return tls_failure(name, what, tls);
+        if let Some(mut io) = err.downcast_ref::<io::Error>() {
+            // Layers wrap the error of the layer below in io::Errors of
+            // their own: look inside for rustls' (or the innermost) one.
+            loop {
+                let inner = io.get_ref();
+                if let Some(tls) = inner.and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    return tls_failure(name, what, tls);
+                }
+                match inner.and_then(|i| i.downcast_ref::<io::Error>()) {
+                    Some(i) => io = i,
+                    None => break,
+                }
             }
             return Failure::from_io(
                 &format!("{name}: {what}"),

@@ -231,12 +231,15 @@ struct Settings {
 }
 
 impl Settings {
-    fn resolve(bucket: &str, url: &str) -> Result<Settings, String> {
+    /// `given` wins over [`configure`]'s options, which win over the
+    /// environment.
+    fn resolve(bucket: &str, url: &str, given: &Options) -> Result<Settings, String> {
         let o = OPTIONS
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .merged(given.clone());
         let region = o
             .region
             .or_else(|| var("AWS_REGION"))
@@ -368,6 +371,7 @@ impl Source for Signed {
             }
             _ => "",
         };
+        let message = message.trim_end_matches('.');
         let sep = if message.is_empty() { "" } else { ": " };
         Some(format!("{code}{sep}{message}{hint}"))
     }
@@ -394,11 +398,18 @@ pub type S3Base = RangedBase<Signed>;
 
 impl S3Base {
     /// Find the object's size and ETag, retrying transient failures as
-    /// `policy` says.
+    /// `policy` says; the store and credentials as [`configure`] and the
+    /// environment say.
     pub async fn open(url: &str, policy: Policy) -> io::Result<S3Base> {
+        Self::open_with(url, policy, &Options::default()).await
+    }
+
+    /// [`S3Base::open`] with `options` winning over [`configure`]'s and the
+    /// environment.
+    pub async fn open_with(url: &str, policy: Policy, options: &Options) -> io::Result<S3Base> {
         let invalid = |m| io::Error::new(io::ErrorKind::InvalidInput, m);
         let (bucket, key) = parse_url(url).map_err(invalid)?;
-        let settings = Settings::resolve(&bucket, url).map_err(invalid)?;
+        let settings = Settings::resolve(&bucket, url, options).map_err(invalid)?;
         let src = Signed {
             settings,
             key,
