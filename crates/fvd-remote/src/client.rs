@@ -106,12 +106,10 @@ impl Client {
     /// `what` (the operation) go into failure messages. The answer holds
     /// one of the in-flight permits until it is dropped.
     pub(crate) async fn send(&self, req: Req, name: &str, what: &str) -> Result<Answer, Failure> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Failure::permanent(format!("{name}: {what}: the client was closed")))?;
+        let permit =
+            self.permits.clone().acquire_owned().await.map_err(|_| {
+                Failure::permanent(format!("{name}: {what}: the client was closed"))
+            })?;
         // Connecting (TCP, TLS) and the wait for the head, each bounded.
         let limit = self.connect_timeout + self.io_timeout;
         let resp = match tokio::time::timeout(limit, self.hyper.request(req)).await {

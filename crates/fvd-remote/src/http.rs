@@ -185,7 +185,9 @@ impl HttpBase {
                     .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
                 match retried(&policy, || probe(&client, &src)).await? {
                     Probe::Found { size, version } => {
-                        return Ok(RangedBase::new(src, client, size, version, policy, original));
+                        return Ok(RangedBase::new(
+                            src, client, size, version, policy, original,
+                        ));
                     }
                     Probe::Redirect(loc) => {
                         url = url.join(&loc).map_err(|e| {

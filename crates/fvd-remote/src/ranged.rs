@@ -126,10 +126,7 @@ async fn status_failure<S: Source>(src: &S, a: Answer, what: &str) -> Failure {
         .explain(&body)
         .map(|e| format!(" ({e})"))
         .unwrap_or_default();
-    let msg = format!(
-        "{}: {what}: the server answered {text}{why}",
-        src.name()
-    );
+    let msg = format!("{}: {what}: the server answered {text}{why}", src.name());
     match status {
         404 | 410 => Failure::permanent_kind(io::ErrorKind::NotFound, msg),
         401 | 403 => Failure::permanent_kind(io::ErrorKind::PermissionDenied, msg),
@@ -188,7 +185,9 @@ pub(crate) async fn probe<S: Source>(client: &Client, src: &S) -> Result<Probe, 
             // No byte 0: the object may be empty (S3 says so only in HEAD).
             drop(a.small_body(MAX_ERROR_BODY, name).await);
             let h = client.send(src.head()?, name, what).await?;
-            let len = h.header("content-length").and_then(|v| v.parse::<u64>().ok());
+            let len = h
+                .header("content-length")
+                .and_then(|v| v.parse::<u64>().ok());
             if h.status == 200 && len == Some(0) {
                 return Ok(Probe::Found {
                     size: 0,
@@ -305,10 +304,9 @@ impl<S: Source> Object<S> {
                 if let Some(t) = total
                     && t != self.size
                 {
-                    return Err(self.changed(format_args!(
-                        "it was {} bytes and is {t} now",
-                        self.size
-                    )));
+                    return Err(
+                        self.changed(format_args!("it was {} bytes and is {t} now", self.size))
+                    );
                 }
                 if let Some(why) = self.version.changed(&Version::of(&a)) {
                     return Err(self.changed(why));

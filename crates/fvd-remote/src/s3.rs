@@ -267,9 +267,7 @@ impl Settings {
             format!("{url}: S3 endpoint '{endpoint}' with bucket '{bucket}': {e:?}")
         })?;
         let key = o.access_key_id.or_else(|| var("AWS_ACCESS_KEY_ID"));
-        let secret = o
-            .secret_access_key
-            .or_else(|| var("AWS_SECRET_ACCESS_KEY"));
+        let secret = o.secret_access_key.or_else(|| var("AWS_SECRET_ACCESS_KEY"));
         let token = o.session_token.or_else(|| var("AWS_SESSION_TOKEN"));
         let credentials = match (key, secret) {
             (Some(k), Some(s)) => Some(match token {
@@ -419,9 +417,9 @@ impl S3Base {
         crate::runtime::spawn(async move {
             let client = Client::new(&policy);
             match retried(&policy, || probe(&client, &src)).await? {
-                Probe::Found { size, version } => {
-                    Ok(RangedBase::new(src, client, size, version, policy, original))
-                }
+                Probe::Found { size, version } => Ok(RangedBase::new(
+                    src, client, size, version, policy, original,
+                )),
                 Probe::Redirect(loc) => Err(io::Error::other(format!(
                     "{original}: the object store redirected to {loc}; set the bucket's \
                      region (AWS_REGION) or endpoint (AWS_ENDPOINT_URL)"

@@ -89,7 +89,11 @@ fn seaweedfs_signed_reads_cli_serve_and_qcow2() {
     let base = open(url, quick_policy(), &options(&w.endpoint)).unwrap();
     assert_eq!(base.size(), SIZE as u64);
     assert_eq!(base.describe(), url);
-    assert!(base.validator().contains(";etag=\""), "{}", base.validator());
+    assert!(
+        base.validator().contains(";etag=\""),
+        "{}",
+        base.validator()
+    );
     check_reads(&base, &bytes);
     assert_eq!(read_all(&base), bytes);
 
@@ -110,7 +114,8 @@ fn seaweedfs_signed_reads_cli_serve_and_qcow2() {
     let info = run_env(d, &fvd, &["info", "--output=json", "img.fvd"], &envr);
     info.ok("fvd info");
     assert!(
-        info.stdout.contains(&format!("\"backing-filename\": \"{url}\"")),
+        info.stdout
+            .contains(&format!("\"backing-filename\": \"{url}\"")),
         "{}",
         info.stdout
     );
@@ -136,21 +141,13 @@ fn seaweedfs_signed_reads_cli_serve_and_qcow2() {
 
     // fvd serve of the image, read over NBD by qemu-img.
     let sock = d.join("nbd.sock");
-    let mut serve = {
-        let log = std::fs::File::create(d.join("serve.log")).unwrap();
-        let mut c = std::process::Command::new(&fvd);
-        c.args(["serve", "-r", "-k", sock.to_str().unwrap(), "img.fvd"])
-            .current_dir(d)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, v) in &envr {
-            c.env(k, v);
-        }
-        Server {
-            child: c.spawn().unwrap(),
-            what: "fvd serve".into(),
-        }
-    };
+    let mut serve = Server::start_env(
+        d,
+        &fvd,
+        &["serve", "-r", "-k", sock.to_str().unwrap(), "img.fvd"],
+        "serve",
+        &envr,
+    );
     wait_unix(&mut serve, &sock);
     let nbd = format!("nbd+unix:///?socket={}", sock.display());
     run(
@@ -167,16 +164,34 @@ fn seaweedfs_signed_reads_cli_serve_and_qcow2() {
         run(d, Path::new("qemu-img"), args).ok("qemu-img");
     };
     qi(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "top.qcow2",
     ]);
     run(
         d,
         Path::new("qemu-io"),
-        &["-c", "write -P 0x33 1M 192k", "-c", "write -z 4M 8k", "top.qcow2"],
+        &[
+            "-c",
+            "write -P 0x33 1M 192k",
+            "-c",
+            "write -z 4M 8k",
+            "top.qcow2",
+        ],
     )
     .ok("qemu-io");
     qi(&["convert", "-O", "raw", "top.qcow2", "top.raw"]);
-    w.put("fvd", "dir/top.qcow2", &std::fs::read(d.join("top.qcow2")).unwrap());
+    w.put(
+        "fvd",
+        "dir/top.qcow2",
+        &std::fs::read(d.join("top.qcow2")).unwrap(),
+    );
     cli_cow_check_env(d, &fvd, "s3://fvd/dir/top.qcow2", "qcow2", "top.raw", &envr);
 }
 
@@ -255,7 +270,8 @@ fn seaweedfs_errors_are_clear_and_a_replaced_object_is_refused() {
     let base = open(url, p, &good).unwrap();
     block_on(base.read_at(0, IoBuf::zeroed(4096))).unwrap();
     w.put("fvd", "obj.raw", &data(32, 1 << 20));
-    let e = block_on(base.read_at(4096, IoBuf::zeroed(4096))).expect_err("read of a replaced object");
+    let e =
+        block_on(base.read_at(4096, IoBuf::zeroed(4096))).expect_err("read of a replaced object");
     let m = one_line(&e);
     assert!(
         m.contains("changed on the server") && m.contains("412"),
@@ -309,7 +325,10 @@ fn seaweedfs_restarted_mid_read_is_retried() {
             let n = bytes.len() / piece;
             let (mut i, mut after) = (0usize, 0usize);
             while after < n {
-                assert!(t0.elapsed() < Duration::from_secs(180), "reads took too long");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(180),
+                    "reads took too long"
+                );
                 let batch: Vec<_> = (0..8)
                     .map(|k| {
                         let off = ((i + k) % n) * piece;
@@ -388,7 +407,15 @@ fn seaweedfs_presigned_and_signed_over_https() {
     env.push(("AWS_ENDPOINT_URL", tls.clone()));
     let mut envr = env_refs(&env);
     let _ = std::fs::remove_file(d.join("img.fvd"));
-    let create = ["create", "-q", "-b", "s3://fvd/base.raw", "-F", "raw", "img.fvd"];
+    let create = [
+        "create",
+        "-q",
+        "-b",
+        "s3://fvd/base.raw",
+        "-F",
+        "raw",
+        "img.fvd",
+    ];
     run_env(d, &fvd, &create, &envr).fails_with("create without the CA", "certificate");
     envr.push(ca_env);
     run_env(d, &fvd, &create, &envr).ok("create over https");
@@ -471,7 +498,10 @@ fn serve_s3(conn: std::net::TcpStream, file: &[u8], seen: &Mutex<Vec<Seen>>) {
             let (len, body) = error("AccessDenied", "Access Denied");
             format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {len}\r\n\r\n{body}").into_bytes()
         } else if if_match.as_deref().is_some_and(|m| m != "\"e1\"") {
-            let (len, body) = error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold");
+            let (len, body) = error(
+                "PreconditionFailed",
+                "At least one of the pre-conditions you specified did not hold",
+            );
             format!("HTTP/1.1 412 Precondition Failed\r\nContent-Length: {len}\r\n\r\n{body}")
                 .into_bytes()
         } else {
@@ -501,7 +531,12 @@ fn slowdown_is_retried_and_every_read_is_signed_with_if_match() {
     let base = open("s3://bkt/some/key.raw", quick_policy(), &o).unwrap();
     assert_eq!(base.size(), 300_000);
     assert_eq!(base.validator(), "size=300000;etag=\"e1\"");
-    for (off, len) in [(0u64, 300_000usize), (1, 1), (299_990, 50), (12_345, 100_000)] {
+    for (off, len) in [
+        (0u64, 300_000usize),
+        (1, 1),
+        (299_990, 50),
+        (12_345, 100_000),
+    ] {
         let b = block_on(base.read_at(off, IoBuf::zeroed(len))).unwrap();
         let inside = (300_000 - off as usize).min(len);
         assert_eq!(&b[..inside], &file[off as usize..off as usize + inside]);
@@ -510,7 +545,10 @@ fn slowdown_is_retried_and_every_read_is_signed_with_if_match() {
     // Two SlowDowns, the open, four reads.
     assert_eq!(seen.len(), 7, "{seen:?}");
     for s in &seen {
-        assert!(s.target.starts_with("/bkt/some/key.raw?"), "path style: {s:?}");
+        assert!(
+            s.target.starts_with("/bkt/some/key.raw?"),
+            "path style: {s:?}"
+        );
         assert!(s.target.contains("X-Amz-Signature="), "signed: {s:?}");
     }
     for s in &seen[3..] {

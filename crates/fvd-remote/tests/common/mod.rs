@@ -133,28 +133,53 @@ pub struct Server {
     pub child: Child,
     /// What it is (for messages).
     pub what: String,
+    group_killed: bool,
 }
 
 impl Server {
-    /// Start `prog args` in `dir` (output to `dir/<name>.log`).
+    /// Start `prog args` in `dir` (output to `dir/<name>.log`), in a
+    /// process group of its own.
     pub fn start(dir: &Path, prog: &Path, args: &[&str], name: &str) -> Server {
+        Server::start_env(dir, prog, args, name, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_env(
+        dir: &Path,
+        prog: &Path,
+        args: &[&str],
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
         let child = Command::new(prog)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", prog.display()));
         Server {
             child,
             what: format!("{} {}", prog.display(), args.join(" ")),
+            group_killed: false,
         }
     }
 
-    /// Kill the server now (SIGKILL) and reap it.
+    /// Kill the server and everything it started (nginx's workers) now
+    /// (SIGKILL to its process group), and reap it.
     pub fn kill(&mut self) {
+        if !self.group_killed {
+            // The group outlives its leader while a member (a worker)
+            // lives; once reaped here, its id is not ours any more.
+            // SAFETY: plain syscall on the process group start() created.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            self.group_killed = true;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -770,8 +795,8 @@ pub fn http_request(
         let mut rest = &body[..];
         while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
             let size_text = String::from_utf8_lossy(&rest[..i]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
-                .unwrap_or(0);
+            let size =
+                usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
             if size == 0 || rest.len() < i + 2 + size {
                 break;
             }
