@@ -739,14 +739,17 @@ impl Drop for Seaweed {
     }
 }
 
+/// An HTTP answer: status, headers (names in lower case), body.
+pub type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
 /// One HTTP/1.1 request over a new plain TCP connection (test uploads
-/// and probes): `(status, headers, body)`.
+/// and probes).
 pub fn http_request(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+) -> std::io::Result<Answer> {
     use std::io::{Read, Write};
     let u: url::Url = url
         .parse()
