@@ -524,7 +524,9 @@ mod tests {
         let req = s.get(10, 19, Some(&v)).unwrap();
         let uri = req.uri().to_string();
         assert!(
-            uri.starts_with("http://127.0.0.1:9000/bkt/dir/a%20b.raw?X-Amz-Algorithm=AWS4-HMAC-SHA256"),
+            uri.starts_with(
+                "http://127.0.0.1:9000/bkt/dir/a%20b.raw?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            ),
             "{uri}"
         );
         assert!(uri.contains("X-Amz-Credential=AK%2F"), "{uri}");
@@ -551,7 +553,11 @@ mod tests {
         // No credentials: unsigned.
         o.access_key_id = None;
         o.secret_access_key = None;
-        let uri = signed("s3://bkt/k", &o).get(0, 0, None).unwrap().uri().to_string();
+        let uri = signed("s3://bkt/k", &o)
+            .get(0, 0, None)
+            .unwrap()
+            .uri()
+            .to_string();
         assert_eq!(uri, "https://bkt.objects.example/k");
         // Half a key pair is refused.
         o.access_key_id = Some("AK".into());
