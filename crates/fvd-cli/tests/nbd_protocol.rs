@@ -8,9 +8,9 @@
 mod nbd_support;
 
 use fvd_core::Format;
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, ClientOption, InfoReply, OptionReply};
-use fvd_nbd::request::Command as Cmd;
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, ClientOption, InfoReply, OptionReply};
+use fvd_nbd::proto::request::Command as Cmd;
 use nbd_support::*;
 
 const SIZE: u64 = 16 << 20;
@@ -313,7 +313,8 @@ fn option_negotiation() {
         }
     }
     // REQ_ONE and the payload form selecting one context.
-    let payload = fvd_nbd::transmission::encode_block_status_payload(SIZE - (1 << 20), &[base_id]);
+    let payload =
+        fvd_nbd::proto::transmission::encode_block_status_payload(SIZE - (1 << 20), &[base_id]);
     c.request(
         Cmd::BlockStatus,
         CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_REQ_ONE,
@@ -327,7 +328,7 @@ fn option_negotiation() {
     };
     assert_eq!(chunks, vec![Chunk::Status(base_id, vec![(65536, 0)])]);
     // A context id that was not selected.
-    let payload = fvd_nbd::transmission::encode_block_status_payload(SIZE, &[77]);
+    let payload = fvd_nbd::proto::transmission::encode_block_status_payload(SIZE, &[77]);
     c.request(
         Cmd::BlockStatus,
         CMD_FLAG_PAYLOAD_LEN,
@@ -527,14 +528,14 @@ fn many_requests_in_flight() {
     let sender = std::thread::spawn(move || {
         use std::io::Write;
         for i in 0..n {
-            let req = fvd_nbd::request::Request {
+            let req = fvd_nbd::proto::request::Request {
                 flags: 0,
                 command: Cmd::Write,
                 cookie: 1000 + i,
                 offset: i * 65536,
                 length: 65536,
             };
-            let mut b = fvd_nbd::request::encode_request(&req, false).unwrap();
+            let mut b = fvd_nbd::proto::request::encode_request(&req, false).unwrap();
             b.extend(std::iter::repeat_n(i as u8, 65536));
             writer.write_all(&b).unwrap();
         }

@@ -10,8 +10,8 @@ mod nbd_support;
 use std::path::Path;
 
 use fvd_core::Format;
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, OptionReply};
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, OptionReply};
 use nbd_support::*;
 
 const MIB: u64 = 1 << 20;

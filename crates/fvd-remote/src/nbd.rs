@@ -31,12 +31,12 @@ use std::time::Duration;
 use fvd_core::IoBuf;
 use fvd_core::base::Base;
 use fvd_core::storage::{AllocRun, IoFuture, coalesce};
-use fvd_nbd::consts;
-use fvd_nbd::handshake::{
+use fvd_nbd::proto::consts;
+use fvd_nbd::proto::handshake::{
     self, ClientOption, InfoReply, OptionReply, decode_option_reply, decode_option_reply_header,
 };
-use fvd_nbd::reply::{self, ChunkPayload, ReplyHeader};
-use fvd_nbd::request::{Command, Request, encode_request};
+use fvd_nbd::proto::reply::{self, ChunkPayload, ReplyHeader};
+use fvd_nbd::proto::request::{Command, Request, encode_request};
 
 use crate::pool::Workers;
 use crate::retry::{Failure, Policy};

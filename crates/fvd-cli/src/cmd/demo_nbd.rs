@@ -9,12 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use fvd_nbd::consts;
-use fvd_nbd::handshake::{
+use fvd_nbd::proto::consts;
+use fvd_nbd::proto::handshake::{
     ClientOption, decode_export_name_reply, decode_greeting, encode_client_flags, encode_option,
 };
-use fvd_nbd::reply::{ReplyHeader, decode_reply_header};
-use fvd_nbd::request::{Command as NbdCommand, Request, encode_request};
+use fvd_nbd::proto::reply::{ReplyHeader, decode_reply_header};
+use fvd_nbd::proto::request::{Command as NbdCommand, Request, encode_request};
 
 /// A blocking NBD client that speaks the oldest common dialect: fixed
 /// newstyle, NBD_OPT_EXPORT_NAME, simple replies.

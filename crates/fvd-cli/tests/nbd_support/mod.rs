@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use fvd_core::executor::block_on;
 use fvd_core::{BaseSpec, CreateOptions, Extent, Format, PathOptions};
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, OptionReply, OptionReplyHeader};
-use fvd_nbd::reply::{self, ChunkPayload, ReplyHeader};
-use fvd_nbd::request::{Command as Cmd, Request, encode_request};
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, OptionReply, OptionReplyHeader};
+use fvd_nbd::proto::reply::{self, ChunkPayload, ReplyHeader};
+use fvd_nbd::proto::request::{Command as Cmd, Request, encode_request};
 
 /// The `fvd` binary under test.
 pub fn fvd_bin() -> PathBuf {
