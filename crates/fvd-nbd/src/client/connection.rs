@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use super::error::Failure;
 use super::handshake::ExportInfo;
-use super::inflight::{Chunk, Pending, Reply, Table};
+use super::inflight::{Chunk, Pending, Reply, Table, Waiter};
 use crate::proto::consts;
 use crate::proto::reply::{self, ChunkHeader, ChunkPayload, ReplyHeader, SimpleReply};
 use crate::proto::request::{Command, Request, encode_request};
@@ -71,10 +71,17 @@ impl Shared {
     }
 }
 
+/// What the writer writes: a request (header and payload) or raw bytes,
+/// and whom to tell once it is written.
+struct Outgoing {
+    bufs: Vec<Vec<u8>>,
+    written: Option<oneshot::Sender<()>>,
+}
+
 /// One negotiated connection with many requests in flight.
 pub struct Connection {
     shared: Arc<Shared>,
-    requests: mpsc::UnboundedSender<Vec<Vec<u8>>>,
+    requests: mpsc::UnboundedSender<Outgoing>,
     info: ExportInfo,
 }
 
@@ -203,11 +210,42 @@ impl Connection {
             .map_err(|f| f.to_io())
     }
 
-    /// Send `bytes` as they are (for tests of servers: malformed requests).
-    pub fn send_raw(&self, bytes: Vec<u8>) -> io::Result<()> {
-        self.requests
-            .send(vec![bytes])
-            .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "connection closed"))
+    /// Send `request` exactly as given (its cookie included, whatever its
+    /// flags and length say) followed by `payload`; once it is queued for
+    /// writing, return what waits for the reply. For tests of servers.
+    pub async fn submit_raw(
+        &self,
+        request: Request,
+        payload: Vec<u8>,
+    ) -> io::Result<impl Future<Output = io::Result<Reply>> + Send + 'static> {
+        let waiter = self
+            .submit(request, true, payload)
+            .await
+            .map_err(|f| f.to_io())?;
+        let shared = self.shared.clone();
+        Ok(async move { wait(waiter, &shared).await.map_err(|f| f.to_io()) })
+    }
+
+    /// Send `bytes` as they are (for tests of servers: malformed requests)
+    /// and wait until they are written.
+    pub async fn send_raw(&self, bytes: Vec<u8>) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let out = Outgoing {
+            bufs: vec![bytes],
+            written: Some(tx),
+        };
+        let closed = || io::Error::new(io::ErrorKind::NotConnected, "connection closed");
+        self.requests.send(out).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())
+    }
+
+    /// Drop the connection at once: no `NBD_CMD_DISC`, requests in flight
+    /// fail (for tests of servers: a client that vanishes).
+    pub fn abort(&self) {
+        self.shared.kill(&Failure::permanent(
+            io::ErrorKind::ConnectionAborted,
+            format!("{}: the connection was aborted", self.shared.target),
+        ));
     }
 
     pub(crate) async fn request(
@@ -216,42 +254,63 @@ impl Connection {
         keep_cookie: bool,
         payload: Vec<u8>,
     ) -> Result<Reply, Failure> {
+        let waiter = self.submit(request, keep_cookie, payload).await?;
+        wait(waiter, &self.shared).await
+    }
+
+    /// Enter `request` in the table and queue it for the writer.
+    async fn submit(
+        &self,
+        request: Request,
+        keep_cookie: bool,
+        payload: Vec<u8>,
+    ) -> Result<Waiter, Failure> {
         let slot = self.shared.table.slot().await?;
         let target = &self.shared.target;
-        let header = encode_request(&request, self.info.extended).map_err(|e| {
+        let check = encode_request(&request, self.info.extended).map_err(|e| {
             Failure::permanent(io::ErrorKind::InvalidInput, format!("{target}: {e}"))
         })?;
         let (entered, waiter) = self.shared.table.enter(request, keep_cookie, slot)?;
-        let header = if entered.cookie == request.cookie {
-            header
+        let header = if keep_cookie {
+            check
         } else {
-            encode_request(&entered, self.info.extended).unwrap_or(header)
+            encode_request(&entered, self.info.extended).unwrap_or(check)
         };
         self.shared.wake.notify_one();
-        if self.requests.send(vec![header, payload]).is_err() {
-            // The writer is gone, so the connection is dead and the table
-            // closed (which failed this request too).
-            if let Some(p) = self.shared.table.take(entered.cookie) {
-                p.fail(self.lost());
-            }
+        let out = Outgoing {
+            bufs: vec![header, payload],
+            written: None,
+        };
+        if self.requests.send(out).is_err()
+            && let Some(p) = self.shared.table.take(entered.cookie)
+        {
+            // The writer is gone, so the connection is dead.
+            p.fail(lost(&self.shared));
         }
-        match waiter.await {
-            Ok(r) => r,
-            Err(_) => Err(self.lost()),
-        }
+        Ok(waiter)
     }
+}
 
-    fn lost(&self) -> Failure {
-        self.shared.table.closed().unwrap_or_else(|| {
-            Failure::transient(
-                io::ErrorKind::ConnectionAborted,
-                format!(
-                    "{}: the connection was lost with the request in flight",
-                    self.shared.target
-                ),
-            )
-        })
+/// Wait for the reply a request is promised.
+async fn wait(waiter: Waiter, shared: &Shared) -> Result<Reply, Failure> {
+    match waiter.await {
+        Ok(r) => r,
+        Err(_) => Err(lost(shared)),
     }
+}
+
+/// Why a request got no reply: the reason the connection died, or else
+/// that it was lost.
+fn lost(shared: &Shared) -> Failure {
+    shared.table.closed().unwrap_or_else(|| {
+        Failure::transient(
+            io::ErrorKind::ConnectionAborted,
+            format!(
+                "{}: the connection was lost with the request in flight",
+                shared.target
+            ),
+        )
+    })
 }
 
 impl Drop for Connection {
@@ -266,24 +325,28 @@ impl Drop for Connection {
 /// The writer task.
 async fn writer(
     mut w: WriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
     disc: Vec<u8>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
-        batch.extend(first);
+        batch.extend(first.bufs);
+        acks.extend(first.written);
         for _ in 1..MAX_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
-            }
+            let Ok(out) = rx.try_recv() else { break };
+            batch.extend(out.bufs);
+            acks.extend(out.written);
         }
         let r = match write_all_vectored(&mut w, &batch).await {
             Ok(()) => w.flush().await,
             Err(e) => Err(e),
         };
         batch.clear();
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
         if let Err(e) = r {
             shared.kill(&Failure::io(
                 &format!("{}: send request", shared.target),
