@@ -10,9 +10,11 @@
 //!   ([`qcow2`]), following the qcow2 backing chain read-only with the
 //!   backing format recorded in the image (never probed).
 //!
-//! Remote sources use blocking sockets on a few worker threads per base
-//! ([`pool`]), so their futures complete under any executor. Timeouts and
-//! retries are described in [`retry`]. Every base is read-only.
+//! NBD bases use the fvd-nbd client (many reads in flight, its tasks on
+//! its own tokio runtime); HTTP(S) bases use blocking sockets on a few
+//! worker threads per base ([`pool`]). Either way their futures complete
+//! under any executor. Timeouts and retries are described in [`retry`].
+//! Every base is read-only.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
