@@ -471,10 +471,13 @@ async fn requests_in_flight_are_reissued_on_a_new_connection() {
     assert!(e.to_string().contains("closed by the server"), "{e}");
 }
 
+/// How a hostile server answers a request.
+type Answer = fn(&Request, &Peer) -> Vec<u8>;
+
 /// A server whose first connection answers the first read with
 /// `answer(request, peer)` and hangs up; later connections behave. Returns
 /// the read's error, after checking that the client goes on.
-async fn hostile(answer: fn(&Request, &Peer) -> Vec<u8>) -> io::Error {
+async fn hostile(answer: Answer) -> io::Error {
     let srv = Script::start(move |n, s| async move {
         let Some(mut p) = Peer::handshake(s, Offer::default()).await else {
             return;
@@ -506,7 +509,7 @@ async fn hostile(answer: fn(&Request, &Peer) -> Vec<u8>) -> io::Error {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_servers_get_clear_errors() {
-    let cases: Vec<(&str, fn(&Request, &Peer) -> Vec<u8>)> = vec![
+    let cases: Vec<(&str, Answer)> = vec![
         ("bad magic", |_, _| {
             vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         }),
