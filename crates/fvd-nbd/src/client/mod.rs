@@ -68,7 +68,7 @@ pub use tls::TlsConfig;
 use error::Failure;
 
 use crate::proto::consts;
-use crate::proto::request::Command;
+use crate::proto::request::{Command, Request};
 use crate::stream::Stream;
 
 /// Largest range asked about in one `NBD_CMD_BLOCK_STATUS`.
@@ -220,17 +220,15 @@ struct Inner {
     growing: AtomicBool,
 }
 
-/// Run `fut` on `runtime`; the result completes under any executor.
-fn on_runtime<T: Send + 'static>(
-    runtime: io::Result<Handle>,
+/// Run `fut` on `runtime`; what is returned completes under any executor.
+fn spawn_on<T: Send + 'static>(
+    runtime: Handle,
     fut: impl Future<Output = io::Result<T>> + Send + 'static,
 ) -> impl Future<Output = io::Result<T>> + Send + 'static {
-    let task = runtime.map(|rt| rt.spawn(fut));
+    let task = runtime.spawn(fut);
     async move {
-        match task?.await {
-            Ok(r) => r,
-            Err(e) => Err(io::Error::other(format!("NBD client task failed: {e}"))),
-        }
+        task.await
+            .unwrap_or_else(|e| Err(io::Error::other(format!("NBD client task failed: {e}"))))
     }
 }
 
@@ -241,40 +239,36 @@ impl Client {
         target: Target,
         config: Config,
     ) -> impl Future<Output = io::Result<Client>> + Send + 'static {
-        let runtime = match &config.runtime {
-            Some(h) => Ok(h.clone()),
-            None => shared_runtime(),
+        let runtime = config.runtime.clone().map_or_else(shared_runtime, Ok);
+        let task = runtime.map(|rt| spawn_on(rt.clone(), Client::open(target, config, rt)));
+        async move { task?.await }
+    }
+
+    async fn open(target: Target, config: Config, runtime: Handle) -> io::Result<Client> {
+        let first = retrying(&*config.retry, || {
+            open_connection(&target, &config, &runtime, false)
+        })
+        .await?;
+        let info = first.info().clone();
+        let max_connections = if info.has_flag(consts::FLAG_CAN_MULTI_CONN) {
+            config.connections.max(1)
+        } else {
+            // Without multi-conn several connections need not see the same
+            // data (and qemu-nbd, for one, serves a single client unless
+            // started with --shared).
+            1
         };
-        let rt = runtime.as_ref().ok().cloned();
-        on_runtime(runtime, async move {
-            let Some(runtime) = rt else {
-                return Err(io::Error::other("no runtime"));
-            };
-            let first = retrying(&*config.retry, || {
-                open_connection(&target, &config, &runtime, false)
-            })
-            .await?;
-            let info = first.info().clone();
-            let max_connections = if info.has_flag(consts::FLAG_CAN_MULTI_CONN) {
-                config.connections.max(1)
-            } else {
-                // qemu-nbd, for one, serves a single client unless started
-                // with --shared, and without multi-conn several
-                // connections need not see the same data.
-                1
-            };
-            Ok(Client {
-                inner: Arc::new(Inner {
-                    target,
-                    config,
-                    runtime,
-                    info,
-                    max_connections,
-                    conns: Mutex::new(vec![Arc::new(first)]),
-                    connecting: tokio::sync::Mutex::new(()),
-                    growing: AtomicBool::new(false),
-                }),
-            })
+        Ok(Client {
+            inner: Arc::new(Inner {
+                target,
+                config,
+                runtime,
+                info,
+                max_connections,
+                conns: Mutex::new(vec![Arc::new(first)]),
+                connecting: tokio::sync::Mutex::new(()),
+                growing: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -306,7 +300,7 @@ impl Client {
         &self,
         fut: impl Future<Output = io::Result<T>> + Send + 'static,
     ) -> impl Future<Output = io::Result<T>> + Send + 'static {
-        on_runtime(Ok(self.inner.runtime.clone()), fut)
+        spawn_on(self.inner.runtime.clone(), fut)
     }
 
     /// Read `len` bytes at `offset` (inside the export), split and aligned
@@ -345,39 +339,14 @@ impl Client {
         payload: Vec<u8>,
     ) -> impl Future<Output = io::Result<Reply>> + Send + 'static {
         let inner = self.inner.clone();
-        self.spawn(async move {
-            let retry = matches!(
-                command,
-                Command::Read | Command::BlockStatus | Command::Cache
-            );
-            let policy: Arc<dyn RetryPolicy> = if retry {
-                inner.config.retry.clone()
-            } else {
-                Arc::new(NoRetry)
-            };
-            // Only requests without a payload are retried.
-            let mut payload = Some(payload);
-            retrying(&*policy, || {
-                let inner = inner.clone();
-                let payload = payload.take().unwrap_or_default();
-                async move {
-                    let c = inner.connection().await?;
-                    c.request(
-                        crate::proto::request::Request {
-                            flags,
-                            command,
-                            cookie: 0,
-                            offset,
-                            length,
-                        },
-                        false,
-                        payload,
-                    )
-                    .await
-                }
-            })
-            .await
-        })
+        let request = Request {
+            flags,
+            command,
+            cookie: 0,
+            offset,
+            length,
+        };
+        self.spawn(async move { inner.request(request, payload, |_, r| Ok(r)).await })
     }
 
     /// Write `data` at `offset` (`fua`: durable when acknowledged).
@@ -576,34 +545,43 @@ impl Inner {
         });
     }
 
-    /// A request with retries; `check` turns a reply into the result (a
-    /// server error into a failure).
-    async fn retried<T>(
+    /// One request, retried on a new connection when its own fails if its
+    /// command allows (reads, block status, cache: they change nothing);
+    /// `check` turns the reply into the result (a server error into a
+    /// failure).
+    async fn request<T>(
         self: &Arc<Self>,
-        command: Command,
-        offset: u64,
-        length: u64,
+        request: Request,
+        payload: Vec<u8>,
         check: impl Fn(&Connection, Reply) -> Result<T, Failure>,
     ) -> io::Result<T> {
-        retrying(&*self.config.retry, || async {
-            let c = self.connection().await?;
-            let request = crate::proto::request::Request {
-                flags: 0,
-                command,
-                cookie: 0,
-                offset,
-                length,
-            };
-            let r = c.request(request, false, Vec::new()).await;
-            let r = r.and_then(|reply| check(&c, reply));
-            if let Err(f) = &r
-                && !f.is_permanent()
-            {
-                // The server is going away (or the connection did): do not
-                // send it more.
-                self.lock_conns().retain(|x| !Arc::ptr_eq(x, &c));
+        let idempotent = matches!(
+            request.command,
+            Command::Read | Command::BlockStatus | Command::Cache
+        );
+        let policy: &dyn RetryPolicy = if idempotent {
+            &*self.config.retry
+        } else {
+            &NoRetry
+        };
+        // Only the first try has the payload: requests with one are not
+        // retried.
+        let mut payload = Some(payload);
+        retrying(policy, || {
+            let payload = payload.take().unwrap_or_default();
+            async {
+                let c = self.connection().await?;
+                let r = c.request(request, false, payload).await;
+                let r = r.and_then(|reply| check(&c, reply));
+                if let Err(f) = &r
+                    && !f.is_permanent()
+                {
+                    // The server is going away (or the connection did): do
+                    // not send it more.
+                    self.lock_conns().retain(|x| !Arc::ptr_eq(x, &c));
+                }
+                r
             }
-            r
         })
         .await
     }
@@ -666,11 +644,16 @@ impl Inner {
     /// One read request (already aligned and within the limits).
     async fn read_aligned(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let what = format!("read of {len} bytes at offset {offset}");
-        self.retried(Command::Read, offset, len, |_, reply| {
-            match reply.first_error() {
-                Some((code, message)) => Err(self.server_failure(&what, code, message)),
-                None => Ok(reply.data),
-            }
+        let request = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 0,
+            offset,
+            length: len,
+        };
+        self.request(request, Vec::new(), |_, reply| match reply.first_error() {
+            Some((code, message)) => Err(self.server_failure(&what, code, message)),
+            None => Ok(reply.data),
         })
         .await
     }
@@ -693,8 +676,15 @@ impl Inner {
                 .min(size.saturating_sub(a_start))
                 .min(align_down(u64::from(u32::MAX), min));
             let what = format!("block status of {a_len} bytes at offset {a_start}");
+            let request = Request {
+                flags: 0,
+                command: Command::BlockStatus,
+                cookie: 0,
+                offset: a_start,
+                length: a_len,
+            };
             let descriptors = self
-                .retried(Command::BlockStatus, a_start, a_len, |c, reply| {
+                .request(request, Vec::new(), |c, reply| {
                     if let Some((code, message)) = reply.first_error() {
                         return Err(self.server_failure(&what, code, message));
                     }
