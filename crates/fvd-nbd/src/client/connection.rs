@@ -4,9 +4,9 @@
 //! * the writer takes encoded requests from a channel and writes whatever
 //!   has queued up with one vectored write;
 //! * the reader reads replies in the order the server sends them, finds
-//!   each one's request in the [`Table`] by its cookie, and assembles
-//!   structured replies chunk by chunk (reads land straight in the
-//!   request's buffer).
+//!   each one's request by its cookie in the table of requests in flight,
+//!   and assembles structured replies chunk by chunk (reads land straight
+//!   in the request's buffer).
 //!
 //! Any number of callers submit requests at once (up to the in-flight
 //! limit); each waits on its own channel, so the futures of [`Connection`]
@@ -166,48 +166,11 @@ impl Connection {
         *self.shared.dead.borrow()
     }
 
-    /// Why the connection died, once it has.
-    pub fn death(&self) -> Option<io::Error> {
-        self.shared.table.closed().map(|f| f.to_io())
-    }
-
     /// Wait until the connection dies (the server hung up, a timeout, a
     /// protocol error).
     pub async fn closed(&self) {
         let mut rx = self.shared.dead.subscribe();
         let _ = rx.wait_for(|dead| *dead).await;
-    }
-
-    /// Send `command` with `flags` for `[offset, offset + length)` (and
-    /// `payload` after the header) and wait for its reply. An error
-    /// reply is a [`Reply`] too; `Err` means the request did not get one.
-    pub async fn call(
-        &self,
-        command: Command,
-        flags: u16,
-        offset: u64,
-        length: u64,
-        payload: Vec<u8>,
-    ) -> io::Result<Reply> {
-        let request = Request {
-            flags,
-            command,
-            cookie: 0,
-            offset,
-            length,
-        };
-        self.request(request, false, payload)
-            .await
-            .map_err(|f| f.to_io())
-    }
-
-    /// Send `request` exactly as given (its cookie included, whatever its
-    /// flags and length say) followed by `payload`, and wait for a reply
-    /// with that cookie. For tests of servers.
-    pub async fn call_raw(&self, request: Request, payload: Vec<u8>) -> io::Result<Reply> {
-        self.request(request, true, payload)
-            .await
-            .map_err(|f| f.to_io())
     }
 
     /// Send `request` exactly as given (its cookie included, whatever its

@@ -1,6 +1,6 @@
 //! Option negotiation, client side (fixed newstyle).
 //!
-//! [`Handshake::negotiate`] runs the usual sequence: `STARTTLS` when TLS
+//! A client connection runs the usual sequence: `STARTTLS` when TLS
 //! is configured, extended headers if the server offers them (else
 //! structured replies), the wanted metadata contexts (`base:allocation`),
 //! then `NBD_OPT_GO` asking for the block size constraints, falling back
@@ -178,14 +178,6 @@ impl Handshake {
         self.exchange(code, payload).await.map_err(|f| f.to_io())
     }
 
-    /// Send `option` and read its replies up to the final one.
-    pub async fn option(&mut self, option: &ClientOption) -> io::Result<Vec<OptionReply>> {
-        let payload = handshake::encode_option_payload(option)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let replies = self.option_raw(option.code(), &payload).await?;
-        Ok(replies.into_iter().map(|(_, r)| r).collect())
-    }
-
     fn io_failure(&self, e: &io::Error) -> Failure {
         Failure::io(&format!("{}: handshake", self.target), e)
     }
@@ -245,10 +237,6 @@ impl Handshake {
     }
 
     /// Upgrade to TLS with `NBD_OPT_STARTTLS`.
-    pub async fn starttls(self, tls: &TlsConfig) -> io::Result<Handshake> {
-        self.upgrade(tls).await.map_err(|f| f.to_io())
-    }
-
     async fn upgrade(mut self, tls: &TlsConfig) -> Result<Handshake, Failure> {
         let t = self.target.clone();
         match self.exchange(consts::OPT_STARTTLS, &[]).await?.pop() {
@@ -287,15 +275,6 @@ impl Handshake {
 
     /// Negotiate as [`Negotiation`] says for `export` (optionally with TLS)
     /// and enter transmission: returns the stream and the export.
-    pub async fn negotiate(
-        self,
-        export: &str,
-        want: &Negotiation,
-        tls: Option<&TlsConfig>,
-    ) -> io::Result<(Stream, ExportInfo)> {
-        self.run(export, want, tls).await.map_err(|f| f.to_io())
-    }
-
     pub(crate) async fn run(
         mut self,
         export: &str,

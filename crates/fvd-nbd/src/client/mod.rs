@@ -277,11 +277,6 @@ impl Client {
         &self.inner.info
     }
 
-    /// The target, as named in messages.
-    pub fn name(&self) -> &str {
-        &self.inner.target.name
-    }
-
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.inner
@@ -364,26 +359,6 @@ impl Client {
     /// Make every acknowledged write durable.
     pub fn flush(&self) -> impl Future<Output = io::Result<()>> + Send + 'static {
         self.checked(Command::Flush, 0, 0, 0, Vec::new())
-    }
-
-    /// Discard `[offset, offset + len)`.
-    pub fn trim(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = io::Result<()>> + Send + 'static {
-        self.checked(Command::Trim, 0, offset, len, Vec::new())
-    }
-
-    /// Write zeros to `[offset, offset + len)` (`flags`: `NO_HOLE`,
-    /// `FAST_ZERO`, `FUA`).
-    pub fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: u16,
-    ) -> impl Future<Output = io::Result<()>> + Send + 'static {
-        self.checked(Command::WriteZeroes, flags, offset, len, Vec::new())
     }
 
     /// `call` whose error reply becomes an error.
