@@ -419,13 +419,10 @@ impl ReplyReader {
         p.reply.simple = true;
         p.reply.simple_error = s.error;
         if s.error == 0 && p.request.command == Command::Read {
-            let r = {
-                let data = std::mem::take(p.data());
-                let mut data = data;
-                let r = self.fill(&mut data, false).await;
-                p.reply.data = data;
-                r
-            };
+            // The data follows, exactly as long as the request.
+            let mut data = std::mem::take(p.data());
+            let r = self.fill(&mut data, false).await;
+            p.reply.data = data;
             if let Err(f) = r {
                 p.fail(f.clone());
                 return Err(f);
