@@ -182,6 +182,19 @@ impl Handshake {
         Failure::io(&format!("{}: handshake", self.target), e)
     }
 
+    /// A write failed because the server went away: what it said last (a
+    /// TLS alert, say, such as a certificate it wanted) says more than the
+    /// broken pipe.
+    async fn why_gone(&mut self, write: io::Error) -> Failure {
+        let mut b = [0u8; 1];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(1), self.stream.read(&mut b)).await;
+        match read {
+            Ok(Err(e)) => self.io_failure(&e),
+            _ => self.io_failure(&write),
+        }
+    }
+
     fn protocol(&self, msg: impl std::fmt::Display) -> Failure {
         Failure::protocol(&self.target, msg)
     }
@@ -193,10 +206,9 @@ impl Handshake {
     ) -> Result<Vec<(OptionReplyHeader, OptionReply)>, Failure> {
         let request = handshake::encode_option_request(code, payload)
             .map_err(|e| Failure::permanent(io::ErrorKind::InvalidInput, e.to_string()))?;
-        self.stream
-            .write_all(&request)
-            .await
-            .map_err(|e| self.io_failure(&e))?;
+        if let Err(e) = self.stream.write_all(&request).await {
+            return Err(self.why_gone(e).await);
+        }
         let mut replies = Vec::new();
         loop {
             let (h, r) = self.read_option_reply(code).await?;
