@@ -12,10 +12,10 @@
 //!   ([`qcow2`]), following the qcow2 backing chain read-only with the
 //!   backing format recorded in the image (never probed).
 //!
-//! NBD bases use blocking sockets on a few worker threads per base
-//! ([`pool`]); HTTP(S) and S3 bases share one pooled async client design
-//! ([`client`], [`ranged`]) on a runtime of their own ([`runtime`]). Either
-//! way their futures complete under any executor. Timeouts and retries are
+//! NBD bases use the fvd-nbd client (many reads in flight); HTTP(S) and S3
+//! bases share one pooled async client design ([`client`], [`ranged`]).
+//! Both run their connections on the one remote runtime ([`runtime`]), so
+//! their futures complete under any executor. Timeouts and retries are
 //! described in [`retry`]. Every base is read-only.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +28,6 @@ use fvd_core::{Error, ErrorKind, Format};
 mod client;
 pub mod http;
 pub mod nbd;
-pub mod pool;
 pub mod qcow2;
 pub mod ranged;
 pub mod retry;

@@ -13,10 +13,10 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `FVD_REMOTE_CONNECT_TIMEOUT` | seconds to establish a connection | 10 |
-//! | `FVD_REMOTE_TIMEOUT` | seconds a read or write may block | 30 |
+//! | `FVD_REMOTE_TIMEOUT` | seconds a read or write may block (NBD: a connection with requests in flight may go without a byte from the server) | 30 |
 //! | `FVD_REMOTE_RETRIES` | tries of one operation before giving up | 5 |
 //! | `FVD_REMOTE_RETRY_DELAY_MS` | first pause between tries, milliseconds | 200 |
-//! | `FVD_REMOTE_CONNECTIONS` | most connections (and threads) per NBD base | 4 |
+//! | `FVD_REMOTE_CONNECTIONS` | most connections per NBD base (used only when the server offers multi-conn) | 4 |
 //! | `FVD_REMOTE_IN_FLIGHT` | most requests in flight per HTTP(S) or S3 base | 32 |
 
 use std::io;

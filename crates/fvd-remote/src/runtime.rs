@@ -1,4 +1,4 @@
-//! The tokio runtime the HTTP(S) and S3 clients run on.
+//! The tokio runtime the remote clients (NBD, HTTP(S), S3) run on.
 //!
 //! Bases are read from many places: the NBD server's tokio runtime, the
 //! FUSE export's threads and the CLI through fvd-core's `block_on`, which
@@ -21,7 +21,8 @@ use tokio::task::AbortHandle;
 /// waiting on two cores.
 const WORKERS: usize = 2;
 
-fn handle() -> io::Result<Handle> {
+/// The runtime (started at the first call).
+pub(crate) fn handle() -> io::Result<Handle> {
     static RT: OnceLock<Result<Runtime, String>> = OnceLock::new();
     match RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()

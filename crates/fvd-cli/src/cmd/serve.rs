@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
-use fvd_nbd::consts::DEFAULT_PORT;
+use fvd_nbd::proto::consts::DEFAULT_PORT;
 use fvd_nbd::server::{
     DEFAULT_MAX_CLIENTS, ListenAddr, Listener, Server, ServerConfig, TlsFiles, shutdown_signal,
 };

@@ -34,20 +34,18 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fvd_core::Image;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::consts;
-use crate::transmission::MAX_PAYLOAD;
+use crate::proto::consts;
+use crate::proto::transmission::MAX_PAYLOAD;
+use crate::stream::Stream;
 
 mod handshake;
 mod tls;
@@ -174,101 +172,6 @@ impl Shared {
     }
 }
 
-/// A plain (not yet encrypted) client connection.
-pub(crate) enum Plain {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-/// A client connection, possibly upgraded to TLS.
-pub(crate) enum Conn {
-    Plain(Plain),
-    Tls(Box<tokio_rustls::server::TlsStream<Plain>>),
-}
-
-macro_rules! delegate_plain {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Plain::Unix($s) => $e,
-            Plain::Tcp($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for Plain {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate_plain!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Plain {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate_plain!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate_plain!(self, s => Pin::new(s).poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate_plain!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        delegate_plain!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
 /// Removes the unix socket file when dropped.
 struct SocketFile(PathBuf);
 
@@ -327,16 +230,15 @@ impl Listener {
         }
     }
 
-    async fn accept(&self) -> io::Result<(Plain, String)> {
+    async fn accept(&self) -> io::Result<(Stream, String)> {
         match &self.kind {
             ListenerKind::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                Ok((Plain::Unix(s), "unix client".to_string()))
+                Ok((Stream::unix(s), "unix client".to_string()))
             }
             ListenerKind::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok((Plain::Tcp(s), peer.to_string()))
+                Ok((Stream::tcp(s), peer.to_string()))
             }
         }
     }
@@ -452,7 +354,7 @@ impl Server {
                 _ = idle.notified() => break,
                 a = listener.accept() => a,
             };
-            let (plain, peer) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     shared.log(format_args!("accept failed: {e}"));
@@ -469,7 +371,7 @@ impl Server {
             let idle2 = idle.clone();
             tokio::spawn(async move {
                 shared2.log(format_args!("{peer}: connected"));
-                match serve_connection(Conn::Plain(plain), &shared2, stop).await {
+                match serve_connection(stream, &shared2, stop).await {
                     Ok(()) => shared2.log(format_args!("{peer}: disconnected")),
                     Err(e) => shared2.log(format_args!("{peer}: closed: {e}")),
                 }
@@ -500,7 +402,7 @@ impl Server {
 
 /// One connection, from the greeting to the last reply.
 async fn serve_connection(
-    conn: Conn,
+    conn: Stream,
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
@@ -519,20 +421,8 @@ async fn serve_connection(
     let Some((conn, session)) = negotiated else {
         return Ok(());
     };
-    match conn {
-        Conn::Plain(Plain::Unix(s)) => {
-            let (r, w) = s.into_split();
-            transmission::run(r, w, shared.clone(), session, stop).await
-        }
-        Conn::Plain(Plain::Tcp(s)) => {
-            let (r, w) = s.into_split();
-            transmission::run(r, w, shared.clone(), session, stop).await
-        }
-        Conn::Tls(s) => {
-            let (r, w) = tokio::io::split(*s);
-            transmission::run(r, w, shared.clone(), session, stop).await
-        }
-    }
+    let (r, w) = conn.into_split();
+    transmission::run(r, w, shared.clone(), session, stop).await
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -13,9 +13,9 @@
 //!    [`DecodeError::option_reply_type`]; [`ClientOption::Unknown`] is
 //!    answered with `NBD_REP_ERR_UNSUP`.
 
-use crate::consts::{self, MAX_STRING_LEN};
-use crate::error::{DecodeError, EncodeError};
-use crate::wire::{
+use crate::proto::consts::{self, MAX_STRING_LEN};
+use crate::proto::error::{DecodeError, EncodeError};
+use crate::proto::wire::{
     Reader, add_len, check_string, decode_string, len_u32, len_u64, need, put_u16, put_u32,
     put_u64, sanitize_message,
 };
@@ -806,7 +806,7 @@ fn decode_info_reply(payload: &[u8]) -> Result<InfoReply, DecodeError> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::consts::*;
+    use crate::proto::consts::*;
 
     #[test]
     fn greeting_layout() {

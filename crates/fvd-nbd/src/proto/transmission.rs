@@ -7,10 +7,10 @@
 //! [`Request::payload_len`] bytes following the header, or close the
 //! connection. `NBD_CMD_DISC` has no reply.
 
-use crate::consts::{self, EINVAL, ENOSPC, EPERM};
-use crate::error::DecodeError;
-use crate::request::{Command, Request};
-use crate::wire::{Reader, put_u32, put_u64};
+use crate::proto::consts::{self, EINVAL, ENOSPC, EPERM};
+use crate::proto::error::DecodeError;
+use crate::proto::request::{Command, Request};
+use crate::proto::wire::{Reader, put_u32, put_u64};
 
 /// Largest `NBD_CMD_READ` / `NBD_CMD_WRITE` length (and request payload)
 /// accepted by default: 32 MiB, the portable limit of the spec.
@@ -286,7 +286,7 @@ pub fn encode_block_status_payload(effect_length: u64, context_ids: &[u32]) -> V
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::consts::*;
+    use crate::proto::consts::*;
 
     const SIZE: u64 = 1 << 20;
 

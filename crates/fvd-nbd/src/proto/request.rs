@@ -11,9 +11,9 @@
 //! headers, for any request carrying `NBD_CMD_FLAG_PAYLOAD_LEN`; see
 //! [`Request::payload_len`].
 
-use crate::consts;
-use crate::error::{DecodeError, EncodeError};
-use crate::wire::{Reader, need, put_u16, put_u32, put_u64};
+use crate::proto::consts;
+use crate::proto::error::{DecodeError, EncodeError};
+use crate::proto::wire::{Reader, need, put_u16, put_u32, put_u64};
 
 /// A transmission command type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -229,7 +229,7 @@ pub fn encode_request(req: &Request, extended: bool) -> Result<Vec<u8>, EncodeEr
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::consts::*;
+    use crate::proto::consts::*;
 
     const ALL: [(u16, Command); 10] = [
         (0, Command::Read),

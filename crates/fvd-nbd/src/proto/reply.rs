@@ -14,10 +14,10 @@
 //! With extended headers the server MUST NOT send simple replies; use
 //! [`none_done`] for payload-less success and [`error_chunk`] for errors.
 
-use crate::consts::{self, MAX_STRING_LEN};
-use crate::error::{DecodeError, EncodeError};
-use crate::request::Request;
-use crate::wire::{Reader, len_u64, need, put_u16, put_u32, put_u64, sanitize_message};
+use crate::proto::consts::{self, MAX_STRING_LEN};
+use crate::proto::error::{DecodeError, EncodeError};
+use crate::proto::request::Request;
+use crate::proto::wire::{Reader, len_u64, need, put_u16, put_u32, put_u64, sanitize_message};
 
 // ---------------------------------------------------------------------------
 // Headers
@@ -736,7 +736,7 @@ pub fn decode_chunk_payload<'a>(
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::consts::*;
+    use crate::proto::consts::*;
 
     fn split(bytes: &[u8], extended: bool) -> (ChunkHeader, &[u8]) {
         let n = reply_header_len(bytes, extended).unwrap();
@@ -859,7 +859,7 @@ mod tests {
     fn reply_to_for_request() {
         let req = Request {
             flags: 0,
-            command: crate::request::Command::Read,
+            command: crate::proto::request::Command::Read,
             cookie: 9,
             offset: 512,
             length: 512,

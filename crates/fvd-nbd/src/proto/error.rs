@@ -1,7 +1,7 @@
 //! Decoding and encoding errors, and the mapping from host `errno`
 //! values to NBD error codes.
 
-use crate::consts;
+use crate::proto::consts;
 
 /// Error returned when bytes received from the peer do not form a valid
 /// protocol message.

@@ -1,7 +1,7 @@
 //! Private helpers for bounds-checked big-endian reading and writing.
 
-use crate::consts::MAX_STRING_LEN;
-use crate::error::{DecodeError, EncodeError};
+use crate::proto::consts::MAX_STRING_LEN;
+use crate::proto::error::{DecodeError, EncodeError};
 
 /// A cursor over a byte slice; every read is bounds-checked and returns
 /// `None` when not enough bytes remain.
