@@ -11,7 +11,9 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_WRITE_ZEROES, virtio_blk_config,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Bytes per virtio-blk sector (fixed by the specification).
 pub const SECTOR: u64 = 512;
@@ -119,7 +121,10 @@ impl DeviceConfig {
             offset_of!(virtio_blk_config, blk_size),
             &(SECTOR as u32).to_le_bytes(),
         );
-        put(offset_of!(virtio_blk_config, physical_block_exp), &[phys_exp]);
+        put(
+            offset_of!(virtio_blk_config, physical_block_exp),
+            &[phys_exp],
+        );
         put(
             offset_of!(virtio_blk_config, min_io_size),
             &1u16.to_le_bytes(),
@@ -167,7 +172,9 @@ impl DeviceConfig {
         let space = self.space(wce);
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_LEN);
-        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
         if let (Some(src), Some(dst)) = (space.get(start..end), out.get_mut(..end - start)) {
             dst.copy_from_slice(src);
         }

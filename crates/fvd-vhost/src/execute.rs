@@ -248,7 +248,11 @@ async fn zero_segments<M: GuestMemory>(
         }
         let bytes = u64::from(num) * SECTOR;
         let offset = byte_range(dev, sector, bytes)?;
-        ranges.push((offset, bytes, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0));
+        ranges.push((
+            offset,
+            bytes,
+            flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        ));
     }
     let fua = !dev.writeback.load(Ordering::Acquire);
     for (offset, bytes, unmap) in ranges {

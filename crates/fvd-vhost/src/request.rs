@@ -145,7 +145,10 @@ pub fn parse<M: GuestMemory>(
         if d.addr().checked_add(len).is_none() {
             return Err(bad("descriptor address overflows"));
         }
-        let seg = Segment { addr: d.addr(), len };
+        let seg = Segment {
+            addr: d.addr(),
+            len,
+        };
         if d.is_write_only() {
             writable.push(seg);
         } else if !writable.is_empty() {
@@ -316,13 +319,22 @@ mod tests {
         header(&m, 0x100, VIRTIO_BLK_T_IN, 0);
         assert!(matches!(parse(&m, 0, &[]), Err(ParseError::NoStatus(_))));
         // Status not writable.
-        let d = [Descriptor::new(0x100, 16, N, 1), Descriptor::new(0x200, 1, 0, 0)];
+        let d = [
+            Descriptor::new(0x100, 16, N, 1),
+            Descriptor::new(0x200, 1, 0, 0),
+        ];
         assert!(matches!(parse(&m, 0, &d), Err(ParseError::NoStatus(_))));
         // Truncated chain (the last one still says NEXT).
-        let d = [Descriptor::new(0x100, 16, N, 1), Descriptor::new(0x200, 1, W | N, 9)];
+        let d = [
+            Descriptor::new(0x100, 16, N, 1),
+            Descriptor::new(0x200, 1, W | N, 9),
+        ];
         assert!(matches!(parse(&m, 0, &d), Err(ParseError::NoStatus(_))));
         // Short header.
-        let d = [Descriptor::new(0x100, 8, N, 1), Descriptor::new(0x200, 1, W, 0)];
+        let d = [
+            Descriptor::new(0x100, 8, N, 1),
+            Descriptor::new(0x200, 1, W, 0),
+        ];
         assert_eq!(
             parse(&m, 0, &d),
             Err(ParseError::Malformed(
@@ -353,7 +365,10 @@ mod tests {
         assert!(matches!(parse(&m, 0, &d), Err(ParseError::Malformed(..))));
         // Unknown type parses (answered UNSUPP later).
         header(&m, 0x100, 99, 0);
-        let d = [Descriptor::new(0x100, 16, N, 1), Descriptor::new(0x300, 1, W, 0)];
+        let d = [
+            Descriptor::new(0x100, 16, N, 1),
+            Descriptor::new(0x300, 1, W, 0),
+        ];
         assert_eq!(parse(&m, 0, &d).unwrap().kind, Kind::Unsupported(99));
     }
 

@@ -1,0 +1,88 @@
+//! `fvd serve --vhost-user-blk PATH`: the same image, cache, read-only,
+//! copy-on-read and prefetch options as the NBD export, offered to virtual
+//! machines as a vhost-user-blk device instead (like qemu-storage-daemon's
+//! `--export type=vhost-user-blk`). The transport lives in `fvd-vhost`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Result, anyhow};
+use fvd_core::Image;
+use fvd_vhost::server::DEFAULT_QUEUE_SIZE;
+use fvd_vhost::{ExportConfig, serve};
+
+use super::serve::ServeArgs;
+use super::serve_extras::Extras;
+
+/// Options of `fvd serve` about the vhost-user-blk export.
+#[derive(clap::Args, Debug, Default)]
+pub struct VhostArgs {
+    /// Export over vhost-user-blk on this unix socket (mode 0600, removed on
+    /// exit) instead of NBD: for QEMU's vhost-user-blk-pci, cloud-hypervisor
+    /// and Firecracker. One front end at a time; it may reconnect.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["socket", "bind", "tls_cert", "export_name", "shared"]
+    )]
+    pub vhost_user_blk: Option<PathBuf>,
+    /// Request queues of the vhost-user-blk device (like QEMU's num-queues).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        requires = "vhost_user_blk"
+    )]
+    pub num_queues: u16,
+    /// Largest virtqueue size the vhost-user-blk front end may choose.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE, requires = "vhost_user_blk")]
+    pub queue_size: u16,
+}
+
+/// Serve `image` (already open, copy-on-read and prefetch applied) over
+/// vhost-user-blk until a signal, or with `--once` the first disconnect.
+pub async fn run<F>(
+    image: Arc<Image>,
+    extras: Extras,
+    a: &ServeArgs,
+    socket: PathBuf,
+    signal: F,
+) -> Result<u8>
+where
+    F: std::future::Future<Output = ()> + Send,
+{
+    let path = a.image.display().to_string();
+    let serial: String = a
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(20).collect())
+        .unwrap_or_default();
+    let cfg = ExportConfig {
+        socket: socket.clone(),
+        num_queues: a.vhost.num_queues,
+        queue_size: a.vhost.queue_size,
+        serial,
+        once: a.once,
+        verbose: a.verbose,
+    };
+    eprintln!(
+        "fvd serve: serving {path} over vhost-user-blk at {}{}",
+        socket.display(),
+        if a.read_only { " (read-only)" } else { "" }
+    );
+    let summary = match serve(image.clone(), cfg, signal).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = image.close().await;
+            return Err(anyhow!("{path}: {e}"));
+        }
+    };
+    extras.finish(&image);
+    if a.verbose {
+        eprintln!(
+            "fvd serve: stopped after {} front-end connection(s); {path} closed cleanly",
+            summary.connections
+        );
+    }
+    Ok(0)
+}
