@@ -106,7 +106,7 @@ fn ioerr(why: impl Into<String>) -> Failed {
 
 /// The byte range of `len` bytes from `sector`, checked against the disk.
 fn byte_range(dev: &Device, sector: u64, len: u64) -> Result<u64, Failed> {
-    if len % SECTOR != 0 {
+    if !len.is_multiple_of(SECTOR) {
         return Err(ioerr(format!("length {len} is not a multiple of 512")));
     }
     match sector.checked_add(len / SECTOR) {
@@ -213,7 +213,7 @@ async fn zero_segments<M: GuestMemory>(
     req: &Request,
 ) -> Result<(), Failed> {
     let len = req.readable_len();
-    if len == 0 || len % ZERO_SEGMENT_LEN != 0 {
+    if len == 0 || !len.is_multiple_of(ZERO_SEGMENT_LEN) {
         return Err((
             S_UNSUPP,
             format!("segment list of {len} bytes is not a multiple of 16"),
