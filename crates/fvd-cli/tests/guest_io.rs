@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+mod common;
 mod guest_support;
 
 use guest_support::{
@@ -38,10 +39,10 @@ cmp /tmp/zero /tmp/z
 echo "FVD-CHECK discard ok"
 "#;
 
-fn create_over(base: &Path, image: &Path, extra: &[&str]) {
+/// `fvd create -q -F raw -b BASE EXTRA... IMAGE DISK`.
+fn create_over(base: &str, image: &Path, extra: &[&str]) {
     let out = Command::new(FVD)
-        .args(["create", "-q", "-F", "raw", "-b"])
-        .arg(base)
+        .args(["create", "-q", "-F", "raw", "-b", base])
         .args(extra)
         .arg(image)
         .arg(DISK.to_string())
@@ -73,7 +74,7 @@ fn data_round_trip(vhost: bool) {
     let dir = tempfile::tempdir().unwrap();
     let base = build_base(kit, dir.path(), DATA_SCRIPT, DISK);
     let image = dir.path().join("disk.fvd");
-    create_over(&base, &image, &[]);
+    create_over(&base.display().to_string(), &image, &[]);
     let sock = dir.path().join("disk.sock");
     let attach = if vhost {
         Attach::VhostUser(&sock)
@@ -200,18 +201,7 @@ fn guest_boot_over_a_remote_base_fetches_no_more_than_it_reads() {
     );
     let image = dir.path().join("disk.fvd");
     let uri = format!("nbd+unix:///?socket={}", base_sock.display());
-    let out = Command::new(FVD)
-        .args(["create", "-q", "-F", "raw", "-b", &uri])
-        .args(["-o", "copy_on_read=on"])
-        .arg(&image)
-        .arg(DISK.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fvd create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_over(&uri, &image, &["-o", "copy_on_read=on"]);
     let base_read = || nbdkit_read_bytes(&std::fs::read_to_string(&base_log).unwrap_or_default());
     let mut rounds = Vec::new();
     for round in 0..2 {

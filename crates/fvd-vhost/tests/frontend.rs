@@ -170,6 +170,18 @@ fn fvd_content_and_check(path: &Path) -> Vec<u8> {
     })
 }
 
+/// A fresh FVD image served by fvd-vhost with `queues` queues, and a front
+/// end connected to it.
+fn fvd_export(queues: u16, read_only: bool) -> (tempfile::TempDir, PathBuf, Ours, Driver) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.fvd");
+    create_fvd(&img);
+    let sock = dir.path().join("fvd.sock");
+    let ours = Ours::start(&img, &sock, queues, read_only);
+    let d = Driver::connect(&sock, queues as usize);
+    (dir, img, ours, d)
+}
+
 /// The same exercise for any vhost-user-blk backend; returns what the disk
 /// must hold afterwards.
 fn exercise(d: &mut Driver) -> Vec<u8> {
@@ -264,13 +276,9 @@ fn harness_proven_on_qemu_storage_daemon_then_run_on_fvd() {
 
 #[test]
 fn front_end_reconnects_and_disconnects_mid_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.fvd");
-    create_fvd(&img);
+    let (dir, img, ours, mut d) = fvd_export(1, false);
     let sock = dir.path().join("fvd.sock");
-    let ours = Ours::start(&img, &sock, 1, false);
     // First front end writes and leaves cleanly.
-    let mut d = Driver::connect(&sock, 1);
     let a = pattern(7, 1 << 20);
     assert_eq!(d.write(0, &a), OK);
     drop(d);
@@ -310,12 +318,7 @@ fn front_end_reconnects_and_disconnects_mid_request() {
 
 #[test]
 fn get_vring_base_waits_for_requests_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.fvd");
-    create_fvd(&img);
-    let sock = dir.path().join("fvd.sock");
-    let ours = Ours::start(&img, &sock, 1, false);
-    let mut d = Driver::connect(&sock, 1);
+    let (_dir, img, ours, mut d) = fvd_export(1, false);
     let big = pattern(3, 4 << 20);
     let heads: Vec<u16> = (0..8u64)
         .map(|i| d.start(0, VIRTIO_BLK_T_OUT, i * 8192, &big, 0).0)
@@ -340,12 +343,7 @@ fn get_vring_base_waits_for_requests_in_flight() {
 
 #[test]
 fn malformed_chains_from_a_hostile_front_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.fvd");
-    create_fvd(&img);
-    let sock = dir.path().join("fvd.sock");
-    let ours = Ours::start(&img, &sock, 1, false);
-    let mut d = Driver::connect(&sock, 1);
+    let (_dir, img, ours, mut d) = fvd_export(1, false);
     let hdr = d.alloc(4096);
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
@@ -393,12 +391,7 @@ fn malformed_chains_from_a_hostile_front_end() {
 
 #[test]
 fn shutdown_with_a_front_end_attached_closes_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.fvd");
-    create_fvd(&img);
-    let sock = dir.path().join("fvd.sock");
-    let ours = Ours::start(&img, &sock, 1, false);
-    let mut d = Driver::connect(&sock, 1);
+    let (_dir, img, ours, mut d) = fvd_export(1, false);
     let a = pattern(5, 256 << 10);
     assert_eq!(d.write(2048, &a), OK);
     // No flush from the driver: shutdown commits what was acknowledged.
@@ -411,12 +404,7 @@ fn shutdown_with_a_front_end_attached_closes_cleanly() {
 
 #[test]
 fn read_only_export_refuses_writes_over_the_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let img: PathBuf = dir.path().join("disk.fvd");
-    create_fvd(&img);
-    let sock = dir.path().join("fvd.sock");
-    let ours = Ours::start(&img, &sock, 1, true);
-    let mut d = Driver::connect(&sock, 1);
+    let (_dir, img, ours, mut d) = fvd_export(1, true);
     assert_ne!(
         d.features & (1 << VIRTIO_BLK_F_RO),
         0,

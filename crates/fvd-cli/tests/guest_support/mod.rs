@@ -6,7 +6,8 @@
 //! 32 MiB ext4 root file system (busybox, the kit's `/sbin/fvd-init` and the
 //! test's `/test.sh`), mounted read-only; partition 2 from 64 MiB to the end
 //! is the test's scratch area. The guest's console lines starting with
-//! `FVD-` tell the host what happened.
+//! `FVD-` tell the host what happened. Test crates using it also declare
+//! `mod common;` (for `have_tools`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,14 +43,7 @@ impl Kit {
     pub fn get() -> Option<&'static Kit> {
         static KIT: OnceLock<Option<Kit>> = OnceLock::new();
         KIT.get_or_init(|| {
-            let have = Command::new("qemu-system-x86_64")
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok();
-            if !have {
-                eprintln!("SKIP: qemu-system-x86_64 is not installed; this test needs it");
+            if !crate::common::have_tools(&["qemu-system-x86_64"]) {
                 return None;
             }
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/kit.sh");
