@@ -181,7 +181,15 @@ async fn serve(a: ServeArgs) -> Result<u8> {
         }
     };
     if let Some(socket) = a.vhost.vhost_user_blk.clone() {
-        return super::serve_vhost::run(image, extras, &a, socket, signal).await;
+        let export = super::serve_vhost::Export {
+            path: &a.image,
+            socket,
+            read_only: a.read_only,
+            once: a.once,
+            verbose: a.verbose,
+            args: &a.vhost,
+        };
+        return super::serve_vhost::run(image, extras, export, signal).await;
     }
     let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
     let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);

@@ -3,7 +3,7 @@
 //! machines as a vhost-user-blk device instead (like qemu-storage-daemon's
 //! `--export type=vhost-user-blk`). The transport lives in `fvd-vhost`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
@@ -11,7 +11,6 @@ use fvd_core::Image;
 use fvd_vhost::server::DEFAULT_QUEUE_SIZE;
 use fvd_vhost::{ExportConfig, serve};
 
-use super::serve::ServeArgs;
 use super::serve_extras::Extras;
 
 /// Options of `fvd serve` about the vhost-user-blk export.
@@ -39,28 +38,39 @@ pub struct VhostArgs {
     pub queue_size: u16,
 }
 
+/// The serve options the vhost-user-blk export uses.
+pub struct Export<'a> {
+    /// The image's path (for messages and the GET_ID serial).
+    pub path: &'a Path,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    /// Exported read-only.
+    pub read_only: bool,
+    /// Stop after the first front end leaves.
+    pub once: bool,
+    /// Report connections and failed requests.
+    pub verbose: bool,
+    /// Queues and queue size.
+    pub args: &'a VhostArgs,
+}
+
 /// Serve `image` (already open, copy-on-read and prefetch applied) over
 /// vhost-user-blk until a signal, or with `--once` the first disconnect.
-pub async fn run<F>(
-    image: Arc<Image>,
-    extras: Extras,
-    a: &ServeArgs,
-    socket: PathBuf,
-    signal: F,
-) -> Result<u8>
+pub async fn run<F>(image: Arc<Image>, extras: Extras, a: Export<'_>, signal: F) -> Result<u8>
 where
     F: std::future::Future<Output = ()> + Send,
 {
-    let path = a.image.display().to_string();
+    let socket = a.socket.clone();
+    let path = a.path.display().to_string();
     let serial: String = a
-        .image
+        .path
         .file_name()
         .map(|n| n.to_string_lossy().chars().take(20).collect())
         .unwrap_or_default();
     let cfg = ExportConfig {
         socket: socket.clone(),
-        num_queues: a.vhost.num_queues,
-        queue_size: a.vhost.queue_size,
+        num_queues: a.args.num_queues,
+        queue_size: a.args.queue_size,
         serial,
         once: a.once,
         verbose: a.verbose,
