@@ -13,7 +13,8 @@ mod common;
 mod guest_support;
 
 use guest_support::{
-    Attach, DATA_START, Kit, MIB, Server, assert_check_clean, boot, build_base, content, pattern,
+    Attach, DATA_START, Kit, MIB, Server, assert_check_clean, boot, boot_watching, build_base,
+    content, pattern,
 };
 
 const FVD: &str = env!("CARGO_BIN_EXE_fvd");
@@ -247,4 +248,59 @@ fn guest_boot_over_a_remote_base_fetches_no_more_than_it_reads() {
         rounds[1].0, rounds[1].1
     );
     assert_check_clean(&image);
+}
+
+/// The guest of this test writes, then pauses while the host restarts
+/// `fvd serve` (SIGTERM: drain, commit, close; then a new process on the
+/// same image and socket); QEMU reconnects (`reconnect-ms`) and the guest
+/// reads back what it wrote before the restart and writes again.
+#[test]
+fn guest_survives_a_vhost_user_blk_backend_restart() {
+    let Some(kit) = Kit::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+D=/dev/vda2
+yes fvd-guest-pattern-0123456789 | head -c 4194304 > /tmp/p
+dd if=/tmp/p of=$D bs=1M count=4 oflag=direct conv=fsync 2>/dev/null
+echo "FVD-PHASE written"
+sleep 3
+dd if=$D of=/tmp/r bs=1M count=4 iflag=direct 2>/dev/null
+cmp /tmp/p /tmp/r
+dd if=/tmp/p of=$D bs=1M count=4 seek=4 oflag=direct conv=fsync 2>/dev/null
+echo "FVD-CHECK after restart ok"
+"#;
+    let base = build_base(kit, dir.path(), script, DISK);
+    let image = dir.path().join("disk.fvd");
+    create_over(&base.display().to_string(), &image, &[]);
+    let sock = dir.path().join("disk.sock");
+    let attach = Attach::VhostUserReconnect(&sock);
+    let mut first = Some(Server::fvd_with(&image, attach, &["--cache", "none"]));
+    let mut second = None;
+    let guest = boot_watching(kit, attach, &[], BOOT_TIMEOUT, &mut |line| {
+        if line.contains("FVD-PHASE written")
+            && let Some(mut s) = first.take()
+        {
+            let st = s.terminate().expect("fvd serve was running");
+            assert!(st.success(), "SIGTERM with a guest attached: {}", s.log());
+            assert!(s.log().contains("closed cleanly"), "{}", s.log());
+            assert_check_clean(&image);
+            second = Some(Server::fvd_with(&image, attach, &["--cache", "none"]));
+        }
+    });
+    guest.assert_ok("backend restart");
+    assert!(guest.console.contains("FVD-CHECK after restart ok"));
+    let mut server = second.expect("the backend was restarted");
+    let st = server.terminate().unwrap();
+    assert!(st.success(), "{}", server.log());
+    assert!(
+        server.log().contains("connected"),
+        "QEMU reconnected: {}",
+        server.log()
+    );
+    assert_check_clean(&image);
+    let got = content(&image, "fvd");
+    let d = DATA_START as usize;
+    let p = pattern(4 * MIB as usize);
+    assert_eq!(&got[d..d + p.len()], &p[..]);
+    assert_eq!(&got[d + p.len()..d + 2 * p.len()], &p[..]);
 }

@@ -143,6 +143,9 @@ pub enum Attach<'a> {
     Nbd(&'a Path),
     /// A vhost-user-blk device (unix socket).
     VhostUser(&'a Path),
+    /// A vhost-user-blk device whose QEMU side reconnects (every 200 ms)
+    /// when the backend goes away.
+    VhostUserReconnect(&'a Path),
 }
 
 /// What a boot printed and how long it took.
@@ -222,9 +225,14 @@ pub fn qemu_args(kit: &Kit, attach: Attach<'_>) -> Vec<String> {
             a.push("-device".into());
             a.push("virtio-blk-pci,drive=d0".into());
         }
-        Attach::VhostUser(sock) => {
+        Attach::VhostUser(sock) | Attach::VhostUserReconnect(sock) => {
+            let reconnect = if matches!(attach, Attach::VhostUserReconnect(_)) {
+                ",reconnect-ms=200"
+            } else {
+                ""
+            };
             a.push("-chardev".into());
-            a.push(format!("socket,id=c0,path={}", sock.display()));
+            a.push(format!("socket,id=c0,path={}{reconnect}", sock.display()));
             a.push("-device".into());
             a.push("vhost-user-blk-pci,chardev=c0,num-queues=1".into());
         }
@@ -235,6 +243,17 @@ pub fn qemu_args(kit: &Kit, attach: Attach<'_>) -> Vec<String> {
 /// Boot a guest from `attach`; `extra` QEMU arguments are appended. QEMU is
 /// killed after `timeout`.
 pub fn boot(kit: &Kit, attach: Attach<'_>, extra: &[&str], timeout: Duration) -> Guest {
+    boot_watching(kit, attach, extra, timeout, &mut |_| {})
+}
+
+/// [`boot`], calling `on_line` with every console line as it arrives.
+pub fn boot_watching(
+    kit: &Kit,
+    attach: Attach<'_>,
+    extra: &[&str],
+    timeout: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> Guest {
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(qemu_args(kit, attach))
@@ -269,6 +288,7 @@ pub fn boot(kit: &Kit, attach: Attach<'_>, extra: &[&str], timeout: Duration) ->
                 if init.is_none() && line.contains("FVD-GUEST-INIT") {
                     init = Some(at - t0);
                 }
+                on_line(&line);
                 console.push_str(&line);
                 console.push('\n');
             }
@@ -338,16 +358,21 @@ impl Server {
         }
     }
 
-    /// `fvd serve ARGS IMAGE` listening on `sock` (NBD or vhost-user-blk
-    /// as `attach` says), `--once`.
+    /// `fvd serve --once -v EXTRA IMAGE` listening on `sock` (NBD or
+    /// vhost-user-blk as `attach` says).
     pub fn fvd(image: &Path, attach: Attach<'_>, extra: &[&str]) -> Server {
+        Server::fvd_with(image, attach, &[&["--once"], extra].concat())
+    }
+
+    /// `fvd serve -v EXTRA IMAGE` listening on `sock`.
+    pub fn fvd_with(image: &Path, attach: Attach<'_>, extra: &[&str]) -> Server {
         let (flag, sock) = match attach {
             Attach::Nbd(s) => ("--socket", s),
-            Attach::VhostUser(s) => ("--vhost-user-blk", s),
+            Attach::VhostUser(s) | Attach::VhostUserReconnect(s) => ("--vhost-user-blk", s),
         };
         let sock_s = sock.display().to_string();
         let img = image.display().to_string();
-        let mut args = vec!["serve", flag, &sock_s, "--once", "-v"];
+        let mut args = vec!["serve", flag, &sock_s, "-v"];
         args.extend_from_slice(extra);
         args.push(&img);
         let log = sock.with_extension("log");
