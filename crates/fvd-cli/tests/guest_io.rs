@@ -22,13 +22,20 @@ const DISK: u64 = 128 * MIB;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The guest's test: 8 MiB of pattern at the start of the scratch
-/// partition, read back; then 1 MiB at +2 MiB discarded and read as zeros.
+/// partition (two writers on two vCPUs), read back; then 1 MiB at +2 MiB
+/// discarded and read as zeros.
 const DATA_SCRIPT: &str = r#"
 D=/dev/vda2
 echo "FVD-SERIAL $(cat /sys/block/vda/serial 2>/dev/null)"
 echo "FVD-CACHE $(cat /sys/block/vda/queue/write_cache)"
+echo "FVD-QUEUES $(ls /sys/block/vda/mq | wc -l)"
 yes fvd-guest-pattern-0123456789 | head -c 8388608 > /tmp/p
-dd if=/tmp/p of=$D bs=1M count=8 oflag=direct conv=fsync 2>/dev/null
+# Two writers pinned to the two vCPUs (one queue each when there are two).
+second=1
+[ "$(nproc)" -gt 1 ] && second=2
+taskset 1 dd if=/tmp/p of=$D bs=1M count=4 oflag=direct conv=fsync 2>/dev/null &
+taskset $second dd if=/tmp/p of=$D bs=1M count=4 skip=4 seek=4 oflag=direct conv=fsync 2>/dev/null &
+wait
 sync
 dd if=$D of=/tmp/r bs=1M count=8 iflag=direct 2>/dev/null
 cmp /tmp/p /tmp/r
@@ -70,6 +77,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
+/// `vhost`: over vhost-user-blk with two vCPUs and two queues (the guest
+/// driver spreads requests over them); else over NBD.
 fn data_round_trip(vhost: bool) {
     let Some(kit) = Kit::get() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -82,8 +91,13 @@ fn data_round_trip(vhost: bool) {
     } else {
         Attach::Nbd(&sock)
     };
-    let mut server = Server::fvd(&image, attach, &["--cache", "none"]);
-    let guest = boot(kit, attach, &[], BOOT_TIMEOUT);
+    let (serve_args, qemu_extra): (&[&str], &[&str]) = if vhost {
+        (&["--cache", "none", "--num-queues", "2"], &["-smp", "2"])
+    } else {
+        (&["--cache", "none"], &[])
+    };
+    let mut server = Server::fvd(&image, attach, serve_args);
+    let guest = boot(kit, attach, qemu_extra, BOOT_TIMEOUT);
     guest.assert_ok(if vhost { "vhost-user-blk" } else { "NBD" });
     assert!(guest.console.contains("FVD-CHECK readback ok"));
     assert!(guest.console.contains("FVD-CHECK discard ok"));
@@ -96,6 +110,12 @@ fn data_round_trip(vhost: bool) {
     if vhost {
         // VIRTIO_BLK_T_GET_ID answers the image's file name.
         assert_eq!(guest.value("FVD-SERIAL").as_deref(), Some("disk.fvd"));
+        assert_eq!(
+            guest.value("FVD-QUEUES").as_deref(),
+            Some("2"),
+            "{}",
+            guest.console
+        );
     }
     // The server leaves when the front end does (--once), committing and
     // closing the image.

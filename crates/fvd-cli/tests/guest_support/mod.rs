@@ -234,7 +234,8 @@ pub fn qemu_args(kit: &Kit, attach: Attach<'_>) -> Vec<String> {
             a.push("-chardev".into());
             a.push(format!("socket,id=c0,path={}{reconnect}", sock.display()));
             a.push("-device".into());
-            a.push("vhost-user-blk-pci,chardev=c0,num-queues=1".into());
+            // num-queues: one per vCPU (QEMU's default for PCI).
+            a.push("vhost-user-blk-pci,chardev=c0".into());
         }
     }
     a
