@@ -22,8 +22,9 @@
 //! `GET_VRING_BASE`, after the library marked the ring not ready so no more
 //! chains are popped) waits until the queue has nothing in flight, then
 //! commits the image, so the ring base the front end gets back describes
-//! finished, durable requests. The server waits for every queue the same way
-//! after a disconnect.
+//! finished, durable requests. After a disconnect the server calls
+//! [`BlkBackend::close`] (no chain is popped any more, the workers exit) and
+//! then waits for every queue the same way.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,6 +107,10 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     queues: Vec<Arc<Inflight>>,
     exits: Mutex<Vec<EventNotifier>>,
+    /// False once the connection is over: no more chains are popped. A
+    /// worker holds the read lock for a whole pass over its ring, so after
+    /// [`BlkBackend::close`] took the write lock no request can start.
+    open: RwLock<bool>,
 }
 
 impl BlkBackend {
@@ -122,7 +127,17 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             queues,
             exits: Mutex::new(Vec::new()),
+            open: RwLock::new(true),
         }
+    }
+
+    /// End of the connection: pop nothing more (waits for a pass over a
+    /// ring in progress), and ask the worker threads to exit. Requests
+    /// already started still complete; [`BlkBackend::wait_idle`] waits
+    /// for them.
+    pub fn close(&self) {
+        *self.open.write().unwrap_or_else(PoisonError::into_inner) = false;
+        self.stop_workers();
     }
 
     /// The device state (configuration and write cache mode).
@@ -184,6 +199,10 @@ impl BlkBackend {
     /// Pop every available chain of queue `queue`, start its request, and
     /// answer malformed chains at once.
     pub fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
+        let open = self.open.read().unwrap_or_else(PoisonError::into_inner);
+        if !*open {
+            return Ok(());
+        }
         let Some(atomic) = self
             .mem
             .read()

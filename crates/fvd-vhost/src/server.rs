@@ -214,7 +214,7 @@ where
         }
         let b = backend.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            b.stop_workers();
+            b.close();
             b.wait_idle();
         })
         .await;

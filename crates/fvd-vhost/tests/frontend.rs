@@ -323,20 +323,22 @@ fn get_vring_base_waits_for_requests_in_flight() {
     let heads: Vec<u16> = (0..8u64)
         .map(|i| d.start(0, VIRTIO_BLK_T_OUT, i * 8192, &big, 0).0)
         .collect();
-    let base = d.stop(0);
-    assert_eq!(base, 8, "the ring base counts every chain taken");
-    assert_eq!(
-        d.pending(0),
-        0,
-        "GET_VRING_BASE returned with requests in flight"
-    );
-    for h in heads {
-        assert!(d.done(0, h) || d.pending(0) == 0);
+    // The ring base is how many chains the backend took (the last kicks
+    // may not have been seen yet); every one of them is finished when
+    // GET_VRING_BASE answers, and the others were never started.
+    let base = d.stop(0) as usize;
+    assert!(base >= 1, "the backend took no chain");
+    for (i, h) in heads.iter().enumerate() {
+        assert_eq!(
+            d.done(0, *h),
+            i < base,
+            "chain {i}: GET_VRING_BASE answered {base} while requests were in flight"
+        );
     }
     drop(d);
     ours.stop();
     let got = fvd_content_and_check(&img);
-    for i in 0..8usize {
+    for i in 0..base {
         assert_eq!(&got[i * 8192 * 512..i * 8192 * 512 + big.len()], &big[..]);
     }
 }

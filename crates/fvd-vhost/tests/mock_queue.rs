@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fvd_core::{CreateOptions, Format, Image, PathOptions};
+use fvd_core::storage::{AllocRun, IoFuture, MemStorage, Storage};
+use fvd_core::{CreateOptions, Format, Image, IoBuf, OpenOptions, PathOptions};
 use fvd_vhost::backend::{AtomicMem, BlkBackend, Mem, Vring};
 use fvd_vhost::config::{DeviceConfig, WCE_OFFSET};
 use fvd_vhost::execute::{S_IOERR, S_OK, S_UNSUPP};
@@ -64,19 +65,89 @@ fn open_image(rt: &tokio::runtime::Runtime, path: &Path, read_only: bool) -> Arc
     })
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// In-memory storage whose writes at offset 0 wait until the test opens
+/// the gate: a request that stays in flight as long as the test wants.
+struct GatedStorage {
+    inner: MemStorage,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Storage for GatedStorage {
+    fn read_at(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
+        Box::pin(async move {
+            if offset == 0 {
+                let _pass = self.gate.acquire().await;
+            }
+            self.inner.write_at(offset, buf, fua).await
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
+        self.inner.set_len(len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>> {
+        self.inner.allocation(offset, len)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 impl Rig {
     fn new(read_only: bool, event_idx: bool) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let path = dir.path().join("disk.fvd");
         if read_only {
             drop(open_image(&rt, &path, false));
         }
         let image = open_image(&rt, &path, read_only);
+        Rig::build(rt, image, dir, read_only, event_idx)
+    }
+
+    /// A raw disk on `GatedStorage`, and its gate.
+    fn gated() -> (Rig, Arc<GatedStorage>) {
+        let storage = Arc::new(GatedStorage {
+            inner: MemStorage::from_bytes("gated", &vec![0u8; DISK as usize]),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let image = Arc::new(Image::open_raw(storage.clone(), OpenOptions::default()).unwrap());
+        let rig = Rig::build(runtime(), image, tempfile::tempdir().unwrap(), false, false);
+        (rig, storage)
+    }
+
+    fn build(
+        rt: tokio::runtime::Runtime,
+        image: Arc<Image>,
+        dir: tempfile::TempDir,
+        read_only: bool,
+        event_idx: bool,
+    ) -> Rig {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let atomic: AtomicMem = GuestMemoryAtomic::new(mem.clone());
         let config = DeviceConfig {
@@ -291,20 +362,25 @@ fn write_then_read_back_across_descriptors() {
 
 #[test]
 fn requests_complete_out_of_order() {
-    let mut r = Rig::new(false, false);
-    // A large write, then a GET_ID that needs no I/O: the second finishes
-    // first, and the used ring says so.
-    r.fill(DATA, 8 << 20, 0x5a);
-    let big = r.request(0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 8 << 20, 0)]);
-    let id = r.request(1, VIRTIO_BLK_T_GET_ID, 0, &[(HDR + 0x1000, 20, W)]);
+    let (mut r, storage) = Rig::gated();
+    // A write that the storage holds back, then a read and a GET_ID: those
+    // two complete while the write is still in flight.
+    r.fill(DATA, 4096, 0x5a);
+    let w = r.request(0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 4096, 0)]);
+    let rd = r.request(1, VIRTIO_BLK_T_IN, 64, &[(DATA + 0x10000, 4096, W)]);
+    let id = r.request(2, VIRTIO_BLK_T_GET_ID, 0, &[(HDR + 0x1000, 20, W)]);
     r.kick();
     let used = r.wait_used(2);
-    assert_eq!(
-        used.iter().map(|e| e.0).collect::<Vec<_>>(),
-        vec![u32::from(id), u32::from(big)]
-    );
+    let mut first: Vec<u32> = used.iter().map(|e| e.0).collect();
+    first.sort_unstable();
+    assert_eq!(first, vec![u32::from(rd), u32::from(id)]);
+    assert_eq!(r.status(0), 0xff, "the write is still in flight");
+    assert_eq!(r.backend.inflight(), 1);
+    storage.gate.add_permits(1);
+    let used = r.wait_used(3);
+    assert_eq!(used[2].0, u32::from(w), "the write completes last");
     assert_eq!(r.status(0), S_OK);
-    assert!(r.disk(0, 8 << 20).iter().all(|&b| b == 0x5a));
+    assert!(r.disk(0, 4096).iter().all(|&b| b == 0x5a));
 }
 
 #[test]
@@ -544,4 +620,19 @@ fn config_space_and_write_cache_switch() {
     r.backend.set_config(WCE_OFFSET as u32, &[0]).unwrap();
     assert_eq!(r.backend.get_config(0, 64)[WCE_OFFSET], 0);
     assert!(r.backend.set_config(0, &[1, 2, 3, 4]).is_err());
+}
+
+#[test]
+fn a_closed_backend_pops_nothing_but_finishes_what_it_started() {
+    let mut r = Rig::new(false, false);
+    r.fill(DATA, 4 << 20, 0x11);
+    r.request(0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 4 << 20, 0)]);
+    r.kick();
+    r.backend.close();
+    r.request(1, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    r.kick();
+    r.backend.wait_idle();
+    assert_eq!(r.used_idx(), 1, "only the request popped before close");
+    assert_eq!(r.status(0), S_OK);
+    assert_eq!(r.status(1), 0xff, "never started");
 }
