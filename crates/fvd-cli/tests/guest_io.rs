@@ -45,6 +45,11 @@ dd if=$D of=/tmp/z bs=1M skip=2 count=1 iflag=direct 2>/dev/null
 head -c 1048576 /dev/zero > /tmp/zero
 cmp /tmp/zero /tmp/z
 echo "FVD-CHECK discard ok"
+# The driver turns the write cache off (a virtio config write): every write
+# is then durable when it completes.
+echo "write through" > /sys/block/vda/cache_type
+echo "FVD-CACHE-NOW $(cat /sys/block/vda/cache_type)"
+dd if=/tmp/p of=$D bs=4k count=1 seek=2048 oflag=direct 2>/dev/null
 "#;
 
 /// `fvd create -q -F raw -b BASE EXTRA... IMAGE DISK`.
@@ -70,6 +75,8 @@ fn expected(base: &[u8]) -> Vec<u8> {
     let d = DATA_START as usize;
     want[d..d + 8 * MIB as usize].copy_from_slice(&pattern(8 * MIB as usize));
     want[d + 2 * MIB as usize..d + 3 * MIB as usize].fill(0);
+    // The write-through 4 KiB write at +8 MiB.
+    want[d + 8 * MIB as usize..d + 8 * MIB as usize + 4096].copy_from_slice(&pattern(4096));
     want
 }
 
@@ -125,6 +132,14 @@ fn data_round_trip(vhost: bool) {
     let log = server.log();
     assert!(st.success(), "fvd serve failed: {log}");
     assert!(log.contains("closed cleanly"), "{log}");
+    assert_eq!(
+        guest.value("FVD-CACHE-NOW").as_deref(),
+        Some("write through")
+    );
+    if vhost {
+        // The config write reached the backend (VHOST_USER_SET_CONFIG).
+        assert!(log.contains("write cache off (write through)"), "{log}");
+    }
     assert_check_clean(&image);
     let base_bytes = std::fs::read(&base).unwrap();
     let got = content(&image, "fvd");

@@ -332,6 +332,16 @@ impl VhostUserBackend for BlkBackend {
         match (usize::try_from(offset), buf) {
             (Ok(WCE_OFFSET), [wce]) => {
                 let was = self.dev.writeback.swap(*wce != 0, Ordering::AcqRel);
+                if self.dev.verbose && was != (*wce != 0) {
+                    eprintln!(
+                        "fvd serve: vhost-user-blk: write cache {}",
+                        if *wce != 0 {
+                            "on (write back)"
+                        } else {
+                            "off (write through)"
+                        }
+                    );
+                }
                 if was && *wce == 0 {
                     // Switching to write-through: what the cache held
                     // becomes durable now.
