@@ -51,7 +51,8 @@ enum Command {
     Io(cmd::io::Args),
     /// Show copy-on-write and free writes on a built-in example.
     Demo(cmd::demo::Args),
-    /// Export an image over NBD (like qemu-nbd).
+    /// Export an image over NBD (like qemu-nbd) or vhost-user-blk (like
+    /// qemu-storage-daemon --export type=vhost-user-blk).
     Serve(cmd::serve::ServeArgs),
     /// Copy everything from the base into the image, then detach the base.
     Prefetch(cmd::prefetch::Args),

@@ -15,3 +15,4 @@ pub mod prefetch;
 pub mod profile;
 pub mod serve;
 pub mod serve_extras;
+pub mod serve_vhost;

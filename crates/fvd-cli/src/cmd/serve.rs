@@ -1,4 +1,5 @@
-//! `fvd serve` — export an image over NBD (like `qemu-nbd`).
+//! `fvd serve` — export an image over NBD (like `qemu-nbd`), or over
+//! vhost-user-blk with `--vhost-user-blk PATH` (see `serve_vhost`).
 //!
 //! Listens on a unix socket (`--socket`, mode 0600, removed on exit) or on
 //! TCP (`--bind`, default 127.0.0.1:10809). One export, named by
@@ -78,6 +79,9 @@ pub struct ServeArgs {
     /// Copy-on-read, prefetch, profile and statistics options.
     #[command(flatten)]
     pub base: super::serve_extras::BaseArgs,
+    /// The vhost-user-blk export (instead of NBD).
+    #[command(flatten)]
+    pub vhost: super::serve_vhost::VhostArgs,
     /// The image.
     pub image: PathBuf,
 }
@@ -176,6 +180,17 @@ async fn serve(a: ServeArgs) -> Result<u8> {
             return Err(e);
         }
     };
+    if let Some(socket) = a.vhost.vhost_user_blk.clone() {
+        let export = super::serve_vhost::Export {
+            path: &a.image,
+            socket,
+            read_only: a.read_only,
+            once: a.once,
+            verbose: a.verbose,
+            args: &a.vhost,
+        };
+        return super::serve_vhost::run(image, extras, export, signal).await;
+    }
     let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
     let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);
     let config = ServerConfig {
