@@ -191,7 +191,7 @@ impl Image {
                     }
                     if let Some(c) = &self.compact {
                         c.publish(&fresh);
-                        meta.publish_group(super::table_records(&fresh), 0..0);
+                        meta.publish_group(super::write::table_records(&fresh), 0..0);
                     }
                     meta.local.set_range(s0..s1);
                 }
@@ -199,5 +199,33 @@ impl Image {
             }
         }
         Ok(filled)
+    }
+}
+
+impl Image {
+    /// Copy the base data of `[offset, offset+len)` into the image (the
+    /// NBD_CMD_CACHE / copy-on-read path). The bits it sets are *soft*: kept in
+    /// memory only and never journaled, so after a crash those blocks are
+    /// simply read from the base again. Never overwrites a guest write: the
+    /// blocks are locked and re-checked before the fill is written. (In
+    /// compact images a chunk the fill allocates is journaled, because a later
+    /// guest write into the same chunk relies on its table entry.)
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        if self.meta.is_none() || self.read_only || self.base.is_none() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let blocks = self.blocks_of(offset, len);
+        // Bounded work per step: at most this many blocks are filled at once.
+        let step = (crate::format::layout::DEFAULT_MAX_COR_BYTES / self.geo.block_size).max(1);
+        let mut b = blocks.start;
+        while b < blocks.end {
+            let end = (b + step).min(blocks.end);
+            let n = self.fill_blocks(b..end, None, false).await?;
+            self.stats.cor_bytes.fetch_add(n, Ordering::Relaxed);
+            b = end;
+        }
+        Ok(())
     }
 }

@@ -522,6 +522,32 @@ impl Clock for ThreadClock {
     }
 }
 
+impl Image {
+    /// When every block of the base range is in the image (prefetch done):
+    /// make the data durable, checkpoint with the all-local flag in the new
+    /// header (old bitmap records no longer apply; chunk-table records are
+    /// written in place first), and stop consulting the bitmap and the base.
+    /// A failure poisons the image. Returns whether the image is now
+    /// detached.
+    pub async fn detach_base_if_complete(&self) -> Result<bool> {
+        let meta = match &self.meta {
+            Some(m) if !self.read_only => m,
+            _ => return Ok(false),
+        };
+        let blocks = self.geo.base_blocks;
+        if self.base_range() == 0 {
+            return Ok(true);
+        }
+        if !meta.local.all_set(0..blocks) {
+            return Ok(false);
+        }
+        meta.commit(self.storage.as_ref(), &self.stats).await?;
+        meta.detach_base(self.storage.as_ref(), &self.stats).await?;
+        self.base_range.store(0, Ordering::Release);
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::BusyPacer;
