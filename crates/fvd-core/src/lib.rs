@@ -24,7 +24,7 @@ pub mod sim;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
-pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Source};
+pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Run, Source, Target};
 pub use iobuf::IoBuf;
 pub use meta::Stats;
 pub use open::{BaseSpec, Format, PathOptions, create_path, create_raw, open_path};

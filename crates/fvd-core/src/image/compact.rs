@@ -53,6 +53,7 @@ pub(crate) struct Compact {
 }
 
 /// Keeps a physical chunk from being reused while an I/O uses it.
+#[derive(Debug)]
 pub(crate) struct Pin<'a> {
     pins: &'a [AtomicU32],
     phys: u32,

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::compact::{self, Compact};
+use super::map::{Layout, Mapping};
 use super::rangelock::RangeLocks;
-use super::{Geometry, Image, OpenOptions, cor, expect_len, prefetch, profile};
+use super::{Image, OpenOptions, cor, expect_len, prefetch, profile};
 use crate::base::Base;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
@@ -81,11 +82,11 @@ impl Image {
         stats
             .replayed_records
             .store(replay_records, Ordering::Relaxed);
-        let compact = if is_compact {
+        let layout = if is_compact {
             let cs = h.chunk_size as u64;
             let capacity = file_len.saturating_sub(data.offset) / cs;
             compact::validate_table(&durable.table, capacity).map_err(|e| e.context(&desc))?;
-            Some(Compact::new(
+            Layout::Chunked(Compact::new(
                 &durable.table,
                 cs,
                 data.offset,
@@ -95,13 +96,9 @@ impl Image {
             ))
         } else {
             durable.table.clear();
-            None
-        };
-        let geo = Geometry {
-            virtual_size: h.virtual_size,
-            block_size: h.block_size as u64,
-            base_blocks: h.base_blocks(),
-            data_offset: data.offset,
+            Layout::Linear {
+                data_offset: data.offset,
+            }
         };
         let dirty = !h.is_clean();
         let meta = Meta::new(h.clone(), slot, durable);
@@ -114,15 +111,19 @@ impl Image {
         Ok(Image {
             storage,
             base,
-            geo,
-            meta: Some(meta),
-            compact,
+            map: Mapping::new(
+                h.virtual_size,
+                h.block_size as u64,
+                h.base_blocks(),
+                base_range,
+                Some(meta),
+                layout,
+            ),
             locks: RangeLocks::default(),
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
             stats,
-            base_range: AtomicU64::new(base_range),
             cor: cor::CorState::new(
                 h.flags & header::FLAG_COPY_ON_READ != 0 && !opts.read_only,
                 h.max_cor_bytes,
@@ -144,14 +145,7 @@ impl Image {
         Ok(Image {
             storage,
             base: None,
-            geo: Geometry {
-                virtual_size: len,
-                block_size: 4096,
-                base_blocks: 0,
-                data_offset: 0,
-            },
-            meta: None,
-            compact: None,
+            map: Mapping::new(len, 4096, 0, 0, None, Layout::Linear { data_offset: 0 }),
             locks: RangeLocks::default(),
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
@@ -159,7 +153,6 @@ impl Image {
             stats: Stats::default(),
             header: None,
             replayed_blocks: 0,
-            base_range: AtomicU64::new(0),
             cor: cor::CorState::new(false, 0),
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),

@@ -1,14 +1,15 @@
 //! The image engine: read, write, flush, discard, write_zeroes, cache,
 //! block_status.
 //!
-//! Mapping first, then I/O: a request is split by the bitmap into runs that
-//! live in the image or in the base; runs in the image are then mapped to
-//! the file — at `data_offset + offset` in the sparse layout (no address
-//! translation), or through the chunk table in compact images. Data I/O
-//! runs outside every metadata lock.
+//! Mapping first, then I/O: [`map`] turns every request into runs in the
+//! image (at a host offset), in the base, or without storage; the modules
+//! beside it do the I/O of those runs, outside every metadata lock:
+//! `read.rs`, `write.rs`, `zero.rs` (write_zeroes, discard), `status.rs`
+//! (block_status), `cor.rs` (copy-on-read, NBD_CMD_CACHE), `prefetch.rs`;
+//! `create.rs` and `load.rs` make and open images.
 //!
 //! Write paths:
-//! * fast (no lock, no metadata): every touched block is `hard` (or the
+//! * direct (no lock, no metadata): every touched block is `hard` (or the
 //!   request lies beyond the base range) and, in compact images, every
 //!   touched chunk is allocated — exactly a raw-file write;
 //! * slow: lock the touched range (whole blocks; whole chunks in compact
@@ -17,7 +18,6 @@
 //!   entries and bits (publish after write). The records reach the journal
 //!   at the next flush.
 
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -25,13 +25,14 @@ use crate::base::Base;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::Header;
 use crate::iobuf::IoBuf;
-use crate::meta::{self, Meta, Stats};
+use crate::meta::{self, Stats};
 use crate::storage::Storage;
 
 pub(crate) mod compact;
 mod cor;
 mod create;
 mod load;
+pub mod map;
 pub mod prefetch;
 mod profile;
 pub mod rangelock;
@@ -45,7 +46,9 @@ pub use create::{CreateOptions, create};
 pub use load::read_header;
 pub(crate) use load::read_table;
 
-use compact::Compact;
+pub use map::{RequestMap, Run, Target};
+
+use map::Mapping;
 use rangelock::{RangeGuard, RangeLocks};
 
 /// Where the data of an extent comes from.
@@ -72,17 +75,6 @@ pub struct Extent {
     pub host_offset: Option<u64>,
 }
 
-/// Where a request goes, decided from the bitmap alone (no I/O).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestMap {
-    /// Entirely in the image, at this file offset (the raw-like fast path).
-    Image(u64),
-    /// Entirely in the base, at the same offset.
-    Base,
-    /// Partly in each, or (compact images) spread over chunks.
-    Mixed,
-}
-
 /// How to open an image.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
@@ -105,22 +97,12 @@ pub struct ChunkUsage {
     pub fragmented_pairs: u64,
 }
 
-/// Geometry fixed at open.
-#[derive(Debug, Clone)]
-struct Geometry {
-    virtual_size: u64,
-    block_size: u64,
-    base_blocks: u64,
-    data_offset: u64,
-}
-
 /// An open FVD image (or a raw file served through the same interface).
 pub struct Image {
     storage: Arc<dyn Storage>,
     base: Option<Arc<dyn Base>>,
-    geo: Geometry,
-    meta: Option<Meta>,
-    compact: Option<Compact>,
+    /// Where every byte of the virtual disk lives, and the metadata saying so.
+    map: Mapping,
     locks: RangeLocks,
     read_only: bool,
     closed: AtomicBool,
@@ -128,9 +110,6 @@ pub struct Image {
     stats: Stats,
     header: Option<Header>,
     replayed_blocks: u64,
-    /// Bytes of the virtual disk backed by the base; drops to 0 once every
-    /// block is local (prefetch done), so I/O stops consulting the bitmap.
-    base_range: AtomicU64,
     cor: cor::CorState,
     background: std::sync::OnceLock<cor::Background>,
     profile: profile::Recorder,
@@ -153,17 +132,17 @@ fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {
 impl Image {
     /// Bytes of the virtual disk still backed by the base (0 once all local).
     pub fn base_range(&self) -> u64 {
-        self.base_range.load(Ordering::Acquire)
+        self.map.base_range()
     }
 
     /// Size of the virtual disk.
     pub fn virtual_size(&self) -> u64 {
-        self.geo.virtual_size
+        self.map.virtual_size
     }
 
     /// Bytes per bitmap block.
     pub fn block_size(&self) -> u64 {
-        self.geo.block_size
+        self.map.block_size
     }
 
     /// The header as read at open (None for raw files).
@@ -203,15 +182,12 @@ impl Image {
 
     /// Blocks of the base range that are in the image, and all of them.
     pub fn local_blocks(&self) -> (u64, u64) {
-        match &self.meta {
-            Some(m) => (m.local.count_ones(), self.geo.base_blocks),
-            None => (0, 0),
-        }
+        self.map.local_blocks()
     }
 
     /// Chunk usage of a compact image (None in the sparse layout).
     pub fn chunk_usage(&self) -> Option<ChunkUsage> {
-        self.compact.as_ref().map(|c| {
+        self.map.compact().map(|c| {
             let (allocated, adjacent_pairs, fragmented_pairs) = c.usage();
             ChunkUsage {
                 chunk_size: c.chunk_size,
@@ -225,12 +201,12 @@ impl Image {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.geo.virtual_size => Ok(()),
+            Some(end) if end <= self.map.virtual_size => Ok(()),
             _ => Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!(
                     "request {offset}+{len} lies outside the virtual disk ({} bytes)",
-                    self.geo.virtual_size
+                    self.map.virtual_size
                 ),
             )),
         }
@@ -249,45 +225,23 @@ impl Image {
                 format!("{}: image is closed", self.describe()),
             ));
         }
-        if let Some(m) = &self.meta {
+        if let Some(m) = &self.map.meta {
             m.check_poisoned()?;
         }
         Ok(())
     }
 
-    /// Blocks of the base range overlapping `[offset, offset+len)`.
-    fn blocks_of(&self, offset: u64, len: u64) -> Range<u64> {
-        let end = (offset + len).min(self.base_range());
-        if offset >= end {
-            return 0..0;
-        }
-        offset / self.geo.block_size..end.div_ceil(self.geo.block_size)
+    /// Map `[offset, offset+len)`: the runs in the image, in the base, or
+    /// without storage that every request is split into, computed as they
+    /// are taken.
+    pub fn map_request(&self, offset: u64, len: u64) -> RequestMap<'_> {
+        self.map.request(offset, len)
     }
 
-    /// Chunks overlapping `[offset, offset+len)` (compact images).
-    fn chunks_of(c: &Compact, offset: u64, len: u64) -> Range<u64> {
-        if len == 0 {
-            return 0..0;
-        }
-        offset / c.chunk_size..(offset + len).div_ceil(c.chunk_size)
-    }
-
-    /// Lock the span a slow-path request must own: whole blocks, or whole
-    /// chunks in compact images.
+    /// Lock the span a slow-path request must own ([`Mapping::lock_span`]).
     async fn lock_span(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        match &self.compact {
-            Some(c) => {
-                let r = Self::chunks_of(c, offset, len);
-                self.locks
-                    .lock(r.start * c.chunk_size, r.end * c.chunk_size)
-                    .await
-            }
-            None => {
-                let b = self.blocks_of(offset, len);
-                let bs = self.geo.block_size;
-                self.locks.lock(b.start * bs, b.end * bs).await
-            }
-        }
+        let r = self.map.lock_span(offset, len);
+        self.locks.lock(r.start, r.end).await
     }
 
     fn io_err(&self, what: &str, offset: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -297,7 +251,7 @@ impl Image {
     }
 
     fn mark_dirty(&self) {
-        match &self.meta {
+        match &self.map.meta {
             Some(m) => m.mark_data_dirty(),
             None => self.raw_dirty.store(true, Ordering::Release),
         }
@@ -318,7 +272,7 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        match &self.meta {
+        match &self.map.meta {
             Some(m) => m.commit(self.storage.as_ref(), &self.stats).await,
             None => self.flush_raw().await,
         }
@@ -330,13 +284,13 @@ impl Image {
             return Ok(());
         }
         // A profile recorded in this run is kept in the image.
-        if self.meta.is_some() {
+        if self.map.meta.is_some() {
             self.save_recorded_profile().await?;
         }
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        match &self.meta {
+        match &self.map.meta {
             Some(m) => m.close(self.storage.as_ref(), &self.stats).await,
             None => self.flush_raw().await,
         }

@@ -213,10 +213,10 @@ async fn run(
         clock.sleep(cfg.start_delay).await;
     }
     let range = img.base_range();
-    if range == 0 || img.read_only || img.meta.is_none() {
+    if range == 0 || img.read_only || img.map.meta.is_none() {
         return Ok(());
     }
-    let bs = img.geo.block_size;
+    let bs = img.map.block_size;
     let (local, blocks) = img.local_blocks();
     status
         .total
@@ -439,12 +439,8 @@ impl Steps {
             }
             let step = size.min(off + len - pos);
             self.pos = Some(pos + step);
-            let blocks = img.blocks_of(pos, step);
-            let local = img
-                .meta
-                .as_ref()
-                .is_none_or(|m| m.local.all_set(blocks.clone()));
-            if !local {
+            let blocks = img.map.blocks_of(pos, step);
+            if !img.map.all_local(blocks.clone()) {
                 out.push(blocks);
             }
         }
@@ -530,20 +526,19 @@ impl Image {
     /// A failure poisons the image. Returns whether the image is now
     /// detached.
     pub async fn detach_base_if_complete(&self) -> Result<bool> {
-        let meta = match &self.meta {
+        let meta = match &self.map.meta {
             Some(m) if !self.read_only => m,
             _ => return Ok(false),
         };
-        let blocks = self.geo.base_blocks;
         if self.base_range() == 0 {
             return Ok(true);
         }
-        if !meta.local.all_set(0..blocks) {
+        if !self.map.all_local(0..self.map.base_blocks) {
             return Ok(false);
         }
         meta.commit(self.storage.as_ref(), &self.stats).await?;
         meta.detach_base(self.storage.as_ref(), &self.stats).await?;
-        self.base_range.store(0, Ordering::Release);
+        self.map.detach();
         Ok(true)
     }
 }

@@ -1,7 +1,7 @@
 //! block_status: which layer holds each extent and whether it reads as
 //! zeros.
 
-use super::{Extent, Image, Source};
+use super::{Extent, Image, Source, Target};
 use crate::error::{Error, ErrorKind, Result};
 
 impl Image {
@@ -9,72 +9,37 @@ impl Image {
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let mut out: Vec<Extent> = Vec::new();
-        if len == 0 {
-            return Ok(out);
-        }
-        let segs = match &self.meta {
-            Some(m) => self.segments(m, offset, len),
-            None => vec![(offset, offset + len, false)],
-        };
-        for (s, e, from_base) in segs {
-            if from_base {
-                let base = self
-                    .base
-                    .as_ref()
-                    .ok_or_else(|| Error::new(ErrorKind::Io, "base image is not open"))?;
-                let runs = base
-                    .allocation(s, e - s)
-                    .await
-                    .map_err(|er| Error::io(format!("{}: block status", base.describe()), er))?;
-                push_runs(&mut out, s, e, Source::Base, None, runs);
-            } else {
-                self.local_status(&mut out, s, e).await?;
+        for run in self.map.request(offset, len) {
+            let (s, e) = (run.start, run.end());
+            match run.target {
+                Target::Base => {
+                    let base = self
+                        .base
+                        .as_ref()
+                        .ok_or_else(|| Error::new(ErrorKind::Io, "base image is not open"))?;
+                    let runs = base.allocation(s, e - s).await.map_err(|er| {
+                        Error::io(format!("{}: block status", base.describe()), er)
+                    })?;
+                    push_runs(&mut out, s, e, Source::Base, None, runs);
+                }
+                Target::Host(host) => {
+                    let runs = self
+                        .storage
+                        .allocation(host, e - s)
+                        .await
+                        .map_err(self.io_err("block status", s))?;
+                    push_runs(&mut out, s, e, Source::Image, Some(host), runs);
+                }
+                Target::Unallocated => push_runs(&mut out, s, e, Source::Image, None, vec![]),
             }
         }
         Ok(out)
-    }
-
-    pub(super) async fn local_status(&self, out: &mut Vec<Extent>, s: u64, e: u64) -> Result<()> {
-        let Some(c) = &self.compact else {
-            let runs = self
-                .storage
-                .allocation(self.geo.data_offset + s, e - s)
-                .await
-                .map_err(self.io_err("block status", s))?;
-            push_runs(
-                out,
-                s,
-                e,
-                Source::Image,
-                Some(self.geo.data_offset + s),
-                runs,
-            );
-            return Ok(());
-        };
-        let mut pos = s;
-        for ch in Self::chunks_of(c, s, e - s) {
-            let ce = ((ch + 1) * c.chunk_size).min(e);
-            match c.pin(ch) {
-                None => push_runs(out, pos, ce, Source::Image, None, vec![]),
-                Some((p, _pin)) => {
-                    let host = c.host_offset(p, pos);
-                    let runs = self
-                        .storage
-                        .allocation(host, ce - pos)
-                        .await
-                        .map_err(self.io_err("block status", pos))?;
-                    push_runs(out, pos, ce, Source::Image, Some(host), runs);
-                }
-            }
-            pos = ce;
-        }
-        Ok(())
     }
 }
 
 /// Append allocation runs of `[s, e)` as extents (holes read as zeros; a
 /// missing tail of the runs is a hole).
-pub(super) fn push_runs(
+fn push_runs(
     out: &mut Vec<Extent>,
     s: u64,
     e: u64,
