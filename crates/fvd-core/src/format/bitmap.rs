@@ -169,19 +169,24 @@ impl AtomicBitmap {
     /// bit (scanning no further than `limit`) and the bits' value. Reads a
     /// word at a time and allocates nothing: the mapping of every request
     /// starts here.
+    #[inline]
     pub fn run_at(&self, start: u64, limit: u64) -> (u64, bool) {
-        let v = self.get(start);
+        let w = self.words[(start / 64) as usize].load(Ordering::Acquire);
+        let v = (w >> (start % 64)) & 1 != 0;
+        // The first bit that differs from `v`, at or after `start`.
+        let flip = if v { u64::MAX } else { 0 };
+        let mut differs = (w ^ flip) >> (start % 64);
         let mut i = start;
-        while i < limit {
-            let w = self.words[(i / 64) as usize].load(Ordering::Acquire);
-            // Look for the first bit that differs from `v` at or after `i`.
-            let differs = if v { !w } else { w } >> (i % 64);
+        loop {
             if differs != 0 {
                 return ((i + differs.trailing_zeros() as u64).min(limit), v);
             }
             i = (i / 64 + 1) * 64;
+            if i >= limit {
+                return (limit, v);
+            }
+            differs = self.words[(i / 64) as usize].load(Ordering::Acquire) ^ flip;
         }
-        (limit, v)
     }
 
     /// Runs of equal bits over `r`: (start, end, value).

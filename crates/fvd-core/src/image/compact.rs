@@ -52,16 +52,29 @@ pub(crate) struct Compact {
     grow_lock: tokio::sync::Mutex<()>,
 }
 
-/// Keeps a physical chunk from being reused while an I/O uses it.
+/// Keeps physical chunks `first..first+count` from being reused while an
+/// I/O uses them.
 #[derive(Debug)]
 pub(crate) struct Pin<'a> {
     pins: &'a [AtomicU32],
-    phys: u32,
+    first: u32,
+    count: u32,
+}
+
+impl Pin<'_> {
+    /// Take over `next`, the pin of the physical chunk right after these.
+    pub fn extend(&mut self, next: Self) {
+        debug_assert_eq!(next.first, self.first + self.count);
+        self.count += next.count;
+        std::mem::forget(next);
+    }
 }
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        self.pins[self.phys as usize].fetch_sub(1, Ordering::SeqCst);
+        for p in self.first..self.first + self.count {
+            self.pins[p as usize].fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -151,7 +164,8 @@ impl Compact {
             self.pins[p as usize].fetch_add(1, Ordering::SeqCst);
             let pin = Pin {
                 pins: &self.pins,
-                phys: p,
+                first: p,
+                count: 1,
             };
             if self.lookup(c) == p {
                 return Some((p, pin));

@@ -69,32 +69,13 @@ pub struct Run<'a> {
     /// Where the bytes are.
     pub target: Target,
     /// Chunks the run uses, kept from reuse until the run is dropped.
-    _pins: Pins<'a>,
+    _pin: Option<Pin<'a>>,
 }
 
 impl Run<'_> {
     /// One past the last virtual byte.
     pub fn end(&self) -> u64 {
         self.start + self.len
-    }
-}
-
-/// The pins of the chunks under a run: none in the sparse layout, one for
-/// a run inside one chunk, more only for runs over physically contiguous
-/// chunks (the only case that allocates).
-#[derive(Debug, Default)]
-struct Pins<'a> {
-    first: Option<Pin<'a>>,
-    more: Vec<Pin<'a>>,
-}
-
-impl<'a> Pins<'a> {
-    fn add(&mut self, pin: Option<Pin<'a>>) {
-        match (&self.first, pin) {
-            (_, None) => {}
-            (None, p) => self.first = p,
-            (Some(_), Some(p)) => self.more.push(p),
-        }
     }
 }
 
@@ -114,8 +95,11 @@ pub(crate) enum Layout {
 pub(crate) struct Mapping {
     /// Size of the virtual disk.
     pub virtual_size: u64,
-    /// Bytes per bitmap block.
+    /// Bytes per bitmap block (a power of two).
     pub block_size: u64,
+    /// log2 of `block_size`: the lookup every request starts with shifts
+    /// rather than divides.
+    block_shift: u32,
     /// Blocks of the base range (bits of the bitmap).
     pub base_blocks: u64,
     /// Bytes of the virtual disk backed by the base; drops to 0 once every
@@ -184,9 +168,11 @@ impl Mapping {
         meta: Option<Meta>,
         layout: Layout,
     ) -> Self {
+        debug_assert!(block_size.is_power_of_two());
         Mapping {
             virtual_size,
             block_size,
+            block_shift: block_size.trailing_zeros(),
             base_blocks,
             base_range: AtomicU64::new(base_range),
             meta,
@@ -195,6 +181,7 @@ impl Mapping {
     }
 
     /// Bytes still backed by the base.
+    #[inline]
     pub fn base_range(&self) -> u64 {
         self.base_range.load(Ordering::Acquire)
     }
@@ -218,7 +205,7 @@ impl Mapping {
         if offset >= end {
             return 0..0;
         }
-        offset / self.block_size..end.div_ceil(self.block_size)
+        offset >> self.block_shift..(end + self.block_size - 1) >> self.block_shift
     }
 
     /// True if every block of `blocks` is in the image.
@@ -251,6 +238,7 @@ impl Mapping {
 
     /// Map `[offset, offset+len)` (clamped to the virtual disk): the runs it
     /// consists of, in order, computed as they are taken.
+    #[inline]
     pub fn request(&self, offset: u64, len: u64) -> RequestMap<'_> {
         let end = offset.saturating_add(len).min(self.virtual_size);
         RequestMap {
@@ -281,6 +269,7 @@ impl Mapping {
 
     /// The first-level segment at `pos`: where it ends (at most `end`) and
     /// whether it is in the base.
+    #[inline]
     fn segment(&self, pos: u64, end: u64, base_range: u64) -> (u64, bool) {
         let Some(m) = &self.meta else {
             return (end, false);
@@ -288,15 +277,19 @@ impl Mapping {
         if pos >= base_range {
             return (end, false);
         }
-        let bs = self.block_size;
-        let last = end.min(base_range).div_ceil(bs);
-        let (run_end, local) = m.local.run_at(pos / bs, last);
+        let shift = self.block_shift;
+        let last = (end.min(base_range) + self.block_size - 1) >> shift;
+        let (run_end, local) = m.local.run_at(pos >> shift, last);
         if local {
             // Past the base range everything is local too.
-            let e = if run_end >= last { end } else { run_end * bs };
+            let e = if run_end >= last {
+                end
+            } else {
+                run_end << shift
+            };
             (e.min(end), false)
         } else {
-            ((run_end * bs).min(end).min(base_range), true)
+            ((run_end << shift).min(end).min(base_range), true)
         }
     }
 
@@ -590,28 +583,36 @@ pub struct RequestMap<'a> {
 impl<'a> Iterator for RequestMap<'a> {
     type Item = Run<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<Run<'a>> {
-        loop {
-            if let Some(run) = self.local.as_mut().and_then(Iterator::next) {
+        if let Some(local) = &mut self.local {
+            if let Some(run) = local.next() {
                 return Some(run);
             }
             self.local = None;
-            if self.pos >= self.end {
-                return None;
-            }
-            let start = self.pos;
-            let (end, in_base) = self.map.segment(start, self.end, self.base_range);
-            self.pos = end;
-            if in_base {
-                return Some(Run {
-                    start,
-                    len: end - start,
-                    target: Target::Base,
-                    _pins: Pins::default(),
-                });
-            }
-            self.local = Some(self.map.image_runs(start, end - start, &[]));
         }
+        if self.pos >= self.end {
+            return None;
+        }
+        let start = self.pos;
+        let (end, in_base) = self.map.segment(start, self.end, self.base_range);
+        self.pos = end;
+        let target = match (&self.map.layout, in_base) {
+            (_, true) => Target::Base,
+            (Layout::Linear { data_offset }, false) => Target::Host(data_offset + start),
+            (Layout::Chunked(_), false) => {
+                let mut local = self.map.image_runs(start, end - start, &[]);
+                let run = local.next();
+                self.local = Some(local);
+                return run;
+            }
+        };
+        Some(Run {
+            start,
+            len: end - start,
+            target,
+            _pin: None,
+        })
     }
 }
 
@@ -626,6 +627,7 @@ pub(crate) struct ImageRuns<'a> {
 impl<'a> Iterator for ImageRuns<'a> {
     type Item = Run<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<Run<'a>> {
         if self.pos >= self.end {
             return None;
@@ -638,14 +640,14 @@ impl<'a> Iterator for ImageRuns<'a> {
                     start,
                     len: self.end - start,
                     target: Target::Host(data_offset + start),
-                    _pins: Pins::default(),
+                    _pin: None,
                 });
             }
             Layout::Chunked(c) => c,
         };
         let cs = c.chunk_size;
         let chunk_end = |at: u64| ((at / cs + 1) * cs).min(self.end);
-        let mut pins = Pins::default();
+        let mut pins: Option<Pin<'a>> = None;
         let mut end = chunk_end(start);
         let target = match self.chunk(c, start / cs) {
             None => {
@@ -656,13 +658,17 @@ impl<'a> Iterator for ImageRuns<'a> {
                 Target::Unallocated
             }
             Some((phys, pin)) => {
-                pins.add(pin);
-                // Physically contiguous chunks form one run (one I/O).
+                // Physically contiguous chunks form one run (one I/O), as
+                // long as they are all fresh or all pinned.
+                let fresh = pin.is_none();
+                pins = pin;
                 let mut next = phys as u64 + 1;
                 while end < self.end {
                     match self.chunk(c, end / cs) {
-                        Some((p, pin)) if p as u64 == next => {
-                            pins.add(pin);
+                        Some((p, pin)) if p as u64 == next && pin.is_none() == fresh => {
+                            if let (Some(all), Some(pin)) = (&mut pins, pin) {
+                                all.extend(pin);
+                            }
                             next += 1;
                             end = chunk_end(end);
                         }
@@ -677,7 +683,7 @@ impl<'a> Iterator for ImageRuns<'a> {
             start,
             len: end - start,
             target,
-            _pins: pins,
+            _pin: pins,
         })
     }
 }

@@ -234,6 +234,7 @@ impl Image {
     /// Map `[offset, offset+len)`: the runs in the image, in the base, or
     /// without storage that every request is split into, computed as they
     /// are taken.
+    #[inline]
     pub fn map_request(&self, offset: u64, len: u64) -> RequestMap<'_> {
         self.map.request(offset, len)
     }
