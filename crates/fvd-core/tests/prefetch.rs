@@ -5,9 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fvd_core::base::{Base, RawBase};
+use fvd_core::executor::ThreadClock;
 use fvd_core::executor::block_on;
 use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, ThreadClock, prefetch,
+    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
 use fvd_core::storage::{AllocRun, IoFuture, MemStorage};
 use fvd_core::{CreateOptions, Image, IoBuf, OpenOptions};

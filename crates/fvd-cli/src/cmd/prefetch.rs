@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use fvd_core::Format;
-use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchStatus, ThreadClock, prefetch,
-};
+use fvd_core::executor::ThreadClock;
+use fvd_core::image::prefetch::{PrefetchConfig, PrefetchMode, PrefetchStatus, prefetch};
 
 use crate::common::{at, open};
 use crate::size::parse_size;

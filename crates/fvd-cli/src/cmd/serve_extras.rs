@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use fvd_core::Image;
+use fvd_core::executor::ThreadClock;
 use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, ThreadClock, prefetch,
+    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
 use serde_json::json;
 

@@ -11,17 +11,13 @@
 //! after the guest read has been answered; otherwise it completes before the
 //! read returns.
 
-use std::future::Future;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::Image;
 use crate::error::Result;
-
-/// Runs a future in the background (a tokio `spawn`, or the simulator's).
-pub type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send + 'static>>) + Send + Sync>;
+use crate::executor::Spawner;
 
 pub(crate) struct Background {
     image: Weak<Image>,

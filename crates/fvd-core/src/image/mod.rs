@@ -41,7 +41,6 @@ mod status;
 mod write;
 mod zero;
 
-pub use cor::Spawner;
 pub use create::{CreateOptions, create};
 pub use load::read_header;
 pub(crate) use load::read_table;

@@ -17,7 +17,8 @@
 //!
 //! When every block is local it sets the all-local flag ([`Image::detach_base_if_complete`]),
 //! after which I/O skips the bitmap and the base is never opened again.
-//! Time and randomness come from a [`Clock`], so the simulator can drive it.
+//! Time and randomness come from a [`Clock`] the host supplies (tokio's
+//! timers in `fvd serve`, virtual time in the simulator).
 
 use std::future::Future;
 use std::ops::Range;
@@ -28,16 +29,7 @@ use std::time::Duration;
 
 use super::Image;
 use crate::error::Result;
-
-/// Virtual or real time, and randomness, for background work.
-pub trait Clock: Send + Sync {
-    /// Time since an arbitrary start.
-    fn now(&self) -> Duration;
-    /// Resolve after `d`.
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-    /// A random number.
-    fn random(&self) -> u64;
-}
+use crate::executor::Clock;
 
 /// Which order to prefetch in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,53 +461,6 @@ async fn join_all<'a, T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + Send + '
     })
     .await;
     out.into_iter().flatten().collect()
-}
-
-/// Real time with sleeps on short-lived threads: works under any executor
-/// (the CLI's `block_on`, tokio, plain threads).
-pub struct ThreadClock {
-    start: std::time::Instant,
-    seed: AtomicU64,
-}
-
-impl Default for ThreadClock {
-    fn default() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9);
-        ThreadClock {
-            start: std::time::Instant::now(),
-            seed: AtomicU64::new(nanos | 1),
-        }
-    }
-}
-
-impl Clock for ThreadClock {
-    fn now(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            std::thread::sleep(d);
-            let _ = tx.send(());
-        });
-        Box::pin(async move {
-            let _ = rx.await;
-        })
-    }
-
-    fn random(&self) -> u64 {
-        // xorshift64*, shared across callers.
-        let mut x = self.seed.load(Ordering::Relaxed);
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.seed.store(x, Ordering::Relaxed);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 impl Image {

@@ -11,7 +11,7 @@
 //!   simulator's crash point: every event due at or before the deadline has
 //!   happened, nothing after it has.
 //! * The engine's background work runs here too: [`SimHandle::spawner`] is
-//!   an [`crate::image::Spawner`] (background copy-on-read fills) whose
+//!   an [`crate::executor::Spawner`] (background copy-on-read fills) whose
 //!   tasks join the executor at its next step, and [`SimClock`] is a
 //!   [`Clock`] (prefetch) on virtual time and the seeded random stream.
 //!
@@ -29,8 +29,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use super::rng::Rng;
-use crate::image::Spawner;
-use crate::image::prefetch::Clock;
+use crate::executor::{Clock, Spawner};
 
 /// Index used in the ready queue for the future passed to `block_on`.
 const MAIN: usize = usize::MAX;
