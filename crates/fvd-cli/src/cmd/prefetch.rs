@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use fvd_core::Format;
-use fvd_core::executor::ThreadClock;
 use fvd_core::image::prefetch::{PrefetchConfig, PrefetchMode, PrefetchStatus, prefetch};
 
+use crate::clock::TokioClock;
 use crate::common::{at, open};
 use crate::size::parse_size;
 
@@ -74,7 +74,7 @@ pub async fn run(a: Args) -> Result<u8> {
     let task = tokio::spawn(prefetch(
         img.clone(),
         cfg,
-        Arc::new(ThreadClock::default()),
+        Arc::new(TokioClock::default()),
         status.clone(),
     ));
     while !task.is_finished() {
