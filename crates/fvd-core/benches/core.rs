@@ -230,7 +230,7 @@ fn main() {
     let compact =
         fvd_core::format::layout::compute_layout(&fvd_core::format::layout::CreateLayout {
             virtual_size: TIB,
-            base: Some(("b".into(), "raw".into(), TIB, String::new())),
+            base: Some(("b".into(), Format::Raw, TIB, String::new())),
             block_size: None,
             journal_size: None,
             compact: true,

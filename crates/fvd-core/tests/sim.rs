@@ -32,7 +32,7 @@ use fvd_core::sim::{
     background_seed, check_consistency, is_background_seed, run,
 };
 use fvd_core::storage::Storage;
-use fvd_core::{CreateOptions, ErrorKind, Image, OpenOptions};
+use fvd_core::{CreateOptions, ErrorKind, Format, Image, OpenOptions};
 
 /// Classic seeds of the default run.
 const DEFAULT_SEEDS: u64 = 600;
@@ -315,7 +315,7 @@ impl Fixture {
         let disk = SimStorage::new(exec.handle(), "image");
         let opts = CreateOptions {
             size: Some(VSIZE),
-            base: Some(("base.raw".into(), "raw".into())),
+            base: Some(("base.raw".into(), Format::Raw)),
             block_size: Some(block_size),
             journal_size: Some(16384),
             compact: chunk.is_some(),
@@ -602,7 +602,7 @@ fn regression_stale_journal_blocks_after_lost_header_update() {
     disk.set_latency(fixed);
     let opts = CreateOptions {
         size: Some(1 << 20),
-        base: Some(("base.raw".into(), "raw".into())),
+        base: Some(("base.raw".into(), Format::Raw)),
         block_size: Some(512),
         journal_size: Some(64 << 10),
         ..Default::default()
@@ -699,7 +699,7 @@ fn regression_sector_straddling_an_unaligned_base_end() {
         let disk = SimStorage::new(exec.handle(), "image");
         let opts = CreateOptions {
             size: Some(64 << 10),
-            base: Some(("base.raw".into(), "raw".into())),
+            base: Some(("base.raw".into(), Format::Raw)),
             block_size: Some(bs),
             ..Default::default()
         };
@@ -779,7 +779,7 @@ fn regression_compact_checkpoint_bit_without_chunk() {
     });
     let opts = CreateOptions {
         size: Some(256 << 10),
-        base: Some(("base.raw".into(), "raw".into())),
+        base: Some(("base.raw".into(), Format::Raw)),
         block_size: Some(512),
         journal_size: Some(4096),
         compact: true,
@@ -1061,8 +1061,8 @@ fn regression_read_racing_the_detach() {
         fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>> {
             self.inner.allocation(offset, len)
         }
-        fn format(&self) -> &'static str {
-            "raw"
+        fn format(&self) -> fvd_core::Format {
+            fvd_core::Format::Raw
         }
         fn describe(&self) -> String {
             "slow-first-read".into()

@@ -918,8 +918,8 @@ impl Base for HttpBase {
         ]))))
     }
 
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> fvd_core::Format {
+        fvd_core::Format::Raw
     }
 
     fn describe(&self) -> String {

@@ -3,6 +3,7 @@
 
 use crate::base::Base;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::Format;
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{self, FLAG_ZERO_DETECTED, HEADER_AREA, Header, Region};
 use crate::format::layout::{CreateLayout, compute_layout};
@@ -15,7 +16,7 @@ pub struct CreateOptions {
     /// Virtual size; defaults to the base size.
     pub size: Option<u64>,
     /// Base name as recorded in the header, and its format.
-    pub base: Option<(String, String)>,
+    pub base: Option<(String, Format)>,
     /// Bytes per bitmap bit.
     pub block_size: Option<u32>,
     /// Journal size in bytes.
@@ -54,9 +55,7 @@ pub async fn create(
     let layout = CreateLayout {
         virtual_size: size,
         base: match (&opts.base, base) {
-            (Some((name, fmt)), Some(b)) => {
-                Some((name.clone(), fmt.clone(), base_size, b.validator()))
-            }
+            (Some((name, fmt)), Some(b)) => Some((name.clone(), *fmt, base_size, b.validator())),
             (Some(_), None) => return Err(Error::arg("base named but not opened")),
             _ => None,
         },

@@ -196,8 +196,8 @@ impl Base for PatternBase {
             data: true,
         }])))
     }
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> crate::format::Format {
+        crate::format::Format::Raw
     }
     fn describe(&self) -> String {
         "fuzz-base".into()
@@ -362,7 +362,9 @@ fn build_image(base_size: Option<u64>, bs: u32, compact: bool, state: &str) -> O
     let disk = MemStorage::new("seed");
     let opts = CreateOptions {
         size: Some(size),
-        base: base.as_ref().map(|_| ("base.raw".into(), "raw".into())),
+        base: base
+            .as_ref()
+            .map(|_| ("base.raw".into(), crate::format::Format::Raw)),
         block_size: Some(bs),
         journal_size: Some(16 << 10),
         compact,

@@ -1028,7 +1028,7 @@ impl Run {
             base: self
                 .base
                 .as_ref()
-                .map(|_| ("base.raw".to_string(), "raw".to_string())),
+                .map(|_| ("base.raw".to_string(), crate::format::Format::Raw)),
             block_size: Some(cfg.block_size),
             journal_size: Some(cfg.journal_size),
             detect_zeroes: cfg.detect_zeroes,

@@ -875,8 +875,8 @@ impl Base for SimBase {
         })
     }
 
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> crate::format::Format {
+        crate::format::Format::Raw
     }
 
     fn describe(&self) -> String {

@@ -266,20 +266,11 @@ pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Server {
     s
 }
 
-/// Open a base through the registered providers, as the engine does.
+/// Open a base through this crate's opener, as the engine does.
 pub fn open_base(name: &str, format: &str) -> fvd_core::Result<Arc<dyn Base>> {
-    fvd_remote::register();
     let f: fvd_core::Format = format.parse().unwrap();
-    fvd_core::executor::block_on(fvd_core::open::open_base_named(
-        Path::new("/"),
-        name,
-        f,
-        fvd_core::PathOptions {
-            read_only: true,
-            ..Default::default()
-        },
-        0,
-    ))
+    let location = fvd_core::Location::parse(name);
+    fvd_core::executor::block_on(fvd_remote::opener().open_base(&location, f, 0))
 }
 
 /// Read all of `base` (in 1 MiB pieces).
