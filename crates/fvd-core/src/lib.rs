@@ -24,7 +24,6 @@ pub mod image;
 pub mod iobuf;
 mod meta;
 pub mod open;
-pub mod sim;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
