@@ -11,26 +11,18 @@ use std::time::{Duration, Instant};
 
 use fvd_core::base::Base;
 
-/// True if `tool` is on PATH; prints a note naming the test otherwise.
+/// True if `tool` is installed; prints a note naming the test otherwise.
 pub fn have(tool: &str, test: &str) -> bool {
-    let found = std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(tool).is_file())
-            || Path::new("/usr/sbin").join(tool).is_file()
-    });
+    let found = fvd_testkit::have_tools(&[tool]);
     if !found {
-        eprintln!("note: {test}: skipped, '{tool}' is not installed");
+        eprintln!("note: {test}: skipped");
     }
     found
 }
 
-/// The tool's path, also looking in /usr/sbin (nginx lives there).
+/// The tool's path (nginx lives in /usr/sbin).
 pub fn tool(name: &str) -> PathBuf {
-    let sbin = Path::new("/usr/sbin").join(name);
-    if sbin.is_file() {
-        sbin
-    } else {
-        PathBuf::from(name)
-    }
+    fvd_testkit::find_tool(name).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The `fvd` binary built next to this test, if any (cargo builds it for
