@@ -98,7 +98,10 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
         "on|off: copy base data into the image when it is read (default on for nbd:// and http(s):// bases)",
     ),
     ("backing_file", "base image (same as -b)"),
-    ("backing_fmt", "base image format, raw or fvd (same as -F)"),
+    (
+        "backing_fmt",
+        "base image format: raw, fvd or qcow2 (same as -F)",
+    ),
     ("size", "virtual disk size (same as the SIZE argument)"),
     (
         "compact",

@@ -644,6 +644,24 @@ mod tests {
     }
 
     #[test]
+    fn checksum_is_crc32c_castagnoli() {
+        // The check value docs/FORMAT.md gives for the header and journal CRC.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn equal_generations_pick_slot_0() {
+        let h = sample();
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h.encode());
+        let mut other = h.clone();
+        other.journal_epoch = 9;
+        area[4096..].copy_from_slice(&other.encode());
+        let (got, slot) = decode_slots(&area).unwrap();
+        assert_eq!((got.journal_epoch, slot), (h.journal_epoch, 0));
+    }
+
+    #[test]
     fn round_trip() {
         let h = sample();
         let b = h.encode();

@@ -46,9 +46,14 @@ pub(crate) struct Compact {
     pub grow_cmd: String,
     table: Box<[AtomicU32]>,
     pins: Box<[AtomicU32]>,
+    /// Never held across an await; taken under `grow_lock` to record the
+    /// grown capacity.
     alloc: Mutex<Allocator>,
     /// Serialises growth: two concurrent `set_len` calls could complete in
-    /// the wrong order and shrink the storage under a chunk in use.
+    /// the wrong order and shrink the storage under a chunk in use. Lock
+    /// order (docs/ARCHITECTURE.md): taken by an allocation with its span's
+    /// range lock held, before `alloc`; never while holding `Meta::commit`,
+    /// and released before an allocation commits and retries.
     grow_lock: tokio::sync::Mutex<()>,
 }
 
