@@ -215,7 +215,7 @@ impl Mapping {
             .is_none_or(|m| blocks.is_empty() || m.local.all_set(blocks))
     }
 
-    /// The block ranges of `blocks` not in the image: (first, end).
+    /// The runs of `blocks` that are not in the image.
     pub fn missing(&self, blocks: Range<u64>) -> Vec<Range<u64>> {
         let Some(m) = &self.meta else {
             return Vec::new();
