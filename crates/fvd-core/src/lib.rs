@@ -3,7 +3,7 @@
 //! Layers, bottom up (each depends only on those below it; [`error`],
 //! [`iobuf`] and [`executor`], the runtime interface, sit under all):
 //! * [`storage`] — positional async byte I/O (file, memory);
-//! * [`format`] — pure encode/decode of every on-disk structure;
+//! * [`format`](mod@format) — pure encode/decode of every on-disk structure;
 //! * `meta` — bitmaps in memory, journal writer (group commit), recovery;
 //! * [`base`] — what the engine reads base data through, and raw bases;
 //! * [`image`] — the engine: the mapping layer ([`image::map`]) and the

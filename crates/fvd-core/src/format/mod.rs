@@ -1,7 +1,7 @@
 //! Pure encode/decode and validation of every on-disk structure.
 //!
 //! Nothing here does I/O. Every decoder is total: malformed bytes give an
-//! [`Error`](crate::Error), never a panic. docs/FORMAT.md is the
+//! [`Error`], never a panic. docs/FORMAT.md is the
 //! specification these modules implement; keep the two in step.
 
 use crate::error::{Error, ErrorKind, Result};

@@ -7,7 +7,7 @@
 //!    `local` bit is 0 is read from the base, at the same offset; every
 //!    other byte — local blocks, and everything past the base range — lives
 //!    in the image;
-//! 2. **the layout** of image-resident bytes ([`Layout`]): in the sparse
+//! 2. **the layout** of image-resident bytes (`Layout`): in the sparse
 //!    layout (and raw files) at `data_offset + offset`, no translation; in
 //!    compact images through the chunk table, where an unallocated chunk has
 //!    no storage and reads as zeros. A run on a chunk pins it, so the chunk
@@ -15,24 +15,24 @@
 //!
 //! The access layer (`read.rs`, `write.rs`, `zero.rs`, `status.rs`,
 //! `cor.rs`, `prefetch.rs`) asks this module where bytes are, whether a
-//! write may go straight to its host offsets ([`Mapping::direct_write`]),
+//! write may go straight to its host offsets (`Mapping::direct_write`),
 //! which edges a copy-on-write must copy, which chunks to allocate, and what
 //! to publish after the data is written; it does the data I/O itself. The
 //! mapping layer does metadata work only: allocation (growing the storage),
 //! the in-memory bitmaps and table, and queuing journal records.
 //!
 //! A request wholly in the image or wholly in the base maps to one run
-//! without allocating: a bitmap scan a word at a time ([`AtomicBitmap::run_at`])
+//! without allocating: a bitmap scan a word at a time (`AtomicBitmap::run_at`)
 //! and, in compact images, one table lookup and pin per chunk.
 //!
 //! How later features fit this shape:
 //! * internal snapshots (a chunk table and bitmap per snapshot, chunks
 //!   shared between them): the layout's chunk lookup reads the live table;
 //!   a chunk shared with a snapshot maps to [`Target::Host`] for reads but
-//!   makes [`Mapping::direct_write`] false, like an unallocated chunk, and
-//!   [`Mapping::allocate`] gives it a replacement whose parts the write does
+//!   makes `Mapping::direct_write` false, like an unallocated chunk, and
+//!   `Mapping::allocate` gives it a replacement whose parts the write does
 //!   not cover are filled from the old chunk where a fresh chunk's are
-//!   zeroed ([`Allocation::partial_chunks`]);
+//!   zeroed (`Mapping::partial_chunks`);
 //! * encryption: every data byte of the image goes through the access
 //!   layer's `read_host` / `write_host` / `zero_host` with its host offset,
 //!   the sector tweak; the mapping itself does not change.
@@ -112,8 +112,8 @@ pub(crate) struct Mapping {
 }
 
 /// Chunks allocated for a request and not yet published: its data must be
-/// written first ([`Mapping::publish`]), or the chunks given back
-/// ([`Mapping::release`]). Dropping an allocation leaks its chunks until the
+/// written first (`Mapping::publish`), or the chunks given back
+/// (`Mapping::release`). Dropping an allocation leaks its chunks until the
 /// image is reopened, on purpose: a request future dropped mid-flight may
 /// still have a write running on an I/O thread into them.
 #[must_use]
@@ -569,7 +569,7 @@ fn table_records(chunks: &[(u64, u32)]) -> Vec<Record> {
     out
 }
 
-/// The runs of a request, computed one at a time ([`Mapping::request`]).
+/// The runs of a request, computed one at a time (`Mapping::request`).
 pub struct RequestMap<'a> {
     map: &'a Mapping,
     pos: u64,
@@ -616,7 +616,7 @@ impl<'a> Iterator for RequestMap<'a> {
     }
 }
 
-/// The runs of image-resident bytes ([`Mapping::image_runs`]).
+/// The runs of image-resident bytes (`Mapping::image_runs`).
 pub(crate) struct ImageRuns<'a> {
     layout: &'a Layout,
     pos: u64,
