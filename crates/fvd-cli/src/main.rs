@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod clock;
 mod cmd;
 mod common;
 mod size;
@@ -83,7 +84,6 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    fvd_remote::register();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -128,20 +128,23 @@ fn main() -> ExitCode {
         }
     };
     let code = cli.command.error_code();
+    // How images name their bases: local files, NBD and HTTP(S) URLs, qcow2.
+    let opener = fvd_remote::opener();
+    let o = &opener;
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Create(a) => cmd::create::run(a).await,
-            Command::Info(a) => cmd::info::run(a).await,
-            Command::Map(a) => cmd::map::run(a).await,
-            Command::Convert(a) => cmd::convert::run(a).await,
-            Command::Compare(a) => cmd::compare::run(a).await,
-            Command::Check(a) => cmd::check::run(a).await,
-            Command::Io(a) => cmd::io::run(a).await,
-            Command::Prefetch(a) => cmd::prefetch::run(a).await,
-            Command::Profile(a) => cmd::profile::run(a).await,
+            Command::Create(a) => cmd::create::run(a, o).await,
+            Command::Info(a) => cmd::info::run(a, o).await,
+            Command::Map(a) => cmd::map::run(a, o).await,
+            Command::Convert(a) => cmd::convert::run(a, o).await,
+            Command::Compare(a) => cmd::compare::run(a, o).await,
+            Command::Check(a) => cmd::check::run(a, o).await,
+            Command::Io(a) => cmd::io::run(a, o).await,
+            Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
+            Command::Profile(a) => cmd::profile::run(a, o).await,
             Command::Demo(a) => cmd::demo::run(a).await,
-            Command::Serve(a) => cmd::serve::run(a).await,
-            Command::Mount(a) => cmd::mount::run(a).await,
+            Command::Serve(a) => cmd::serve::run(a, o).await,
+            Command::Mount(a) => cmd::mount::run(a, o).await,
         }
     });
     match result {

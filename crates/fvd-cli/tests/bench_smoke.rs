@@ -32,13 +32,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    fvd_testkit::find_tool(tool).is_some()
 }
 
 /// True if the harness can run here; otherwise print why not.

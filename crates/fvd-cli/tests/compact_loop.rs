@@ -12,15 +12,7 @@ fn usable() -> bool {
         eprintln!("SKIP: loop devices need root");
         return false;
     }
-    let ok = Command::new("losetup")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIP: losetup is not installed");
-    }
-    ok
+    fvd_testkit::have_tools(&["losetup"])
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {

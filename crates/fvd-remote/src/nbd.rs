@@ -214,8 +214,8 @@ impl Base for NbdBase {
         })
     }
 
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> fvd_core::Format {
+        fvd_core::Format::Raw
     }
 
     fn describe(&self) -> String {

@@ -401,8 +401,8 @@ impl<S: Source> Base for RangedBase<S> {
         ]))))
     }
 
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> fvd_core::Format {
+        fvd_core::Format::Raw
     }
 
     fn describe(&self) -> String {

@@ -362,8 +362,7 @@ fn server_killed_mid_run() {
     wait_unix(&mut srv, &sock);
     let url = format!("nbd+unix:///?socket={}", sock.display());
     let img_path = d.join("img.fvd");
-    fvd_remote::register();
-    block_on(fvd_core::create_path(
+    block_on(fvd_remote::opener().create(
         &img_path,
         Some(&fvd_core::BaseSpec {
             name: url.clone(),
@@ -422,12 +421,9 @@ fn server_killed_mid_run() {
     let _ = std::fs::remove_file(&sock);
     let mut srv = Server::start(d, Path::new("nbdkit"), &args, "nbdkit2");
     wait_unix(&mut srv, &sock);
-    let img = block_on(fvd_core::open_path(
-        &img_path,
-        fvd_core::Format::Fvd,
-        Default::default(),
-    ))
-    .unwrap();
+    let img =
+        block_on(fvd_remote::opener().open(&img_path, fvd_core::Format::Fvd, Default::default()))
+            .unwrap();
     let mut all = vec![0u8; SIZE];
     block_on(img.read(0, &mut all)).unwrap();
     let mut expect = bytes.clone();

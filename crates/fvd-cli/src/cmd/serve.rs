@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
 use fvd_nbd::proto::consts::DEFAULT_PORT;
@@ -111,11 +112,12 @@ fn parse_bind(s: &str) -> Result<SocketAddr> {
 }
 
 /// Run `fvd serve` on a runtime of its own (`--threads` workers).
-pub async fn run(a: ServeArgs) -> Result<u8> {
+pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let opener = opener.clone();
     std::thread::Builder::new()
         .name("fvd-serve".into())
         .spawn(move || {
@@ -130,7 +132,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
                     .build()
             };
             let r = match rt {
-                Ok(rt) => rt.block_on(serve(a)),
+                Ok(rt) => rt.block_on(serve(a, &opener)),
                 Err(e) => Err(anyhow!("cannot start the server's runtime: {e}")),
             };
             let _ = tx.send(r);
@@ -140,7 +142,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
         .map_err(|_| anyhow!("the server thread ended unexpectedly"))?
 }
 
-async fn serve(a: ServeArgs) -> Result<u8> {
+async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     let addr = match (&a.socket, &a.bind) {
         (Some(p), _) => ListenAddr::Unix(p.clone()),
         (None, Some(b)) => ListenAddr::Tcp(parse_bind(b)?),
@@ -162,16 +164,14 @@ async fn serve(a: ServeArgs) -> Result<u8> {
         force_share: false,
     };
     let path = a.image.display().to_string();
-    let image = fvd_core::open_path(&a.image, a.format, opts)
-        .await
-        .map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains(&path) {
-                anyhow!(msg)
-            } else {
-                anyhow!("{path}: {msg}")
-            }
-        })?;
+    let image = opener.open(&a.image, a.format, opts).await.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains(&path) {
+            anyhow!(msg)
+        } else {
+            anyhow!("{path}: {msg}")
+        }
+    })?;
     let image = Arc::new(image);
     let extras = match super::serve_extras::start(&image, &a.base).await {
         Ok(x) => x,

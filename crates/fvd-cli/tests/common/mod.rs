@@ -77,23 +77,6 @@ pub fn fvd_with_input(dir: &Path, args: &[&str], input: &str) -> Run {
     finish(child.wait_with_output().expect("wait fvd"))
 }
 
-/// True if every tool runs; otherwise print why the test is skipped.
-pub fn have_tools(tools: &[&str]) -> bool {
-    for t in tools {
-        let found = Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            eprintln!("SKIP: {t} is not installed; this test needs it");
-            return false;
-        }
-    }
-    true
-}
-
 /// A hash of a file's whole content.
 pub fn file_hash(path: &Path) -> u64 {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));

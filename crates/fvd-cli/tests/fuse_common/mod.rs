@@ -25,19 +25,7 @@ pub fn fuse_usable(tools: &[&str]) -> bool {
         eprintln!("SKIP: /dev/fuse is missing");
         return false;
     }
-    for t in tools {
-        let found = Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            eprintln!("SKIP: {t} is not installed; this test needs it");
-            return false;
-        }
-    }
-    true
+    fvd_testkit::have_tools(tools)
 }
 
 /// Run a command; panic with its output unless it succeeds. Returns stdout.

@@ -43,7 +43,7 @@ impl Kit {
     pub fn get() -> Option<&'static Kit> {
         static KIT: OnceLock<Option<Kit>> = OnceLock::new();
         KIT.get_or_init(|| {
-            if !crate::common::have_tools(&["qemu-system-x86_64"]) {
+            if !fvd_testkit::have_tools(&["qemu-system-x86_64"]) {
                 return None;
             }
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/kit.sh");

@@ -29,25 +29,14 @@ pub fn fvd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fvd"))
 }
 
-/// True when `tool` is on the PATH.
+/// True when `tool` is installed.
 pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool} >/dev/null 2>&1"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    fvd_testkit::find_tool(tool).is_some()
 }
 
 /// Prints a skip message and returns true if any tool is missing.
 pub fn missing(tools: &[&str]) -> bool {
-    for t in tools {
-        if !have(t) {
-            eprintln!("skipping: {t} is not installed");
-            return true;
-        }
-    }
-    false
+    !fvd_testkit::have_tools(tools)
 }
 
 /// Create an FVD image of `size` bytes, optionally over a base.

@@ -21,6 +21,7 @@ mod aio;
 pub mod file;
 pub mod mem;
 mod pool;
+mod sys;
 
 pub use file::{CacheMode, FileStorage};
 pub use mem::MemStorage;

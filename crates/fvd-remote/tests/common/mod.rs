@@ -11,14 +11,11 @@ use std::time::{Duration, Instant};
 
 use fvd_core::base::Base;
 
-/// True if `tool` is on PATH; prints a note naming the test otherwise.
+/// True if `tool` is installed; prints a note naming the test otherwise.
 pub fn have(tool: &str, test: &str) -> bool {
-    let found = std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(tool).is_file())
-            || Path::new("/usr/sbin").join(tool).is_file()
-    });
+    let found = fvd_testkit::have_tools(&[tool]);
     if !found {
-        eprintln!("note: {test}: skipped, '{tool}' is not installed");
+        eprintln!("note: {test}: skipped");
     }
     found
 }
@@ -36,14 +33,9 @@ pub fn need(tool: &str, test: &str) -> bool {
     false
 }
 
-/// The tool's path, also looking in /usr/sbin (nginx lives there).
+/// The tool's path (nginx lives in /usr/sbin).
 pub fn tool(name: &str) -> PathBuf {
-    let sbin = Path::new("/usr/sbin").join(name);
-    if sbin.is_file() {
-        sbin
-    } else {
-        PathBuf::from(name)
-    }
+    fvd_testkit::find_tool(name).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The `fvd` binary built next to this test, if any (cargo builds it for
@@ -306,20 +298,11 @@ pub fn nginx(dir: &Path, root: &Path, port: u16, extra: &str) -> Server {
     s
 }
 
-/// Open a base through the registered providers, as the engine does.
+/// Open a base through this crate's opener, as the engine does.
 pub fn open_base(name: &str, format: &str) -> fvd_core::Result<Arc<dyn Base>> {
-    fvd_remote::register();
     let f: fvd_core::Format = format.parse().unwrap();
-    fvd_core::executor::block_on(fvd_core::open::open_base_named(
-        Path::new("/"),
-        name,
-        f,
-        fvd_core::PathOptions {
-            read_only: true,
-            ..Default::default()
-        },
-        0,
-    ))
+    let location = fvd_core::Location::parse(name);
+    fvd_core::executor::block_on(fvd_remote::opener().open_base(&location, f, 0))
 }
 
 /// Read all of `base` (in 1 MiB pieces).

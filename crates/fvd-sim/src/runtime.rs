@@ -1,4 +1,5 @@
-//! A single-threaded executor with virtual time and seeded scheduling.
+//! The simulated runtime: a single-threaded executor with virtual time and
+//! seeded scheduling, and the engine's spawner and clock on it.
 //!
 //! * Tasks are plain futures (they need not be `Send`); the executor polls
 //!   them on the calling thread.
@@ -11,7 +12,7 @@
 //!   simulator's crash point: every event due at or before the deadline has
 //!   happened, nothing after it has.
 //! * The engine's background work runs here too: [`SimHandle::spawner`] is
-//!   an [`crate::image::Spawner`] (background copy-on-read fills) whose
+//!   an [`fvd_core::executor::Spawner`] (background copy-on-read fills) whose
 //!   tasks join the executor at its next step, and [`SimClock`] is a
 //!   [`Clock`] (prefetch) on virtual time and the seeded random stream.
 //!
@@ -28,9 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use super::rng::Rng;
-use crate::image::Spawner;
-use crate::image::prefetch::Clock;
+use crate::rng::Rng;
+use fvd_core::executor::{Clock, Spawner};
 
 /// Index used in the ready queue for the future passed to `block_on`.
 const MAIN: usize = usize::MAX;
@@ -160,7 +160,7 @@ pub fn current() -> Option<SimHandle> {
 /// When called outside `Executor::block_on`/`run`.
 pub fn sleep(d: Duration) -> Sleep {
     current()
-        .expect("fvd_core::sim::sleep called outside the simulator")
+        .expect("fvd_sim::sleep called outside the simulator")
         .sleep(d)
 }
 

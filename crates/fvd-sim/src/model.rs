@@ -15,7 +15,7 @@
 //!   FUA), plus every later write — completed, in flight or failed. With no
 //!   such write, the values the sector had at the last check come first.
 
-use super::rng::mix64;
+use crate::rng::mix64;
 
 /// One possible content of a sector.
 pub type Val = u64;
@@ -99,7 +99,7 @@ pub fn identify(bytes: &[u8], sector: u64, base: &[u8]) -> Seen {
         };
     }
     let _ = sector;
-    if crate::iobuf::is_zero(bytes) {
+    if fvd_core::iobuf::is_zero(bytes) {
         Seen::Zero
     } else if bytes == base {
         Seen::Base

@@ -20,11 +20,11 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::executor::SimHandle;
-use super::rng::Rng;
-use crate::base::Base;
-use crate::iobuf::IoBuf;
-use crate::storage::{AllocRun, IoFuture, Storage, coalesce};
+use crate::rng::Rng;
+use crate::runtime::SimHandle;
+use fvd_core::base::Base;
+use fvd_core::iobuf::IoBuf;
+use fvd_core::storage::{AllocRun, IoFuture, Storage, coalesce};
 
 /// Page size of the sparse byte store.
 pub const PAGE: u64 = 4096;
@@ -866,7 +866,7 @@ impl Base for SimBase {
                 let page = pos / PAGE * PAGE;
                 let data = page < size && {
                     let e = (page + PAGE).min(size);
-                    !crate::iobuf::is_zero(&self.data[page as usize..e as usize])
+                    !fvd_core::iobuf::is_zero(&self.data[page as usize..e as usize])
                 };
                 runs.push(AllocRun { length: n, data });
                 pos += n;
@@ -875,8 +875,8 @@ impl Base for SimBase {
         })
     }
 
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> fvd_core::format::Format {
+        fvd_core::format::Format::Raw
     }
 
     fn describe(&self) -> String {
@@ -886,8 +886,8 @@ impl Base for SimBase {
 
 #[cfg(test)]
 mod tests {
-    use super::super::executor::Executor;
     use super::*;
+    use crate::runtime::Executor;
 
     fn buf(v: u8, n: usize) -> IoBuf {
         IoBuf::from_slice(&vec![v; n])

@@ -13,14 +13,14 @@
 
 use std::sync::Arc;
 
-use crate::base::Base;
-use crate::executor::block_on;
-use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{self, HEADER_SLOT_SIZE, Header, Region};
-use crate::format::journal;
-use crate::image::{CreateOptions, Image, OpenOptions};
-use crate::iobuf::IoBuf;
-use crate::storage::{AllocRun, IoFuture, MemStorage};
+use fvd_core::base::Base;
+use fvd_core::executor::block_on;
+use fvd_core::format::bitmap::AtomicBitmap;
+use fvd_core::format::header::{self, HEADER_SLOT_SIZE, Header, Region};
+use fvd_core::format::journal;
+use fvd_core::image::{CreateOptions, Image, OpenOptions};
+use fvd_core::iobuf::IoBuf;
+use fvd_core::storage::{AllocRun, IoFuture, MemStorage};
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
@@ -196,8 +196,8 @@ impl Base for PatternBase {
             data: true,
         }])))
     }
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> fvd_core::format::Format {
+        fvd_core::format::Format::Raw
     }
     fn describe(&self) -> String {
         "fuzz-base".into()
@@ -362,7 +362,9 @@ fn build_image(base_size: Option<u64>, bs: u32, compact: bool, state: &str) -> O
     let disk = MemStorage::new("seed");
     let opts = CreateOptions {
         size: Some(size),
-        base: base.as_ref().map(|_| ("base.raw".into(), "raw".into())),
+        base: base
+            .as_ref()
+            .map(|_| ("base.raw".into(), fvd_core::format::Format::Raw)),
         block_size: Some(bs),
         journal_size: Some(16 << 10),
         compact,
@@ -370,7 +372,7 @@ fn build_image(base_size: Option<u64>, bs: u32, compact: bool, state: &str) -> O
         grow_unit: compact.then_some(bs.max(4096) as u64),
         ..CreateOptions::default()
     };
-    block_on(crate::image::create(&disk, &opts, base.as_deref())).ok()?;
+    block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).ok()?;
     let packed = MemStorage::from_bytes("seed", &pack(&disk.to_vec())?);
     if state != "fresh" {
         let img = block_on(Image::open(

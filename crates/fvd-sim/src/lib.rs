@@ -6,28 +6,33 @@
 //! one seeded random stream under virtual time, so a failing seed replays
 //! exactly.
 //!
-//! * [`executor`] — a single-threaded executor with virtual time and timers,
-//!   which also runs the engine's background work (copy-on-read fills,
-//!   prefetch) through its spawner and clock;
+//! * [`runtime`] — the simulated runtime in one place: a single-threaded
+//!   executor with virtual time and timers, the engine's [`Spawner`]
+//!   (background copy-on-read fills run as its tasks) and [`Clock`]
+//!   (prefetch pacing on virtual time and the seeded random stream);
 //! * [`storage`] — [`SimStorage`], a disk with a volatile write cache,
 //!   faults and crashes, and [`SimBase`], a base with faults and short reads;
 //! * [`model`] — the per-sector truth model;
 //! * [`harness`] — random testers, crash points and whole-disk checks;
 //! * [`fuzz`] — the bodies of the fuzz targets, shared with stable tests.
 //!
-//! The module has no dependencies beyond the crate's own and is always
-//! compiled, so integration tests and the fuzz crate can use it.
+//! A crate of its own, so the production library carries none of it; it
+//! depends on fvd-core's public interface only. Its tests (`tests/sim.rs`,
+//! `tests/fuzz_corpus.rs`) and the cargo-fuzz targets (`fuzz/`) use it.
+//!
+//! [`Spawner`]: fvd_core::executor::Spawner
+//! [`Clock`]: fvd_core::executor::Clock
 
-pub mod executor;
 pub mod fuzz;
 pub mod harness;
 pub mod model;
 pub mod rng;
+pub mod runtime;
 pub mod storage;
 
-pub use executor::{Executor, SimClock, SimHandle, Sleep, Stop, sleep};
 pub use harness::{
     SimConfig, SimReport, Violation, background_seed, check_consistency, is_background_seed, run,
 };
 pub use rng::Rng;
+pub use runtime::{Executor, SimClock, SimHandle, Sleep, Stop, sleep};
 pub use storage::{CrashPolicy, CrashReport, Faults, Latency, Pages, SimBase, SimStorage};

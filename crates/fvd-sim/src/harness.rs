@@ -33,18 +33,18 @@ use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::executor::{Executor, SimHandle, Stop};
-use super::model::{self, BASE, FIRST_TAG, Model, SECTOR, Seen, Val, ZERO};
-use super::rng::{Rng, mix64};
-use super::storage::{CrashPolicy, Faults, Latency, SimBase, SimStorage};
-use crate::base::Base;
-use crate::error::ErrorKind;
-use crate::format::header::FLAG_ALL_LOCAL;
-use crate::image::prefetch::{
+use crate::model::{self, BASE, FIRST_TAG, Model, SECTOR, Seen, Val, ZERO};
+use crate::rng::{Rng, mix64};
+use crate::runtime::{Executor, SimHandle, Stop};
+use crate::storage::{CrashPolicy, Faults, Latency, SimBase, SimStorage};
+use fvd_core::base::Base;
+use fvd_core::error::ErrorKind;
+use fvd_core::format::header::FLAG_ALL_LOCAL;
+use fvd_core::image::prefetch::{
     PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
-use crate::image::{CreateOptions, Image, OpenOptions, Source};
-use crate::storage::Storage;
+use fvd_core::image::{CreateOptions, Image, OpenOptions, Source};
+use fvd_core::storage::Storage;
 
 /// Top 16 bits of every background seed (see [`background_seed`]).
 const BACKGROUND_TAG: u64 = 0xb6f0;
@@ -279,7 +279,7 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed={} step={} crash={} t={}ns: {}  (replay: FVD_SIM_SEED={} cargo test -p fvd-core --test sim)",
+            "seed={} step={} crash={} t={}ns: {}  (replay: FVD_SIM_SEED={} cargo test -p fvd-sim --test sim)",
             self.seed, self.step, self.crash, self.time, self.what, self.seed
         )
     }
@@ -399,7 +399,7 @@ impl World {
             } else {
                 self.model.live(s)
             };
-            if !model::acceptable(seen, s, crate::iobuf::is_zero(&base), &allowed) {
+            if !model::acceptable(seen, s, fvd_core::iobuf::is_zero(&base), &allowed) {
                 let names: Vec<String> = allowed.iter().map(|&v| val_name(v)).collect();
                 self.violation(format!(
                     "{what}: sector {s} (offset {}) reads {seen}, expected one of [{}]",
@@ -502,7 +502,7 @@ impl World {
     }
 
     /// An engine request failed: fine if a fault was injected meanwhile.
-    fn failed(&mut self, what: &str, e: &crate::Error, faults_before: u64, flushes: bool) {
+    fn failed(&mut self, what: &str, e: &fvd_core::Error, faults_before: u64, flushes: bool) {
         let injected = self.sim.faults_injected() != faults_before;
         if injected || self.poisoned {
             if flushes {
@@ -526,7 +526,7 @@ impl World {
     /// testers go on (if the engine poisoned itself they find out); half
     /// the time a crash point follows at once, so the image is checked
     /// right after the failure, and at the latest the session ends with one.
-    fn background_failed(&mut self, what: &str, e: &crate::Error, faults_before: u64) {
+    fn background_failed(&mut self, what: &str, e: &fvd_core::Error, faults_before: u64) {
         self.failed(what, e, faults_before, false);
         self.background_failed = true;
         if self.cfg.ios_per_crash > 0 && self.rng.below(2) == 0 {
@@ -704,7 +704,7 @@ fn random_profile(rng: &mut Rng, range: u64) -> Vec<(u64, u64)> {
 }
 
 /// Extents must tile `[off, off+len)` in order.
-fn check_extents(ext: &[crate::Extent], off: u64, len: u64, size: u64) -> Option<String> {
+fn check_extents(ext: &[fvd_core::Extent], off: u64, len: u64, size: u64) -> Option<String> {
     let mut pos = off;
     for e in ext {
         if e.start != pos || e.length == 0 {
@@ -745,14 +745,14 @@ fn fill_random(rng: &mut Rng, out: &mut [u8]) {
 }
 
 /// Check the image on `storage` for consistency without changing it: the
-/// engine's own checker ([`crate::check::check_storage`]) must find no
+/// engine's own checker ([`fvd_core::check::check_storage`]) must find no
 /// corruption, and a read-only open (which replays the journal in memory)
 /// must succeed. Returns the read-only image.
 pub async fn check_consistency(
     storage: Arc<dyn Storage>,
     base: Option<Arc<dyn Base>>,
 ) -> Result<Image, String> {
-    let report = crate::check::check_storage(storage.as_ref(), None)
+    let report = fvd_core::check::check_storage(storage.as_ref(), None)
         .await
         .map_err(|e| format!("check could not run: {e}"))?;
     if !report.check_errors.is_empty() || !report.corruptions.is_empty() {
@@ -837,7 +837,7 @@ impl Run {
     fn all_local_on(&mut self, disk: &SimStorage) -> bool {
         let snap = disk.snapshot("image-header");
         matches!(
-            self.exec.block_on(crate::image::read_header(&snap)),
+            self.exec.block_on(fvd_core::image::read_header(&snap)),
             Ok(Ok((h, _))) if h.flags & FLAG_ALL_LOCAL != 0
         )
     }
@@ -1028,7 +1028,7 @@ impl Run {
             base: self
                 .base
                 .as_ref()
-                .map(|_| ("base.raw".to_string(), "raw".to_string())),
+                .map(|_| ("base.raw".to_string(), fvd_core::format::Format::Raw)),
             block_size: Some(cfg.block_size),
             journal_size: Some(cfg.journal_size),
             detect_zeroes: cfg.detect_zeroes,
@@ -1039,7 +1039,7 @@ impl Run {
             ..CreateOptions::default()
         };
         let base_ref = self.base.clone();
-        let created = self.exec.block_on(crate::image::create(
+        let created = self.exec.block_on(fvd_core::image::create(
             &disk,
             &opts,
             base_ref.as_ref().map(|b| b as &dyn Base),
@@ -1194,7 +1194,7 @@ impl Run {
         if let Err(e) = self
             .exec
             .block_on(img.close())
-            .unwrap_or_else(|s| Err(crate::Error::new(ErrorKind::Io, format!("close: {s:?}"))))
+            .unwrap_or_else(|s| Err(fvd_core::Error::new(ErrorKind::Io, format!("close: {s:?}"))))
         {
             self.violation(format!("close failed: {e}"));
             return;

@@ -1,12 +1,12 @@
-//! The fuzz targets' bodies (`fvd_core::sim::fuzz`) on a generated,
+//! The fuzz targets' bodies (`fvd_sim::fuzz`) on a generated,
 //! deterministic corpus, on stable Rust: small valid images, each byte of
 //! their headers mutated, truncations, mutated journal blocks and random
 //! bytes. Regression inputs found by fuzzing are kept at the end.
 
 use fvd_core::format::header::{HEADER_SLOT_SIZE, Header, Region, decode_slots};
 use fvd_core::format::journal;
-use fvd_core::sim::Rng;
-use fvd_core::sim::fuzz::{self, Reached};
+use fvd_sim::Rng;
+use fvd_sim::fuzz::{self, Reached};
 
 /// Values a mutated byte takes, by offset, so that every offset sees a
 /// flipped low bit, a flipped high bit, all bits flipped, zero and 0xff.

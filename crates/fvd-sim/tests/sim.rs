@@ -1,9 +1,9 @@
 //! Deterministic simulation of the engine under concurrency, crashes and
-//! injected faults (see `fvd_core::sim`).
+//! injected faults (see `fvd_sim`).
 //!
 //! The default run is 600 classic seeds plus 300 background seeds (whose
 //! configuration adds background copy-on-read and/or a prefetch task, see
-//! `fvd_core::sim::background_seed`).
+//! `fvd_sim::background_seed`).
 //!
 //! * `FVD_SIM_SEED=<seed>` replays one seed (as printed by a failure), of
 //!   either kind.
@@ -26,13 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fvd_core::base::Base;
-use fvd_core::sim::model::{self, Seen};
-use fvd_core::sim::{
+use fvd_core::storage::Storage;
+use fvd_core::{CreateOptions, ErrorKind, Format, Image, OpenOptions};
+use fvd_sim::model::{self, Seen};
+use fvd_sim::{
     CrashPolicy, Executor, Faults, Latency, Rng, SimBase, SimConfig, SimReport, SimStorage,
     background_seed, check_consistency, is_background_seed, run,
 };
-use fvd_core::storage::Storage;
-use fvd_core::{CreateOptions, ErrorKind, Image, OpenOptions};
 
 /// Classic seeds of the default run.
 const DEFAULT_SEEDS: u64 = 600;
@@ -40,7 +40,7 @@ const DEFAULT_SEEDS: u64 = 600;
 const DEFAULT_BG_SEEDS: u64 = 300;
 
 fn seed_of(i: u64) -> u64 {
-    fvd_core::sim::rng::mix64(i ^ 0x0f0d_5eed)
+    fvd_sim::rng::mix64(i ^ 0x0f0d_5eed)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -315,7 +315,7 @@ impl Fixture {
         let disk = SimStorage::new(exec.handle(), "image");
         let opts = CreateOptions {
             size: Some(VSIZE),
-            base: Some(("base.raw".into(), "raw".into())),
+            base: Some(("base.raw".into(), Format::Raw)),
             block_size: Some(block_size),
             journal_size: Some(16384),
             compact: chunk.is_some(),
@@ -602,7 +602,7 @@ fn regression_stale_journal_blocks_after_lost_header_update() {
     disk.set_latency(fixed);
     let opts = CreateOptions {
         size: Some(1 << 20),
-        base: Some(("base.raw".into(), "raw".into())),
+        base: Some(("base.raw".into(), Format::Raw)),
         block_size: Some(512),
         journal_size: Some(64 << 10),
         ..Default::default()
@@ -641,7 +641,7 @@ fn regression_stale_journal_blocks_after_lost_header_update() {
         if probe != [0u8; 4] {
             break;
         }
-        assert_eq!(stop, fvd_core::sim::Stop::Deadline, "flush ended early");
+        assert_eq!(stop, fvd_sim::Stop::Deadline, "flush ended early");
     }
     exec.clear();
     exec.set_deadline(None);
@@ -699,7 +699,7 @@ fn regression_sector_straddling_an_unaligned_base_end() {
         let disk = SimStorage::new(exec.handle(), "image");
         let opts = CreateOptions {
             size: Some(64 << 10),
-            base: Some(("base.raw".into(), "raw".into())),
+            base: Some(("base.raw".into(), Format::Raw)),
             block_size: Some(bs),
             ..Default::default()
         };
@@ -779,7 +779,7 @@ fn regression_compact_checkpoint_bit_without_chunk() {
     });
     let opts = CreateOptions {
         size: Some(256 << 10),
-        base: Some(("base.raw".into(), "raw".into())),
+        base: Some(("base.raw".into(), Format::Raw)),
         block_size: Some(512),
         journal_size: Some(4096),
         compact: true,
@@ -823,7 +823,7 @@ fn regression_compact_checkpoint_bit_without_chunk() {
         if byte[0] & (1 << (sector % 8)) != 0 {
             break;
         }
-        assert_eq!(stop, fvd_core::sim::Stop::Deadline, "flush ended early");
+        assert_eq!(stop, fvd_sim::Stop::Deadline, "flush ended early");
     }
     exec.clear();
     exec.set_deadline(None);
@@ -1017,7 +1017,7 @@ fn regression_write_racing_the_detach() {
                 .unwrap()
                 .unwrap()
         );
-        assert_eq!(fx.exec.run(), fvd_core::sim::Stop::Idle);
+        assert_eq!(fx.exec.run(), fvd_sim::Stop::Idle);
         fx.exec
             .block_on(img.flush())
             .unwrap()
@@ -1035,8 +1035,8 @@ fn regression_write_racing_the_detach() {
 /// its buffer.
 #[test]
 fn regression_read_racing_the_detach() {
-    use fvd_core::sim::SimHandle;
     use fvd_core::storage::{AllocRun, IoFuture};
+    use fvd_sim::SimHandle;
     use std::cell::RefCell;
     use std::rc::Rc;
     use std::sync::atomic::AtomicBool;
@@ -1061,8 +1061,8 @@ fn regression_read_racing_the_detach() {
         fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>> {
             self.inner.allocation(offset, len)
         }
-        fn format(&self) -> &'static str {
-            "raw"
+        fn format(&self) -> fvd_core::Format {
+            fvd_core::Format::Raw
         }
         fn describe(&self) -> String {
             "slow-first-read".into()
@@ -1098,7 +1098,7 @@ fn regression_read_racing_the_detach() {
     });
     // Let the reader start its (slow) base read of block 0...
     fx.exec.set_deadline(Some(fx.exec.now() + 1));
-    assert_eq!(fx.exec.run(), fvd_core::sim::Stop::Deadline);
+    assert_eq!(fx.exec.run(), fvd_sim::Stop::Deadline);
     fx.exec.set_deadline(None);
     // ...while every block becomes local and the base is detached.
     fx.exec
@@ -1107,7 +1107,7 @@ fn regression_read_racing_the_detach() {
             assert!(img.detach_base_if_complete().await.unwrap());
         })
         .unwrap();
-    assert_eq!(fx.exec.run(), fvd_core::sim::Stop::Idle);
+    assert_eq!(fx.exec.run(), fvd_sim::Stop::Idle);
     let read = got.borrow_mut().take().expect("the read did not complete");
     assert!(read.unwrap() == fx.base_bytes(0, 12288), "wrong data");
 }
