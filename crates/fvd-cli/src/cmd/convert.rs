@@ -1,16 +1,20 @@
 //! `fvd convert` — copy an image into a new one, like `qemu-img convert`.
 //!
 //! Sparse-aware: the source is walked by block status and its zero extents
-//! are skipped; data extents are read in chunks of up to 2 MiB, several in
-//! flight at once, and 4 KiB pieces that turn out to be all zeros are not
-//! written either (the new image reads zeros there already).
+//! are skipped (those shorter than [`GAP`] between data are read through,
+//! one read instead of two); data is read in pieces of up to 2 MiB, several
+//! in flight at once, and 4 KiB pieces that turn out to be all zeros are not
+//! written (the new image reads zeros there already). Each piece is read
+//! into one buffer from the engine's pool and its non-zero runs are written
+//! from views of that buffer: the data is never copied in user space.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use fvd_core::Opener;
-use fvd_core::{CreateOptions, Format, Image};
+use fvd_core::{CreateOptions, Extent, Format, Image, IoBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
@@ -24,6 +28,9 @@ pub const CHUNK: u64 = 2 << 20;
 pub const ZERO_GRAIN: u64 = 4096;
 /// Pieces in flight at once.
 pub const IN_FLIGHT: usize = 8;
+/// Zero extents shorter than this between data are read with the data:
+/// reading a few zero pages costs less than one more request.
+pub const GAP: u64 = 64 << 10;
 
 /// Arguments of `fvd convert`.
 #[derive(clap::Args, Debug)]
@@ -151,39 +158,26 @@ pub async fn copy(
     bar: Option<&ProgressBar>,
 ) -> Result<()> {
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
-    // Buffers go back here after each piece: no allocation per piece.
-    let pool: BufPool = Arc::new(Mutex::new(Vec::new()));
     let mut pos = 0;
     while pos < size {
         let win = STATUS_WINDOW.min(size - pos);
-        for e in extents(src, src_path, pos, win).await? {
-            if e.zero {
-                if let Some(b) = bar {
-                    b.inc(e.length);
-                }
-                continue;
-            }
-            let end = e.start + e.length;
-            let mut off = e.start;
-            while off < end {
-                let piece_end = ((off / CHUNK + 1) * CHUNK).min(end);
+        let extents = extents(src, src_path, pos, win).await?;
+        let data = data_ranges(&extents);
+        if let Some(b) = bar {
+            let copied: u64 = data.iter().map(|r| r.end - r.start).sum();
+            b.inc(win - copied);
+        }
+        for r in data {
+            let mut off = r.start;
+            while off < r.end {
+                let piece_end = ((off / CHUNK + 1) * CHUNK).min(r.end);
                 while tasks.len() >= IN_FLIGHT {
                     finish_one(&mut tasks, bar).await?;
                 }
                 let (s, d) = (src.clone(), dst.clone());
                 let (sp, dp) = (src_path.to_path_buf(), dst_path.to_path_buf());
                 let len = piece_end - off;
-                let pool = pool.clone();
-                tasks.spawn(async move {
-                    let mut buf = pool
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .pop()
-                        .unwrap_or_else(|| vec![0u8; CHUNK as usize]);
-                    let r = copy_piece(&s, &sp, &d, &dp, off, &mut buf[..len as usize]).await;
-                    pool.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
-                    r
-                });
+                tasks.spawn(async move { copy_piece(&s, &sp, &d, &dp, off, len).await });
                 off = piece_end;
             }
         }
@@ -193,6 +187,20 @@ pub async fn copy(
         finish_one(&mut tasks, bar).await?;
     }
     Ok(())
+}
+
+/// The ranges to copy: the data extents, joined across zero extents
+/// shorter than [`GAP`].
+fn data_ranges(extents: &[Extent]) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for e in extents.iter().filter(|e| !e.zero && e.length > 0) {
+        let end = e.start + e.length;
+        match out.last_mut() {
+            Some(last) if e.start - last.end < GAP => last.end = end,
+            _ => out.push(e.start..end),
+        }
+    }
+    out
 }
 
 async fn finish_one(tasks: &mut JoinSet<Result<u64>>, bar: Option<&ProgressBar>) -> Result<()> {
@@ -205,25 +213,29 @@ async fn finish_one(tasks: &mut JoinSet<Result<u64>>, bar: Option<&ProgressBar>)
     Ok(())
 }
 
-/// Buffers of [`CHUNK`] bytes shared by the copy tasks.
-type BufPool = Arc<Mutex<Vec<Vec<u8>>>>;
-
-/// Copy `[off, off+buf.len())` through `buf`, skipping 4 KiB pieces that
-/// read as zeros.
+/// Copy `[off, off+len)` through one buffer, skipping 4 KiB pieces that
+/// read as zeros; each non-zero run is written from a view of the buffer.
 async fn copy_piece(
     src: &Image,
     src_path: &Path,
     dst: &Image,
     dst_path: &Path,
     off: u64,
-    buf: &mut [u8],
+    len: u64,
 ) -> Result<u64> {
-    let len = buf.len() as u64;
-    src.read(off, buf).await.map_err(|e| at(src_path, e))?;
-    for (s, e) in nonzero_runs(buf, off) {
-        dst.write(off + s as u64, &buf[s..e], false)
+    let mut buf = src
+        .read(off, IoBuf::for_overwrite(len as usize))
+        .await
+        .map_err(|e| at(src_path, e))?;
+    let whole = buf.window();
+    for (s, e) in nonzero_runs(&buf, off) {
+        let part = dst
+            .write(off + s as u64, buf.narrow(s..e), false)
             .await
             .map_err(|e| at(dst_path, e))?;
+        buf = part
+            .widen(whole)
+            .map_err(|_| anyhow!("{}: write returned another buffer", dst_path.display()))?;
     }
     Ok(len)
 }

@@ -267,7 +267,7 @@ fn direct_read(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     if start == offset && span == buf.len() && (buf.as_ptr() as usize).is_multiple_of(512) {
         return read_full(file, offset, buf);
     }
-    let mut bounce = IoBuf::zeroed(span);
+    let mut bounce = IoBuf::for_overwrite(span);
     read_full(file, start, &mut bounce)?;
     let skip = (offset - start) as usize;
     buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
@@ -318,11 +318,17 @@ impl SectorLocks {
 fn direct_write(file: &File, locks: &SectorLocks, offset: u64, data: &[u8]) -> io::Result<()> {
     let (start, span) = align_span(offset, data.len());
     if start == offset && span == data.len() {
-        return file.write_all_at(data, offset);
+        if (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize) {
+            return file.write_all_at(data, offset);
+        }
+        // Whole sectors from memory O_DIRECT refuses (a view of a buffer
+        // that starts mid-sector): through an aligned copy, no lock needed.
+        let bounce = IoBuf::from_slice(data);
+        return file.write_all_at(&bounce, offset);
     }
     let _held = locks.lock_ends(offset, data.len());
     // Read-modify-write of the partial sectors at both ends.
-    let mut bounce = IoBuf::zeroed(span);
+    let mut bounce = IoBuf::for_overwrite(span);
     read_full(file, start, &mut bounce)?;
     let skip = (offset - start) as usize;
     bounce[skip..skip + data.len()].copy_from_slice(data);

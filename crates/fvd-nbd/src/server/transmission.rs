@@ -32,7 +32,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fvd_core::{Extent, Source};
+use fvd_core::{Extent, IoBuf, Source};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -71,10 +71,30 @@ const MAX_BATCH: usize = 256;
 /// Bytes after which a batch is written even if more replies are queued.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// One piece of a reply on the wire.
+enum Part {
+    /// Header bytes, or a whole reply without data.
+    Bytes(Vec<u8>),
+    /// Data read from the image: the buffer the engine read into.
+    Data(IoBuf),
+}
+
+impl AsRef<[u8]> for Part {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Part::Bytes(b) => b,
+            Part::Data(d) => d,
+        }
+    }
+}
+
 /// What request tasks hand to the writer task.
 enum Msg {
-    /// One complete reply.
-    Reply(Vec<u8>),
+    /// One complete reply in one piece.
+    Reply(Part),
+    /// One complete reply in pieces written back to back (a header and
+    /// its data, the chunks of a sparse read).
+    Parts(Vec<Part>),
     /// The budget of a finished request, released once everything queued
     /// before it has been written.
     Release(OwnedSemaphorePermit),
@@ -96,16 +116,22 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     broken: Arc<AtomicBool>,
 ) {
-    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch: Vec<Part> = Vec::new();
     let mut released: Vec<OwnedSemaphorePermit> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut bytes = 0usize;
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
-                Msg::Reply(b) => {
-                    bytes = bytes.saturating_add(b.len());
-                    batch.push(b);
+                Msg::Reply(p) => {
+                    bytes = bytes.saturating_add(p.as_ref().len());
+                    batch.push(p);
+                }
+                Msg::Parts(parts) => {
+                    for p in parts {
+                        bytes = bytes.saturating_add(p.as_ref().len());
+                        batch.push(p);
+                    }
                 }
                 Msg::Release(p) => released.push(p),
             }
@@ -283,16 +309,12 @@ where
 }
 
 /// Read a request payload of `len` bytes (at most the maximum payload)
-/// into a new vector, without zero-filling it first.
-async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> io::Result<Vec<u8>> {
+/// into a buffer from the pool: for a write, the buffer the engine hands
+/// to the storage.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> io::Result<IoBuf> {
     let n = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-    let mut payload = Vec::with_capacity(n);
-    while payload.len() < n {
-        let want = u64::try_from(n.saturating_sub(payload.len())).unwrap_or(0);
-        if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-    }
+    let mut payload = IoBuf::for_overwrite(n);
+    rd.read_exact(&mut payload).await?;
     Ok(payload)
 }
 
@@ -333,8 +355,17 @@ fn errno_message(errno: i32) -> String {
 impl Ctx {
     /// Queue one whole reply for the writer.
     fn send(&self, bytes: Vec<u8>) {
+        self.queue(Msg::Reply(Part::Bytes(bytes)));
+    }
+
+    /// Queue a reply made of pieces.
+    fn send_parts(&self, parts: Vec<Part>) {
+        self.queue(Msg::Parts(parts));
+    }
+
+    fn queue(&self, m: Msg) {
         if !self.broken.load(Ordering::Acquire) {
-            let _ = self.out.send(Msg::Reply(bytes));
+            let _ = self.out.send(m);
         }
     }
 
@@ -379,14 +410,15 @@ impl Ctx {
         }
     }
 
-    async fn process(&self, req: Request, payload: Vec<u8>) {
+    async fn process(&self, req: Request, payload: IoBuf) {
         let image = &self.shared.image;
         let fua = req.has_flags(consts::CMD_FLAG_FUA);
         match req.command {
             Command::Read => self.read(&req).await,
             Command::Write => {
-                let r = image.write(req.offset, &payload, fua).await;
-                self.finish(&req, r);
+                // The payload buffer is what the storage writes.
+                let r = image.write(req.offset, payload, fua).await;
+                self.finish(&req, r.map(drop));
             }
             Command::Flush => {
                 let r = image.flush().await;
@@ -424,14 +456,11 @@ impl Ctx {
             return;
         };
         if !self.session.structured {
-            let mut buf = vec![0u8; consts::SIMPLE_REPLY_LEN.saturating_add(len)];
-            let Some((head, data)) = buf.split_at_mut_checked(consts::SIMPLE_REPLY_LEN) else {
-                return;
-            };
-            match image.read(req.offset, data).await {
-                Ok(()) => {
-                    head.copy_from_slice(&encode_simple_reply(req.cookie, 0));
-                    self.send(buf);
+            // The data goes out of the buffer the engine read into.
+            match image.read(req.offset, IoBuf::for_overwrite(len)).await {
+                Ok(data) => {
+                    let head = encode_simple_reply(req.cookie, 0).to_vec();
+                    self.send_parts(vec![Part::Bytes(head), Part::Data(data)]);
                 }
                 Err(e) => self.engine_error(req, &e),
             }
@@ -447,8 +476,8 @@ impl Ctx {
             && let Ok(extents) = image.block_status(req.offset, req.length).await
             && extents.iter().any(|e| e.zero)
         {
-            match self.sparse_read(req, to, &extents).await {
-                Ok(out) => self.send(out),
+            match self.sparse_read(to, &extents).await {
+                Ok(parts) => self.send_parts(parts),
                 Err(e) => self.engine_error(req, &e),
             }
             return;
@@ -460,25 +489,16 @@ impl Ctx {
                 return;
             }
         };
-        let mut buf = vec![0u8; head.len().saturating_add(len)];
-        let Some((h, data)) = buf.split_at_mut_checked(head.len()) else {
-            return;
-        };
-        h.copy_from_slice(&head);
-        match image.read(req.offset, data).await {
-            Ok(()) => self.send(buf),
+        match image.read(req.offset, IoBuf::for_overwrite(len)).await {
+            Ok(data) => self.send_parts(vec![Part::Bytes(head), Part::Data(data)]),
             Err(e) => self.engine_error(req, &e),
         }
     }
 
     /// The chunks of a read with zero ranges: `OFFSET_HOLE` for each zero
-    /// run, `OFFSET_DATA` for each data run, the last one flagged DONE.
-    async fn sparse_read(
-        &self,
-        req: &Request,
-        to: ReplyTo,
-        extents: &[Extent],
-    ) -> fvd_core::Result<Vec<u8>> {
+    /// run, `OFFSET_DATA` for each data run (its data in a buffer of its
+    /// own), the last one flagged DONE.
+    async fn sparse_read(&self, to: ReplyTo, extents: &[Extent]) -> fvd_core::Result<Vec<Part>> {
         let image = &self.shared.image;
         // (start, length, zero) runs, merged.
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -489,8 +509,7 @@ impl Ctx {
             }
         }
         let bad = |what: &str| fvd_core::Error::new(fvd_core::ErrorKind::Io, what.to_string());
-        let mut out =
-            Vec::with_capacity(usize::try_from(req.length).unwrap_or(0).saturating_add(64));
+        let mut out = Vec::with_capacity(runs.len().saturating_mul(2));
         let n = runs.len();
         for (i, &(start, length, zero)) in runs.iter().enumerate() {
             let done = i.saturating_add(1) == n;
@@ -498,16 +517,14 @@ impl Ctx {
                 let hole = u32::try_from(length).map_err(|_| bad("hole too long"))?;
                 let chunk =
                     reply::offset_hole(to, start, hole, done).map_err(|_| bad("empty hole"))?;
-                out.extend_from_slice(&chunk);
+                out.push(Part::Bytes(chunk));
             } else {
                 let head = reply::offset_data_header(to, start, length, done)
                     .map_err(|_| bad("bad data chunk"))?;
-                out.extend_from_slice(&head);
-                let at = out.len();
                 let dlen = usize::try_from(length).map_err(|_| bad("data too long"))?;
-                out.resize(at.saturating_add(dlen), 0);
-                let data = out.get_mut(at..).unwrap_or_default();
-                image.read(start, data).await?;
+                let data = image.read(start, IoBuf::for_overwrite(dlen)).await?;
+                out.push(Part::Bytes(head));
+                out.push(Part::Data(data));
             }
         }
         Ok(out)
@@ -660,9 +677,15 @@ mod tests {
     async fn payloads_are_read_exactly() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut r = BufReader::with_capacity(1000, &data[..]);
-        assert_eq!(read_payload(&mut r, 70_000).await.unwrap(), data[..70_000]);
-        assert_eq!(read_payload(&mut r, 0).await.unwrap(), Vec::<u8>::new());
-        assert_eq!(read_payload(&mut r, 30_000).await.unwrap(), data[70_000..]);
+        assert_eq!(
+            read_payload(&mut r, 70_000).await.unwrap()[..],
+            data[..70_000]
+        );
+        assert!(read_payload(&mut r, 0).await.unwrap().is_empty());
+        assert_eq!(
+            read_payload(&mut r, 30_000).await.unwrap()[..],
+            data[70_000..]
+        );
         let e = read_payload(&mut r, 1).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
