@@ -20,6 +20,8 @@
 #   --quick: 256 MiB base, 1 GiB disk, 2 s runs, 1 round, writeback only (< 2 min).
 #   Default: 2 GiB base, 8 GiB disk, 10 s runs, 3 rounds, both cache modes.
 # Environment: FVD=path to a release fvd binary (else built with cargo),
+#   FVD_B=path to a second fvd binary (an A/B of two builds: the systems
+#   fvd-b and fvd-raw-b run it, on images of their own),
 #   BENCH_DIR=scratch directory (default /tmp/fvd-nbd-bench).
 # Output: bench/results/nbd-<mode>-<date>.tsv (every run) and .json (medians),
 #   and a Markdown table on stdout.
@@ -86,10 +88,12 @@ is_read() { [ "$1" = randread ] || [ "$1" = seqread ]; }
 
 # Image for (system, workload): fresh for writes, prepared once for reads.
 prepare() {
-    local sys=$1 wl=$2 img
+    local sys=$1 wl=$2 img FVD=$FVD wl_tag=
+    # The second build writes images of its own; read images are shared.
+    case "$sys" in *-b) FVD=$FVD_B; sys=${sys%-b}; is_read "$wl" || wl_tag=-b ;; esac
     case "$sys" in
-        fvd) img="$WORK/$wl.fvd" ;;
-        fvd-raw|qsd-raw) img="$WORK/$wl-$sys.raw" ;;
+        fvd) img="$WORK/$wl$wl_tag.fvd" ;;
+        fvd-raw|qsd-raw) img="$WORK/$wl-$sys$wl_tag.raw" ;;
         qsd-qcow2|qsd-qcow2b) img="$WORK/$wl-$sys.qcow2" ;;
     esac
     if is_read "$wl" && [ -f "$img" ]; then echo "$img"; return; fi
@@ -117,7 +121,8 @@ prepare() {
 }
 
 start_server() {
-    local sys=$1 img=$2 cache=$3 direct aio
+    local sys=$1 img=$2 cache=$3 direct aio FVD=$FVD
+    case "$sys" in *-b) FVD=$FVD_B; sys=${sys%-b} ;; esac
     rm -f "$SOCK"
     if [ "$cache" = none ]; then direct=on; aio=native; else direct=off; aio=threads; fi
     case "$sys" in

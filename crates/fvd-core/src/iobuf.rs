@@ -291,6 +291,29 @@ pub fn is_zero(data: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// `data` (which holds the bytes at offset `base`) cut into pieces at
+/// multiples of `grain` (a power of two) of the offset, neighbours of the
+/// same kind merged: `(range in data, all zero)`, in order, covering all of
+/// `data`. A piece of data costs one 64-byte look at most grains (the scan
+/// stops at the first non-zero byte); only zero grains are read to the end.
+pub fn zero_runs(data: &[u8], base: u64, grain: u64) -> Vec<(Range<usize>, bool)> {
+    debug_assert!(grain.is_power_of_two());
+    let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+    let mut i = 0usize;
+    while i < data.len() {
+        let abs = base + i as u64;
+        let next = ((abs | (grain - 1)) + 1 - base) as usize;
+        let j = next.min(data.len());
+        let zero = is_zero(&data[i..j]);
+        match runs.last_mut() {
+            Some((r, z)) if *z == zero => r.end = j,
+            _ => runs.push((i..j, zero)),
+        }
+        i = j;
+    }
+    runs
+}
+
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -417,6 +440,32 @@ mod tests {
     #[should_panic]
     fn narrowing_outside_the_window_panics() {
         let _ = IoBuf::zeroed(100).narrow(50..101);
+    }
+
+    #[test]
+    fn zero_runs_cut_at_the_grain_of_the_offset() {
+        let mut b = vec![0u8; 5 * 4096];
+        b[10] = 1;
+        b[4096 * 2 + 5] = 1;
+        b[4096 * 3] = 1;
+        assert_eq!(
+            zero_runs(&b, 0, 4096),
+            vec![
+                (0..4096, false),
+                (4096..8192, true),
+                (8192..16384, false),
+                (16384..20480, true)
+            ]
+        );
+        // Unaligned start: the first piece ends at the next 4 KiB boundary.
+        let mut c = vec![0u8; 8192];
+        c[100] = 1;
+        assert_eq!(
+            zero_runs(&c, 512, 4096),
+            vec![(0..3584, false), (3584..8192, true)]
+        );
+        assert_eq!(zero_runs(&[0u8; 100], 7, 4096), vec![(0..100, true)]);
+        assert!(zero_runs(&[], 7, 4096).is_empty());
     }
 
     #[test]

@@ -243,21 +243,11 @@ async fn copy_piece(
 /// Runs of `buf` (which starts at virtual offset `base`) that hold a non-zero
 /// byte, at 4 KiB granularity aligned to the virtual disk.
 pub fn nonzero_runs(buf: &[u8], base: u64) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut i = 0usize;
-    while i < buf.len() {
-        let abs = base + i as u64;
-        let next = ((abs / ZERO_GRAIN + 1) * ZERO_GRAIN - base) as usize;
-        let j = next.min(buf.len());
-        if !fvd_core::iobuf::is_zero(&buf[i..j]) {
-            match runs.last_mut() {
-                Some(r) if r.1 == i => r.1 = j,
-                _ => runs.push((i, j)),
-            }
-        }
-        i = j;
-    }
-    runs
+    fvd_core::iobuf::zero_runs(buf, base, ZERO_GRAIN)
+        .into_iter()
+        .filter(|(_, zero)| !zero)
+        .map(|(r, _)| (r.start, r.end))
+        .collect()
 }
 
 #[cfg(test)]
@@ -276,5 +266,33 @@ mod tests {
         c[100] = 1;
         assert_eq!(nonzero_runs(&c, 512), vec![(0, 3584)]);
         assert!(nonzero_runs(&[0u8; 100], 7).is_empty());
+    }
+
+    #[test]
+    fn short_zero_gaps_are_read_through() {
+        let e = |start: u64, length: u64, zero: bool| Extent {
+            start,
+            length,
+            source: fvd_core::Source::Image,
+            zero,
+            host_offset: None,
+        };
+        let extents = [
+            e(0, 4096, true),
+            e(4096, 8192, false),
+            e(12288, GAP - 1, true),
+            e(12288 + GAP - 1, 100, false),
+            e(12388 + GAP - 1, GAP, true),
+            e(12388 + 2 * GAP - 1, 7, false),
+            e(12395 + 2 * GAP - 1, 1 << 20, true),
+        ];
+        assert_eq!(
+            data_ranges(&extents),
+            vec![
+                4096..12388 + GAP - 1,
+                12388 + 2 * GAP - 1..12395 + 2 * GAP - 1
+            ]
+        );
+        assert!(data_ranges(&[e(0, 1 << 20, true)]).is_empty());
     }
 }

@@ -19,19 +19,32 @@
 //!
 //! Replies: simple replies unless structured replies were negotiated;
 //! with structured replies, reads answer with `OFFSET_DATA` chunks (and
-//! `OFFSET_HOLE` chunks for zero ranges of reads of at least
+//! `OFFSET_HOLE` chunks for the zero ranges of reads of at least
 //! [`SPARSE_READ_MIN`] bytes, unless `NBD_CMD_FLAG_DF`), errors with
 //! `ERROR` chunks carrying a message, and other successes with simple
 //! replies; with extended headers every reply is an extended chunk.
+//!
+//! Buffers: a write's payload is read from the socket into a buffer from
+//! the engine's pool, and that buffer is what the storage writes; a read
+//! lands in a pool buffer that the writer task sends as it is (a header
+//! piece and a data piece in one vectored write). Zero ranges of a read
+//! are found in the data read, 4 KiB at a time ([`HOLE_GRAIN`]), not by a
+//! block status lookup first: the scan stops at the first non-zero byte of
+//! each piece of data, while a lookup cost every large read one more trip
+//! to the I/O threads (and `SEEK_DATA`/`SEEK_HOLE` calls); 1 MiB reads at
+//! queue depth 8 ran about a third faster without it. The data chunks of
+//! such a read are views of the one buffer.
 //!
 //! [`ServerConfig::max_inflight`]: super::ServerConfig::max_inflight
 //! [`ServerConfig::max_buffered`]: super::ServerConfig::max_buffered
 
 use std::future::Future;
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use fvd_core::iobuf::zero_runs;
 use fvd_core::{Extent, IoBuf, Source};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -52,6 +65,10 @@ use crate::stream::write_all_vectored;
 /// `OFFSET_HOLE` chunks; shorter reads always send their data (a block
 /// status lookup costs more than sending a few KiB).
 pub const SPARSE_READ_MIN: u64 = 64 * 1024;
+
+/// Granularity of the zero ranges a read sends as `OFFSET_HOLE` chunks
+/// (aligned to the export's offsets).
+pub const HOLE_GRAIN: u64 = 4096;
 
 /// Largest range one `NBD_CMD_BLOCK_STATUS` answer covers; clients ask
 /// again for the rest.
@@ -77,6 +94,8 @@ enum Part {
     Bytes(Vec<u8>),
     /// Data read from the image: the buffer the engine read into.
     Data(IoBuf),
+    /// A range of a buffer shared by the data chunks of one sparse read.
+    Shared(Arc<IoBuf>, Range<usize>),
 }
 
 impl AsRef<[u8]> for Part {
@@ -84,6 +103,7 @@ impl AsRef<[u8]> for Part {
         match self {
             Part::Bytes(b) => b,
             Part::Data(d) => d,
+            Part::Shared(d, r) => d.get(r.clone()).unwrap_or_default(),
         }
     }
 }
@@ -318,6 +338,35 @@ async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> io::Result<
     Ok(payload)
 }
 
+/// The chunks of a read at `offset` whose data holds zero ranges:
+/// `OFFSET_HOLE` for each zero run, `OFFSET_DATA` for each data run (a view
+/// of `data`), the last one flagged DONE. `None` if a chunk cannot be
+/// encoded (never for reads within the maximum block size).
+fn sparse_chunks(
+    to: ReplyTo,
+    offset: u64,
+    data: IoBuf,
+    runs: Vec<(Range<usize>, bool)>,
+) -> Option<Vec<Part>> {
+    let data = Arc::new(data);
+    let mut out = Vec::with_capacity(runs.len().saturating_mul(2));
+    let n = runs.len();
+    for (i, (r, zero)) in runs.into_iter().enumerate() {
+        let done = i.saturating_add(1) == n;
+        let start = offset.checked_add(u64::try_from(r.start).ok()?)?;
+        let length = r.end.checked_sub(r.start)?;
+        if zero {
+            let hole = u32::try_from(length).ok()?;
+            out.push(Part::Bytes(reply::offset_hole(to, start, hole, done).ok()?));
+        } else {
+            let head = reply::offset_data_header(to, start, length as u64, done).ok()?;
+            out.push(Part::Bytes(head));
+            out.push(Part::Shared(data.clone(), r));
+        }
+    }
+    Some(out)
+}
+
 /// `base:allocation` flags of an extent: zero ranges are holes.
 fn allocation_flags(e: &Extent) -> u32 {
     if e.zero {
@@ -471,17 +520,6 @@ impl Ctx {
             self.send(reply::none_done(to));
             return;
         }
-        if !req.has_flags(consts::CMD_FLAG_DF)
-            && req.length >= SPARSE_READ_MIN
-            && let Ok(extents) = image.block_status(req.offset, req.length).await
-            && extents.iter().any(|e| e.zero)
-        {
-            match self.sparse_read(to, &extents).await {
-                Ok(parts) => self.send_parts(parts),
-                Err(e) => self.engine_error(req, &e),
-            }
-            return;
-        }
         let head = match reply::offset_data_header(to, req.offset, req.length, true) {
             Ok(h) => h,
             Err(_) => {
@@ -489,45 +527,24 @@ impl Ctx {
                 return;
             }
         };
-        match image.read(req.offset, IoBuf::for_overwrite(len)).await {
-            Ok(data) => self.send_parts(vec![Part::Bytes(head), Part::Data(data)]),
-            Err(e) => self.engine_error(req, &e),
-        }
-    }
-
-    /// The chunks of a read with zero ranges: `OFFSET_HOLE` for each zero
-    /// run, `OFFSET_DATA` for each data run (its data in a buffer of its
-    /// own), the last one flagged DONE.
-    async fn sparse_read(&self, to: ReplyTo, extents: &[Extent]) -> fvd_core::Result<Vec<Part>> {
-        let image = &self.shared.image;
-        // (start, length, zero) runs, merged.
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        for e in extents.iter().filter(|e| e.length > 0) {
-            match runs.last_mut() {
-                Some(last) if last.2 == e.zero => last.1 = last.1.saturating_add(e.length),
-                _ => runs.push((e.start, e.length, e.zero)),
+        let data = match image.read(req.offset, IoBuf::for_overwrite(len)).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.engine_error(req, &e);
+                return;
+            }
+        };
+        if !req.has_flags(consts::CMD_FLAG_DF) && req.length >= SPARSE_READ_MIN {
+            let runs = zero_runs(&data, req.offset, HOLE_GRAIN);
+            if runs.iter().any(|(_, zero)| *zero) {
+                match sparse_chunks(to, req.offset, data, runs) {
+                    Some(parts) => self.send_parts(parts),
+                    None => self.error(req, EIO, "cannot encode the read's chunks"),
+                }
+                return;
             }
         }
-        let bad = |what: &str| fvd_core::Error::new(fvd_core::ErrorKind::Io, what.to_string());
-        let mut out = Vec::with_capacity(runs.len().saturating_mul(2));
-        let n = runs.len();
-        for (i, &(start, length, zero)) in runs.iter().enumerate() {
-            let done = i.saturating_add(1) == n;
-            if zero {
-                let hole = u32::try_from(length).map_err(|_| bad("hole too long"))?;
-                let chunk =
-                    reply::offset_hole(to, start, hole, done).map_err(|_| bad("empty hole"))?;
-                out.push(Part::Bytes(chunk));
-            } else {
-                let head = reply::offset_data_header(to, start, length, done)
-                    .map_err(|_| bad("bad data chunk"))?;
-                let dlen = usize::try_from(length).map_err(|_| bad("data too long"))?;
-                let data = image.read(start, IoBuf::for_overwrite(dlen)).await?;
-                out.push(Part::Bytes(head));
-                out.push(Part::Data(data));
-            }
-        }
-        Ok(out)
+        self.send_parts(vec![Part::Bytes(head), Part::Data(data)]);
     }
 
     async fn block_status(&self, req: &Request, payload: &[u8]) {
@@ -671,6 +688,29 @@ mod tests {
         write_all_vectored(&mut a, &bufs).await.unwrap();
         drop(a);
         assert_eq!(reader.await.unwrap(), want);
+    }
+
+    #[test]
+    fn sparse_reads_send_holes_and_views_of_one_buffer() {
+        let mut data = IoBuf::zeroed(5 * 4096);
+        data[..4096].fill(1);
+        data[3 * 4096 + 7] = 2;
+        let runs = zero_runs(&data, 8192, HOLE_GRAIN);
+        let to = ReplyTo {
+            cookie: 9,
+            request_offset: None,
+        };
+        let parts = sparse_chunks(to, 8192, data, runs).unwrap();
+        // data (header + view), hole, data (header + view), hole.
+        assert_eq!(parts.len(), 6);
+        assert!(matches!(&parts[1], Part::Shared(_, r) if *r == (0..4096)));
+        assert!(matches!(&parts[2], Part::Bytes(_)));
+        assert!(matches!(&parts[4], Part::Shared(_, r) if *r == (3 * 4096..4 * 4096)));
+        assert_eq!(parts[4].as_ref()[7], 2);
+        let hole = reply::offset_hole(to, 8192 + 4096, 8192, false).unwrap();
+        assert_eq!(parts[2].as_ref(), &hole[..]);
+        let last = reply::offset_hole(to, 8192 + 4 * 4096, 4096, true).unwrap();
+        assert_eq!(parts[5].as_ref(), &last[..]);
     }
 
     #[tokio::test]
