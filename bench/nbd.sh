@@ -12,7 +12,9 @@
 # the others a copy of the base); at queue depth 1 and 32 (seqread: pass
 # e.g. --qd "1 8"); cache writeback and none (O_DIRECT;
 # qemu-storage-daemon cache.direct=off/on). Runs are interleaved (every
-# system once per round, order rotated), medians over the rounds.
+# system once per round, order rotated), medians over the rounds, and
+# paired ratios (A/B per round, median over rounds) of fvd, fvd-raw against
+# qsd-raw and of each build against the other (FVD_B).
 #
 # Usage: bench/nbd.sh [--quick] [--runtime S] [--reps N] [--cache writeback|none|both]
 #                     [--systems "fvd fvd-raw ..."] [--workloads "randwrite randread seqwrite seqread"]
@@ -237,5 +239,37 @@ for cache, wl, qd in cases:
                             "iops_median": i, "mib_s_median": m, "runs": n})
 json.dump({"mode": mode, "runtime_s": int(runtime), "rounds": int(reps), "results": results},
           open(out, "w"), indent=1)
+# Paired ratios: A/B within each round (the two ran minutes apart at most),
+# then the median over rounds; steadier than a ratio of medians when the
+# machine's speed drifts between rounds.
+pairs = [("fvd", "qsd-raw"), ("fvd-raw", "qsd-raw"), ("fvd", "fvd-b"), ("fvd-raw", "fvd-raw-b"),
+         ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b")]
+pairs = [p for p in pairs if p[0] in systems and p[1] in systems]
+paired = []
+if pairs:
+    per = {}
+    for r in rows:
+        unit = "mib_s" if r["workload"].startswith("seq") else "iops"
+        per[(r["round"], r["cache"], r["workload"], int(r["qd"]), r["system"])] = float(r[unit])
+    print(f"\n### Paired ratios (median of the per-round ratios; min-max in brackets)\n")
+    head = "| cache | workload | QD | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for cache, wl, qd in cases:
+        cells = []
+        for a, b in pairs:
+            rs = [per[(rd, cache, wl, qd, a)] / per[(rd, cache, wl, qd, b)]
+                  for rd in sorted({r["round"] for r in rows})
+                  if (rd, cache, wl, qd, a) in per and per.get((rd, cache, wl, qd, b), 0) > 0]
+            if rs:
+                cells.append(f"{statistics.median(rs):.2f}x [{min(rs):.2f}-{max(rs):.2f}]")
+                paired.append({"cache": cache, "workload": wl, "qd": qd, "a": a, "b": b,
+                               "ratio_median": statistics.median(rs), "ratios": rs})
+            else:
+                cells.append("-")
+        print(f"| {cache} | {labels[wl]} | {qd} | " + " | ".join(cells) + " |")
+    j = json.load(open(out))
+    j["paired_ratios"] = paired
+    json.dump(j, open(out, "w"), indent=1)
 print(f"\nper-run figures: {tsv}\nmedians: {out}")
 PY

@@ -38,7 +38,7 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Alignment of every buffer: enough for `O_DIRECT` on 4 KiB-sector devices.
@@ -88,6 +88,7 @@ impl IoBuf {
         let (ptr, reused) = match pool().take(cap) {
             Some(p) => (p, true),
             None => {
+                pool().allocated.fetch_add(1, Ordering::Relaxed);
                 let layout = Self::layout(cap);
                 // SAFETY: layout has non-zero size. Zeroed memory is
                 // initialised, which the soundness invariant needs.
@@ -221,12 +222,38 @@ pub fn pool_bytes() -> usize {
     pool().bytes.load(Ordering::Relaxed)
 }
 
+/// What the process's buffer pool has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Buffers allocated (and zeroed) by the allocator: the pool had none
+    /// of their class free, or they are larger than the largest class.
+    pub allocated: u64,
+    /// Buffers taken from the pool (no allocation, no zero-fill).
+    pub reused: u64,
+    /// Bytes of free buffers the pool holds now.
+    pub bytes: usize,
+}
+
+/// The pool's counters (process-wide).
+pub fn pool_stats() -> PoolStats {
+    let p = pool();
+    PoolStats {
+        allocated: p.allocated.load(Ordering::Relaxed),
+        reused: p.reused.load(Ordering::Relaxed),
+        bytes: p.bytes.load(Ordering::Relaxed),
+    }
+}
+
 /// Free buffers per size class. Every buffer in it is a whole class-size
 /// allocation with all its bytes initialised.
 struct Pool {
     free: [Mutex<Vec<usize>>; CLASSES],
     bytes: AtomicUsize,
     limit: usize,
+    /// Buffers that came from the allocator.
+    allocated: AtomicU64,
+    /// Buffers that came from a free list.
+    reused: AtomicU64,
 }
 
 fn pool() -> &'static Pool {
@@ -235,6 +262,8 @@ fn pool() -> &'static Pool {
         free: std::array::from_fn(|_| Mutex::new(Vec::new())),
         bytes: AtomicUsize::new(0),
         limit: pool_limit(),
+        allocated: AtomicU64::new(0),
+        reused: AtomicU64::new(0),
     })
 }
 
@@ -246,6 +275,7 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .pop()?;
         self.bytes.fetch_sub(cap, Ordering::Relaxed);
+        self.reused.fetch_add(1, Ordering::Relaxed);
         NonNull::new(p as *mut u8)
     }
 
@@ -388,6 +418,8 @@ mod tests {
             free: std::array::from_fn(|_| Mutex::new(Vec::new())),
             bytes: AtomicUsize::new(0),
             limit: 12 << 10,
+            allocated: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
         };
         let layout = IoBuf::layout(8192);
         let mut ptrs = Vec::new();

@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
-use fvd_core::Opener;
-use fvd_core::{CreateOptions, Extent, Format, Image, IoBuf};
+use fvd_core::storage::CacheMode;
+use fvd_core::{CreateOptions, Extent, Format, Image, IoBuf, Opener, PathOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
 use crate::common::{
-    CONVERT_KEYS, STATUS_WINDOW, at, extents, open, parse_format, parse_image_options,
+    CONVERT_KEYS, STATUS_WINDOW, at, extents, open, open_with, parse_cache, parse_format,
+    parse_image_options,
 };
 
 /// Largest piece read and written at once.
@@ -48,6 +49,11 @@ pub struct Args {
     /// Show a progress bar.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Cache mode of the new image: writeback (default: the copy is
+    /// durable when the command returns), none (O_DIRECT) or unsafe (no
+    /// fdatasync at all, like qemu-img convert's default).
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback", value_parser = parse_cache)]
+    pub cache: CacheMode,
     /// Open the source without taking the shared lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -121,7 +127,11 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         }
     }
     let result = async {
-        let dst = Arc::new(open(opener, &a.target, a.output_format, false, false).await?);
+        let opts = PathOptions {
+            cache: a.cache,
+            ..PathOptions::default()
+        };
+        let dst = Arc::new(open_with(opener, &a.target, a.output_format, opts).await?);
         let bar = a.progress.then(|| progress_bar(src_size));
         copy(&src, &a.source, &dst, &a.target, src_size, bar.as_ref()).await?;
         dst.close().await.map_err(|e| at(&a.target, e))?;
