@@ -235,6 +235,7 @@ fn main() {
             journal_size: None,
             compact: true,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap();
     let cmeta = compact.region(Region::Bitmap).length + compact.region(Region::Table).length;
