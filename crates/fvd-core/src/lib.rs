@@ -31,7 +31,10 @@ pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
-pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Run, Source, Target};
+pub use image::{
+    CreateEncryption, CreateOptions, Extent, Image, KeySlotChange, OpenOptions, RequestMap, Run,
+    Source, Target,
+};
 pub use iobuf::IoBuf;
 pub use meta::Stats;
 pub use open::{BaseSpec, Location, Opener, PathOptions, create_path, create_raw, open_path};

@@ -133,7 +133,9 @@ impl Header {
         }
         let b = area;
         if b[off::MAGIC..off::MAGIC + 6] != MAGIC {
-            return Err(bad("no LUKS magic (the key-slot region holds no LUKS header)"));
+            return Err(bad(
+                "no LUKS magic (the key-slot region holds no LUKS header)",
+            ));
         }
         let version = u16::from_be_bytes([b[off::VERSION], b[off::VERSION + 1]]);
         if version != 1 {
@@ -415,7 +417,9 @@ fn fill_slot(
     slot_cipher(s, pass).encrypt(&mut material, 0);
     let r = material_range(s);
     if r.end > area.len() {
-        return Err(bad(format!("key slot {i}: key material lies outside the area")));
+        return Err(bad(format!(
+            "key slot {i}: key material lies outside the area"
+        )));
     }
     area[r].copy_from_slice(&material);
     Ok(())
@@ -507,7 +511,10 @@ mod tests {
         assert_eq!(unlock(&area, b"second", "img").unwrap().1, 1);
         remove_key(&mut area, 0).unwrap();
         assert!(unlock(&area, b"first", "img").is_err());
-        assert_eq!(unlock(&area, b"second", "img").unwrap().0.expose(), mk.expose());
+        assert_eq!(
+            unlock(&area, b"second", "img").unwrap().0.expose(),
+            mk.expose()
+        );
         assert!(remove_key(&mut area, 1).is_err(), "the last slot stays");
     }
 
@@ -529,10 +536,20 @@ mod tests {
         let mut a = area.clone();
         let at = off::SLOTS + 44;
         a[at..at + 4].copy_from_slice(&10u32.to_be_bytes());
-        assert!(Header::decode(&a).unwrap_err().to_string().contains("stripes"));
+        assert!(
+            Header::decode(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("stripes")
+        );
         let mut a = area;
         a[6] = 0;
         a[7] = 2;
-        assert!(Header::decode(&a).unwrap_err().to_string().contains("version 2"));
+        assert!(
+            Header::decode(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("version 2")
+        );
     }
 }

@@ -115,12 +115,8 @@ impl DataCipher {
     /// Encrypt whole sectors in place; `buf[0..512]` is sector `sector`.
     pub fn encrypt(&self, buf: &mut [u8], sector: u64) {
         debug_assert_eq!(buf.len() as u64 % SECTOR, 0);
-        self.xts.encrypt_area(
-            buf,
-            SECTOR as usize,
-            sector as u128,
-            get_tweak_default,
-        );
+        self.xts
+            .encrypt_area(buf, SECTOR as usize, sector as u128, get_tweak_default);
     }
 
     /// Decrypt whole sectors in place; `buf[0..512]` is sector `sector`.
@@ -146,12 +142,8 @@ impl DataCipher {
 
     /// Decrypt without the hole rule (key material of LUKS slots).
     pub(crate) fn decrypt_exact(&self, buf: &mut [u8], sector: u64) {
-        self.xts.decrypt_area(
-            buf,
-            SECTOR as usize,
-            sector as u128,
-            get_tweak_default,
-        );
+        self.xts
+            .decrypt_area(buf, SECTOR as usize, sector as u128, get_tweak_default);
     }
 }
 

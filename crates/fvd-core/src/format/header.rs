@@ -540,8 +540,12 @@ impl Header {
                 crate::crypt::luks::AREA_BYTES
             )));
         }
-        if self.incompatible & INCOMPAT_ENCRYPTED != 0 && !self.region(Region::Data).offset.is_multiple_of(512) {
-            return Err(Error::corrupt("data region of an encrypted image is not sector aligned"));
+        if self.incompatible & INCOMPAT_ENCRYPTED != 0
+            && !self.region(Region::Data).offset.is_multiple_of(512)
+        {
+            return Err(Error::corrupt(
+                "data region of an encrypted image is not sector aligned",
+            ));
         }
         let data = self.region(Region::Data);
         if self.incompatible & INCOMPAT_COMPACT == 0 && data.length < self.virtual_size {

@@ -1,8 +1,8 @@
 //! Where each region goes in a new image.
 
 use super::header::{
-    Extent, FLAG_CLEAN, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, MAX_BASE_NAME, MAX_BASE_VALIDATOR,
-    MAX_VIRTUAL_SIZE, REGION_COUNT, Region, valid_block_size,
+    Extent, FLAG_CLEAN, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, MAX_BASE_NAME,
+    MAX_BASE_VALIDATOR, MAX_VIRTUAL_SIZE, REGION_COUNT, Region, valid_block_size,
 };
 use super::{Format, round_up};
 use crate::error::{Error, Result};

@@ -135,7 +135,11 @@ pub async fn create(
         let mk = MasterKey::generate()?;
         let area = luks::format(&mk, enc.secret.expose(), enc.iterations)?;
         storage
-            .write_at(h.region(Region::KeySlots).offset, IoBuf::from_slice(&area), false)
+            .write_at(
+                h.region(Region::KeySlots).offset,
+                IoBuf::from_slice(&area),
+                false,
+            )
             .await
             .map_err(io("write key slots"))?;
     }

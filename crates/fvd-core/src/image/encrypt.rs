@@ -116,7 +116,10 @@ impl Encryption {
 
     /// The LUKS header.
     pub fn header(&self) -> luks::Header {
-        self.header.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -128,7 +131,11 @@ fn span(host: u64, len: u64) -> (u64, u64) {
     )
 }
 
-async fn read_area(storage: &dyn crate::storage::Storage, region: Extent, what: &str) -> Result<Vec<u8>> {
+async fn read_area(
+    storage: &dyn crate::storage::Storage,
+    region: Extent,
+    what: &str,
+) -> Result<Vec<u8>> {
     let n = luks::AREA_BYTES as usize;
     if region.length < n as u64 {
         return Err(Error::corrupt(format!(
@@ -141,7 +148,10 @@ async fn read_area(storage: &dyn crate::storage::Storage, region: Extent, what: 
         .await
         .map_err(|e| Error::io(format!("{what}: read key slots"), e))?;
     if buf.len() != n {
-        return Err(Error::new(ErrorKind::Io, format!("{what}: short read of the key slots")));
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("{what}: short read of the key slots"),
+        ));
     }
     Ok(buf.to_vec())
 }
@@ -269,7 +279,8 @@ impl Image {
             self.write_encrypted(c, host, virt, IoBuf::zeroed((a - host) as usize))
                 .await?;
         }
-        self.zero_storage(a, virt + (a - host), b - a, unmap).await?;
+        self.zero_storage(a, virt + (a - host), b - a, unmap)
+            .await?;
         if b < end {
             self.write_encrypted(c, b, virt + (b - host), IoBuf::zeroed((end - b) as usize))
                 .await?;
@@ -322,8 +333,7 @@ impl Image {
                 let before = area.clone();
                 luks::remove_key(&mut area, i)?;
                 self.write_area(c, &area, &before, &what).await?;
-                *c.header.lock().unwrap_or_else(|p| p.into_inner()) =
-                    luks::Header::decode(&area)?;
+                *c.header.lock().unwrap_or_else(|p| p.into_inner()) = luks::Header::decode(&area)?;
                 return Ok(added);
             }
         };
