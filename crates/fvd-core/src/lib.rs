@@ -37,4 +37,6 @@ pub use image::{
 };
 pub use iobuf::IoBuf;
 pub use meta::Stats;
-pub use open::{BaseSpec, Location, Opener, PathOptions, create_path, create_raw, open_path};
+pub use open::{
+    BaseSpec, KeyLookup, Location, Opener, PathOptions, create_path, create_raw, open_path,
+};
