@@ -772,9 +772,14 @@ pub async fn check_consistency(
             report.corruptions, report.check_errors
         ));
     }
-    Image::open_with_key(storage, base, OpenOptions { read_only: true }, Some(&sim_key()))
-        .await
-        .map_err(|e| format!("read-only open failed: {e}"))
+    Image::open_with_key(
+        storage,
+        base,
+        OpenOptions { read_only: true },
+        Some(&sim_key()),
+    )
+    .await
+    .map_err(|e| format!("read-only open failed: {e}"))
 }
 
 struct Run {
@@ -1068,7 +1073,7 @@ impl Run {
             Arc::new(disk.clone()),
             self.base_dyn(),
             OpenOptions::default(),
-                Some(&sim_key()),
+            Some(&sim_key()),
         ));
         let mut img = match opened {
             Ok(Ok(i)) => self.share(i),
