@@ -180,11 +180,14 @@ pub fn with_keys(opener: Opener) -> Opener {
     opener.with_keys(lookup)
 }
 
+/// An image path and the ID of the secret an `--image-opts` argument named.
+pub type ImageKey = (PathBuf, String);
+
 /// Rewrite `--image-opts` image arguments (`driver=fvd,file.filename=PATH,
 /// encrypt.key-secret=ID`, qemu-img's form) into their path, remembering
 /// their key. Arguments that are not option lists stay as they are. The
 /// `--image-opts` flag itself is dropped; clap never sees it.
-pub fn rewrite_image_opts(args: Vec<String>) -> Result<(Vec<String>, Vec<(PathBuf, String)>)> {
+pub fn rewrite_image_opts(args: Vec<String>) -> Result<(Vec<String>, Vec<ImageKey>)> {
     if !args.iter().any(|a| a == "--image-opts") {
         return Ok((args, Vec::new()));
     }
