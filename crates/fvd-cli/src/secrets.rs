@@ -51,11 +51,9 @@ pub fn add_object(spec: &str) -> Result<()> {
     let mut data: Option<Zeroizing<Vec<u8>>> = None;
     let mut base64 = false;
     for item in spec.split(',').skip(1).filter(|s| !s.is_empty()) {
+        // An item without '=' may be a mistyped secret: never quote it.
         let (k, v) = item.split_once('=').ok_or_else(|| {
-            anyhow!(
-                "secret: '{}' needs a value",
-                item.split('=').next().unwrap_or("")
-            )
+            anyhow!("secret: every parameter needs KEY=VALUE (id, data, file, format)")
         })?;
         match k {
             "id" => id = Some(v.to_string()),
@@ -95,7 +93,9 @@ pub fn add_object(spec: &str) -> Result<()> {
 }
 
 fn read_stdin_line() -> Result<Zeroizing<Vec<u8>>> {
-    let mut line = Zeroizing::new(Vec::new());
+    // Room for any passphrase line up front: a growing Vec would leave
+    // copies of it in freed memory.
+    let mut line = Zeroizing::new(Vec::with_capacity(8192));
     std::io::stdin()
         .lock()
         .read_until(b'\n', &mut line)
@@ -117,15 +117,16 @@ fn decode_base64(s: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
             _ => return None,
         } as u32)
     };
-    let s: Vec<u8> = s
-        .iter()
-        .copied()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    let s: Zeroizing<Vec<u8>> = Zeroizing::new(
+        s.iter()
+            .copied()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect(),
+    );
     let body = s
         .strip_suffix(b"==")
         .or_else(|| s.strip_suffix(b"="))
-        .unwrap_or(&s);
+        .unwrap_or(&s[..]);
     let mut out = Zeroizing::new(Vec::with_capacity(body.len() * 3 / 4));
     for q in body.chunks(4) {
         if q.len() == 1 {
@@ -248,5 +249,17 @@ mod tests {
         .unwrap();
         assert_eq!(args, ["fvd", "info", "a.fvd"]);
         assert_eq!(keys, vec![(PathBuf::from("a.fvd"), "s0".to_string())]);
+    }
+
+    #[test]
+    fn errors_never_quote_values() {
+        for spec in [
+            "secret,id=x,hunter2",
+            "secret,id=x,data=hunter2,format=hunter2",
+            "secret,id=x,data=hunter2!,format=base64",
+        ] {
+            let e = format!("{:#}", add_object(spec).unwrap_err());
+            assert!(!e.contains("hunter2"), "{spec}: {e}");
+        }
     }
 }

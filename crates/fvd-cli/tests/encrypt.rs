@@ -393,9 +393,28 @@ fn wrong_key_is_one_line_and_changes_nothing() {
     )
     .ok("write");
     let before = file_hash(&d.join("x.fvd"));
+    let key_slot_args = |action: &'static str| {
+        vec![
+            "--object",
+            "secret,id=n,file=pw",
+            "luks",
+            action,
+            "--key-secret",
+            "s",
+            "--new-secret",
+            "n",
+            "--pbkdf-force-iterations",
+            "1000",
+            "x.fvd",
+        ]
+    };
     for args in [
         vec!["io", "-c", "write -P 1 0 4k", "x.fvd"],
         vec!["convert", "-O", "raw", "x.fvd", "out.raw"],
+        key_slot_args("add-key"),
+        key_slot_args("change-key"),
+        vec!["luks", "remove-key", "x.fvd"],
+        vec!["luks", "kill-slot", "x.fvd", "0"],
     ] {
         let mut full = vec!["--object", "secret,id=s,file=bad"];
         full.extend(args.iter().copied());
