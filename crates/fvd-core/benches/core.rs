@@ -5,7 +5,9 @@
 //! 2. open time of a 1 TiB image with a 4 MiB bitmap;
 //! 3. metadata bytes per TiB;
 //! 4. 4 KiB random first writes through the engine on a copy-on-write image
-//!    vs the same writes to a raw file through the same file backend;
+//!    vs the same writes to a raw file through the same file backend, and
+//!    on an encrypted copy-on-write image (AES-256-XTS); then 4 KiB random
+//!    reads of what was written, encrypted vs not;
 //! 5. 1 MiB sequential first writes (QD8) on a copy-on-write image vs a raw
 //!    file, then 1 MiB sequential reads of what was written, page cache
 //!    (the flush is not timed: it would measure the disk, not the engine).
@@ -99,6 +101,45 @@ fn bench_open(path: &Path, rt: &tokio::runtime::Runtime) -> Duration {
         .collect();
     times.sort();
     times[times.len() / 2]
+}
+
+/// 4 KiB random reads at queue depth `qd` of the first `count` blocks the
+/// writes of [`first_writes`] touched.
+fn random_reads(
+    img: Arc<Image>,
+    rt: &tokio::runtime::Runtime,
+    span: u64,
+    count: usize,
+    qd: usize,
+) -> f64 {
+    let mut rng = Rng(0xfeed_beef);
+    let mut offsets: Vec<u64> = (0..span / 4096).map(|b| b * 4096).collect();
+    for i in (1..offsets.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        offsets.swap(i, j);
+    }
+    offsets.truncate(count);
+    let offsets = Arc::new(offsets);
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..qd {
+            let img = img.clone();
+            let offsets = offsets.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut data = IoBuf::for_overwrite(4096);
+                let mut i = w;
+                while i < offsets.len() {
+                    data = img.read(offsets[i], data).await.unwrap();
+                    i += qd;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    count as f64 / start.elapsed().as_secs_f64()
 }
 
 /// 4 KiB random first writes at queue depth `qd`, plus the final flush.
@@ -230,6 +271,12 @@ fn main() {
     }
     let mut fvd_iops = Vec::new();
     let mut raw_iops = Vec::new();
+    let mut enc_iops = Vec::new();
+    let mut fvd_read = Vec::new();
+    let mut enc_read = Vec::new();
+    let key = fvd_core::crypt::Secret::new(b"bench".to_vec());
+    let k2 = key.clone();
+    let keyed = fvd_core::Opener::local().with_keys(Arc::new(move |_: &Path| Some(k2.clone())));
     for rep in 0..3 {
         let fvd = dir.path().join(format!("cow-{rep}.fvd"));
         let spec = BaseSpec {
@@ -253,26 +300,51 @@ fn main() {
             rt.block_on(open_path(&raw, Format::Raw, PathOptions::default()))
                 .unwrap(),
         );
-        // Interleave the two systems within each repetition.
-        if rep % 2 == 0 {
-            fvd_iops.push(first_writes(a, &rt, span, count, 32));
-            raw_iops.push(first_writes(b, &rt, span, count, 32));
-        } else {
-            raw_iops.push(first_writes(b, &rt, span, count, 32));
-            fvd_iops.push(first_writes(a, &rt, span, count, 32));
+        let enc = dir.path().join(format!("enc-{rep}.fvd"));
+        let eo = CreateOptions {
+            encryption: Some(fvd_core::CreateEncryption {
+                secret: key.clone(),
+                iterations: 1000,
+            }),
+            ..CreateOptions::default()
+        };
+        rt.block_on(keyed.create(&enc, Some(&spec), eo, Some(false)))
+            .unwrap();
+        let c = Arc::new(
+            rt.block_on(keyed.open(&enc, Format::Fvd, PathOptions::default()))
+                .unwrap(),
+        );
+        // Interleave the systems within each repetition, order rotated.
+        for k in 0..3 {
+            match (k + rep) % 3 {
+                0 => fvd_iops.push(first_writes(a.clone(), &rt, span, count, 32)),
+                1 => raw_iops.push(first_writes(b.clone(), &rt, span, count, 32)),
+                _ => enc_iops.push(first_writes(c.clone(), &rt, span, count, 32)),
+            }
         }
+        if rep % 2 == 0 {
+            fvd_read.push(random_reads(a.clone(), &rt, span, count, 32));
+            enc_read.push(random_reads(c.clone(), &rt, span, count, 32));
+        } else {
+            enc_read.push(random_reads(c.clone(), &rt, span, count, 32));
+            fvd_read.push(random_reads(a.clone(), &rt, span, count, 32));
+        }
+        rt.block_on(c.close()).unwrap();
         let _ = std::fs::remove_file(&fvd);
         let _ = std::fs::remove_file(&raw);
+        let _ = std::fs::remove_file(&enc);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
     let (f, r) = (med(&mut fvd_iops), med(&mut raw_iops));
+    let e = med(&mut enc_iops);
+    let (fr, er) = (med(&mut fvd_read), med(&mut enc_read));
 
     // 1 MiB sequential first writes, then reads of them, interleaved.
     let seq_span: u64 = if quick() { 256 << 20 } else { 1 << 30 };
-    let (mut fw, mut rw, mut fr, mut rr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut sfw, mut srw, mut sfr, mut srr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..3 {
         let fvd = dir.path().join(format!("seq-{rep}.fvd"));
         let spec = BaseSpec {
@@ -303,9 +375,9 @@ fn main() {
         };
         for is_fvd in order {
             let (img, w, r) = if is_fvd {
-                (&a, &mut fw, &mut fr)
+                (&a, &mut sfw, &mut sfr)
             } else {
-                (&b, &mut rw, &mut rr)
+                (&b, &mut srw, &mut srr)
             };
             w.push(sequential(img, &rt, seq_span, 8, true));
             r.push(sequential(img, &rt, seq_span, 8, false));
@@ -315,7 +387,7 @@ fn main() {
         let _ = std::fs::remove_file(&fvd);
         let _ = std::fs::remove_file(&raw);
     }
-    let (fw, rw, fr, rr) = (med(&mut fw), med(&mut rw), med(&mut fr), med(&mut rr));
+    let (sfw, srw, sfr, srr) = (med(&mut sfw), med(&mut srw), med(&mut sfr), med(&mut srr));
     println!("bench: lookup_4k_1tib_ns={lookup_ns:.1} (target <= 50)");
     println!(
         "bench: open_1tib_ms={:.2} (target <= 50)",
@@ -334,6 +406,7 @@ fn main() {
             journal_size: None,
             compact: true,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap();
     let cmeta = compact.region(Region::Bitmap).length + compact.region(Region::Table).length;
@@ -348,9 +421,32 @@ fn main() {
         f / r
     );
     println!(
-        "bench: seq_1m_qd8 cache={:?} write_mib_s fvd={fw:.0} raw={rw:.0} ratio={:.3} read_mib_s fvd={fr:.0} raw={rr:.0} ratio={:.3}",
+        "bench: seq_1m_qd8 cache={:?} write_mib_s fvd={sfw:.0} raw={srw:.0} ratio={:.3} read_mib_s fvd={sfr:.0} raw={srr:.0} ratio={:.3}",
         cache_mode(),
-        fw / rw,
-        fr / rr
+        sfw / srw,
+        sfr / srr
     );
+    println!(
+        "bench: encrypted_first_writes_4k_qd32 cache={:?} aes_ni={} fvd_iops={f:.0} encrypted_iops={e:.0} ratio={:.3} (target >= 0.9)",
+        cache_mode(),
+        aes_ni(),
+        e / f
+    );
+    println!(
+        "bench: encrypted_random_reads_4k_qd32 cache={:?} fvd_iops={fr:.0} encrypted_iops={er:.0} ratio={:.3} (target >= 0.9)",
+        cache_mode(),
+        er / fr
+    );
+}
+
+/// True if the CPU has AES instructions (what the aes crate uses).
+fn aes_ni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }

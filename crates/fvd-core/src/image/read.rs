@@ -102,8 +102,16 @@ impl Image {
     }
 
     /// Read image bytes at host offset `host` into `buf` (virtual offset
-    /// `virt`, for messages).
+    /// `virt`, for messages), decrypted in an encrypted image.
     pub(super) async fn read_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
+        match &self.crypt {
+            Some(c) => self.read_encrypted(c, host, virt, buf).await,
+            None => self.read_storage(host, virt, buf).await,
+        }
+    }
+
+    /// Read the storage at host offset `host` into `buf`, as stored.
+    pub(super) async fn read_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
         let want = buf.len();
         let buf = self
             .storage

@@ -2,9 +2,10 @@
 //! chunk allocation, and publishing bits and table entries after the data.
 //!
 //! The caller's buffer is what the storage writes: each run of the mapping
-//! gets its part of it (no copy). Only a copy-on-write with partial blocks
-//! at its edges copies, into one buffer holding head, data and tail, so
-//! that the blocks reach the image in one write.
+//! gets its part of it (no copy; an encrypted image encrypts whole sectors
+//! of it in place). Only a copy-on-write with partial blocks at its edges
+//! copies, into one buffer holding head, data and tail, so that the blocks
+//! reach the image in one write.
 
 use std::sync::atomic::Ordering;
 
@@ -16,7 +17,8 @@ use crate::iobuf::IoBuf;
 
 impl Image {
     /// Write `buf` at `offset`; with `fua` it is durable on return. Gives
-    /// the buffer back (unchanged) for reuse; on error it is dropped.
+    /// the buffer back for reuse, its content unspecified (an encrypted
+    /// image encrypts whole sectors in place); on error it is dropped.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf> {
         let t0 = self.latency.start();
         let r = self.write_untimed(offset, buf, fua).await;
@@ -75,8 +77,18 @@ impl Image {
         Ok(buf)
     }
 
-    /// Write image bytes at host offset `host` (virtual offset `virt`, for messages).
+    /// Write image bytes at host offset `host` (virtual offset `virt`, for
+    /// messages), encrypted in an encrypted image (in place: the buffer
+    /// given back then holds ciphertext).
     pub(super) async fn write_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
+        match &self.crypt {
+            Some(c) => self.write_encrypted(c, host, virt, buf).await,
+            None => self.write_storage(host, virt, buf).await,
+        }
+    }
+
+    /// Write `buf` to the storage at host offset `host`, as it is.
+    pub(super) async fn write_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
         let n = buf.len() as u64;
         let buf = self
             .storage
