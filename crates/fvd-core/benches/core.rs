@@ -18,7 +18,7 @@
 //! Set FVD_BENCH_QUICK=1 for a short run (used by the smoke test).
 
 use std::hint::black_box;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -222,6 +222,40 @@ fn sequential(
     (span >> 20) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A copy-on-write FVD image over `base.raw` and a raw file of `span`
+/// bytes, in `dir`, named `tag`.fvd and `tag`.raw, both open: the pair the
+/// interleaved measures compare.
+fn cow_and_raw(
+    dir: &Path,
+    rt: &tokio::runtime::Runtime,
+    tag: &str,
+    span: u64,
+) -> (PathBuf, PathBuf, Arc<Image>, Arc<Image>) {
+    let fvd = dir.join(format!("{tag}.fvd"));
+    let spec = BaseSpec {
+        name: "base.raw".into(),
+        format: Format::Raw,
+    };
+    rt.block_on(create_path(
+        &fvd,
+        Some(&spec),
+        CreateOptions::default(),
+        Some(false),
+    ))
+    .unwrap();
+    let raw = dir.join(format!("{tag}.raw"));
+    fvd_core::create_raw(&raw, span).unwrap();
+    let a = Arc::new(
+        rt.block_on(open_path(&fvd, Format::Fvd, PathOptions::default()))
+            .unwrap(),
+    );
+    let b = Arc::new(
+        rt.block_on(open_path(&raw, Format::Raw, PathOptions::default()))
+            .unwrap(),
+    );
+    (fvd, raw, a, b)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -278,28 +312,11 @@ fn main() {
     let k2 = key.clone();
     let keyed = fvd_core::Opener::local().with_keys(Arc::new(move |_: &Path| Some(k2.clone())));
     for rep in 0..3 {
-        let fvd = dir.path().join(format!("cow-{rep}.fvd"));
+        let (fvd, raw, a, b) = cow_and_raw(dir.path(), &rt, &format!("cow-{rep}"), span);
         let spec = BaseSpec {
             name: "base.raw".into(),
             format: Format::Raw,
         };
-        rt.block_on(create_path(
-            &fvd,
-            Some(&spec),
-            CreateOptions::default(),
-            Some(false),
-        ))
-        .unwrap();
-        let raw = dir.path().join(format!("raw-{rep}.raw"));
-        fvd_core::create_raw(&raw, span).unwrap();
-        let a = Arc::new(
-            rt.block_on(open_path(&fvd, Format::Fvd, PathOptions::default()))
-                .unwrap(),
-        );
-        let b = Arc::new(
-            rt.block_on(open_path(&raw, Format::Raw, PathOptions::default()))
-                .unwrap(),
-        );
         let enc = dir.path().join(format!("enc-{rep}.fvd"));
         let eo = CreateOptions {
             encryption: Some(fvd_core::CreateEncryption {
@@ -346,28 +363,7 @@ fn main() {
     let seq_span: u64 = if quick() { 256 << 20 } else { 1 << 30 };
     let (mut sfw, mut srw, mut sfr, mut srr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..3 {
-        let fvd = dir.path().join(format!("seq-{rep}.fvd"));
-        let spec = BaseSpec {
-            name: "base.raw".into(),
-            format: Format::Raw,
-        };
-        rt.block_on(create_path(
-            &fvd,
-            Some(&spec),
-            CreateOptions::default(),
-            Some(false),
-        ))
-        .unwrap();
-        let raw = dir.path().join(format!("seq-{rep}.raw"));
-        fvd_core::create_raw(&raw, span).unwrap();
-        let a = Arc::new(
-            rt.block_on(open_path(&fvd, Format::Fvd, PathOptions::default()))
-                .unwrap(),
-        );
-        let b = Arc::new(
-            rt.block_on(open_path(&raw, Format::Raw, PathOptions::default()))
-                .unwrap(),
-        );
+        let (fvd, raw, a, b) = cow_and_raw(dir.path(), &rt, &format!("seq-{rep}"), span);
         let order = if rep % 2 == 0 {
             [true, false]
         } else {
