@@ -48,6 +48,9 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Check the metadata of an image (like qemu-img check).
     Check(cmd::check::Args),
+    /// List, create, apply or delete internal snapshots (like qemu-img
+    /// snapshot), also of an image `fvd serve` exports (--server).
+    Snapshot(cmd::snapshot::Args),
     /// Run qemu-io style commands on an image (like qemu-io).
     Io(cmd::io::Args),
     /// Show copy-on-write and free writes on a built-in example.
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
             Command::Convert(a) => cmd::convert::run(a, o).await,
             Command::Compare(a) => cmd::compare::run(a, o).await,
             Command::Check(a) => cmd::check::run(a, o).await,
+            Command::Snapshot(a) => cmd::snapshot::run(a, o).await,
             Command::Io(a) => cmd::io::run(a, o).await,
             Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
             Command::Profile(a) => cmd::profile::run(a, o).await,
