@@ -207,6 +207,11 @@ async fn run_op(disks: &Disks, op: SnapOp, bug: Option<SnapshotBug>) -> fvd_core
     }
     match op {
         SnapOp::Create => {
+            // Soft fills just before: the snapshot must not take a bit
+            // whose data a crash could lose.
+            if img.base_range() > 0 {
+                img.cache(0, img.base_range()).await?;
+            }
             img.create_snapshot("c").await?;
             img.close().await
         }

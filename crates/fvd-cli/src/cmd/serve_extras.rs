@@ -149,6 +149,7 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "throughput": prefetch_bytes as f64 / secs,
         },
         "local-blocks": local,
+        "snapshot-chunks-copied": s.chunks_copied.load(Ordering::Relaxed),
         "base-blocks": blocks,
         "foreground-ops": img.foreground_ops(),
         "foreground-write-bytes": s.data_write_bytes.load(Ordering::Relaxed).saturating_sub(prefetch_bytes + s.cor_bytes.load(Ordering::Relaxed)),

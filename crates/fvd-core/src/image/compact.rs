@@ -115,7 +115,7 @@ impl Drop for Pin<'_> {
 
 /// Validate a table read from disk: entries inside the storage and unique.
 pub(crate) fn validate_table(table: &[u32], capacity: u64) -> Result<()> {
-    let mut used: Vec<(u32, usize)> = Vec::new();
+    let mut seen = ChunkSet::default();
     for (c, &p) in table.iter().enumerate() {
         if p == EMPTY {
             continue;
@@ -125,31 +125,67 @@ pub(crate) fn validate_table(table: &[u32], capacity: u64) -> Result<()> {
                 "chunk table entry {c} points at chunk {p}, past the end of the data region ({capacity} chunks)"
             )));
         }
-        used.push((p, c));
-    }
-    used.sort_unstable();
-    if let Some(w) = used.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::corrupt(format!(
-            "physical chunk {} is referenced twice (entry {})",
-            w[1].0, w[1].1
-        )));
+        if seen.insert(p) {
+            return Err(Error::corrupt(format!(
+                "physical chunk {p} is referenced twice (entry {c})"
+            )));
+        }
     }
     Ok(())
 }
 
-/// Physical chunks in use by `table` or `snaps`, and one past the highest.
-fn in_use(table: &[u32], snaps: &SnapshotUse) -> (BTreeSet<u32>, u32) {
-    let mut used: BTreeSet<u32> = table.iter().copied().filter(|&p| p != EMPTY).collect();
+/// A set of physical chunk numbers: one bit each (open-time bookkeeping of
+/// tables with millions of entries).
+#[derive(Default)]
+struct ChunkSet {
+    words: Vec<u64>,
+}
+
+impl ChunkSet {
+    /// Add `p`; true if it was there already.
+    fn insert(&mut self, p: u32) -> bool {
+        let w = p as usize / 64;
+        if w >= self.words.len() {
+            self.words.resize((w + 1).next_power_of_two(), 0);
+        }
+        let bit = 1u64 << (p % 64);
+        let was = self.words[w] & bit != 0;
+        self.words[w] |= bit;
+        was
+    }
+
+    fn contains(&self, p: u32) -> bool {
+        self.words
+            .get(p as usize / 64)
+            .is_some_and(|w| w & (1u64 << (p % 64)) != 0)
+    }
+
+    /// One past the highest member (0 when empty).
+    fn end(&self) -> u32 {
+        match self.words.iter().rposition(|&w| w != 0) {
+            Some(i) => (i * 64 + 64 - self.words[i].leading_zeros() as usize) as u32,
+            None => 0,
+        }
+    }
+}
+
+/// Physical chunks in use by `table` or `snaps`.
+fn in_use(table: &[u32], snaps: &SnapshotUse) -> ChunkSet {
+    let mut used = ChunkSet::default();
+    for &p in table.iter().filter(|&&p| p != EMPTY) {
+        used.insert(p);
+    }
     for (p, &n) in snaps.refcounts.iter().enumerate() {
         if n > 0 {
             used.insert(p as u32);
         }
     }
     for r in &snaps.metadata {
-        used.extend(r.start as u32..r.end as u32);
+        for p in r.start as u32..r.end as u32 {
+            used.insert(p);
+        }
     }
-    let next = used.last().map_or(0, |&p| p + 1);
-    (used, next)
+    used
 }
 
 impl Compact {
@@ -162,11 +198,12 @@ impl Compact {
         grow_cmd: String,
         snaps: &SnapshotUse,
     ) -> Self {
-        let (used, next) = in_use(table, snaps);
+        let used = in_use(table, snaps);
+        let next = used.end();
         // Chunks below the high-water mark that nothing uses were allocated
         // by writes that never reached the journal (or freed by snapshot
         // operations a crash interrupted): free again.
-        let free = (0..next).filter(|p| !used.contains(p)).collect();
+        let free = (0..next).filter(|&p| !used.contains(p)).collect();
         let refs: PhysArray<AtomicU16> = PhysArray::new(table.len() as u64);
         for (p, &n) in snaps.refcounts.iter().enumerate() {
             if n > 0 {

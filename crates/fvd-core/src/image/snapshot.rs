@@ -1,5 +1,5 @@
 //! Internal snapshots of compact images: create, list, delete, apply, and
-//! read-only views (docs/FORMAT.md §7).
+//! read-only views (docs/FORMAT.md §9).
 //!
 //! A snapshot is a copy of the chunk table (and, with a base, of the
 //! bitmap) in runs of physical chunks at the end of the data region, named
@@ -561,10 +561,17 @@ async fn write_refcounts(
 
 /// The pages of a refcount table holding the counts of chunks `phys`.
 fn pages_of(phys: impl IntoIterator<Item = u32>) -> BTreeSet<u64> {
-    phys.into_iter()
-        .filter(|&p| p != EMPTY)
-        .map(|p| p as u64 * 2 / 4096)
-        .collect()
+    // A flag per page first: tables have millions of entries, a few
+    // thousand pages.
+    let mut hit: Vec<bool> = Vec::new();
+    for p in phys.into_iter().filter(|&p| p != EMPTY) {
+        let page = p as usize * 2 / 4096;
+        if page >= hit.len() {
+            hit.resize(page + 1, false);
+        }
+        hit[page] = true;
+    }
+    (0..hit.len() as u64).filter(|&i| hit[i as usize]).collect()
 }
 
 /// Finish an apply whose directory copy says "applying S" (durable): S's
