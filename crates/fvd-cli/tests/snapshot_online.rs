@@ -83,7 +83,16 @@ fn snapshot_through_the_control_socket_while_fio_writes() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     ok(
-        &fvd(d, &["create", "-o", "compact=on,chunk_size=64k", "img.fvd", "256M"]),
+        &fvd(
+            d,
+            &[
+                "create",
+                "-o",
+                "compact=on,chunk_size=64k",
+                "img.fvd",
+                "256M",
+            ],
+        ),
         "create",
     );
     let ctl = d.join("ctl.sock");
@@ -94,10 +103,23 @@ fn snapshot_through_the_control_socket_while_fio_writes() {
     );
     let uri = server.uri();
     // Every block old data first.
-    let out = fio(d, &uri, &["--rw=write", "--bs=1M", "--iodepth=8", "--buffer_pattern=0x11"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = fio(
+        d,
+        &uri,
+        &[
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            "--buffer_pattern=0x11",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Then new data at random blocks, while the snapshot is taken.
     let writer = fio(
         d,
@@ -120,11 +142,24 @@ fn snapshot_through_the_control_socket_while_fio_writes() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let sent = now_ms();
-    let r = fvd(d, &["snapshot", "-c", "during", "--server", ctl.to_str().unwrap()]);
+    let r = fvd(
+        d,
+        &[
+            "snapshot",
+            "-c",
+            "during",
+            "--server",
+            ctl.to_str().unwrap(),
+        ],
+    );
     let answered = now_ms();
     ok(&r, "snapshot -c --server");
     let out = writer.wait_with_output().unwrap();
-    assert!(out.status.success(), "fio: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The snapshot is listed online, with the creation the server made.
     let list = ok(
         &fvd(d, &["snapshot", "-l", "--server", ctl.to_str().unwrap()]),
@@ -160,7 +195,18 @@ fn snapshot_through_the_control_socket_while_fio_writes() {
     }
     assert!(writes > 1000, "fio wrote only {writes} times");
     ok(
-        &fvd(d, &["convert", "-l", "snapshot.name=during", "-O", "raw", "img.fvd", "snap.raw"]),
+        &fvd(
+            d,
+            &[
+                "convert",
+                "-l",
+                "snapshot.name=during",
+                "-O",
+                "raw",
+                "img.fvd",
+                "snap.raw",
+            ],
+        ),
         "convert -l",
     );
     let snap = std::fs::read(d.join("snap.raw")).unwrap();
@@ -175,7 +221,10 @@ fn snapshot_through_the_control_socket_while_fio_writes() {
             panic!("snapshot block {b} is neither old nor new data (torn or foreign)");
         };
         if before.contains_key(&b) {
-            assert_eq!(val, 0x22, "block {b}: a write acknowledged before the request is missing");
+            assert_eq!(
+                val, 0x22,
+                "block {b}: a write acknowledged before the request is missing"
+            );
             new_seen += 1;
         }
         if val == 0x22 {
@@ -187,8 +236,14 @@ fn snapshot_through_the_control_socket_while_fio_writes() {
             old_after += 1;
         }
     }
-    assert!(new_seen > 100, "only {new_seen} blocks written before the request");
-    assert!(old_after > 100, "only {old_after} blocks written only after the answer");
+    assert!(
+        new_seen > 100,
+        "only {new_seen} blocks written before the request"
+    );
+    assert!(
+        old_after > 100,
+        "only {old_after} blocks written only after the answer"
+    );
     ok(&fvd(d, &["check", "img.fvd"]), "check");
 }
 
@@ -206,9 +261,15 @@ fn ask(sock: &Path, line: &str) -> serde_json::Value {
 fn control_socket_protocol_list_delete_and_errors() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    ok(&fvd(d, &["create", "-o", "compact=on", "img.fvd", "16M"]), "create");
+    ok(
+        &fvd(d, &["create", "-o", "compact=on", "img.fvd", "16M"]),
+        "create",
+    );
     ok(&fvd(d, &["io", "-c", "write -P 5 0 1M", "img.fvd"]), "io");
-    ok(&fvd(d, &["snapshot", "-c", "offline", "img.fvd"]), "snapshot");
+    ok(
+        &fvd(d, &["snapshot", "-c", "offline", "img.fvd"]),
+        "snapshot",
+    );
     let ctl = d.join("ctl.sock");
     let mut server = Server::unix(
         &d.join("img.fvd"),
@@ -217,7 +278,10 @@ fn control_socket_protocol_list_delete_and_errors() {
     );
     let cmds = ask(&ctl, r#"{"execute":"query-commands"}"#);
     assert!(cmds["return"].as_array().unwrap().len() >= 5, "{cmds}");
-    let a = ask(&ctl, r#"{"execute":"snapshot-create","arguments":{"name":"online"},"id":7}"#);
+    let a = ask(
+        &ctl,
+        r#"{"execute":"snapshot-create","arguments":{"name":"online"},"id":7}"#,
+    );
     assert_eq!(a["return"]["name"], "online", "{a}");
     assert_eq!(a["return"]["id"], "2", "{a}");
     assert_eq!(a["id"], 7, "the request's id comes back");
@@ -229,7 +293,10 @@ fn control_socket_protocol_list_delete_and_errors() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["offline", "online"]);
-    let del = ask(&ctl, r#"{"execute":"snapshot-delete","arguments":{"id":"1"}}"#);
+    let del = ask(
+        &ctl,
+        r#"{"execute":"snapshot-delete","arguments":{"id":"1"}}"#,
+    );
     assert_eq!(del["return"]["name"], "offline", "{del}");
     let s = ask(&ctl, r#"{"execute":"query-stats"}"#);
     assert!(s["return"]["uptime-seconds"].is_number(), "{s}");
@@ -237,25 +304,46 @@ fn control_socket_protocol_list_delete_and_errors() {
     for (req, class) in [
         ("not json", "GenericError"),
         (r#"{"execute":"no-such-thing"}"#, "CommandNotFound"),
-        (r#"{"execute":"snapshot-delete","arguments":{"name":"gone"}}"#, "GenericError"),
+        (
+            r#"{"execute":"snapshot-delete","arguments":{"name":"gone"}}"#,
+            "GenericError",
+        ),
         (r#"{"execute":"snapshot-create"}"#, "GenericError"),
-        (r#"{"execute":"snapshot-create","arguments":"x"}"#, "GenericError"),
+        (
+            r#"{"execute":"snapshot-create","arguments":"x"}"#,
+            "GenericError",
+        ),
         (r#"{"arguments":{}}"#, "GenericError"),
     ] {
         let e = ask(&ctl, req);
         assert_eq!(e["error"]["class"], class, "{req}: {e}");
         assert!(!e["error"]["desc"].as_str().unwrap().is_empty());
     }
-    let r = fvd(d, &["snapshot", "-d", "online", "--server", ctl.to_str().unwrap()]);
+    let r = fvd(
+        d,
+        &[
+            "snapshot",
+            "-d",
+            "online",
+            "--server",
+            ctl.to_str().unwrap(),
+        ],
+    );
     ok(&r, "snapshot -d --server");
-    let r = fvd(d, &["snapshot", "-a", "x", "--server", ctl.to_str().unwrap()]);
+    let r = fvd(
+        d,
+        &["snapshot", "-a", "x", "--server", ctl.to_str().unwrap()],
+    );
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("stop the server"));
     // The image is in use: offline commands are refused, nothing changes.
     let r = fvd(d, &["snapshot", "-c", "x", "img.fvd"]);
     assert!(!r.status.success());
     // -U lists an image in use.
-    ok(&fvd(d, &["snapshot", "-l", "-U", "img.fvd"]), "snapshot -l -U");
+    ok(
+        &fvd(d, &["snapshot", "-l", "-U", "img.fvd"]),
+        "snapshot -l -U",
+    );
     assert_eq!(server.terminate().code(), Some(0));
     assert_eq!(ok(&fvd(d, &["snapshot", "-l", "img.fvd"]), "list"), "");
     ok(&fvd(d, &["check", "img.fvd"]), "check");
@@ -268,16 +356,27 @@ fn serve_exports_a_snapshot_read_only() {
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    ok(&fvd(d, &["create", "-o", "compact=on", "img.fvd", "16M"]), "create");
+    ok(
+        &fvd(d, &["create", "-o", "compact=on", "img.fvd", "16M"]),
+        "create",
+    );
     ok(&fvd(d, &["io", "-c", "write -P 5 0 1M", "img.fvd"]), "io");
     ok(&fvd(d, &["snapshot", "-c", "s", "img.fvd"]), "snapshot");
     ok(&fvd(d, &["io", "-c", "write -P 6 0 1M", "img.fvd"]), "io");
-    let server = Server::unix(&d.join("img.fvd"), &d.join("nbd.sock"), &["-l", "snapshot.name=s"]);
+    let server = Server::unix(
+        &d.join("img.fvd"),
+        &d.join("nbd.sock"),
+        &["-l", "snapshot.name=s"],
+    );
     let uri = server.uri();
     let r = nbd_support::qemu_io_opts(&["-r", "-f", "raw"], &uri, &["read -P 5 0 1M"]);
     assert!(r.ok && !r.text.contains("failed"), "{}", r.text);
     let w = nbd_support::qemu_io(&uri, &["write -P 7 0 4k"]);
-    assert!(!w.ok || w.text.contains("failed") || w.text.contains("denied"), "a snapshot export is read-only: {}", w.text);
+    assert!(
+        !w.ok || w.text.contains("failed") || w.text.contains("denied"),
+        "a snapshot export is read-only: {}",
+        w.text
+    );
     drop(server);
     let r = fvd(d, &["serve", "-k", "x.sock", "-l", "nosuch", "img.fvd"]);
     assert!(!r.status.success());

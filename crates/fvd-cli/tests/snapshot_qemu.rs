@@ -151,10 +151,17 @@ fn replay(seed: u64, chunk: &str, with_base: bool) -> usize {
     let list = ids_and_tags(&ql.stdout);
     assert_eq!(list, ids_and_tags(&fl.stdout), "{what}: snapshot lists");
     for (id, name) in &list {
-        for (param, tag) in [(format!("snapshot.name={name}"), "n"), (format!("snapshot.id={id}"), "i")] {
+        for (param, tag) in [
+            (format!("snapshot.name={name}"), "n"),
+            (format!("snapshot.id={id}"), "i"),
+        ] {
             let (qo, fo) = (format!("q-{id}{tag}.raw"), format!("f-{id}{tag}.raw"));
-            run_in(d, "qemu-img", &["convert", "-l", &param, "-O", "raw", "q.qcow2", &qo])
-                .ok(&what);
+            run_in(
+                d,
+                "qemu-img",
+                &["convert", "-l", &param, "-O", "raw", "q.qcow2", &qo],
+            )
+            .ok(&what);
             fvd(d, &["convert", "-l", &param, "-O", "raw", "f.fvd", &fo]).ok(&what);
             assert!(
                 same_file(&d.join(&qo), &d.join(&fo)),
@@ -164,7 +171,10 @@ fn replay(seed: u64, chunk: &str, with_base: bool) -> usize {
     }
     run_in(d, "qemu-img", &["convert", "-O", "raw", "q.qcow2", "q.raw"]).ok(&what);
     fvd(d, &["convert", "-O", "raw", "f.fvd", "f.raw"]).ok(&what);
-    assert!(same_file(&d.join("q.raw"), &d.join("f.raw")), "{what}: live disks differ");
+    assert!(
+        same_file(&d.join("q.raw"), &d.join("f.raw")),
+        "{what}: live disks differ"
+    );
     let c = fvd(d, &["check", "f.fvd"]);
     c.ok(&what);
     list.len()
@@ -184,7 +194,8 @@ fn snapshots_match_qemu_img_with_base() {
     if !have_tools(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let n: usize = (11..=13).map(|s| replay(s, "64k", true)).sum::<usize>() + replay(14, "1M", true);
+    let n: usize =
+        (11..=13).map(|s| replay(s, "64k", true)).sum::<usize>() + replay(14, "1M", true);
     assert!(n >= 4, "only {n} snapshots compared");
 }
 

@@ -70,7 +70,12 @@ fn refcounts_and_leaks_are_checked_and_repaired_without_touching_snapshot_data()
     .unwrap();
     let data = h.region(Region::Data).offset;
     let refcounts = h.region(Region::Refcounts).offset;
-    assert_eq!(block_on(check_path(&p, Format::Fvd, None)).unwrap().exit_code(), 0);
+    assert_eq!(
+        block_on(check_path(&p, Format::Fvd, None))
+            .unwrap()
+            .exit_code(),
+        0
+    );
 
     // A leak: data in the chunk the deleted snapshot's table copy used.
     poke(&p, data + s.table_chunk * (64 << 10), &[0x5a; 8192]);
@@ -135,7 +140,10 @@ fn a_damaged_directory_is_reported_and_refused_in_one_line() {
         .err()
         .expect("refused");
     let msg = e.to_string();
-    assert!(msg.contains("snapshot directory") && !msg.contains('\n'), "{msg}");
+    assert!(
+        msg.contains("snapshot directory") && !msg.contains('\n'),
+        "{msg}"
+    );
     let r = block_on(check_path(&p, Format::Fvd, None)).unwrap();
     assert_eq!(r.exit_code(), 2, "{r:?}");
 }

@@ -180,7 +180,10 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
                 if by_name {
                     assert_eq!(
                         k,
-                        w.snaps.iter().position(|s| s.name == w.snaps[i].name).unwrap()
+                        w.snaps
+                            .iter()
+                            .position(|s| s.name == w.snaps[i].name)
+                            .unwrap()
                     );
                 }
                 w.snaps.remove(k);
@@ -245,7 +248,10 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
     assert!(r.leaks.is_empty() || dropped, "seed {seed}: {r:?}");
     let img = w.open();
     block_on(img.read(0, &mut all)).unwrap();
-    assert!(all == w.live, "seed {seed}: content after deleting every snapshot");
+    assert!(
+        all == w.live,
+        "seed {seed}: content after deleting every snapshot"
+    );
 }
 
 fn seeds() -> Vec<u64> {

@@ -238,11 +238,15 @@ enum Survive {
 pub fn sweep(op: SnapOp, seed: u64, bug: Option<SnapshotBug>) -> SweepReport {
     let shape = Shape::of(seed);
     let mut report = SweepReport::default();
-    let what = |k: u64, s: Survive| format!("{op:?} seed {seed} ({shape:?}) cut at I/O {k} ({s:?})");
+    let what =
+        |k: u64, s: Survive| format!("{op:?} seed {seed} ({shape:?}) cut at I/O {k} ({s:?})");
     // The whole operation once: the old and the new state, and its I/Os.
     let exec = Executor::new(seed);
     let reference = setup(&exec, shape, seed);
-    let before = exec.block_on(content(&reference)).expect("ran").expect("before");
+    let before = exec
+        .block_on(content(&reference))
+        .expect("ran")
+        .expect("before");
     let ops0 = reference.image.mutating_ops();
     let done = exec.block_on(run_op(&reference, op, None)).expect("ran");
     if let Err(e) = done {
@@ -250,7 +254,10 @@ pub fn sweep(op: SnapOp, seed: u64, bug: Option<SnapshotBug>) -> SweepReport {
         return report;
     }
     report.ios = reference.image.mutating_ops() - ops0;
-    let after = exec.block_on(content(&reference)).expect("ran").expect("after");
+    let after = exec
+        .block_on(content(&reference))
+        .expect("ran")
+        .expect("after");
     let data_offset = exec
         .block_on(fvd_core::image::read_header(&reference.image))
         .expect("ran")
@@ -429,7 +436,12 @@ impl World {
     fn seen(&self, s: u64, bytes: &[u8], vals: &[Val]) -> Result<Val, Seen> {
         let base = self.base_sector(s);
         let seen = model::identify(bytes, s, &base);
-        if !model::acceptable(seen, s, model::identify(&base, s, &base) == Seen::Zero, vals) {
+        if !model::acceptable(
+            seen,
+            s,
+            model::identify(&base, s, &base) == Seen::Zero,
+            vals,
+        ) {
             return Err(seen);
         }
         Ok(match seen {
@@ -511,7 +523,9 @@ async fn tester(img: Arc<Image>, w: Rc<RefCell<World>>, sim: SimHandle) {
                             let s = first + i as u64;
                             let vals = wb.model.live(s);
                             if let Err(seen) = wb.seen(s, b, &vals) {
-                                wb.violation(format!("read of sector {s}: {seen}, expected {vals:?}"));
+                                wb.violation(format!(
+                                    "read of sector {s}: {seen}, expected {vals:?}"
+                                ));
                             }
                         }
                     }
@@ -613,7 +627,10 @@ pub fn concurrent(seed: u64, bug: Option<SnapshotBug>) -> ConcurrentReport {
     let virtual_size: u64 = 256 << 10;
     let base_bytes: Option<Arc<[u8]>> = rng.chance(0.5).then(|| {
         let n = virtual_size * 3 / 4 + 512;
-        (0..n).map(|_| rng.next_u64() as u8).collect::<Vec<u8>>().into()
+        (0..n)
+            .map(|_| rng.next_u64() as u8)
+            .collect::<Vec<u8>>()
+            .into()
     });
     let base = base_bytes
         .as_ref()
@@ -646,7 +663,8 @@ pub fn concurrent(seed: u64, bug: Option<SnapshotBug>) -> ConcurrentReport {
         fvd_core::image::create(&disk, &opts, b.as_deref()).await
     });
     if !matches!(created, Ok(Ok(_))) {
-        w.borrow_mut().violation(format!("create failed: {created:?}"));
+        w.borrow_mut()
+            .violation(format!("create failed: {created:?}"));
         return w.borrow().report.clone();
     }
     let sessions = 4;
@@ -684,7 +702,8 @@ pub fn concurrent(seed: u64, bug: Option<SnapshotBug>) -> ConcurrentReport {
         exec.clear();
         exec.set_deadline(None);
         if stop == Stop::Idle && exec.tasks() > 0 {
-            w.borrow_mut().violation("hang: tasks blocked forever".into());
+            w.borrow_mut()
+                .violation("hang: tasks blocked forever".into());
             break;
         }
         w.borrow_mut().report.copies += img
@@ -694,7 +713,8 @@ pub fn concurrent(seed: u64, bug: Option<SnapshotBug>) -> ConcurrentReport {
         if last {
             let closed = exec.block_on(img.close());
             if !matches!(closed, Ok(Ok(()))) {
-                w.borrow_mut().violation(format!("close failed: {closed:?}"));
+                w.borrow_mut()
+                    .violation(format!("close failed: {closed:?}"));
             }
             drop(img);
             // A clean close: the durable state is the live one.
@@ -750,7 +770,8 @@ fn check_world(
     let sectors = w.borrow().model.len();
     let mut live = vec![0u8; (sectors as usize) * SECTOR];
     if !matches!(exec.block_on(img.read(0, &mut live)), Ok(Ok(()))) {
-        w.borrow_mut().violation("reading the recovered disk failed".into());
+        w.borrow_mut()
+            .violation("reading the recovered disk failed".into());
         return;
     }
     {
@@ -761,7 +782,9 @@ fn check_world(
             match wb.seen(s, b, &vals) {
                 Ok(v) => wb.model.reset(s, v),
                 Err(seen) => {
-                    wb.violation(format!("after recovery, sector {s}: {seen}, expected {vals:?}"));
+                    wb.violation(format!(
+                        "after recovery, sector {s}: {seen}, expected {vals:?}"
+                    ));
                     return;
                 }
             }
@@ -807,7 +830,9 @@ fn check_world(
     // Every snapshot reads what it held when it was taken.
     let n = w.borrow().recs.len();
     for i in 0..n {
-        let Some(id) = w.borrow().recs[i].id.filter(|_| w.borrow().recs[i].state == RecState::Live)
+        let Some(id) = w.borrow().recs[i]
+            .id
+            .filter(|_| w.borrow().recs[i].state == RecState::Live)
         else {
             continue;
         };
@@ -819,14 +844,18 @@ fn check_world(
         let v = match view {
             Ok(Ok(v)) => v,
             other => {
-                let msg = format!("snapshot {id} does not open: {:?}", other.map(|r| r.map(|_| ())));
+                let msg = format!(
+                    "snapshot {id} does not open: {:?}",
+                    other.map(|r| r.map(|_| ()))
+                );
                 w.borrow_mut().violation(msg);
                 return;
             }
         };
         let mut bytes = vec![0u8; (sectors as usize) * SECTOR];
         if !matches!(exec.block_on(v.read(0, &mut bytes)), Ok(Ok(()))) {
-            w.borrow_mut().violation(format!("reading snapshot {id} failed"));
+            w.borrow_mut()
+                .violation(format!("reading snapshot {id} failed"));
             return;
         }
         let mut wb = w.borrow_mut();

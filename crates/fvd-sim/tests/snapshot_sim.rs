@@ -57,11 +57,7 @@ fn shared_chunks_under_concurrent_writes_and_online_snapshots() {
     let (mut created, mut copies, mut checked, mut crashes) = (0, 0, 0, 0);
     for seed in 1..=seeds(40) {
         let r = concurrent(seed, None);
-        assert!(
-            r.violations.is_empty(),
-            "seed {seed}: {:?}",
-            r.violations
-        );
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
         created += r.created;
         copies += r.copies;
         checked += r.sectors_checked;
@@ -76,9 +72,16 @@ fn shared_chunks_under_concurrent_writes_and_online_snapshots() {
 #[test]
 fn mutation_skipping_the_copy_of_a_shared_chunk_is_caught() {
     let caught = (1..=seeds(12))
-        .filter(|&seed| !concurrent(seed, Some(SnapshotBug::SkipSharedCopy)).violations.is_empty())
+        .filter(|&seed| {
+            !concurrent(seed, Some(SnapshotBug::SkipSharedCopy))
+                .violations
+                .is_empty()
+        })
         .count();
-    eprintln!("skip-shared-copy: caught in {caught} of {} seeds", seeds(12));
+    eprintln!(
+        "skip-shared-copy: caught in {caught} of {} seeds",
+        seeds(12)
+    );
     assert!(caught > 0, "the simulator missed writes into shared chunks");
 }
 

@@ -72,8 +72,8 @@ pub fn start(image: Arc<Image>, path: &Path, stats: StatsFn) -> Result<ControlSo
     {
         let _ = std::fs::remove_file(path);
     }
-    let listener =
-        UnixListener::bind(path).map_err(|e| anyhow!("--control-socket {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow!("--control-socket {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| anyhow!("--control-socket {}: {e}", path.display()))?;
     let task = tokio::spawn(async move {
@@ -104,7 +104,10 @@ async fn serve_connection(sock: UnixStream, image: Arc<Image>, stats: StatsFn) -
             return Ok(());
         }
         if line.len() > MAX_LINE {
-            let e = error("GenericError", format!("request longer than {MAX_LINE} bytes"));
+            let e = error(
+                "GenericError",
+                format!("request longer than {MAX_LINE} bytes"),
+            );
             wr.write_all(format!("{e}\n").as_bytes()).await?;
             return Ok(());
         }
@@ -127,9 +130,14 @@ async fn handle(line: &[u8], image: &Image, stats: &StatsFn) -> Value {
         Err(e) => return error("GenericError", format!("not JSON: {e}")),
     };
     let id = req.get("id").cloned();
-    let mut answer = match (req.get("execute").and_then(Value::as_str), req.get("arguments")) {
+    let mut answer = match (
+        req.get("execute").and_then(Value::as_str),
+        req.get("arguments"),
+    ) {
         (None, _) => error("GenericError", "expected {\"execute\": \"COMMAND\", ...}"),
-        (Some(_), Some(a)) if !a.is_object() => error("GenericError", "arguments must be an object"),
+        (Some(_), Some(a)) if !a.is_object() => {
+            error("GenericError", "arguments must be an object")
+        }
         (Some(cmd), args) => {
             let empty = json!({});
             execute(cmd, args.unwrap_or(&empty), image, stats).await
@@ -144,14 +152,18 @@ async fn handle(line: &[u8], image: &Image, stats: &StatsFn) -> Value {
 async fn execute(cmd: &str, args: &Value, image: &Image, stats: &StatsFn) -> Value {
     let arg = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
     let id_arg = || {
-        args.get("id")
-            .and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_u64().map(|n| n.to_string())))
+        args.get("id").and_then(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.as_u64().map(|n| n.to_string()))
+        })
     };
     let r: std::result::Result<Value, String> = match cmd {
         "query-commands" => Ok(json!(COMMANDS)),
         "query-stats" => Ok(stats()),
         "query-snapshots" => {
-            let list: Vec<SnapshotJson> = image.snapshots().iter().map(SnapshotJson::from).collect();
+            let list: Vec<SnapshotJson> =
+                image.snapshots().iter().map(SnapshotJson::from).collect();
             Ok(json!(list))
         }
         "snapshot-create" => match arg("name") {
@@ -178,7 +190,12 @@ async fn execute(cmd: &str, args: &Value, image: &Image, stats: &StatsFn) -> Val
                     .map_err(|e| e.to_string()),
             }
         }
-        other => return error("CommandNotFound", format!("the command {other} has not been found")),
+        other => {
+            return error(
+                "CommandNotFound",
+                format!("the command {other} has not been found"),
+            );
+        }
     };
     match r {
         Ok(v) => json!({ "return": v }),
@@ -189,9 +206,12 @@ async fn execute(cmd: &str, args: &Value, image: &Image, stats: &StatsFn) -> Val
 /// Send one request to the control socket at `path`; its `return` value,
 /// or its error as an error.
 pub async fn request(path: &Path, cmd: &str, args: Value) -> Result<Value> {
-    let sock = UnixStream::connect(path)
-        .await
-        .map_err(|e| anyhow!("{}: cannot connect to the control socket: {e}", path.display()))?;
+    let sock = UnixStream::connect(path).await.map_err(|e| {
+        anyhow!(
+            "{}: cannot connect to the control socket: {e}",
+            path.display()
+        )
+    })?;
     let (rd, mut wr) = sock.into_split();
     let req = json!({ "execute": cmd, "arguments": args });
     wr.write_all(format!("{req}\n").as_bytes())
@@ -202,8 +222,12 @@ pub async fn request(path: &Path, cmd: &str, args: Value) -> Result<Value> {
         .read_line(&mut line)
         .await
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&line)
-        .map_err(|_| anyhow!("{}: the server closed the connection or sent no JSON", path.display()))?;
+    let v: Value = serde_json::from_str(&line).map_err(|_| {
+        anyhow!(
+            "{}: the server closed the connection or sent no JSON",
+            path.display()
+        )
+    })?;
     if let Some(r) = v.get("return") {
         return Ok(r.clone());
     }

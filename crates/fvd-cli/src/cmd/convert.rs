@@ -161,7 +161,16 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         let dst = Arc::new(open(opener, &a.target, a.output_format, false, false).await?);
         let bar = a.progress.then(|| progress_bar(src_size));
         let over_base = a.base.is_some();
-        copy(&src, &a.source, &dst, &a.target, src_size, over_base, bar.as_ref()).await?;
+        copy(
+            &src,
+            &a.source,
+            &dst,
+            &a.target,
+            src_size,
+            over_base,
+            bar.as_ref(),
+        )
+        .await?;
         dst.close().await.map_err(|e| at(&a.target, e))?;
         if let Some(b) = bar {
             b.finish();

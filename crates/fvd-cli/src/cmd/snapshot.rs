@@ -154,8 +154,14 @@ fn local_time(secs: u64) -> String {
 /// Run `fvd snapshot`.
 pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     if a.format != Format::Fvd {
-        let what = a.image.as_ref().map_or("image".into(), |p| p.display().to_string());
-        bail!("{what}: internal snapshots need an fvd image, not {}", a.format.name());
+        let what = a
+            .image
+            .as_ref()
+            .map_or("image".into(), |p| p.display().to_string());
+        bail!(
+            "{what}: internal snapshots need an fvd image, not {}",
+            a.format.name()
+        );
     }
     if let Some(sock) = &a.server {
         return run_online(&a, sock).await;

@@ -61,8 +61,8 @@ impl Image {
         stats
             .replayed_records
             .store(replay_records, Ordering::Relaxed);
-        let layout = layout_of(&h, &durable.table, capacity, &snaps.usage)
-            .map_err(|e| e.context(&desc))?;
+        let layout =
+            layout_of(&h, &durable.table, capacity, &snaps.usage).map_err(|e| e.context(&desc))?;
         let dirty = !h.is_clean();
         let base_blocks = durable.bitmap.len();
         let meta = Meta::new(h.clone(), slot, durable);

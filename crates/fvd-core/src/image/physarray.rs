@@ -69,14 +69,27 @@ mod tests {
     #[test]
     fn every_chunk_number_has_its_own_counter() {
         let a: PhysArray<AtomicU32> = PhysArray::new(3000);
-        let probes = [0u64, 1, 4095, 4096, 4097, 12287, 12288, 1 << 20, u32::MAX as u64 - 1];
+        let probes = [
+            0u64,
+            1,
+            4095,
+            4096,
+            4097,
+            12287,
+            12288,
+            1 << 20,
+            u32::MAX as u64 - 1,
+        ];
         for (i, &p) in probes.iter().enumerate() {
             a.get(p).store(i as u32 + 1, Ordering::Relaxed);
         }
         for (i, &p) in probes.iter().enumerate() {
             assert_eq!(a.get(p).load(Ordering::Relaxed), i as u32 + 1, "chunk {p}");
         }
-        assert!(a.peek(2 << 20).is_none_or(|c| c.load(Ordering::Relaxed) == 0));
+        assert!(
+            a.peek(2 << 20)
+                .is_none_or(|c| c.load(Ordering::Relaxed) == 0)
+        );
         assert_eq!(a.get(5).load(Ordering::Relaxed), 0);
     }
 

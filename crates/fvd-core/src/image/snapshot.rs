@@ -43,9 +43,7 @@ use super::Image;
 use super::compact::{Compact, EMPTY, SnapshotUse, validate_table};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{
-    FLAG_ALL_LOCAL, FLAG_CLEAN, Header, INCOMPAT_SNAPSHOTS, Region,
-};
+use crate::format::header::{FLAG_ALL_LOCAL, FLAG_CLEAN, Header, INCOMPAT_SNAPSHOTS, Region};
 use crate::format::snapshot::{
     Directory, MAX_NAME, MIN_DIR_REGION, RefcountLocation, SNAP_HAS_BITMAP, SnapshotEntry,
     decode_copies, decode_refcounts, decode_table, encode_table, refcount_bytes,
@@ -445,7 +443,10 @@ pub(crate) async fn read_view(
     let cs = h.chunk_size as u64;
     let entries = e.table_entries(cs);
     let buf = storage
-        .read_at(chunk_offset(h, e.table_chunk), IoBuf::zeroed(entries as usize * 4))
+        .read_at(
+            chunk_offset(h, e.table_chunk),
+            IoBuf::zeroed(entries as usize * 4),
+        )
         .await
         .map_err(|er| Error::io(format!("read the table of snapshot {}", e.id), er))?;
     let table = decode_table(&buf, entries)?;
@@ -777,11 +778,15 @@ impl Image {
         // New chunks: the table copy, the bitmap copy, a grown refcount table.
         let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
         let r = async {
-            let t = c.allocate_run(storage, (live.len() as u64 * 4).div_ceil(cs)).await?;
+            let t = c
+                .allocate_run(storage, (live.len() as u64 * 4).div_ceil(cs))
+                .await?;
             entry.table_chunk = t.start;
             runs.push(t);
             if bits > 0 {
-                let b = c.allocate_run(storage, bits.div_ceil(8).div_ceil(cs)).await?;
+                let b = c
+                    .allocate_run(storage, bits.div_ceil(8).div_ceil(cs))
+                    .await?;
                 entry.bitmap_chunk = b.start;
                 runs.push(b);
             }
@@ -887,8 +892,10 @@ impl Image {
             .ok_or_else(|| sel.not_found(&desc))?
             .clone();
         let h = st.header.clone();
-        let capacity = (storage.len().map_err(|e| Error::io(format!("{desc}: size"), e))?)
-            .saturating_sub(c.data_offset)
+        let capacity = (storage
+            .len()
+            .map_err(|e| Error::io(format!("{desc}: size"), e))?)
+        .saturating_sub(c.data_offset)
             / c.chunk_size;
         let view = read_view(storage, &h, capacity, &entry)
             .await
@@ -927,10 +934,13 @@ impl Image {
             })
             .collect();
         let cs = c.chunk_size;
-        freed.extend((entry.table_chunk..entry.table_chunk + entry.table_chunks(cs)).map(|p| p as u32));
+        freed.extend(
+            (entry.table_chunk..entry.table_chunk + entry.table_chunks(cs)).map(|p| p as u32),
+        );
         if entry.has_bitmap() {
             freed.extend(
-                (entry.bitmap_chunk..entry.bitmap_chunk + entry.bitmap_chunks(cs)).map(|p| p as u32),
+                (entry.bitmap_chunk..entry.bitmap_chunk + entry.bitmap_chunks(cs))
+                    .map(|p| p as u32),
             );
         }
         if dir.entries.is_empty() {
@@ -1003,8 +1013,10 @@ impl Image {
             .ok_or_else(|| sel.not_found(&desc))?
             .clone();
         let h = st.header.clone();
-        let capacity = (storage.len().map_err(|e| Error::io(format!("{desc}: size"), e))?)
-            .saturating_sub(c.data_offset)
+        let capacity = (storage
+            .len()
+            .map_err(|e| Error::io(format!("{desc}: size"), e))?)
+        .saturating_sub(c.data_offset)
             / c.chunk_size;
         let view = read_view(storage, &h, capacity, &entry)
             .await
@@ -1032,7 +1044,9 @@ impl Image {
             .table_snapshot()
             .into_iter()
             .filter(|&p| {
-                p != EMPTY && c.refcount(p) == 0 && !in_snap.get(p as usize).copied().unwrap_or(false)
+                p != EMPTY
+                    && c.refcount(p) == 0
+                    && !in_snap.get(p as usize).copied().unwrap_or(false)
             })
             .collect();
         self.closed.store(true, Ordering::Release);

@@ -290,7 +290,9 @@ impl Opener {
         opts: PathOptions,
         depth: usize,
     ) -> Result<Image> {
-        let base = self.fvd_base(path, storage.as_ref(), opts, depth, None).await?;
+        let base = self
+            .fvd_base(path, storage.as_ref(), opts, depth, None)
+            .await?;
         Image::open(
             storage,
             base,
@@ -341,7 +343,9 @@ impl Opener {
             ..opts
         };
         let storage = open_storage(path, opts)?;
-        let base = self.fvd_base(path, storage.as_ref(), opts, 0, Some(sel)).await?;
+        let base = self
+            .fvd_base(path, storage.as_ref(), opts, 0, Some(sel))
+            .await?;
         Image::open_snapshot(storage, base, sel).await
     }
 }
