@@ -1,5 +1,5 @@
-//! The snapshot directory (docs/FORMAT.md §9.1) and the refcount table
-//! (§9.2) of images with internal snapshots.
+//! The snapshot directory (docs/FORMAT.md §10.1) and the refcount table
+//! (§10.2) of images with internal snapshots.
 //!
 //! The directory region holds two **copies** (A/B, like the header slots):
 //! each a head, then one entry per snapshot. A writer always writes the copy

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::compact::{self, Compact, SnapshotUse};
+use super::encrypt::Encryption;
 use super::map::{Layout, Mapping};
 use super::rangelock::RangeLocks;
 use super::{Image, OpenOptions, cor, expect_len, prefetch, profile, snapshot};
 use crate::base::Base;
+use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{
@@ -26,17 +28,23 @@ impl Image {
         base: Option<Arc<dyn Base>>,
         opts: OpenOptions,
     ) -> Result<Image> {
+        Self::open_with_key(storage, base, opts, None).await
+    }
+
+    /// Open an FVD image on `storage`; `key` is the passphrase of an
+    /// encrypted image. Without it an encrypted image opens for metadata
+    /// work only (data I/O fails with [`ErrorKind::KeyRequired`]); a key
+    /// that opens no key slot fails before anything is written.
+    pub async fn open_with_key(
+        storage: Arc<dyn Storage>,
+        base: Option<Arc<dyn Base>>,
+        opts: OpenOptions,
+        key: Option<&Secret>,
+    ) -> Result<Image> {
         let desc = storage.describe();
         let (h, slot) = read_header(storage.as_ref()).await?;
-        let unsupported = h.incompatible & INCOMPAT_ENCRYPTED;
-        if unsupported != 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{desc}: image uses features {unsupported:#x} (encrypted) not supported by this build"
-                ),
-            ));
-        }
+        // Keys first: a wrong passphrase must fail before a replay writes.
+        let crypt = open_crypt(storage.as_ref(), &h, key, &desc).await?;
         let file_len = storage_len(storage.as_ref())?;
         check_length(&desc, &h, file_len)?;
         let capacity = capacity_of(&h, file_len);
@@ -92,6 +100,7 @@ impl Image {
             stats,
             replayed_blocks: replay_blocks,
             snapshots: snapshot::SnapshotState::new(dir),
+            crypt,
         }))
     }
 
@@ -103,14 +112,20 @@ impl Image {
         base: Option<Arc<dyn Base>>,
         sel: &snapshot::SnapshotSel,
     ) -> Result<Image> {
+        Self::open_snapshot_with_key(storage, base, sel, None).await
+    }
+
+    /// [`Image::open_snapshot`] of an encrypted image: `key` is its
+    /// passphrase (as [`Image::open_with_key`]).
+    pub async fn open_snapshot_with_key(
+        storage: Arc<dyn Storage>,
+        base: Option<Arc<dyn Base>>,
+        sel: &snapshot::SnapshotSel,
+        key: Option<&Secret>,
+    ) -> Result<Image> {
         let desc = storage.describe();
         let (h, slot) = read_header(storage.as_ref()).await?;
-        if h.incompatible & INCOMPAT_ENCRYPTED != 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{desc}: image uses encryption, not supported by this build"),
-            ));
-        }
+        let crypt = open_crypt(storage.as_ref(), &h, key, &desc).await?;
         let file_len = storage_len(storage.as_ref())?;
         check_length(&desc, &h, file_len)?;
         let capacity = capacity_of(&h, file_len);
@@ -147,6 +162,7 @@ impl Image {
             stats: Stats::default(),
             replayed_blocks: 0,
             snapshots: snapshot::SnapshotState::new(snaps.state),
+            crypt,
         }))
     }
 
@@ -179,6 +195,7 @@ impl Image {
             snapshots: p.snapshots,
             header: Some(p.header),
             replayed_blocks: p.replayed_blocks,
+            crypt: p.crypt,
         }
     }
 
@@ -205,6 +222,7 @@ impl Image {
             latency: prefetch::LatencyWatch::default(),
             gate: tokio::sync::RwLock::new(()),
             snapshots: snapshot::SnapshotState::default(),
+            crypt: None,
         })
     }
 }
@@ -222,6 +240,29 @@ struct Parts {
     stats: Stats,
     replayed_blocks: u64,
     snapshots: snapshot::SnapshotState,
+    crypt: Option<Encryption>,
+}
+
+/// The keys of an encrypted image (`None` for a plain one).
+async fn open_crypt(
+    storage: &dyn Storage,
+    h: &Header,
+    key: Option<&Secret>,
+    desc: &str,
+) -> Result<Option<Encryption>> {
+    if h.incompatible & INCOMPAT_ENCRYPTED == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        Encryption::open(
+            storage,
+            h.region(Region::KeySlots),
+            h.region(Region::Data).offset,
+            key,
+            desc,
+        )
+        .await?,
+    ))
 }
 
 fn storage_len(storage: &dyn Storage) -> Result<u64> {

@@ -39,6 +39,7 @@ use crate::storage::Storage;
 pub(crate) mod compact;
 mod cor;
 mod create;
+mod encrypt;
 mod load;
 pub mod map;
 mod physarray;
@@ -51,7 +52,8 @@ mod status;
 mod write;
 mod zero;
 
-pub use create::{CreateOptions, create};
+pub use create::{CreateEncryption, CreateOptions, create};
+pub use encrypt::KeySlotChange;
 pub use load::read_header;
 pub(crate) use load::read_table;
 
@@ -130,6 +132,8 @@ pub struct Image {
     gate: tokio::sync::RwLock<()>,
     /// The snapshot directory (compact images).
     snapshots: snapshot::SnapshotState,
+    /// Keys and sector locks of an encrypted image (`encrypt.rs`).
+    crypt: Option<encrypt::Encryption>,
 }
 
 fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Internal snapshots of compact images: create, list, delete, apply, and
-//! read-only views (docs/FORMAT.md §9).
+//! read-only views (docs/FORMAT.md §10).
 //!
 //! A snapshot is a copy of the chunk table (and, with a base, of the
 //! bitmap) in runs of physical chunks at the end of the data region, named

@@ -65,8 +65,17 @@ impl Image {
         Ok(())
     }
 
-    /// Write image bytes at host offset `host` (virtual offset `virt`, for messages).
+    /// Write image bytes at host offset `host` (virtual offset `virt`, for
+    /// messages), encrypted in an encrypted image.
     pub(super) async fn write_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
+        match &self.crypt {
+            Some(c) => self.write_encrypted(c, host, virt, buf).await,
+            None => self.write_storage(host, virt, buf).await,
+        }
+    }
+
+    /// Write `buf` to the storage at host offset `host`, as it is.
+    pub(super) async fn write_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
         let n = buf.len() as u64;
         self.storage
             .write_at(host, buf, false)
@@ -116,16 +125,16 @@ impl Image {
         let mut done = 0;
         while done < len {
             let n = PIECE.min(len - done);
-            let buf = self
-                .storage
-                .read_at(from + done, IoBuf::for_overwrite(n as usize))
-                .await
-                .map_err(self.io_err("read", virt + done))?;
-            super::expect_len(
-                &buf,
-                n as usize,
-                &format!("{}: read at offset {}", self.describe(), virt + done),
-            )?;
+            // Through read_host: an encrypted chunk is decrypted with its
+            // old tweaks here and encrypted with the new ones by write_host.
+            let buf = match &self.crypt {
+                Some(_) => {
+                    let mut plain = vec![0u8; n as usize];
+                    self.read_host(from + done, virt + done, &mut plain).await?;
+                    IoBuf::from_slice(&plain)
+                }
+                None => self.read_storage(from + done, n as usize, virt + done).await?,
+            };
             for (s, e) in nonzero_pages(&buf, to + done) {
                 self.write_host(
                     to + done + s as u64,
