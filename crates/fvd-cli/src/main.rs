@@ -66,7 +66,7 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Export an image over NBD (like qemu-nbd) or vhost-user-blk (like
     /// qemu-storage-daemon --export type=vhost-user-blk).
-    Serve(cmd::serve::ServeArgs),
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Copy everything from the base into the image, then detach the base.
     Prefetch(cmd::prefetch::Args),
     /// Show, export or import an image's prefetch profile.
@@ -178,7 +178,7 @@ fn main() -> ExitCode {
             Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
             Command::Profile(a) => cmd::profile::run(a, o).await,
             Command::Demo(a) => cmd::demo::run(a).await,
-            Command::Serve(a) => cmd::serve::run(a, o).await,
+            Command::Serve(a) => cmd::serve::run(*a, o).await,
             Command::Mount(a) => cmd::mount::run(a, o).await,
             Command::Luks(a) => cmd::luks::run(a, o).await,
         }

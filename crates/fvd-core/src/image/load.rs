@@ -334,7 +334,7 @@ fn layout_of(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> R
         });
     }
     compact::validate_table(table, capacity)?;
-    Ok(Layout::Chunked(Compact::new(
+    Ok(Layout::Chunked(Box::new(Compact::new(
         table,
         h.chunk_size as u64,
         data.offset,
@@ -342,7 +342,7 @@ fn layout_of(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> R
         h.grow_unit,
         h.grow_cmd.clone(),
         snaps,
-    )))
+    ))))
 }
 
 /// Read the bitmap (and table) and replay the journal if the image is dirty.

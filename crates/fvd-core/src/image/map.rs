@@ -90,7 +90,7 @@ pub(crate) enum Layout {
         data_offset: u64,
     },
     /// Through the chunk table (compact images).
-    Chunked(Compact),
+    Chunked(Box<Compact>),
 }
 
 /// The mapping of one open image: its geometry, the metadata that says

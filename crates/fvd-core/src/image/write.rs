@@ -133,7 +133,10 @@ impl Image {
                     self.read_host(from + done, virt + done, &mut plain).await?;
                     IoBuf::from_slice(&plain)
                 }
-                None => self.read_storage(from + done, n as usize, virt + done).await?,
+                None => {
+                    self.read_storage(from + done, n as usize, virt + done)
+                        .await?
+                }
             };
             for (s, e) in nonzero_pages(&buf, to + done) {
                 self.write_host(
