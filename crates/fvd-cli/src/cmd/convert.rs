@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
+use fvd_core::iobuf::zero_runs;
 use fvd_core::storage::CacheMode;
-use fvd_core::{CreateOptions, Extent, Format, Image, IoBuf, Opener, PathOptions};
+use fvd_core::{CreateOptions, Extent, Format, Image, IoBuf, Opener, PathOptions, Source};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
@@ -54,9 +55,21 @@ pub struct Args {
     /// fdatasync at all, like qemu-img convert's default).
     #[arg(short = 't', value_name = "CACHE", default_value = "writeback", value_parser = parse_cache)]
     pub cache: CacheMode,
+    /// Give the new image this base (qemu-img's backing file), recorded as
+    /// given: only what the source holds over its own base is copied, so
+    /// the source's base must read the same as BASE (e.g. the same file).
+    #[arg(short = 'B', value_name = "BASE", requires = "base_format")]
+    pub base: Option<String>,
+    /// Format of -B's base: raw, fvd or qcow2.
+    #[arg(short = 'F', value_name = "BASE_FMT", value_parser = parse_format, requires = "base")]
+    pub base_format: Option<Format>,
     /// Open the source without taking the shared lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Copy the source's internal snapshot SNAPSHOT_PARAM instead of its
+    /// live disk: snapshot.id=ID, snapshot.name=NAME, or an id or name.
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
     /// Source image.
     pub source: PathBuf,
     /// New image (must not exist).
@@ -83,6 +96,12 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         || opts.chunk_size.is_some()
         || opts.grow_unit.is_some()
         || opts.encrypt_given();
+    if a.output_format != Format::Fvd && a.base.is_some() {
+        bail!(
+            "{}: -B needs fvd output (a raw image has no base)",
+            a.target.display()
+        );
+    }
     if a.output_format == Format::Raw && any_option {
         bail!(
             "{}: -o options are not supported for raw output",
@@ -101,7 +120,26 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
             a.target.display()
         );
     }
-    let src = Arc::new(open(opener, &a.source, a.format, true, a.force_share).await?);
+    let src = match &a.snapshot {
+        Some(param) => {
+            if a.format != Format::Fvd {
+                bail!("{}: -l needs an fvd source", a.source.display());
+            }
+            let sel = fvd_core::image::snapshot::SnapshotSel::parse_param(param)
+                .map_err(|e| anyhow!("-l {param}: {e}"))?;
+            let opts = fvd_core::PathOptions {
+                read_only: true,
+                force_share: a.force_share,
+                ..Default::default()
+            };
+            opener
+                .open_snapshot(&a.source, opts, &sel)
+                .await
+                .map_err(|e| at(&a.source, e))?
+        }
+        None => open(opener, &a.source, a.format, true, a.force_share).await?,
+    };
+    let src = Arc::new(src);
     require_key(&src, &a.source)?;
     let src_size = src.virtual_size();
     let dst_size = match a.output_format {
@@ -123,8 +161,15 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 encryption: create_encryption(&opts, &a.target)?,
                 ..CreateOptions::default()
             };
+            let base = a
+                .base
+                .clone()
+                .zip(a.base_format)
+                .map(|(name, format)| fvd_core::BaseSpec { name, format });
+            // Every block the source holds is written: no zero scan.
+            let detect = base.as_ref().map(|_| false);
             opener
-                .create(&a.target, None, co, None)
+                .create(&a.target, base.as_ref(), co, detect)
                 .await
                 .map_err(|e| at(&a.target, e))?;
         }
@@ -136,7 +181,17 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         };
         let dst = Arc::new(open_with(opener, &a.target, a.output_format, opts).await?);
         let bar = a.progress.then(|| progress_bar(src_size));
-        copy(&src, &a.source, &dst, &a.target, src_size, bar.as_ref()).await?;
+        let over_base = a.base.is_some();
+        copy(
+            &src,
+            &a.source,
+            &dst,
+            &a.target,
+            src_size,
+            over_base,
+            bar.as_ref(),
+        )
+        .await?;
         dst.close().await.map_err(|e| at(&a.target, e))?;
         if let Some(b) = bar {
             b.finish();
@@ -161,13 +216,17 @@ fn progress_bar(len: u64) -> ProgressBar {
     bar
 }
 
-/// Copy the first `size` bytes of `src` into `dst`.
+/// Copy the first `size` bytes of `src` into `dst`. With `over_base`,
+/// `dst` has a base that reads like `src`'s: what `src` reads from its base
+/// is not copied, and its zeros are written (the base may hold data there).
+#[allow(clippy::too_many_arguments)]
 pub async fn copy(
     src: &Arc<Image>,
     src_path: &Path,
     dst: &Arc<Image>,
     dst_path: &Path,
     size: u64,
+    over_base: bool,
     bar: Option<&ProgressBar>,
 ) -> Result<()> {
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
@@ -175,7 +234,19 @@ pub async fn copy(
     while pos < size {
         let win = STATUS_WINDOW.min(size - pos);
         let extents = extents(src, src_path, pos, win).await?;
-        let data = data_ranges(&extents);
+        if over_base {
+            // Zeros the source holds over its base hide base data: the new
+            // image must hide it too.
+            for e in extents
+                .iter()
+                .filter(|e| e.zero && e.source != Source::Base)
+            {
+                dst.write_zeroes(e.start, e.length, true, false)
+                    .await
+                    .map_err(|er| at(dst_path, er))?;
+            }
+        }
+        let data = data_ranges(&extents, over_base);
         if let Some(b) = bar {
             let copied: u64 = data.iter().map(|r| r.end - r.start).sum();
             b.inc(win - copied);
@@ -190,7 +261,7 @@ pub async fn copy(
                 let (s, d) = (src.clone(), dst.clone());
                 let (sp, dp) = (src_path.to_path_buf(), dst_path.to_path_buf());
                 let len = piece_end - off;
-                tasks.spawn(async move { copy_piece(&s, &sp, &d, &dp, off, len).await });
+                tasks.spawn(async move { copy_piece(&s, &sp, &d, &dp, off, len, over_base).await });
                 off = piece_end;
             }
         }
@@ -202,16 +273,25 @@ pub async fn copy(
     Ok(())
 }
 
-/// The ranges to copy: the data extents, joined across zero extents
-/// shorter than [`GAP`].
-fn data_ranges(extents: &[Extent]) -> Vec<Range<u64>> {
+/// The ranges to copy: the data extents (without those in the source's
+/// base when the new image has that base), joined across zero extents
+/// shorter than [`GAP`] (never across base data that stays in the base).
+fn data_ranges(extents: &[Extent], over_base: bool) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();
-    for e in extents.iter().filter(|e| !e.zero && e.length > 0) {
+    // Whether the gap since the last data extent may be read through.
+    let mut bridge = true;
+    for e in extents.iter().filter(|e| e.length > 0) {
+        let from_base = over_base && e.source == Source::Base;
+        if e.zero || from_base {
+            bridge &= !from_base;
+            continue;
+        }
         let end = e.start + e.length;
         match out.last_mut() {
-            Some(last) if e.start - last.end < GAP => last.end = end,
+            Some(last) if bridge && e.start - last.end < GAP => last.end = end,
             _ => out.push(e.start..end),
         }
+        bridge = true;
     }
     out
 }
@@ -227,7 +307,9 @@ async fn finish_one(tasks: &mut JoinSet<Result<u64>>, bar: Option<&ProgressBar>)
 }
 
 /// Copy `[off, off+len)` through one buffer, skipping 4 KiB pieces that
-/// read as zeros; each non-zero run is written from a view of the buffer.
+/// read as zeros (over a base they are written as zeroes: the base may
+/// hold data there); each non-zero run is written from a view of the
+/// buffer.
 async fn copy_piece(
     src: &Image,
     src_path: &Path,
@@ -235,15 +317,25 @@ async fn copy_piece(
     dst_path: &Path,
     off: u64,
     len: u64,
+    over_base: bool,
 ) -> Result<u64> {
     let mut buf = src
         .read(off, IoBuf::for_overwrite(len as usize))
         .await
         .map_err(|e| at(src_path, e))?;
     let whole = buf.window();
-    for (s, e) in nonzero_runs(&buf, off) {
+    for (r, zero) in zero_runs(&buf, off, ZERO_GRAIN) {
+        let at_off = off + r.start as u64;
+        if zero {
+            if over_base {
+                dst.write_zeroes(at_off, r.len() as u64, true, false)
+                    .await
+                    .map_err(|e| at(dst_path, e))?;
+            }
+            continue;
+        }
         let part = dst
-            .write(off + s as u64, buf.narrow(s..e), false)
+            .write(at_off, buf.narrow(r), false)
             .await
             .map_err(|e| at(dst_path, e))?;
         buf = part
@@ -253,40 +345,16 @@ async fn copy_piece(
     Ok(len)
 }
 
-/// Runs of `buf` (which starts at virtual offset `base`) that hold a non-zero
-/// byte, at 4 KiB granularity aligned to the virtual disk.
-pub fn nonzero_runs(buf: &[u8], base: u64) -> Vec<(usize, usize)> {
-    fvd_core::iobuf::zero_runs(buf, base, ZERO_GRAIN)
-        .into_iter()
-        .filter(|(_, zero)| !zero)
-        .map(|(r, _)| (r.start, r.end))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_pieces_are_skipped_at_4k_grain() {
-        let mut b = vec![0u8; 5 * 4096];
-        b[10] = 1;
-        b[4096 * 2 + 5] = 1;
-        b[4096 * 3] = 1;
-        assert_eq!(nonzero_runs(&b, 0), vec![(0, 4096), (8192, 16384)]);
-        // Unaligned start: the first piece ends at the next 4 KiB boundary.
-        let mut c = vec![0u8; 8192];
-        c[100] = 1;
-        assert_eq!(nonzero_runs(&c, 512), vec![(0, 3584)]);
-        assert!(nonzero_runs(&[0u8; 100], 7).is_empty());
-    }
 
     #[test]
     fn short_zero_gaps_are_read_through() {
         let e = |start: u64, length: u64, zero: bool| Extent {
             start,
             length,
-            source: fvd_core::Source::Image,
+            source: Source::Image,
             zero,
             host_offset: None,
         };
@@ -300,12 +368,35 @@ mod tests {
             e(12395 + 2 * GAP - 1, 1 << 20, true),
         ];
         assert_eq!(
-            data_ranges(&extents),
+            data_ranges(&extents, false),
             vec![
                 4096..12388 + GAP - 1,
                 12388 + 2 * GAP - 1..12395 + 2 * GAP - 1
             ]
         );
-        assert!(data_ranges(&[e(0, 1 << 20, true)]).is_empty());
+        assert!(data_ranges(&[e(0, 1 << 20, true)], false).is_empty());
+    }
+
+    #[test]
+    fn over_a_base_base_data_is_neither_copied_nor_read_through() {
+        let e = |start: u64, length: u64, zero: bool, source: Source| Extent {
+            start,
+            length,
+            source,
+            zero,
+            host_offset: None,
+        };
+        let extents = [
+            e(0, 4096, false, Source::Image),
+            e(4096, 4096, false, Source::Base),
+            e(8192, 4096, false, Source::Image),
+            e(12288, 4096, true, Source::Image),
+            e(16384, 4096, false, Source::Image),
+        ];
+        // Over the base: the base extent splits the ranges; the image's
+        // zero extent is still read through.
+        assert_eq!(data_ranges(&extents, true), vec![0..4096, 8192..20480]);
+        // Without a base in the new image everything is copied.
+        assert_eq!(data_ranges(&extents, false), vec![0..20480]);
     }
 }

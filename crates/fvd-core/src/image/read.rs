@@ -32,6 +32,7 @@ impl Image {
         if len == 0 {
             return Ok(buf);
         }
+        let _gate = self.enter().await;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         let whole = buf.window();
         for run in self.map.request(offset, len) {

@@ -9,11 +9,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::map::Allocation;
+use super::map::{Allocation, Fill};
 use super::read::part;
 use super::{Image, Target};
 use crate::error::{Error, Result};
-use crate::iobuf::IoBuf;
+use crate::iobuf::{IoBuf, zero_runs};
 
 impl Image {
     /// Write `buf` at `offset`; with `fua` it is durable on return. Gives
@@ -31,6 +31,7 @@ impl Image {
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, buf.len() as u64)?;
         if !buf.is_empty() {
+            let _gate = self.enter().await;
             let len = buf.len() as u64;
             if self.map.direct_write(offset, len) {
                 buf = self.write_image(offset, buf, &Allocation::none()).await?;
@@ -100,21 +101,62 @@ impl Image {
         Ok(buf)
     }
 
-    /// Allocate the unallocated chunks of `[offset, offset+len)` (span lock
-    /// held). New chunks not wholly covered by the range are zeroed first, so
-    /// their untouched parts read as zeros whatever the storage held before.
+    /// Allocate the unallocated chunks of `[offset, offset+len)`, and new
+    /// chunks for those a snapshot shares (span lock held). Parts of them
+    /// the range does not cover are filled first (`Mapping::fills`): zeroed
+    /// in a fresh chunk, so they read as zeros whatever the storage held
+    /// before; copied from the shared chunk into its replacement.
     pub(super) async fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
         let a = self
             .map
             .allocate(self.storage.as_ref(), &self.stats, offset, len)
             .await?;
-        for (host, virt, n) in self.map.partial_chunks(&a, offset, len) {
-            if let Err(e) = self.zero_host(host, virt, n, true).await {
+        for fill in self.map.fills(&a, offset, len) {
+            let r = match fill {
+                Fill::Zero { host, virt, len } => self.zero_host(host, virt, len, true).await,
+                Fill::Copy {
+                    from,
+                    to,
+                    virt,
+                    len,
+                } => self.copy_host(from, to, virt, len).await,
+            };
+            if let Err(e) = r {
                 self.map.release(a);
                 return Err(e);
             }
         }
         Ok(a)
+    }
+
+    /// Copy `len` image bytes from host offset `from` to `to` (virtual
+    /// offset `virt`, for messages), into zeroed storage: the copy of a
+    /// chunk a snapshot shares. 4 KiB pages of zeros are not written (they
+    /// read as zeros already), so a sparse chunk stays sparse. The one
+    /// place data moves between chunks, so a transform of stored bytes
+    /// (encryption by host offset) applies here.
+    pub(super) async fn copy_host(&self, from: u64, to: u64, virt: u64, len: u64) -> Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let mut done = 0;
+        while done < len {
+            let n = PIECE.min(len - done);
+            // Through read_host: an encrypted chunk is decrypted with its
+            // old tweaks here and encrypted with the new ones by write_host.
+            let mut buf = self
+                .read_host(from + done, virt + done, IoBuf::for_overwrite(n as usize))
+                .await?;
+            let whole = buf.window();
+            for (r, zero) in zero_runs(&buf, to + done, 4096) {
+                if zero {
+                    continue;
+                }
+                let (host, v) = (to + done + r.start as u64, virt + done + r.start as u64);
+                let p = self.write_host(host, v, buf.narrow(r)).await?;
+                buf = self.rejoin(p, whole)?;
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// The bytes a copy-on-write of `[offset, end)` must write around the
