@@ -459,3 +459,13 @@ mod tests {
         assert!(parse_image_options(&["detect_zeroes=maybe".into()], &["detect_zeroes"]).is_err());
     }
 }
+
+/// Output formats of the inspection commands.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON shaped like qemu-img's.
+    Json,
+}

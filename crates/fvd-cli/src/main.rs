@@ -14,6 +14,7 @@ mod cmd;
 mod common;
 mod secrets;
 mod size;
+mod snapshot_list;
 
 /// The command line.
 #[derive(Parser, Debug)]

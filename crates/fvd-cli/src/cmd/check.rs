@@ -11,7 +11,7 @@ use fvd_core::Opener;
 use fvd_core::check::{CheckReport, Repair};
 use serde::Serialize;
 
-use crate::cmd::info::Output;
+use crate::common::Output;
 use crate::common::{at, parse_format, print_json};
 
 /// What `-r` repairs.

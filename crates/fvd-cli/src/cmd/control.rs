@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::cmd::snapshot::SnapshotJson;
+use crate::snapshot_list::SnapshotJson;
 
 /// Longest request line.
 const MAX_LINE: usize = 64 << 10;

@@ -12,19 +12,9 @@ use fvd_core::format::header::{
 use fvd_core::{Format, Image, Location, Opener};
 use serde::Serialize;
 
-use crate::cmd::snapshot::{SnapshotJson, table};
-use crate::common::{open, parse_format, print_json};
+use crate::common::{Output, open, parse_format, print_json};
 use crate::size::human;
-
-/// Output formats of the inspection commands.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Output {
-    /// Text for people.
-    #[default]
-    Human,
-    /// JSON shaped like qemu-img's.
-    Json,
-}
+use crate::snapshot_list::{SnapshotJson, table};
 
 /// Arguments of `fvd info`.
 #[derive(clap::Args, Debug)]

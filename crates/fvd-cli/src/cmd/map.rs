@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use fvd_core::{Format, Image, Location, Opener, Source};
 
-use crate::cmd::info::Output;
+use crate::common::Output;
 use crate::common::{extents, open, parse_format};
 
 /// Arguments of `fvd map`.
