@@ -168,7 +168,11 @@ class Server:
             time.sleep(0.05)
         time.sleep(0.1)
 
-    def stop(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        # Stopped on every way out, a failed fio included.
         self.p.terminate()
         self.p.wait(timeout=60)
 
@@ -198,22 +202,21 @@ def part_b(args, out):
                     serve = [args.fvd, "serve", "--socket", sock, img]
                 else:
                     run(["qemu-img", "create", "-f", "qcow2", "-o", f"cluster_size={unit}", img, str(disk)])
-                    serve = ["qemu-nbd", "-f", "qcow2", "--socket", sock, "--cache=writeback", img]
+                    serve = ["qemu-nbd", "-t", "-e", "8", "-f", "qcow2", "--socket", sock,
+                             "--cache=writeback", img]
                 # Fill the disk with real data (no holes), then snapshot it.
-                s = Server(serve, sock)
-                fio_write(sock, args, ["--rw=write", "--bs=1M", "--iodepth=4", f"--size={disk}",
-                                       "--refill_buffers"])
-                s.stop()
+                with Server(serve, sock):
+                    fio_write(sock, args, ["--rw=write", "--bs=1M", "--iodepth=4",
+                                           f"--size={disk}", "--refill_buffers"])
                 if snap:
                     tool = [args.fvd, "snapshot"] if kind == "fvd" else ["qemu-img", "snapshot"]
                     run(tool + ["-c", "before", img])
                 before = os.stat(img).st_blocks * 512
-                s = Server(serve, sock)
-                r = fio_write(sock, args, ["--rw=randwrite", "--bs=4k", "--iodepth=16",
-                                           f"--size={disk}", f"--number_ios={writes}",
-                                           "--randrepeat=1", "--norandommap",
-                                           "--refill_buffers"])
-                s.stop()
+                with Server(serve, sock):
+                    r = fio_write(sock, args, ["--rw=randwrite", "--bs=4k", "--iodepth=16",
+                                               f"--size={disk}", f"--number_ios={writes}",
+                                               "--randrepeat=1", "--norandommap",
+                                               "--refill_buffers"])
                 grown = os.stat(img).st_blocks * 512 - before
                 row = {"system": name, "snapshot": snap, "grown_bytes": grown, **r}
                 rows.append(row)

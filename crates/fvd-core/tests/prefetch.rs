@@ -150,6 +150,48 @@ fn copy_on_read_fetches_each_byte_once() {
     );
 }
 
+/// A guest that reads a block again before its copy-on-read fill has
+/// finished (the fill runs after the first read was answered) gets the data
+/// the fill holds, without fetching the block from the base a second time;
+/// once the fill finished, reads come from the image.
+#[test]
+fn a_reread_during_a_pending_fill_does_not_fetch_again() {
+    type Deferred = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let (disk, base, data) = setup(4 * MIB, true);
+    let img = Arc::new(open(&disk, &base));
+    let deferred: Arc<Mutex<Vec<Deferred>>> = Arc::default();
+    let queue = deferred.clone();
+    img.enable_background(Arc::new(move |f| queue.lock().unwrap().push(f)));
+    let read = |off: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        block_on(img.read_slice(off, &mut b)).unwrap();
+        assert!(b == data[off as usize..off as usize + len], "offset {off}");
+    };
+    read(8192, 4096);
+    assert_eq!(base.fetched.load(Ordering::SeqCst), 4096);
+    assert_eq!(deferred.lock().unwrap().len(), 1, "the fill waits");
+    // The same block again, and a part of it.
+    read(8192, 4096);
+    read(8192 + 512, 1024);
+    assert_eq!(
+        base.fetched.load(Ordering::SeqCst),
+        4096,
+        "a block whose fill is pending was fetched again"
+    );
+    assert_eq!(img.stats().cor_pending_hits.load(Ordering::SeqCst), 2);
+    // A read reaching past the pending block fetches (only what it lacks
+    // is not tracked: the whole span comes from the base).
+    read(8192, 8192);
+    assert_eq!(base.fetched.load(Ordering::SeqCst), 4096 + 8192);
+    for f in std::mem::take(&mut *deferred.lock().unwrap()) {
+        block_on(f);
+    }
+    read(8192, 8192);
+    assert_eq!(base.fetched.load(Ordering::SeqCst), 4096 + 8192);
+    assert_eq!(img.stats().cor_pending_hits.load(Ordering::SeqCst), 2);
+    assert_eq!(img.stats().cor_bytes.load(Ordering::SeqCst), 8192);
+}
+
 #[test]
 fn copy_on_read_never_overwrites_a_newer_guest_write() {
     let rt = tokio::runtime::Builder::new_multi_thread()

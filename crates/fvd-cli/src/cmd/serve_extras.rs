@@ -138,6 +138,7 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
     json!({
         "base-bytes-read": s.base_read_bytes.load(Ordering::Relaxed),
         "copy-on-read-bytes": s.cor_bytes.load(Ordering::Relaxed),
+        "copy-on-read-pending-hits": s.cor_pending_hits.load(Ordering::Relaxed),
         "copy-on-read": img.copy_on_read(),
         "prefetch": {
             "state": state,

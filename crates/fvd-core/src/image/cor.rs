@@ -10,10 +10,19 @@
 //! copied. With a background spawner (the NBD server's runtime) the fill runs
 //! after the guest read has been answered; otherwise it completes before the
 //! read returns.
+//!
+//! Until a fill has written its blocks and set their bits, a copy of the
+//! base data it fetched stays in `CorState::pending`: a guest read of those
+//! blocks in that window is answered from it instead of fetching them from
+//! the base again (guests re-read blocks within milliseconds, e.g. through
+//! the page cache and the buffer cache of the same disk). This is correct
+//! because the base never changes and only reads mapped to the base look
+//! there.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::Image;
 use super::read::part;
@@ -26,11 +35,17 @@ pub(crate) struct Background {
     spawn: Spawner,
 }
 
-/// Copy-on-read switch and the bound on bytes in flight.
+/// Copy-on-read switch, the bound on bytes in flight, and the base data of
+/// fills in flight.
 pub(crate) struct CorState {
     enabled: AtomicBool,
     inflight: AtomicU64,
     max: u64,
+    /// Base data of unfinished fills, keyed by (virtual start, fill number).
+    /// Its size is bounded by `max`. Lock order: a leaf (never held across an
+    /// await or while taking another lock).
+    pending: Mutex<BTreeMap<(u64, u64), Arc<IoBuf>>>,
+    next_fill: AtomicU64,
 }
 
 impl CorState {
@@ -39,7 +54,41 @@ impl CorState {
             enabled: AtomicBool::new(enabled),
             inflight: AtomicU64::new(0),
             max: max.max(1 << 20),
+            pending: Mutex::new(BTreeMap::new()),
+            next_fill: AtomicU64::new(0),
         }
+    }
+
+    /// Copy `[offset, offset + out.len())` out of the data of a fill in
+    /// flight that covers all of it; false if none does.
+    fn copy_pending(&self, offset: u64, out: &mut [u8]) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset + out.len() as u64;
+        let hit = pending
+            .range(..=(offset, u64::MAX))
+            .rev()
+            .find(|((start, _), data)| start + data.len() as u64 >= end);
+        match hit {
+            Some(((start, _), data)) => {
+                out.copy_from_slice(&data[part(*start, offset, end)]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keep a copy of `data` (base bytes at `start`) until [`Self::forget`].
+    fn remember(&self, start: u64, data: &[u8]) -> (u64, u64) {
+        let key = (start, self.next_fill.fetch_add(1, Ordering::Relaxed));
+        let copy = Arc::new(IoBuf::from_slice(data));
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.insert(key, copy);
+        key
+    }
+
+    fn forget(&self, key: (u64, u64)) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.remove(&key);
     }
 
     fn try_reserve(&self, n: u64) -> bool {
@@ -98,6 +147,10 @@ impl Image {
         if !self.copy_on_read() {
             return self.read_base(offset, out).await;
         }
+        if self.cor.copy_pending(offset, &mut out) {
+            self.stats.cor_pending_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(out);
+        }
         let bs = self.map.block_size;
         let blocks = self.map.blocks_of(offset, len);
         if blocks.is_empty() {
@@ -122,6 +175,7 @@ impl Image {
             }
         };
         out.copy_from_slice(&data[part(start, offset, offset + len)]);
+        let key = self.cor.remember(start, &data);
         match self
             .background
             .get()
@@ -129,20 +183,23 @@ impl Image {
         {
             Some((img, spawn)) => spawn(Box::pin(async move {
                 let _gate = img.enter().await;
-                img.finish_cor(blocks, start, data).await;
+                img.finish_cor(blocks, start, data, key).await;
             })),
-            None => self.finish_cor(blocks, start, data).await,
+            None => self.finish_cor(blocks, start, data, key).await,
         }
         Ok(out)
     }
 
-    async fn finish_cor(&self, blocks: Range<u64>, start: u64, data: IoBuf) {
+    async fn finish_cor(&self, blocks: Range<u64>, start: u64, data: IoBuf, key: (u64, u64)) {
         let n = data.len() as u64;
         // A failed fill (no space, a write error) costs nothing but the copy:
         // the guest's read already has its data and the block stays in the base.
         if let Ok(filled) = self.fill_blocks(blocks, Some((start, data)), false).await {
             self.stats.cor_bytes.fetch_add(filled, Ordering::Relaxed);
         }
+        // Only now are the bits set (or the fill abandoned, and the blocks
+        // read from the base again): the copy is no longer needed.
+        self.cor.forget(key);
         self.cor.release(n);
     }
 

@@ -83,6 +83,9 @@ pub struct Stats {
     pub cor_bytes: AtomicU64,
     /// Bytes copied from the base into the image by prefetch.
     pub prefetch_bytes: AtomicU64,
+    /// Guest reads of base data answered from a copy-on-read fill still in
+    /// flight (instead of fetching the same blocks from the base again).
+    pub cor_pending_hits: AtomicU64,
     /// Copy-on-read fills skipped because too many bytes were in flight.
     pub cor_skipped: AtomicU64,
 }
