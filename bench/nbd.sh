@@ -7,10 +7,13 @@
 #   qsd-qcow2b qemu-storage-daemon exporting a qcow2 image over the same raw base
 #   fvd-enc    `fvd serve` on an encrypted FVD image (LUKS1, AES-256-XTS) over
 #              the base; its 4K random reads read encrypted data in the image
-#              (converted from the base), not the plain base
+#              (the base converted), not the plain base
+#   fvd-plain  `fvd serve` on an unencrypted FVD image made as fvd-enc's (the
+#              base converted for reads): fvd-enc's exact counterpart
 #   qsd-qcow2b-luks  qemu-storage-daemon on a qcow2 image with LUKS encryption
-#              (encrypt.format=luks) over the same base
-#   (the last two only when named with --systems)
+#              (encrypt.format=luks) over the same base; for reads, the base
+#              converted into an encrypted qcow2 image
+#   (the last three only when named with --systems)
 # Workloads: 4 KiB random first writes across the whole disk (fresh image for
 # every run), 4 KiB random reads of the base range, 1 MiB sequential writes
 # (fresh image), 1 MiB sequential reads (`seqread`, not in the default set:
@@ -56,7 +59,7 @@ while [ $# -gt 0 ]; do
         --systems) SYSTEMS=$2; shift ;;
         --workloads) WORKLOADS=$2; shift ;;
         --qd) QDS=$2; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "nbd.sh: unknown argument $1" >&2; exit 1 ;;
     esac
     shift
@@ -106,6 +109,7 @@ prepare() {
         fvd-raw|qsd-raw) img="$WORK/$wl-$sys$wl_tag.raw" ;;
         qsd-qcow2|qsd-qcow2b|qsd-qcow2b-luks) img="$WORK/$wl-$sys.qcow2" ;;
         fvd-enc) img="$WORK/$wl-enc$wl_tag.fvd" ;;
+        fvd-plain) img="$WORK/$wl-plain$wl_tag.fvd" ;;
     esac
     if is_read "$wl" && [ -f "$img" ]; then echo "$img"; return; fi
     rm -f "$img"
@@ -129,15 +133,25 @@ prepare() {
         qsd-qcow2b) qemu-img create -q -f qcow2 -b "$BASE" -F raw "$img" "$DISK_SIZE" ;;
         fvd-enc)
             local enc="encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10"
-            if [ "$wl" = randread ]; then
-                "$FVD" --object "secret,id=k,file=$PW" convert -f raw -O fvd -o "$enc" "$BASE" "$img"
+            if is_read "$wl"; then
+                "$FVD" --object "secret,id=k,file=$PW" convert -f raw -O fvd -o "$enc" "$BASE" "$img" >/dev/null
             else
                 "$FVD" --object "secret,id=k,file=$PW" create -q -o "$enc" -b "$BASE" -F raw "$img" "$DISK_SIZE"
             fi ;;
+        fvd-plain)
+            if is_read "$wl"; then
+                "$FVD" convert -f raw -O fvd "$BASE" "$img" >/dev/null
+            else
+                "$FVD" create -q -b "$BASE" -F raw "$img" "$DISK_SIZE"
+            fi ;;
         qsd-qcow2b-luks)
-            qemu-img create -q -f qcow2 --object "secret,id=k,file=$PW" \
-                -o encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10 \
-                -b "$BASE" -F raw "$img" "$DISK_SIZE" ;;
+            local enc="encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10"
+            if is_read "$wl"; then
+                qemu-img convert -q --object "secret,id=k,file=$PW" -f raw -O qcow2 -o "$enc" "$BASE" "$img"
+            else
+                qemu-img create -q -f qcow2 --object "secret,id=k,file=$PW" -o "$enc" \
+                    -b "$BASE" -F raw "$img" "$DISK_SIZE"
+            fi ;;
     esac
     echo "$img"
 }
@@ -148,7 +162,7 @@ start_server() {
     rm -f "$SOCK"
     if [ "$cache" = none ]; then direct=on; aio=native; else direct=off; aio=threads; fi
     case "$sys" in
-        fvd) "$FVD" serve -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
+        fvd|fvd-plain) "$FVD" serve -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
         fvd-raw) "$FVD" serve -f raw -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
         fvd-enc) "$FVD" --object "secret,id=k,file=$PW" serve -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
         qsd-*)
@@ -243,7 +257,7 @@ labels = {"randwrite": "4K rand first write", "randread": "4K rand read", "seqwr
 results = []
 print(f"\n### NBD through fio's nbd engine ({mode}: {runtime} s runs, median of {reps})\n")
 pairs = [("fvd", "fvd-raw"), ("fvd-raw", "qsd-raw"), ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b"),
-         ("fvd-enc", "fvd"), ("fvd-enc", "qsd-qcow2b-luks")]
+         ("fvd-enc", "fvd-plain"), ("fvd-enc", "qsd-qcow2b-luks")]
 pairs = [p for p in pairs if p[0] in systems and p[1] in systems]
 head = "| cache | workload | QD | " + " | ".join(systems) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |"
 print(head)
@@ -268,7 +282,8 @@ json.dump({"mode": mode, "runtime_s": int(runtime), "rounds": int(reps), "result
 # then the median over rounds; steadier than a ratio of medians when the
 # machine's speed drifts between rounds.
 pairs = [("fvd", "qsd-raw"), ("fvd-raw", "qsd-raw"), ("fvd", "fvd-b"), ("fvd-raw", "fvd-raw-b"),
-         ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b")]
+         ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b"),
+         ("fvd-enc", "fvd-plain"), ("fvd-enc", "qsd-qcow2b-luks")]
 pairs = [p for p in pairs if p[0] in systems and p[1] in systems]
 paired = []
 if pairs:

@@ -278,7 +278,9 @@ fn diffuse(buf: &mut [u8]) {
         let mut h = Sha256::new();
         h.update((i as u32).to_be_bytes());
         h.update(&*piece);
-        let d = h.finalize();
+        // The digest is key-derived: keep it in a wiped buffer.
+        let mut d = Zeroizing::new([0u8; 32]);
+        h.finalize_into((&mut d[..]).try_into().expect("32 bytes"));
         piece.copy_from_slice(&d[..piece.len()]);
     }
 }

@@ -133,19 +133,6 @@ impl DataCipher {
         }
     }
 
-    /// The 32 block tweaks of sector `sector`.
-    #[inline]
-    fn tweaks(&self, sector: u64) -> [u128; BLOCKS] {
-        let mut t = Array((sector as u128).to_le_bytes());
-        self.tweak.encrypt_block(&mut t);
-        let mut v = u128::from_le_bytes(t.0);
-        std::array::from_fn(|_| {
-            let cur = v;
-            v = mul_alpha(v);
-            cur
-        })
-    }
-
     /// Encrypt whole sectors in place; `buf[0..512]` is sector `sector`.
     pub fn encrypt(&self, buf: &mut [u8], sector: u64) {
         debug_assert_eq!(buf.len() as u64 % SECTOR, 0);
@@ -165,12 +152,23 @@ impl DataCipher {
     ) {
         const GROUP: usize = 16;
         let mut tweaks = [0u128; GROUP * BLOCKS];
+        let mut starts = [Array([0u8; 16]); GROUP];
         for (g, piece) in buf.chunks_mut(GROUP * SECTOR as usize).enumerate() {
             let first = sector + (g * GROUP) as u64;
             let n = piece.len() / SECTOR as usize;
-            for k in 0..n {
-                tweaks[k * BLOCKS..(k + 1) * BLOCKS]
-                    .copy_from_slice(&self.tweaks(first + k as u64));
+            // Each sector's first tweak is E_K2(sector number): one
+            // many-block call for the group (a one-block call costs as much
+            // as several blocks of data).
+            for (k, t) in starts[..n].iter_mut().enumerate() {
+                *t = Array(((first + k as u64) as u128).to_le_bytes());
+            }
+            self.tweak.encrypt_blocks(&mut starts[..n]);
+            for (k, t) in starts[..n].iter().enumerate() {
+                let mut v = u128::from_le_bytes(t.0);
+                for slot in &mut tweaks[k * BLOCKS..(k + 1) * BLOCKS] {
+                    *slot = v;
+                    v = mul_alpha(v);
+                }
             }
             let (blocks, _) = Array::slice_as_chunks_mut(piece);
             xor_tweaks(blocks, &tweaks);
