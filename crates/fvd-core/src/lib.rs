@@ -28,7 +28,13 @@ pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
+pub use format::header::Preallocation;
 pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Run, Source, Target};
 pub use iobuf::IoBuf;
+#[doc(hidden)]
+pub use meta::Mutation;
 pub use meta::Stats;
-pub use open::{BaseSpec, Location, Opener, PathOptions, create_path, create_raw, open_path};
+pub use open::{
+    BaseSpec, Location, Opener, PathOptions, create_path, create_raw, create_raw_preallocated,
+    open_path,
+};

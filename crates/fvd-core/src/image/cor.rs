@@ -176,7 +176,8 @@ impl Image {
                 let fresh = self.allocate(s, e - s).await?;
                 let r = self.write_image(s, data, &fresh).await;
                 if hard {
-                    self.publish(r, fresh, still)?;
+                    let crcs = self.map.block_crcs(still.clone(), s, data);
+                    self.publish(r, fresh, still, &crcs)?;
                 } else if let Err(err) = r {
                     self.map.release(fresh);
                     return Err(err);

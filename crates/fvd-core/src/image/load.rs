@@ -12,7 +12,7 @@ use crate::base::Base;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{
-    self, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, INCOMPAT_SNAPSHOTS, Region,
+    self, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, INCOMPAT_SNAPSHOTS, Region,
 };
 use crate::iobuf::IoBuf;
 use crate::meta::{self, Durable, Meta, Stats};
@@ -26,7 +26,8 @@ impl Image {
         opts: OpenOptions,
     ) -> Result<Image> {
         let desc = storage.describe();
-        let (h, slot) = read_header(storage.as_ref()).await?;
+        let hf = meta::header_in_force(storage.as_ref()).await?;
+        let (h, slot) = (hf.header, hf.slot);
         let unsupported = h.incompatible & (INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS);
         if unsupported != 0 {
             return Err(Error::new(
@@ -75,13 +76,16 @@ impl Image {
         } else {
             None
         };
-        let (mut durable, replay_blocks, replay_records) = load_metadata(storage.as_ref(), &h)
+        let (mut durable, replayed) = load_metadata(storage.as_ref(), &h)
             .await
             .map_err(|e| e.context(&desc))?;
         let stats = Stats::default();
         stats
             .replayed_records
-            .store(replay_records, Ordering::Relaxed);
+            .store(replayed.records, Ordering::Relaxed);
+        stats
+            .replay_dropped
+            .store(replayed.dropped, Ordering::Relaxed);
         let layout = if is_compact {
             let cs = h.chunk_size as u64;
             let capacity = file_len.saturating_sub(data.offset) / cs;
@@ -93,6 +97,7 @@ impl Image {
                 capacity,
                 h.grow_unit,
                 h.grow_cmd.clone(),
+                h.preallocation,
             ))
         } else {
             durable.table.clear();
@@ -101,10 +106,15 @@ impl Image {
             }
         };
         let dirty = !h.is_clean();
+        if !opts.read_only {
+            reserve_metadata(storage.as_ref(), &h)
+                .await
+                .map_err(|e| e.context(&desc))?;
+        }
         let meta = Meta::new(h.clone(), slot, durable);
         if dirty && !opts.read_only {
             let mut st = meta.commit.lock().await;
-            meta::checkpoint(&mut st, storage.as_ref(), &stats, true)
+            meta::checkpoint_now(&mut st, storage.as_ref(), &stats, true)
                 .await
                 .map_err(|e| e.context(&desc))?;
         }
@@ -133,7 +143,8 @@ impl Image {
             foreground_ops: AtomicU64::new(0),
             latency: prefetch::LatencyWatch::default(),
             header: Some(h),
-            replayed_blocks: replay_blocks,
+            replayed_blocks: replayed.blocks,
+            header_note: hf.note,
         })
     }
 
@@ -153,6 +164,7 @@ impl Image {
             stats: Stats::default(),
             header: None,
             replayed_blocks: 0,
+            header_note: None,
             cor: cor::CorState::new(false, 0),
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
@@ -166,7 +178,7 @@ impl Image {
 pub(super) async fn load_metadata(
     storage: &dyn Storage,
     h: &Header,
-) -> Result<(Durable, u64, u64)> {
+) -> Result<(Durable, meta::Replayed)> {
     let bits = h.base_blocks();
     let bitmap = if bits > 0 {
         let bytes = bits.div_ceil(8) as usize;
@@ -182,13 +194,22 @@ pub(super) async fn load_metadata(
     let table = read_table(storage, h).await?;
     let mut durable = Durable::new(bitmap, table);
     if h.is_clean() {
-        return Ok((durable, 0, 0));
+        return Ok((durable, meta::Replayed::default()));
     }
-    let replay = meta::read_journal(storage, h).await?;
-    for r in &replay.records {
-        durable.apply(r)?;
+    let replayed = meta::replay(storage, h, &mut durable).await?;
+    Ok((durable, replayed))
+}
+
+/// Make sure writes into the journal can never fail for lack of space:
+/// allocate its region (images created before the journal was written at
+/// create time have holes there). Content is untouched.
+async fn reserve_metadata(storage: &dyn Storage, h: &Header) -> Result<()> {
+    let j = h.region(Region::Journal);
+    match storage.preallocate(j.offset, j.length).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(Error::io("allocate the journal region", e)),
     }
-    Ok((durable, replay.blocks, replay.records.len() as u64))
 }
 
 /// Read the on-disk chunk table (empty for the sparse layout).
@@ -208,20 +229,9 @@ pub(crate) async fn read_table(storage: &dyn Storage, h: &Header) -> Result<Vec<
         .collect())
 }
 
-/// Read and validate the newest header of an image.
+/// Read and validate the header in force of an image (docs/FORMAT.md §2:
+/// the newest valid slot, unless the journal proves a damaged slot newer).
 pub async fn read_header(storage: &dyn Storage) -> Result<(Header, usize)> {
-    let desc = storage.describe();
-    let len = storage
-        .len()
-        .map_err(|e| Error::io(format!("{desc}: size"), e))?;
-    if len < header::HEADER_SLOT_SIZE as u64 {
-        return Err(Error::invalid(format!(
-            "{desc}: not an FVD image (file is only {len} bytes)"
-        )));
-    }
-    let buf = storage
-        .read_at(0, IoBuf::zeroed(HEADER_AREA as usize))
-        .await
-        .map_err(|e| Error::io(format!("{desc}: read header"), e))?;
-    header::decode_slots(&buf).map_err(|e| e.context(&desc))
+    let hf = meta::header_in_force(storage).await?;
+    Ok((hf.header, hf.slot))
 }

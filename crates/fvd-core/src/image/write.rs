@@ -84,8 +84,9 @@ impl Image {
             .map
             .allocate(self.storage.as_ref(), &self.stats, offset, len)
             .await?;
-        for (host, virt, n) in self.map.partial_chunks(&a, offset, len) {
-            if let Err(e) = self.zero_host(host, virt, n, true).await {
+        let (partial, keep) = self.map.partial_chunks(&a, offset, len);
+        for (host, virt, n) in partial {
+            if let Err(e) = self.zero_host(host, virt, n, !keep).await {
                 self.map.release(a);
                 return Err(e);
             }
@@ -109,33 +110,64 @@ impl Image {
         let len = data.len() as u64;
         let end = offset + len;
         let blocks = self.map.blocks_of(offset, len);
+        self.map
+            .prepare_rewrite(self.storage.as_ref(), &self.stats, blocks.clone())
+            .await?;
         let (head, tail) = self.cow_edges(offset, end).await?;
         let start = offset - head.len() as u64;
         let fresh = self
             .allocate(start, head.len() as u64 + len + tail.len() as u64)
             .await?;
-        let r = if head.is_empty() && tail.is_empty() {
-            self.write_image(offset, data, &fresh).await
+        let (r, mut crcs) = if head.is_empty() && tail.is_empty() {
+            let crcs = self.map.block_crcs(blocks.clone(), offset, data);
+            (self.write_image(offset, data, &fresh).await, crcs)
         } else {
             let mut buf = Vec::with_capacity(head.len() + data.len() + tail.len());
             buf.extend_from_slice(&head);
             buf.extend_from_slice(data);
             buf.extend_from_slice(&tail);
-            self.write_image(start, &buf, &fresh).await
+            let crcs = self.map.block_crcs(blocks.clone(), start, &buf);
+            (self.write_image(start, &buf, &fresh).await, crcs)
         };
-        self.publish(r, fresh, blocks)
+        if r.is_ok() {
+            self.checksum_partial_fills(blocks.clone(), &mut crcs).await;
+        }
+        self.publish(r, fresh, blocks, &crcs)
+    }
+
+    /// Blocks a write covered only in part although they turn hard now were
+    /// filled by copy-on-read (local, not hard): their other bytes are in
+    /// the image. Checksum them as they are now (span locked, so nothing
+    /// else writes them). A block that cannot be read keeps no CRC (its
+    /// record then waits for its data, an ordered round).
+    async fn checksum_partial_fills(&self, blocks: std::ops::Range<u64>, crcs: &mut [Option<u32>]) {
+        let Some(m) = &self.map.meta else { return };
+        for (i, b) in blocks.enumerate() {
+            if crcs[i].is_some() || m.hard.get(b) || !m.local.get(b) {
+                continue;
+            }
+            let span = self.map.block_span(b);
+            if span.is_empty() {
+                continue;
+            }
+            if let Ok(bytes) = self.read_current(span.start, span.end - span.start).await {
+                crcs[i] = Some(crate::meta::block_crc(&bytes));
+            }
+        }
     }
 
     /// Publish after write, or give the chunks back if the write failed.
+    /// `crcs`: see [`super::map::Mapping::publish`].
     pub(super) fn publish(
         &self,
         r: Result<()>,
         fresh: Allocation,
         blocks: std::ops::Range<u64>,
+        crcs: &[Option<u32>],
     ) -> Result<()> {
         match r {
             Ok(()) => {
-                self.map.publish(fresh, blocks);
+                self.map.publish(fresh, blocks, crcs);
                 Ok(())
             }
             Err(e) => {
