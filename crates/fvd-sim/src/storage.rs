@@ -300,6 +300,9 @@ struct Disk {
     cur: Pages,
     durable: Pages,
     len: u64,
+    /// The length a crash keeps for sure (size changes are metadata that
+    /// a flush makes durable, like the data).
+    durable_len: u64,
     /// Completed, not yet durable, in completion order.
     volatile: Vec<Rec>,
     inflight: BTreeMap<u64, Rec>,
@@ -317,6 +320,7 @@ impl Disk {
             cur: durable.clone(),
             durable,
             len,
+            durable_len: len,
             volatile: Vec::new(),
             inflight: BTreeMap::new(),
             next_id: 0,
@@ -495,10 +499,18 @@ impl SimStorage {
         for r in &survivors {
             r.apply(&mut pages);
         }
+        // A size change not yet durable may be lost, with what lies past the
+        // old end.
+        let len = if d.len != d.durable_len && !rng.chance(policy.keep_completed) {
+            pages.truncate(d.durable_len);
+            d.durable_len
+        } else {
+            d.len
+        };
         let next = SimStorage {
             disk: Arc::new(Mutex::new(Disk::new(
                 pages,
-                d.len,
+                len,
                 d.faults.clone(),
                 d.latency,
             ))),
@@ -620,6 +632,7 @@ impl SimStorage {
         if fua {
             let upto = d.cseq;
             d.make_durable(upto);
+            d.durable_len = d.durable_len.max(end.min(d.len));
         }
         Ok(())
     }
@@ -661,7 +674,10 @@ impl Storage for SimStorage {
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let (lat, fail) = self.begin(Kind::Flush);
-            let upto = self.lock().cseq;
+            let (upto, len) = {
+                let d = self.lock();
+                (d.cseq, d.len)
+            };
             self.sim.sleep_ns(lat).await;
             let mut d = self.lock();
             if d.dead {
@@ -678,6 +694,8 @@ impl Storage for SimStorage {
                 return Err(eio("flush"));
             }
             d.make_durable(upto);
+            // A shrink since the flush was issued stays (it was immediate).
+            d.durable_len = len.min(d.len);
             Ok(())
         })
     }
@@ -727,11 +745,12 @@ impl Storage for SimStorage {
                 self.sim.note_fault();
                 return Err(errno(libc::ENOSPC));
             }
-            // Size changes are treated as immediately durable (the engine
-            // only sizes an image when creating it).
+            // A shrink is immediate (the engine only shrinks storage it no
+            // longer uses); a growth is durable after the next flush.
             if len < d.len {
                 d.cur.truncate(len);
                 d.durable.truncate(len);
+                d.durable_len = d.durable_len.min(len);
             }
             d.len = len;
             Ok(())

@@ -3,14 +3,17 @@
 //!
 //! The default run is 600 classic seeds plus 300 background seeds (whose
 //! configuration adds background copy-on-read and/or a prefetch task, see
-//! `fvd_sim::background_seed`).
+//! `fvd_sim::background_seed`) plus 150 rewrite seeds (copy-on-write blocks
+//! rewritten right after a flush, crashes before the next, torn data under
+//! durable journal records: `fvd_sim::rewrite_seed`).
 //!
 //! * `FVD_SIM_SEED=<seed>` replays one seed (as printed by a failure), of
 //!   either kind.
 //! * `FVD_SIM_SOAK=<minutes>` keeps running new seeds for that long
 //!   (alternately classic and background).
 //! * `FVD_SIM_SEEDS=<n>` runs the first n classic seeds of the default run;
-//!   `FVD_SIM_BG_SEEDS=<n>` the first n background seeds.
+//!   `FVD_SIM_BG_SEEDS=<n>` the first n background seeds,
+//!   `FVD_SIM_REWRITE_SEEDS=<n>` the first n rewrite seeds.
 //! * `FVD_SIM_LAYOUT=sparse|compact` runs only seeds whose image has that
 //!   layout (the seed alone still decides everything, so replays match).
 //!
@@ -18,7 +21,9 @@
 //! `sim: seeds=<n> crash_points=<n> ios=<n> violations=<n>` (all seeds) and
 //! `sim background: seeds=<n> crash_points=<n> ios=<n> prefetches_done=<n>
 //! prefetches_failed=<n> detached=<n> detached_reopens=<n> fill_bytes=<n>
-//! violations=<n>` (the background seeds alone).
+//! violations=<n>` (the background seeds alone), and `sim rewrite:
+//! seeds=<n> crash_points=<n> ios=<n> commit_rounds=<n> ordered_rounds=<n>
+//! confirm_rounds=<n> replay_dropped=<n> violations=<n>`.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,13 +36,15 @@ use fvd_core::{CreateOptions, ErrorKind, Format, Image, OpenOptions};
 use fvd_sim::model::{self, Seen};
 use fvd_sim::{
     CrashPolicy, Executor, Faults, Latency, Rng, SimBase, SimConfig, SimReport, SimStorage,
-    background_seed, check_consistency, is_background_seed, run,
+    background_seed, check_consistency, is_background_seed, is_rewrite_seed, rewrite_seed, run,
 };
 
 /// Classic seeds of the default run.
 const DEFAULT_SEEDS: u64 = 600;
 /// Background seeds of the default run.
 const DEFAULT_BG_SEEDS: u64 = 300;
+/// Rewrite seeds of the default run.
+const DEFAULT_REWRITE_SEEDS: u64 = 150;
 
 fn seed_of(i: u64) -> u64 {
     fvd_sim::rng::mix64(i ^ 0x0f0d_5eed)
@@ -94,10 +101,10 @@ fn random_testers_with_crash_points() {
         run_parallel(|| {
             while Instant::now() < until {
                 let k = i.fetch_add(1, Ordering::Relaxed);
-                let seed = if k.is_multiple_of(2) {
-                    seed_of(k / 2)
-                } else {
-                    background_seed(k / 2)
+                let seed = match k % 3 {
+                    0 => seed_of(k / 3),
+                    1 => background_seed(k / 3),
+                    _ => rewrite_seed(k / 3),
                 };
                 if let Some(c) = config(seed) {
                     return Some(c);
@@ -110,10 +117,19 @@ fn random_testers_with_crash_points() {
         // background seeds first.
         let n = env_u64("FVD_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
         let n_bg = env_u64("FVD_SIM_BG_SEEDS").unwrap_or(DEFAULT_BG_SEEDS);
-        // (background seeds tried, taken, classic seeds tried, taken)
-        let taken = Mutex::new((0u64, 0u64, 0u64, 0u64));
+        let n_rw = env_u64("FVD_SIM_REWRITE_SEEDS").unwrap_or(DEFAULT_REWRITE_SEEDS);
+        // (background seeds tried, taken, classic seeds tried, taken,
+        // rewrite seeds tried, taken)
+        let taken = Mutex::new((0u64, 0u64, 0u64, 0u64, 0u64, 0u64));
         run_parallel(|| {
             let mut t = taken.lock().unwrap();
+            while t.5 < n_rw {
+                t.4 += 1;
+                if let Some(c) = config(rewrite_seed(t.4 - 1)) {
+                    t.5 += 1;
+                    return Some(c);
+                }
+            }
             while t.1 < n_bg {
                 t.0 += 1;
                 if let Some(c) = config(background_seed(t.0 - 1)) {
@@ -158,6 +174,24 @@ fn random_testers_with_crash_points() {
             sum(|r| r.detached_reopens),
             sum(|r| r.fill_bytes),
             sum(|r| r.violations.len() as u64),
+        );
+        let _ = std::io::stdout().write_all(line.as_bytes());
+    }
+    let rw: Vec<&SimReport> = reports
+        .iter()
+        .filter(|r| is_rewrite_seed(r.seed))
+        .collect();
+    if !rw.is_empty() {
+        let line = format!(
+            "sim rewrite: seeds={} crash_points={} ios={} commit_rounds={} ordered_rounds={} confirm_rounds={} replay_dropped={} violations={}\n",
+            rw.len(),
+            rw.iter().map(|r| r.crash_points).sum::<u64>(),
+            rw.iter().map(|r| r.ios).sum::<u64>(),
+            rw.iter().map(|r| r.commit_rounds).sum::<u64>(),
+            rw.iter().map(|r| r.ordered_rounds).sum::<u64>(),
+            rw.iter().map(|r| r.confirm_rounds).sum::<u64>(),
+            rw.iter().map(|r| r.replay_dropped).sum::<u64>(),
+            rw.iter().map(|r| r.violations.len() as u64).sum::<u64>(),
         );
         let _ = std::io::stdout().write_all(line.as_bytes());
     }
@@ -1162,5 +1196,56 @@ fn failed_flush_while_storing_a_profile_poisons_the_image() {
             flushed.is_err(),
             "k={k}: a flush after a failed fdatasync reported success"
         );
+    }
+}
+
+#[test]
+fn default_rewrite_seeds_cover_every_shape() {
+    let cfgs: Vec<SimConfig> = (0..DEFAULT_REWRITE_SEEDS)
+        .map(|i| SimConfig::from_seed(rewrite_seed(i)))
+        .collect();
+    assert!((0..DEFAULT_REWRITE_SEEDS).all(|i| is_rewrite_seed(rewrite_seed(i))));
+    assert!(cfgs.iter().all(|c| c.base_size == Some(c.virtual_size)));
+    assert!(cfgs.iter().all(|c| c.rewrite_recent > 0.0 && c.tear.is_some()));
+    for bs in [512u32, 4096, 65536] {
+        let of_bs = || cfgs.iter().filter(move |c| c.block_size == bs);
+        assert!(of_bs().any(|c| c.compact_chunk.is_none()), "bs {bs}: sparse");
+        assert!(of_bs().any(|c| c.compact_chunk.is_some()), "bs {bs}: compact");
+    }
+    assert!(cfgs.iter().any(|c| c.testers == 1));
+    assert!(cfgs.iter().any(|c| c.image_faults.flush_error > 0.0));
+    assert!(cfgs.iter().any(|c| c.copy_on_read));
+}
+
+/// The mutation checks of the one-fdatasync commit (issue [commit]): the
+/// simulator must catch a protocol that rewrites blocks in place while
+/// their checked journal record is unconfirmed, and one that leaves a
+/// queued record's CRC stale after a rewrite. The same seeds with the
+/// protocol as designed find nothing (they are part of the default run).
+#[test]
+fn mutations_of_the_commit_protocol_are_caught() {
+    let seeds: Vec<u64> = (0..60).map(rewrite_seed).collect();
+    for m in [
+        fvd_core::Mutation::SkipConfirmation,
+        fvd_core::Mutation::SkipStale,
+    ] {
+        let found = Mutex::new(0u64);
+        let i = AtomicU64::new(0);
+        let reports = run_parallel(|| {
+            let k = i.fetch_add(1, Ordering::Relaxed) as usize;
+            let mut cfg = SimConfig::from_seed(*seeds.get(k)?);
+            cfg.mutation = m;
+            Some(cfg)
+        });
+        for r in &reports {
+            *found.lock().unwrap() += r.violations.len() as u64;
+        }
+        let found = found.into_inner().unwrap();
+        let line = format!(
+            "sim mutation {m:?}: seeds={} violations={found}\n",
+            reports.len()
+        );
+        let _ = std::io::stdout().write_all(line.as_bytes());
+        assert!(found > 0, "mutation {m:?} went unnoticed");
     }
 }
