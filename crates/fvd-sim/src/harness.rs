@@ -37,6 +37,7 @@ use crate::model::{self, BASE, FIRST_TAG, Model, SECTOR, Seen, Val, ZERO};
 use crate::rng::{Rng, mix64};
 use crate::runtime::{Executor, SimHandle, Stop};
 use crate::storage::{CrashPolicy, Faults, Latency, SimBase, SimStorage};
+use fvd_core::Mutation;
 use fvd_core::base::Base;
 use fvd_core::error::ErrorKind;
 use fvd_core::format::header::FLAG_ALL_LOCAL;
@@ -44,7 +45,6 @@ use fvd_core::image::prefetch::{
     PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
 use fvd_core::image::{CreateOptions, Image, OpenOptions, Source};
-use fvd_core::Mutation;
 use fvd_core::storage::Storage;
 
 /// Top 16 bits of every background seed (see [`background_seed`]).

@@ -548,6 +548,36 @@ impl SimStorage {
         }
     }
 
+    /// Crash keeping, of every non-durable write (completed or in flight,
+    /// in completion order), the 512-byte sectors for which
+    /// `keep(write offset, write length, sector offset)` is true: torn
+    /// writes exactly where a test wants them.
+    pub fn crash_keeping_sectors(&self, mut keep: impl FnMut(u64, u64, u64) -> bool) -> SimStorage {
+        let mut d = self.lock();
+        d.dead = true;
+        let completed = std::mem::take(&mut d.volatile);
+        let inflight = std::mem::take(&mut d.inflight);
+        let mut pages = std::mem::take(&mut d.durable);
+        for r in completed.iter().chain(inflight.values()) {
+            for s in r.sectors() {
+                if keep(r.offset, r.len, s.offset) {
+                    s.apply(&mut pages);
+                }
+            }
+        }
+        d.cur = Pages::default();
+        SimStorage {
+            disk: Arc::new(Mutex::new(Disk::new(
+                pages,
+                d.len,
+                d.faults.clone(),
+                d.latency,
+            ))),
+            sim: self.sim.clone(),
+            name: self.name.clone(),
+        }
+    }
+
     /// Decide the latency and whether the operation fails; count it.
     fn begin(&self, kind: Kind) -> (u64, bool) {
         let mut d = self.lock();
