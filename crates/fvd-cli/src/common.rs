@@ -78,12 +78,14 @@ pub struct ImageOptions {
     pub grow_unit: Option<u64>,
     /// `grow_cmd=` (a literal comma is written `,,` as in qemu-img)
     pub grow_cmd: Option<String>,
+    /// `preallocation=off|metadata|falloc|full`
+    pub preallocation: Option<fvd_core::Preallocation>,
     /// `-o help` was given: list the options instead of acting.
     pub help: bool,
 }
 
 /// Every `-o` key `fvd create` knows, with a description for `-o help`.
-pub const CREATE_KEYS: [(&str, &str); 11] = [
+pub const CREATE_KEYS: [(&str, &str); 12] = [
     (
         "block_size",
         "bytes per bitmap block: a power of two from 512 to 1M (default: 4K, larger for huge bases)",
@@ -119,15 +121,20 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
         "grow_cmd",
         "command run when a compact image on a block device is full; {path} and {bytes} are substituted (write ,, for a comma)",
     ),
+    (
+        "preallocation",
+        "off|metadata|falloc|full: off (default) allocates data as it is written; metadata maps every chunk of a compact image at create (the sparse layout: same as off); falloc allocates data space (the sparse layout's data region at create, each grow unit of a compact image), full writes it with zeros, so first writes commit no file-system metadata",
+    ),
 ];
 
 /// The `-o` keys `fvd convert` accepts for its output.
-pub const CONVERT_KEYS: [&str; 5] = [
+pub const CONVERT_KEYS: [&str; 6] = [
     "block_size",
     "journal_size",
     "compact",
     "chunk_size",
     "grow_unit",
+    "preallocation",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -201,6 +208,12 @@ pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOp
                 }
                 "grow_unit" => o.grow_unit = Some(size(val)?),
                 "grow_cmd" => o.grow_cmd = Some(val.to_string()),
+                "preallocation" => {
+                    o.preallocation = Some(
+                        val.parse()
+                            .map_err(|e: fvd_core::Error| anyhow!("option {key}: {e}"))?,
+                    )
+                }
                 "copy_on_read" => o.copy_on_read = Some(parse_bool(key, val)?),
                 "backing_file" => o.backing_file = Some(val.to_string()),
                 "backing_fmt" => {

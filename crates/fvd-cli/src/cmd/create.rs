@@ -24,7 +24,8 @@ pub struct Args {
     pub base_format: Option<Format>,
     /// Options: block_size=N, journal_size=N, detect_zeroes=on|off,
     /// copy_on_read=on|off, compact=on|off, chunk_size=N, grow_unit=N,
-    /// grow_cmd=CMD (-o help lists them).
+    /// grow_cmd=CMD, preallocation=off|metadata|falloc|full (-o help lists
+    /// them).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Print nothing on success.
@@ -116,9 +117,14 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                     img.display()
                 )
             })?;
-            fvd_core::create_raw(img, size).map_err(|e| at(img, e))?;
+            let prealloc = opts.preallocation.unwrap_or_default();
+            fvd_core::create_raw_preallocated(img, size, prealloc).map_err(|e| at(img, e))?;
             if !a.quiet {
-                println!("Formatting '{}', fmt=raw size={size}", img.display());
+                println!(
+                    "Formatting '{}', fmt=raw size={size} preallocation={}",
+                    img.display(),
+                    prealloc.name()
+                );
             }
             Ok(0)
         }
@@ -151,6 +157,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 chunk_size: opts.chunk_size,
                 grow_unit: opts.grow_unit,
                 grow_cmd: opts.grow_cmd.clone(),
+                preallocation: opts.preallocation.unwrap_or_default(),
                 ..CreateOptions::default()
             };
             let h = opener
@@ -173,6 +180,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 if h.is_compact() {
                     line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
                 }
+                line.push_str(&format!(" preallocation={}", h.preallocation.name()));
                 println!("{line}");
             }
             Ok(0)
