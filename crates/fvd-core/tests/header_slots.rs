@@ -68,6 +68,11 @@ fn damage(img: &Path, n: usize) {
     put_slot(img, n, &b);
 }
 
+/// True if the 4 KiB at `off` all hold `byte`.
+fn holds(img: &Path, off: u64, byte: u8) -> bool {
+    read_at(img, off).unwrap().iter().all(|&b| b == byte)
+}
+
 fn read_at(img: &Path, off: u64) -> fvd_core::Result<Vec<u8>> {
     let i = block_on(open_path(
         img,
@@ -94,8 +99,8 @@ fn damaged_newest_slot_that_cleared_clean_is_replayed() {
     write_flushed_and_crash(&img, &[(64 * KIB, 0xa1), (128 * KIB, 0xa2)]);
     let n = newest(&img);
     damage(&img, n);
-    assert_eq!(read_at(&img, 64 * KIB).unwrap(), vec![0xa1; 4096]);
-    assert_eq!(read_at(&img, 128 * KIB).unwrap(), vec![0xa2; 4096]);
+    assert!(holds(&img, 64 * KIB, 0xa1), "a flushed write was rolled back");
+    assert!(holds(&img, 128 * KIB, 0xa2), "a flushed write was rolled back");
     let r = block_on(check_path(&img, Format::Fvd, None)).unwrap();
     assert_eq!(r.exit_code(), 2, "{r:?}");
     assert!(
@@ -105,7 +110,7 @@ fn damaged_newest_slot_that_cleared_clean_is_replayed() {
     let r = block_on(check_path(&img, Format::Fvd, Some(Repair::All))).unwrap();
     assert_eq!(r.exit_code(), 0, "{r:?}");
     assert!(r.clean, "{r:?}");
-    assert_eq!(read_at(&img, 64 * KIB).unwrap(), vec![0xa1; 4096]);
+    assert!(holds(&img, 64 * KIB, 0xa1));
     assert!(Header::decode(&slot(&img, n)).is_ok(), "slot {n} rewritten");
 }
 
@@ -142,7 +147,7 @@ fn damaged_newest_checkpoint_slot_refuses_and_check_rebuilds_it() {
         "{r:?}"
     );
     for (off, byte) in [(64 * KIB, 0xb1), (128 * KIB, 0xb2), (192 * KIB, 0xb3)] {
-        assert_eq!(read_at(&img, off).unwrap(), vec![byte; 4096], "at {off}");
+        assert!(holds(&img, off, byte), "a flushed write at {off} was lost");
     }
 }
 
