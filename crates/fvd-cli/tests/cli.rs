@@ -427,6 +427,15 @@ fn demo_shows_free_writes() {
     }
     assert_eq!(journal("(a)"), 1);
     assert_eq!(journal("(e)"), 1);
+    // fsyncs per flush: one, except the first commit after a clean open
+    // (header first) and a rewrite of a block whose record awaits its
+    // confirmation (a confirming journal block first).
+    let fsyncs = |tag: &str| row(tag)[4];
+    for one in ["(b)", "(c)", "(d)", "(e)"] {
+        assert_eq!(fsyncs(one), 1, "{one}:\n{}", r.stdout);
+    }
+    assert_eq!(fsyncs("(a)"), 2, "{}", r.stdout);
+    assert_eq!((journal("(f)"), fsyncs("(f)")), (1, 2), "{}", r.stdout);
     assert_eq!(
         row("(e)")[1],
         3584,
