@@ -143,12 +143,16 @@ fn run_case(old_journal: bool) {
     assert!(r.clean, "not clean after SIGTERM: {r:?}");
     assert!(r.corruptions.is_empty(), "{r:?}");
     let got = engine_content(&img, Format::Fvd);
-    assert!(got[(40 * MIB) as usize..(40 * MIB + 65536) as usize]
-        .iter()
-        .all(|&b| b == 0xa3));
-    assert!(got[(8 * MIB) as usize..(8 * MIB + 65536) as usize]
-        .iter()
-        .all(|&b| b == 0xa4));
+    assert!(
+        got[(40 * MIB) as usize..(40 * MIB + 65536) as usize]
+            .iter()
+            .all(|&b| b == 0xa3)
+    );
+    assert!(
+        got[(8 * MIB) as usize..(8 * MIB + 65536) as usize]
+            .iter()
+            .all(|&b| b == 0xa4)
+    );
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //! * leaks — space holding data no metadata refers to: blocks of the base
 //!   range whose bit is 0 but whose storage holds data (copy-on-write writes
 //!   that crashed before their journal record was durable), and in compact
-//!   images physical chunks no table entry references (exit code 3);
+//!   images physical chunks no table entry references (exit code 3); in
+//!   images preallocated with `falloc` or `full` only such space that does
+//!   not read as zeros (the zeros are the preallocation);
 //! * check errors — the check itself could not run (exit code 1).
 
 use std::path::Path;
@@ -405,12 +407,46 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
         let mut pos = s;
         for run in runs {
             if run.data {
-                match out.last_mut() {
-                    Some((a, n)) if *a + *n == pos => *n += run.length,
-                    _ => out.push((pos, run.length)),
-                }
+                push_range(&mut out, pos, run.length);
             }
             pos += run.length;
+        }
+    }
+    if h.preallocation.allocates_data() {
+        // Space allocated (falloc) or written with zeros (full) ahead of
+        // the data belongs to the image by design: only pages that hold
+        // something other than zeros are leaked.
+        return nonzero_pages(storage, &out).await;
+    }
+    Ok(out)
+}
+
+/// Append `[pos, pos + len)` to `out`, merging with a range it continues.
+fn push_range(out: &mut Vec<(u64, u64)>, pos: u64, len: u64) {
+    match out.last_mut() {
+        Some((a, n)) if *a + *n == pos => *n += len,
+        _ => out.push((pos, len)),
+    }
+}
+
+/// The 4 KiB pages of `ranges` (page-aligned) that do not read as zeros.
+async fn nonzero_pages(storage: &dyn Storage, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>> {
+    const STEP: u64 = 4 << 20;
+    let mut out = Vec::new();
+    for &(start, len) in ranges {
+        let mut pos = start;
+        while pos < start + len {
+            let n = STEP.min(start + len - pos);
+            let buf = storage
+                .read_at(pos, IoBuf::zeroed(n as usize))
+                .await
+                .map_err(|er| Error::io(format!("{}: read for leaks", storage.describe()), er))?;
+            for (i, page) in buf.chunks(4096).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    push_range(&mut out, pos + i as u64 * 4096, page.len() as u64);
+                }
+            }
+            pos += n;
         }
     }
     Ok(out)

@@ -93,7 +93,12 @@ fn file(path: &Path, cache: CacheMode, write: bool) -> Option<FileStorage> {
 
 /// Counts (first flush, each first-write flush, rewrite flush, write beyond
 /// the base) for one configuration.
-fn measure(dir: &Path, compact: bool, cache: CacheMode, prealloc: Preallocation) -> Option<[u64; 4]> {
+fn measure(
+    dir: &Path,
+    compact: bool,
+    cache: CacheMode,
+    prealloc: Preallocation,
+) -> Option<[u64; 4]> {
     let base_path = dir.join("base.raw");
     if !base_path.exists() {
         let data: Vec<u8> = (0..BASE).map(|i| (i % 251) as u8 | 1).collect();
@@ -111,14 +116,18 @@ fn measure(dir: &Path, compact: bool, cache: CacheMode, prealloc: Preallocation)
         ..CreateOptions::default()
     };
     block_on(fvd_core::create_path(&img, Some(&spec), opts, Some(false))).unwrap();
-    let base: Arc<dyn Base> = Arc::new(
-        RawBase::new(Arc::new(file(&base_path, cache, false)?)).unwrap(),
-    );
+    let base: Arc<dyn Base> =
+        Arc::new(RawBase::new(Arc::new(file(&base_path, cache, false)?)).unwrap());
     let storage = Arc::new(Counting {
         inner: file(&img, cache, true)?,
         fdatasyncs: AtomicU64::new(0),
     });
-    let img = block_on(Image::open(storage.clone(), Some(base), OpenOptions::default())).unwrap();
+    let img = block_on(Image::open(
+        storage.clone(),
+        Some(base),
+        OpenOptions::default(),
+    ))
+    .unwrap();
     let count = |f: &dyn Fn()| {
         let before = storage.fdatasyncs.load(Ordering::Relaxed);
         f();

@@ -48,7 +48,8 @@ fn slot(img: &Path, n: usize) -> Vec<u8> {
 
 fn put_slot(img: &Path, n: usize, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, (n * HEADER_SLOT_SIZE) as u64).unwrap();
+    f.write_all_at(bytes, (n * HEADER_SLOT_SIZE) as u64)
+        .unwrap();
 }
 
 /// The slot holding the newest valid header.
@@ -99,14 +100,17 @@ fn damaged_newest_slot_that_cleared_clean_is_replayed() {
     write_flushed_and_crash(&img, &[(64 * KIB, 0xa1), (128 * KIB, 0xa2)]);
     let n = newest(&img);
     damage(&img, n);
-    assert!(holds(&img, 64 * KIB, 0xa1), "a flushed write was rolled back");
-    assert!(holds(&img, 128 * KIB, 0xa2), "a flushed write was rolled back");
+    assert!(
+        holds(&img, 64 * KIB, 0xa1),
+        "a flushed write was rolled back"
+    );
+    assert!(
+        holds(&img, 128 * KIB, 0xa2),
+        "a flushed write was rolled back"
+    );
     let r = block_on(check_path(&img, Format::Fvd, None)).unwrap();
     assert_eq!(r.exit_code(), 2, "{r:?}");
-    assert!(
-        r.corruptions.iter().any(|c| c.contains("damaged")),
-        "{r:?}"
-    );
+    assert!(r.corruptions.iter().any(|c| c.contains("damaged")), "{r:?}");
     let r = block_on(check_path(&img, Format::Fvd, Some(Repair::All))).unwrap();
     assert_eq!(r.exit_code(), 0, "{r:?}");
     assert!(r.clean, "{r:?}");
@@ -142,10 +146,7 @@ fn damaged_newest_checkpoint_slot_refuses_and_check_rebuilds_it() {
     assert_eq!(r.exit_code(), 2, "{r:?}");
     let r = block_on(check_path(&img, Format::Fvd, Some(Repair::All))).unwrap();
     assert_eq!(r.exit_code(), 0, "{r:?}");
-    assert!(
-        r.repaired.iter().any(|m| m.contains("rebuilt")),
-        "{r:?}"
-    );
+    assert!(r.repaired.iter().any(|m| m.contains("rebuilt")), "{r:?}");
     for (off, byte) in [(64 * KIB, 0xb1), (128 * KIB, 0xb2), (192 * KIB, 0xb3)] {
         assert!(holds(&img, off, byte), "a flushed write at {off} was lost");
     }

@@ -120,11 +120,12 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
             let prealloc = opts.preallocation.unwrap_or_default();
             fvd_core::create_raw_preallocated(img, size, prealloc).map_err(|e| at(img, e))?;
             if !a.quiet {
-                println!(
-                    "Formatting '{}', fmt=raw size={size} preallocation={}",
-                    img.display(),
-                    prealloc.name()
-                );
+                // As qemu-img: the mode is named only when it is not off.
+                let mut line = format!("Formatting '{}', fmt=raw size={size}", img.display());
+                if prealloc != fvd_core::Preallocation::Off {
+                    line.push_str(&format!(" preallocation={}", prealloc.name()));
+                }
+                println!("{line}");
             }
             Ok(0)
         }
@@ -180,7 +181,9 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 if h.is_compact() {
                     line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
                 }
-                line.push_str(&format!(" preallocation={}", h.preallocation.name()));
+                if h.preallocation != fvd_core::Preallocation::Off {
+                    line.push_str(&format!(" preallocation={}", h.preallocation.name()));
+                }
                 println!("{line}");
             }
             Ok(0)
