@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 use fvd_core::{BaseSpec, CreateOptions, Format, Opener};
 
-use crate::common::{CREATE_KEYS, at, parse_format, parse_image_options};
+use crate::common::{CREATE_KEYS, at, create_encryption, parse_format, parse_image_options};
 use crate::size::parse_size;
 
 /// Arguments of `fvd create`.
@@ -104,6 +104,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 ("chunk_size", opts.chunk_size.is_some()),
                 ("grow_unit", opts.grow_unit.is_some()),
                 ("grow_cmd", opts.grow_cmd.is_some()),
+                ("encrypt.*", opts.encrypt_given()),
             ];
             if let Some((k, _)) = used.iter().find(|(_, set)| *set) {
                 bail!(
@@ -159,6 +160,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 grow_unit: opts.grow_unit,
                 grow_cmd: opts.grow_cmd.clone(),
                 preallocation: opts.preallocation.unwrap_or_default(),
+                encryption: create_encryption(&opts, img)?,
                 ..CreateOptions::default()
             };
             let h = opener
@@ -183,6 +185,9 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 }
                 if h.preallocation != fvd_core::Preallocation::Off {
                     line.push_str(&format!(" preallocation={}", h.preallocation.name()));
+                }
+                if h.incompatible & fvd_core::format::header::INCOMPAT_ENCRYPTED != 0 {
+                    line.push_str(" encrypt.format=luks");
                 }
                 println!("{line}");
             }

@@ -79,7 +79,9 @@ impl Run<'_> {
     }
 }
 
-/// How image-resident bytes are placed in the file.
+/// How image-resident bytes are placed in the file. One per open image, so
+/// the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Layout {
     /// At `data_offset + offset` (sparse FVD images; raw files at 0).
     Linear {
@@ -301,7 +303,8 @@ impl Mapping {
     pub fn direct_write(&self, offset: u64, len: u64) -> bool {
         let Some(m) = &self.meta else { return true };
         let blocks = self.blocks_of(offset, len);
-        if !blocks.is_empty() && !(m.hard.all_set(blocks.clone()) && m.settled(blocks)) {
+        let settled_hard = |b: Range<u64>| m.hard.all_set(b.clone()) && m.settled(b);
+        if !blocks.is_empty() && !settled_hard(blocks) {
             return false;
         }
         match &self.layout {

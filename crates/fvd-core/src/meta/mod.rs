@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::Header;
+use crate::format::header::{Header, INCOMPAT_ENCRYPTED};
 use crate::format::journal::{self, Record};
 use crate::storage::Storage;
 
@@ -266,6 +266,11 @@ pub(crate) struct Meta {
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
     mutation: AtomicU8,
+    /// Bits may be journaled as `SET_BITS_CHECKED`. Not in encrypted
+    /// images: the CRCs come from the guest's plaintext while replay reads
+    /// the ciphertext on disk (and may run without the key), so their
+    /// records are plain `SET_BITS` in ordered rounds.
+    checked: bool,
 }
 
 /// Records per bits-only group (about one journal block's worth).
@@ -273,6 +278,7 @@ const MAX_BITS_GROUP: usize = journal::PAYLOAD / 16;
 
 impl Meta {
     pub fn new(header: Header, slot: usize, durable: Durable) -> Self {
+        let checked = header.incompatible & INCOMPAT_ENCRYPTED == 0;
         let bits = durable.bitmap.len();
         let local = AtomicBitmap::new(bits);
         local.copy_from(&durable.bitmap);
@@ -299,6 +305,7 @@ impl Meta {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             mutation: AtomicU8::new(Mutation::None as u8),
+            checked,
         }
     }
 
@@ -350,8 +357,8 @@ impl Meta {
                 continue;
             }
             let crc = match proof {
-                Proof::Crcs(c) => c.get((b - r.start) as usize).copied().flatten(),
-                Proof::Unmapped => None,
+                Proof::Crcs(c) if self.checked => c.get((b - r.start) as usize).copied().flatten(),
+                Proof::Crcs(_) | Proof::Unmapped => None,
             };
             match crc {
                 Some(crc) => {
