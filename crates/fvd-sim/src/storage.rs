@@ -312,6 +312,9 @@ struct Disk {
     latency: Latency,
     stats: IoStats,
     dead: bool,
+    /// Writes, zeroings and flushes that may still start; the next one
+    /// after that never completes (a crash point at an exact I/O).
+    halt_after: Option<u64>,
 }
 
 impl Disk {
@@ -329,6 +332,7 @@ impl Disk {
             latency,
             stats: IoStats::default(),
             dead: false,
+            halt_after: None,
         }
     }
 
@@ -446,6 +450,20 @@ impl SimStorage {
     /// Current length.
     pub fn length(&self) -> u64 {
         self.lock().len
+    }
+
+    /// Let `n` more writes, zeroings and flushes start, then freeze the
+    /// next one forever (it stays in flight: a crash may keep it or not).
+    /// `None` lifts the limit. The run stops there: a crash point at an
+    /// exact I/O.
+    pub fn halt_after(&self, n: Option<u64>) {
+        self.lock().halt_after = n;
+    }
+
+    /// Writes, zeroings and flushes started so far.
+    pub fn mutating_ops(&self) -> u64 {
+        let s = self.lock().stats;
+        s.writes + s.flushes + s.zeroes
     }
 
     /// Writes completed but not yet durable, and writes in flight.
@@ -578,6 +596,23 @@ impl SimStorage {
         }
     }
 
+    /// True (and the operation must never complete) when `halt_after`
+    /// stops this operation.
+    fn halts(&self, kind: Kind) -> bool {
+        let mut d = self.lock();
+        if kind == Kind::Read {
+            return false;
+        }
+        match &mut d.halt_after {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Decide the latency and whether the operation fails; count it.
     fn begin(&self, kind: Kind) -> (u64, bool) {
         let mut d = self.lock();
@@ -606,6 +641,7 @@ impl SimStorage {
     }
 
     async fn write_like(&self, rec: Rec, kind: Kind, fua: bool) -> io::Result<()> {
+        let halt = self.halts(kind);
         let (lat, fail) = self.begin(kind);
         let id = {
             let mut d = self.lock();
@@ -614,6 +650,9 @@ impl SimStorage {
             d.inflight.insert(id, rec);
             id
         };
+        if halt {
+            std::future::pending::<()>().await;
+        }
         self.sim.sleep_ns(lat).await;
         let mut d = self.lock();
         let Some(mut rec) = d.inflight.remove(&id) else {
@@ -703,11 +742,15 @@ impl Storage for SimStorage {
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            let halt = self.halts(Kind::Flush);
             let (lat, fail) = self.begin(Kind::Flush);
             let (upto, len) = {
                 let d = self.lock();
                 (d.cseq, d.len)
             };
+            if halt {
+                std::future::pending::<()>().await;
+            }
             self.sim.sleep_ns(lat).await;
             let mut d = self.lock();
             if d.dead {

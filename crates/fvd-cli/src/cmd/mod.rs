@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod compare;
+pub mod control;
 pub mod convert;
 pub mod create;
 pub mod demo;
@@ -17,3 +18,4 @@ pub mod profile;
 pub mod serve;
 pub mod serve_extras;
 pub mod serve_vhost;
+pub mod snapshot;
