@@ -135,7 +135,7 @@ fn measure(
     };
     let buf = vec![0x5au8; 4096];
     let write_flush = |off: u64| {
-        block_on(img.write(off, &buf, false)).unwrap();
+        block_on(img.write_slice(off, &buf, false)).unwrap();
         block_on(img.flush()).unwrap();
     };
     let first = count(&|| write_flush(0));

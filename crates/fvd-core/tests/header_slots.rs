@@ -33,7 +33,7 @@ fn setup(dir: &Path, journal_size: u64) -> PathBuf {
 fn write_flushed_and_crash(img: &Path, writes: &[(u64, u8)]) {
     let i = block_on(open_path(img, Format::Fvd, PathOptions::default())).unwrap();
     for &(off, byte) in writes {
-        block_on(i.write(off, &[byte; 4096], false)).unwrap();
+        block_on(i.write_slice(off, &[byte; 4096], false)).unwrap();
         block_on(i.flush()).unwrap();
     }
 }
@@ -84,7 +84,7 @@ fn read_at(img: &Path, off: u64) -> fvd_core::Result<Vec<u8>> {
         },
     ))?;
     let mut v = vec![0u8; 4096];
-    block_on(i.read(off, &mut v))?;
+    block_on(i.read_slice(off, &mut v))?;
     Ok(v)
 }
 

@@ -111,18 +111,18 @@ impl Image {
         let fresh = self
             .allocate(start, head.len() as u64 + (e - s) + tail.len() as u64)
             .await?;
+        let crcs = self.zero_crcs(blocks.clone(), s, e, &head, &tail);
         let r = async {
             if !head.is_empty() {
-                self.write_image(start, &head, &fresh).await?;
+                self.write_image(start, head, &fresh).await?;
             }
             self.zero_image(s, e - s, unmap, &fresh).await?;
             if !tail.is_empty() {
-                self.write_image(e, &tail, &fresh).await?;
+                self.write_image(e, tail, &fresh).await?;
             }
             Ok(())
         }
         .await;
-        let crcs = self.zero_crcs(blocks.clone(), s, e, &head, &tail);
         self.publish(r, fresh, blocks, &crcs)
     }
 
