@@ -65,15 +65,17 @@ MODES = {
     "full": dict(
         base=2 * GiB, disk=8 * GiB, seq=512 * MiB, runtime=2.5, reps=3, fw_density=8,
         files=20000, pm_files=200, pm_tx=400, meta_reps=5, big_base=True, scratch=10 * GiB,
+        flush_runtime=3.0,
     ),
     "quick": dict(
         base=256 * MiB, disk=1 * GiB, seq=128 * MiB, runtime=0.3, reps=1, fw_density=8,
         files=1000, pm_files=30, pm_tx=60, meta_reps=3, big_base=False, scratch=2 * GiB,
+        flush_runtime=0.5,
     ),
     "smoke": dict(
         base=16 * MiB, disk=64 * MiB, seq=8 * MiB, runtime=0.1, reps=1, fw_density=8,
         files=40, pm_files=5, pm_tx=10, meta_reps=1, big_base=False, qds=(32,),
-        scratch=256 * MiB,
+        scratch=256 * MiB, flush_runtime=0.1,
     ),
 }
 
@@ -85,13 +87,36 @@ SYSTEMS = {
     "fvd-compact": dict(label="FVD compact", server="fvd", fmt="fvd", opts="compact=on"),
     "raw-fvd": dict(label="raw (fvd)", server="fvd", fmt="raw", opts=None),
     "raw-qsd": dict(label="raw (qsd)", server="qsd", fmt="raw", opts=None),
+    # Not in the default set (see DEFAULT_SYSTEMS): the preallocation modes
+    # and the fully preallocated raw file, the limit of a flush-bound load.
+    "raw-qsd-full": dict(label="raw full prealloc (qsd)", server="qsd", fmt="raw", opts="full"),
+    "fvd-falloc": dict(label="FVD falloc", server="fvd", fmt="fvd", opts="preallocation=falloc"),
+    "fvd-full": dict(label="FVD full", server="fvd", fmt="fvd", opts="preallocation=full"),
+    "fvd-compact-metadata": dict(label="FVD compact metadata", server="fvd", fmt="fvd",
+                                 opts="compact=on,preallocation=metadata"),
+    "fvd-compact-falloc": dict(label="FVD compact falloc", server="fvd", fmt="fvd",
+                               opts="compact=on,preallocation=falloc"),
+    "fvd-compact-full": dict(label="FVD compact full", server="fvd", fmt="fvd",
+                             opts="compact=on,preallocation=full"),
     "qcow2": dict(label="qcow2", server="qsd", fmt="qcow2", opts=None),
     "qcow2-2m": dict(
         label="qcow2 2M/ext-L2", server="qsd", fmt="qcow2", opts="cluster_size=2M,extended_l2=on"
     ),
 }
+DEFAULT_SYSTEMS = ["fvd", "fvd-compact", "raw-fvd", "raw-qsd", "qcow2", "qcow2-2m"]
 EXPORTS = ["nbd", "fuse"]
-PARTS = ["block", "fs", "meta"]
+PARTS = ["block", "flush", "fs", "meta"]
+DEFAULT_PARTS = ["block", "fs", "meta"]
+
+# The flush part: 4 KiB random first writes into base data, each followed
+# by a flush (fio fsync=1: NBD_CMD_FLUSH after every write), on a fresh
+# image per (system, repetition), through NBD only (fio's nbd engine: the
+# format's flush cost with the fewest layers in between). QD1 in region A,
+# QD8 in region Bw.
+FLUSH_JOBS = [
+    ("flushwrite", 1, "randwrite", "4k", "A", "first"),
+    ("flushwrite", 8, "randwrite", "4k", "Bw", "first"),
+]
 
 # The block workloads, run in this order on one fresh image per (system,
 # export, repetition). Regions (see Bench.regions): A and Bw hold base data
@@ -338,10 +363,21 @@ class Bench:
             if spec["opts"]:
                 args += ["-o", spec["opts"]]
             args += [img, str(size)]
+        elif spec["opts"] == "full":
+            # Every byte written: a write never allocates in the host fs.
+            args = ["cp", "--sparse=never", self.raw_template, img]
         else:
             args = ["cp", "--sparse=always", self.raw_template, img]
         self.note_cmd(("create", system), args)
         run(args, timeout=600)
+        if spec["opts"] == "full" and spec["fmt"] == "raw":
+            os.truncate(img, size)
+            fd = os.open(img, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
         return img
 
     def qsd_blockdevs(self, system, img):
@@ -481,7 +517,10 @@ class Bench:
             job["time_based"] = True
         else:  # "sized": the whole region, however long it takes (up to a safety cap)
             job["runtime"] = "120s"
-        if "write" in rw:
+        if wl == "flushwrite":
+            job["fsync"] = 1
+            job["runtime"] = f"{max(ms, int(self.cfg['flush_runtime'] * 1000))}ms"
+        elif "write" in rw:
             job["end_fsync"] = 1
         return job
 
@@ -526,6 +565,23 @@ class Bench:
         t = time.monotonic()
         os.unlink(img)
         log(f"  stopped in {t_stop:.2f} s, checked in {t_check:.2f} s, removed in {time.monotonic() - t:.2f} s")
+
+    def flush_run(self, rep, system):
+        """First writes each followed by a flush, through NBD, fresh image."""
+        img = self.make_image(system)
+        proc, target = self.start_export(system, "nbd", img)
+        jobs = [self.block_job(*j) for j in FLUSH_JOBS]
+        text, results = self.fio_jobs(target, jobs)
+        self.note_cmd(("fio", "nbd", "flushwrite"), ["fio", "--output-format=json", "--output=$W/fio.json",
+                                                     "$W/fio.job"])
+        self.commands.setdefault(("fio-jobfile", "nbd", "flushwrite"), text.replace(self.work, "$W"))
+        for (wl, qd, *_), r in zip(FLUSH_JOBS, results):
+            self.record(rep, "flush", "nbd", system, wl, qd, "iops", r["iops"], "IOPS")
+            log(f"  nbd {system} {wl} qd{qd}: {r['iops']:.0f} IOPS")
+        self.stop_export(proc, target, system)
+        self.record(rep, "flush", "nbd", system, "flushwrite", 0, "size_after", allocated_bytes(img), "B")
+        self.check_image(system, img, rep, "flush", "nbd")
+        os.unlink(img)
 
     # ---------- file-system workloads
 
@@ -793,10 +849,10 @@ class Bench:
         self.prepare()
         systems, exports, parts = args.systems, args.exports, args.parts
         for rep in range(1, cfg["reps"] + 1):
-            for part in ("block", "fs"):
+            for part in ("block", "flush", "fs"):
                 if part not in parts:
                     continue
-                for export in exports:
+                for export in (["nbd"] if part == "flush" else exports):
                     k = (rep - 1) % len(systems)
                     order = systems[k:] + systems[:k]
                     for system in order:
@@ -804,6 +860,8 @@ class Bench:
                             f"({time.monotonic() - started:.0f} s)")
                         if part == "block":
                             self.block_run(rep, export, system)
+                        elif part == "flush":
+                            self.flush_run(rep, system)
                         else:
                             self.fs_run(rep, export, system)
         if "meta" in parts:
@@ -835,6 +893,9 @@ def parse_args(argv):
     p.add_argument("--systems", help="comma-separated subset of " + ",".join(SYSTEMS))
     p.add_argument("--exports", help="comma-separated subset of nbd,fuse")
     p.add_argument("--parts", help="comma-separated subset of block,fs,meta")
+    p.add_argument("--base-size", help="size of the base (e.g. 1G; default of the mode)")
+    p.add_argument("--disk-size", help="virtual disk size (e.g. 2G; default of the mode)")
+    p.add_argument("--scratch-size", help="size of the scratch file system (e.g. 6G)")
     p.add_argument("--workdir", help="parent of the scratch directory (default /var/tmp)")
     p.add_argument("--scratch", choices=["auto", "loop", "dir"], default="auto",
                    help="where images live: a scratch ext4 on a loop device (loop), the work "
@@ -859,9 +920,16 @@ def parse_args(argv):
             p.error(f"unknown {name}: {', '.join(bad)}")
         return items
 
-    a.systems = subset(a.systems, SYSTEMS, "system")
+    a.systems = subset(a.systems, SYSTEMS, "system") if a.systems else list(DEFAULT_SYSTEMS)
     a.exports = subset(a.exports, EXPORTS, "export")
-    a.parts = subset(a.parts, PARTS, "part")
+    a.parts = subset(a.parts, PARTS, "part") if a.parts else list(DEFAULT_PARTS)
+    for name in ("base_size", "disk_size", "scratch_size"):
+        v = getattr(a, name)
+        if v is not None:
+            m = re.fullmatch(r"(\d+)([KMGT]?)", v.strip().upper())
+            if not m:
+                p.error(f"--{name.replace('_', '-')}: not a size: {v}")
+            setattr(a, name, int(m.group(1)) * {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}[m.group(2)])
     return a
 
 
@@ -918,6 +986,14 @@ def main(argv):
         cfg["reps"] = args.reps
     if args.runtime:
         cfg["runtime"] = args.runtime
+        cfg["flush_runtime"] = max(cfg["flush_runtime"], args.runtime)
+    if args.base_size:
+        cfg["base"] = args.base_size
+        cfg["seq"] = min(cfg["seq"], args.base_size // 2)
+    if args.disk_size:
+        cfg["disk"] = args.disk_size
+    if args.scratch_size:
+        cfg["scratch"] = args.scratch_size
     cleanup = Cleanup()
     try:
         preflight(args)
@@ -965,7 +1041,8 @@ def main(argv):
         for p in bench.problems:
             log(f"  {p}")
         return 1
-    complete = (args.systems == list(SYSTEMS) and args.exports == EXPORTS and args.parts == PARTS)
+    complete = (set(DEFAULT_SYSTEMS) <= set(args.systems) and args.exports == EXPORTS
+                and set(DEFAULT_PARTS) <= set(args.parts))
     write_docs = args.docs if args.docs is not None else (mode == "full" and complete)
     if mode == "smoke":
         write_docs = False

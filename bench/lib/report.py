@@ -334,6 +334,107 @@ def targets_section(doc, med):
     return table(["target", "measured: median ratio (per repetition)", "verdict"], rows)
 
 
+FLUSH_REFS = [("qcow2", "qcow2"), ("raw-qsd-full", "raw full"), ("raw-qsd", "raw sparse")]
+
+
+def flush_section(doc, med):
+    """First writes each followed by a flush: IOPS and ratios per system."""
+    systems = present(doc, "flush")
+    labels = doc["labels"]
+    refs = [(s, n) for s, n in FLUSH_REFS if s in systems]
+    idx = rep_values(doc)
+    header = ["system", "QD1 IOPS", "QD8 IOPS"]
+    for qd in (1, 8):
+        header += [f"QD{qd} / {n}" for _, n in refs]
+    rows = []
+    for s in systems:
+        v = {qd: med.get("flush", "nbd", s, "flushwrite", qd, "iops") for qd in (1, 8)}
+        row = [labels[s], fnum(v[1]), fnum(v[8])]
+        for qd in (1, 8):
+            for ref, _ in refs:
+                r = ratio(v[qd], med.get("flush", "nbd", ref, "flushwrite", qd, "iops"))
+                rs = per_rep(idx, "flush", "nbd", s, ref, "flushwrite", qd, "iops")
+                row.append("-" if r is None or s == ref else
+                           f"{r:.2f}x ({'/'.join(f'{x:.2f}' for x in rs)})")
+        rows.append(row)
+    return table(header, rows)
+
+
+def flush_targets(doc, med):
+    """Issue 11's targets: flush-per-write first writes >= 2.5x qcow2 and
+    >= 0.8x the preallocated raw file (best FVD configuration), the sparse
+    layout without preallocation >= 1.0x the raw sparse file; PostMark >=
+    1.0x qcow2 and >= 0.95x the preallocated raw file (speed = inverse of
+    the run time)."""
+    idx = rep_values(doc)
+    rows = []
+
+    def verdict(value, need, rs):
+        if value >= need:
+            return "met"
+        if rs and all(r < need for r in rs):
+            return "**not met** (every repetition)"
+        return "**not met** (median only; repetitions straddle it)"
+
+    def reps(rs):
+        return "/".join(f"{r:.2f}" for r in rs)
+
+    fsys = present(doc, "flush")
+    fvds = [s for s in fsys if s.startswith("fvd")]
+    checks = [("qcow2", 2.5, fvds), ("raw-qsd-full", 0.8, fvds), ("raw-qsd", 1.0, ["fvd"])]
+    for ref, need, mine in checks:
+        if ref not in fsys:
+            continue
+        for s in mine:
+            if s not in fsys:
+                continue
+            for qd in (1, 8):
+                r = ratio(med.get("flush", "nbd", s, "flushwrite", qd, "iops"),
+                          med.get("flush", "nbd", ref, "flushwrite", qd, "iops"))
+                if r is None:
+                    continue
+                rs = per_rep(idx, "flush", "nbd", s, ref, "flushwrite", qd, "iops")
+                rows.append([f"flush per write, {doc['labels'][s]} >= {need}x {doc['labels'][ref]}, QD{qd}",
+                             f"{r:.2f}x ({reps(rs)})", verdict(r, need, rs)])
+    fs = present(doc, "fs")
+    for ref, need in (("qcow2", 1.0), ("raw-qsd-full", 0.95)):
+        if ref not in fs:
+            continue
+        for s in [x for x in fs if x.startswith("fvd")]:
+            for export in doc["config"]["exports"]:
+                a = med.get("fs", export, s, "postmark", 0, "seconds")
+                b = med.get("fs", export, ref, "postmark", 0, "seconds")
+                if a is None or b is None:
+                    continue
+                va = idx.get(("fs", export, s, "postmark", 0, "seconds"), {})
+                vb = idx.get(("fs", export, ref, "postmark", 0, "seconds"), {})
+                rs = [vb[k] / va[k] for k in sorted(va) if k in vb and va[k]]
+                r = b / a
+                rows.append([f"PostMark speed {doc['labels'][s]} >= {need}x {doc['labels'][ref]}, "
+                             f"{EXPORT_NAMES[export]}", f"{r:.2f}x ({reps(rs)})", verdict(r, need, rs)])
+    if not rows:
+        return ""
+    return table(["target (issue 11)", "measured: median ratio (per repetition)", "verdict"], rows)
+
+
+def fs_seconds_section(doc, med):
+    """PostMark and the file create as run times (what issue 11 quotes)."""
+    systems = present(doc, "fs")
+    labels = doc["labels"]
+    cfg = doc["config"]
+    rows = []
+    for wl, label in (("files", f"create {cfg['files']:,} files + syncfs, s"),
+                      ("postmark", "PostMark on `-o sync` ext4, whole run, s")):
+        for export in cfg["exports"]:
+            vals = [med.get("fs", export, s, wl, 0, "seconds") for s in systems]
+            if all(v is None for v in vals):
+                continue
+            rows.append([label, EXPORT_NAMES[export]] + [fnum(v, 2) for v in vals])
+    if not rows:
+        return ""
+    return table(["workload (medians, lower is better)", "export"] + [labels[s] for s in systems], rows)
+
+
 def markdown(doc):
     med = Medians(doc)
     cfg = doc["config"]
@@ -381,9 +482,16 @@ def markdown(doc):
     for export in cfg["exports"]:
         if present(doc, "block"):
             out += ["", f"#### Block I/O through {EXPORT_NAMES[export]}", "", block_section(doc, med, export)]
+    if present(doc, "flush"):
+        out += ["", "#### Flush per write: 4 KiB random first writes into base data, each followed by a "
+                "flush (fio `fsync=1`, nbd engine), IOPS (medians; ratios of medians, then per repetition)",
+                "", flush_section(doc, med)]
     if present(doc, "fs"):
         out += ["", "#### File systems (loop device + ext4 on the exported file; NBD via `nbdfuse`)", "",
                 fs_section(doc, med)]
+        s = fs_seconds_section(doc, med)
+        if s:
+            out += ["", s]
     s = space_section(doc, med)
     if s:
         out += ["", "#### Space", "", s]
@@ -393,6 +501,9 @@ def markdown(doc):
     s = targets_section(doc, med)
     if s:
         out += ["", "#### Targets", "", s]
+    s = flush_targets(doc, med)
+    if s:
+        out += ["", "#### Targets of flush-bound work (issue 11)", "", s]
     notes = []
     if "fuse" in cfg["exports"] and {"raw-qsd", "qcow2", "qcow2-2m"} & set(cfg["systems"]):
         notes.append(

@@ -93,6 +93,8 @@ pub struct ImageOptions {
     pub grow_unit: Option<u64>,
     /// `grow_cmd=` (a literal comma is written `,,` as in qemu-img)
     pub grow_cmd: Option<String>,
+    /// `preallocation=off|metadata|falloc|full`
+    pub preallocation: Option<fvd_core::Preallocation>,
     /// `encrypt.format=luks`
     pub encrypt_format: Option<String>,
     /// `encrypt.key-secret=ID`
@@ -160,7 +162,7 @@ pub fn require_key(img: &Image, path: &Path) -> Result<()> {
 }
 
 /// Every `-o` key `fvd create` knows, with a description for `-o help`.
-pub const CREATE_KEYS: [(&str, &str); 14] = [
+pub const CREATE_KEYS: [(&str, &str); 15] = [
     (
         "block_size",
         "bytes per bitmap block: a power of two from 512 to 1M (default: 4K, larger for huge bases)",
@@ -197,6 +199,10 @@ pub const CREATE_KEYS: [(&str, &str); 14] = [
         "command run when a compact image on a block device is full; {path} and {bytes} are substituted (write ,, for a comma)",
     ),
     (
+        "preallocation",
+        "off|metadata|falloc|full: off (default) allocates data as it is written; metadata maps every chunk of a compact image at create (the sparse layout: same as off); falloc allocates data space (the sparse layout's data region at create, each grow unit of a compact image), full writes it with zeros, so first writes commit no file-system metadata",
+    ),
+    (
         "encrypt.format",
         "luks: encrypt the data (AES-256-XTS, LUKS1 key slots, as qcow2's encrypt.format=luks)",
     ),
@@ -211,12 +217,13 @@ pub const CREATE_KEYS: [(&str, &str); 14] = [
 ];
 
 /// The `-o` keys `fvd convert` accepts for its output.
-pub const CONVERT_KEYS: [&str; 8] = [
+pub const CONVERT_KEYS: [&str; 9] = [
     "block_size",
     "journal_size",
     "compact",
     "chunk_size",
     "grow_unit",
+    "preallocation",
     "encrypt.format",
     "encrypt.key-secret",
     "encrypt.iter-time",
@@ -293,6 +300,12 @@ pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOp
                 }
                 "grow_unit" => o.grow_unit = Some(size(val)?),
                 "grow_cmd" => o.grow_cmd = Some(val.to_string()),
+                "preallocation" => {
+                    o.preallocation = Some(
+                        val.parse()
+                            .map_err(|e: fvd_core::Error| anyhow!("option {key}: {e}"))?,
+                    )
+                }
                 "encrypt.format" => o.encrypt_format = Some(val.to_string()),
                 "encrypt.key-secret" => o.encrypt_key_secret = Some(val.to_string()),
                 "encrypt.iter-time" => {

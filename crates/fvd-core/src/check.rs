@@ -6,7 +6,9 @@
 //! * leaks — space holding data no metadata refers to: blocks of the base
 //!   range whose bit is 0 but whose storage holds data (copy-on-write writes
 //!   that crashed before their journal record was durable), and in compact
-//!   images physical chunks no table entry references (exit code 3);
+//!   images physical chunks no table entry references (exit code 3); in
+//!   images preallocated with `falloc` or `full` only such space that does
+//!   not read as zeros (the zeros are the preallocation);
 //! * check errors — the check itself could not run (exit code 1).
 //!
 //! With internal snapshots the refcounts are recomputed from every
@@ -21,11 +23,11 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{HEADER_SLOT_SIZE, Header, INCOMPAT_COMPACT, Region, decode_slots};
+use crate::format::header::{HEADER_SLOT_SIZE, Header, INCOMPAT_COMPACT, Region};
 use crate::image::compact::EMPTY;
 use crate::image::{Image, OpenOptions};
 use crate::iobuf::IoBuf;
-use crate::meta::{self, Durable};
+use crate::meta::{self, Durable, SlotDamage};
 use crate::open::{Location, Opener};
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage, Storage};
@@ -184,24 +186,31 @@ async fn load(
     let len = storage
         .len()
         .map_err(|e| Error::io(format!("{desc}: size"), e))?;
-    let area = storage
-        .read_at(0, IoBuf::zeroed(2 * HEADER_SLOT_SIZE))
-        .await
-        .map_err(|e| Error::io(format!("{desc}: read header"), e))?;
-    let (h, slot) = match decode_slots(&area) {
+    let hf = match meta::inspect_header(storage).await {
         Ok(v) => v,
         Err(e) => {
-            r.check_errors.push(format!("{desc}: {e}"));
+            r.check_errors.push(e.to_string());
             return Ok(None);
         }
     };
-    let other = &area[(1 - slot) * HEADER_SLOT_SIZE..(2 - slot) * HEADER_SLOT_SIZE];
-    if other.iter().any(|&b| b != 0) && Header::decode(other).is_err() {
-        r.notes.push(format!(
-            "header slot {} is not valid (an interrupted header update); slot {slot} is used",
-            1 - slot
-        ));
-    }
+    let note = hf.note.clone().unwrap_or_default();
+    let h = match hf.damage {
+        SlotDamage::None => hf.header,
+        SlotDamage::Torn => {
+            r.notes
+                .push(format!("{note} (an interrupted header update)"));
+            hf.header
+        }
+        SlotDamage::CleanCleared => {
+            r.corruptions.push(note);
+            hf.header
+        }
+        // Look at the image as the rebuilt header will show it.
+        SlotDamage::Lost { rebuilt, .. } => {
+            r.corruptions.push(note);
+            *rebuilt
+        }
+    };
     r.clean = h.is_clean();
     if h.incompatible & crate::format::header::INCOMPAT_ENCRYPTED != 0 {
         let keys = h.region(Region::KeySlots);
@@ -275,28 +284,33 @@ async fn load(
     let table = crate::image::read_table(storage, &h).await?;
     let mut durable = Durable::new(bitmap, table);
     match meta::read_journal(storage, &h).await {
-        Ok(replay) => {
-            r.journal_blocks = replay.blocks;
-            r.journal_records = replay.records.len() as u64;
-            if h.is_clean() && replay.blocks > 0 {
+        Ok(blocks) => {
+            r.journal_blocks = blocks.len() as u64;
+            r.journal_records = blocks.iter().map(|b| b.records.len() as u64).sum();
+            if h.is_clean() && !blocks.is_empty() {
                 r.corruptions.push(format!(
                     "image is marked clean but its journal holds {} valid blocks of the current epoch",
-                    replay.blocks
+                    blocks.len()
                 ));
-            }
-            if !h.is_clean() {
-                for rec in &replay.records {
-                    if let Err(e) = durable.apply(rec) {
-                        r.corruptions.push(format!("journal: {}", e.message()));
-                        break;
-                    }
-                }
             }
         }
         Err(e) if e.kind() == ErrorKind::Corrupt => {
             r.corruptions.push(format!("journal: {}", e.message()))
         }
         Err(e) => return Err(e),
+    }
+    if !h.is_clean() && r.corruptions.iter().all(|c| !c.starts_with("journal")) {
+        match meta::replay(storage, &h, &mut durable).await {
+            Ok(rep) if rep.dropped > 0 => r.notes.push(format!(
+                "the journal's last records name {} blocks whose data never became durable; they keep reading from the base",
+                rep.dropped
+            )),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                r.corruptions.push(format!("journal: {}", e.message()))
+            }
+            Err(e) => return Err(e),
+        }
     }
     r.local_blocks = (durable.bitmap.count_ones(), bits);
     let cs = h.chunk_size as u64;
@@ -549,12 +563,46 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
         let mut pos = s;
         for run in runs {
             if run.data {
-                match out.last_mut() {
-                    Some((a, n)) if *a + *n == pos => *n += run.length,
-                    _ => out.push((pos, run.length)),
-                }
+                push_range(&mut out, pos, run.length);
             }
             pos += run.length;
+        }
+    }
+    if h.preallocation.allocates_data() {
+        // Space allocated (falloc) or written with zeros (full) ahead of
+        // the data belongs to the image by design: only pages that hold
+        // something other than zeros are leaked.
+        return nonzero_pages(storage, &out).await;
+    }
+    Ok(out)
+}
+
+/// Append `[pos, pos + len)` to `out`, merging with a range it continues.
+fn push_range(out: &mut Vec<(u64, u64)>, pos: u64, len: u64) {
+    match out.last_mut() {
+        Some((a, n)) if *a + *n == pos => *n += len,
+        _ => out.push((pos, len)),
+    }
+}
+
+/// The 4 KiB pages of `ranges` (page-aligned) that do not read as zeros.
+async fn nonzero_pages(storage: &dyn Storage, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>> {
+    const STEP: u64 = 4 << 20;
+    let mut out = Vec::new();
+    for &(start, len) in ranges {
+        let mut pos = start;
+        while pos < start + len {
+            let n = STEP.min(start + len - pos);
+            let buf = storage
+                .read_at(pos, IoBuf::zeroed(n as usize))
+                .await
+                .map_err(|er| Error::io(format!("{}: read for leaks", storage.describe()), er))?;
+            for (i, page) in buf.chunks(4096).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    push_range(&mut out, pos + i as u64 * 4096, page.len() as u64);
+                }
+            }
+            pos += n;
         }
     }
     Ok(out)
@@ -569,6 +617,9 @@ async fn repair_image(
 ) -> Result<Vec<String>> {
     let mut done = Vec::new();
     if mode == Repair::All && (!report.clean || !report.corruptions.is_empty()) {
+        if let Some(msg) = rebuild_lost_header(storage.as_ref()).await? {
+            done.push(msg);
+        }
         let (h, _) = crate::image::read_header(storage.as_ref()).await?;
         if report.corruptions.iter().any(|c| c.starts_with("bitmap")) {
             rewrite_bitmap(storage.as_ref(), &h).await?;
@@ -642,6 +693,31 @@ async fn repair_image(
         }
     }
     Ok(done)
+}
+
+/// If the newest header is lost (`SlotDamage::Lost`), write the header
+/// rebuilt from the older slot and the journal's epoch into the damaged
+/// slot, as the next generation, durably.
+async fn rebuild_lost_header(storage: &dyn Storage) -> Result<Option<String>> {
+    let hf = meta::inspect_header(storage).await?;
+    let SlotDamage::Lost { epoch, mut rebuilt } = hf.damage else {
+        return Ok(None);
+    };
+    rebuilt.generation = hf.header.generation + 1;
+    let other = 1 - hf.slot;
+    storage
+        .write_at(
+            (other * HEADER_SLOT_SIZE) as u64,
+            IoBuf::from_slice(&rebuilt.encode()),
+            false,
+        )
+        .await
+        .map_err(|e| Error::io("header write", e))?;
+    storage.flush().await.map_err(|e| Error::io("flush", e))?;
+    Ok(Some(format!(
+        "rebuilt the lost header of slot {other} from slot {} and the journal (epoch {epoch})",
+        hf.slot
+    )))
 }
 
 async fn rewrite_bitmap(storage: &dyn Storage, h: &Header) -> Result<()> {

@@ -31,12 +31,16 @@ pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
+pub use format::header::Preallocation;
 pub use image::{
     CreateEncryption, CreateOptions, Extent, Image, KeySlotChange, OpenOptions, RequestMap, Run,
     Source, Target,
 };
 pub use iobuf::IoBuf;
+#[doc(hidden)]
+pub use meta::Mutation;
 pub use meta::Stats;
 pub use open::{
-    BaseSpec, KeyLookup, Location, Opener, PathOptions, create_path, create_raw, open_path,
+    BaseSpec, KeyLookup, Location, Opener, PathOptions, create_path, create_raw,
+    create_raw_preallocated, open_path,
 };

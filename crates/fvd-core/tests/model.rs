@@ -97,6 +97,7 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
             secret: key(),
             iterations: 1000,
         }),
+        ..CreateOptions::default()
     };
     block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).expect("create");
     let mut img = open(&disk, &base);

@@ -87,7 +87,7 @@ fn check_block(data: &[u8], epoch: u64, seq: u64) {
     assert_eq!((b.epoch, b.seq), (epoch, seq));
     let used: usize = b.records.iter().map(|r| r.encoded_len()).sum();
     assert!(used <= journal::PAYLOAD, "decoded records overflow a block");
-    let enc = journal::encode_block(epoch, seq, &b.records);
+    let enc = journal::encode_block(epoch, seq, b.confirmed, &b.records);
     let back = journal::decode_block(&enc, epoch, seq)
         .expect("an encoded block decodes")
         .expect("an encoded block is valid");

@@ -37,6 +37,7 @@ use crate::model::{self, BASE, FIRST_TAG, Model, SECTOR, Seen, Val, ZERO};
 use crate::rng::{Rng, mix64};
 use crate::runtime::{Executor, SimHandle, Stop};
 use crate::storage::{CrashPolicy, Faults, Latency, SimBase, SimStorage};
+use fvd_core::Mutation;
 use fvd_core::base::Base;
 use fvd_core::error::ErrorKind;
 use fvd_core::format::header::FLAG_ALL_LOCAL;
@@ -49,6 +50,8 @@ use fvd_core::storage::Storage;
 
 /// Top 16 bits of every background seed (see [`background_seed`]).
 const BACKGROUND_TAG: u64 = 0xb6f0;
+/// Top 16 bits of every rewrite seed (see [`rewrite_seed`]).
+const REWRITE_TAG: u64 = 0x5e77;
 
 /// The `i`-th background seed: its configuration (see
 /// [`SimConfig::from_seed`]) adds background copy-on-read and/or a prefetch
@@ -61,6 +64,20 @@ pub fn background_seed(i: u64) -> u64 {
 /// True for seeds made by [`background_seed`].
 pub fn is_background_seed(seed: u64) -> bool {
     seed >> 48 == BACKGROUND_TAG
+}
+
+/// The `i`-th rewrite seed: a configuration (see
+/// [`SimConfig::add_rewrite_pressure`]) that aims at the one-fdatasync
+/// commit's weak spots — copy-on-write blocks rewritten right after the
+/// flush that made them durable, crashes before the next flush, torn data
+/// under durable journal records.
+pub fn rewrite_seed(i: u64) -> u64 {
+    (mix64(i ^ 0x05e7_75ee_d000) >> 16) | (REWRITE_TAG << 48)
+}
+
+/// True for seeds made by [`rewrite_seed`].
+pub fn is_rewrite_seed(seed: u64) -> bool {
+    seed >> 48 == REWRITE_TAG
 }
 
 /// Everything that shapes one run. [`SimConfig::from_seed`] derives a
@@ -111,6 +128,14 @@ pub struct SimConfig {
     /// the base is detached or the request budget is spent), and once more
     /// without faults at the end.
     pub prefetch: Option<PrefetchConfig>,
+    /// Probability that a request goes to (or right next to) a range one of
+    /// the last writes wrote: copy-on-write blocks rewritten soon after.
+    pub rewrite_recent: f64,
+    /// Probability that a write surviving a crash is torn; None: drawn per
+    /// crash as usual.
+    pub tear: Option<f64>,
+    /// A deliberate break of the engine's commit protocol (mutation checks).
+    pub mutation: Mutation,
     /// Encrypted image (LUKS1 key slots, AES-XTS data, [`sim_key`]).
     pub encrypted: bool,
 }
@@ -133,6 +158,9 @@ impl SimConfig {
         let mut cfg = Self::classic(seed);
         if is_background_seed(seed) {
             cfg.add_background_work();
+        }
+        if is_rewrite_seed(seed) {
+            cfg.add_rewrite_pressure();
         }
         cfg
     }
@@ -211,8 +239,39 @@ impl SimConfig {
             copy_on_read: r.below(3) == 0,
             background_cor: false,
             prefetch: None,
+            rewrite_recent: 0.0,
+            tear: None,
+            mutation: Mutation::None,
             // Drawn last, so the other fields of a seed stay as they were.
             encrypted: r.below(4) == 0,
+        }
+    }
+
+    /// Make this a rewrite configuration (drawn from the seed, from a stream
+    /// of its own): 1500 requests on a base as large as the disk (so every
+    /// first write is a copy-on-write), half to nine tenths of them on a
+    /// range one of the last 16 writes wrote, a fifth to a third of them
+    /// flushes, a crash every 10 to 40 requests (usually between two
+    /// flushes, some right after a flush), and many surviving writes torn —
+    /// data under journal records that made it.
+    pub fn add_rewrite_pressure(&mut self) {
+        let mut r = Rng::new(self.seed ^ 0x7265_7772_u64.rotate_left(20));
+        self.ios = 1500;
+        self.base_size = Some(self.virtual_size);
+        self.detect_zeroes = false;
+        self.testers = *r.pick(&[1usize, 2, 4, 8]);
+        self.rewrite_recent = *r.pick(&[0.5, 0.75, 0.9]);
+        self.max_sectors = (*r.pick(&[1u64, 2, 8, 24])).max(1);
+        self.flush_percent = *r.pick(&[20u64, 25, 33]);
+        self.ios_per_crash = *r.pick(&[10u64, 20, 40]);
+        self.tear = Some(*r.pick(&[0.5, 0.9]));
+        self.copy_on_read = r.below(4) == 0;
+        self.journal_size = *r.pick(&[8192u64, 65536]);
+        if r.below(2) == 0 {
+            // No injected I/O errors: every crash is a clean cut.
+            self.image_faults = Faults::default();
+            self.base_faults = Faults::default();
+            self.space_slack = None;
         }
     }
 
@@ -324,6 +383,14 @@ pub struct SimReport {
     /// Recoveries after a crash that found the image detached and opened,
     /// checked and compared it without its base.
     pub detached_reopens: u64,
+    /// Commit rounds that wrote journal blocks (all sessions).
+    pub commit_rounds: u64,
+    /// Of those, ordered rounds (data made durable before the journal).
+    pub ordered_rounds: u64,
+    /// Rounds run to confirm records before a rewrite in place.
+    pub confirm_rounds: u64,
+    /// Checked bits replay dropped because their data had not become durable.
+    pub replay_dropped: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -357,6 +424,8 @@ struct World {
     base: Option<Arc<[u8]>>,
     rng: Rng,
     inflight: Vec<Flight>,
+    /// The last writes planned (first sector, sectors), for rewrite seeds.
+    recent: Vec<(u64, u64)>,
     next_tag: Val,
     ios: u64,
     crash_at: u64,
@@ -466,7 +535,11 @@ impl World {
                 _ => self.rng.range(1, self.cfg.max_sectors),
             }
             .min(n);
-            let first = if !self.inflight.is_empty() && self.rng.below(2) == 0 {
+            let first = if !self.recent.is_empty() && self.rng.chance(self.cfg.rewrite_recent) {
+                // Into (or just around) what a recent write wrote.
+                let (f, c) = *self.rng.pick(&self.recent);
+                (f + self.rng.below(c + 2)).saturating_sub(1)
+            } else if !self.inflight.is_empty() && self.rng.below(2) == 0 {
                 // Right next to (or just inside) someone else's request.
                 let other = *self.rng.pick(&self.inflight);
                 let gap = self.rng.below(3);
@@ -491,6 +564,12 @@ impl World {
                     end,
                     write,
                 });
+                if write && self.cfg.rewrite_recent > 0.0 {
+                    if self.recent.len() == 16 {
+                        self.recent.remove(0);
+                    }
+                    self.recent.push((first, count));
+                }
                 return Some((op, first, count));
             }
         }
@@ -835,6 +914,7 @@ impl Run {
     /// copy-on-read fills running on the executor when configured.
     fn share(&mut self, img: Image) -> Arc<Image> {
         let img = Arc::new(img);
+        img.set_mutation(self.cfg.mutation);
         if self.cfg.background_cor {
             img.enable_background(self.sim.spawner());
         }
@@ -844,9 +924,13 @@ impl Run {
 
     /// Add the fill counters of `img` to the report.
     fn note_fills(&mut self, img: &Image) {
+        use std::sync::atomic::Ordering::Relaxed;
         let s = img.stats();
-        self.report.fill_bytes += s.cor_bytes.load(std::sync::atomic::Ordering::Relaxed)
-            + s.prefetch_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        self.report.fill_bytes += s.cor_bytes.load(Relaxed) + s.prefetch_bytes.load(Relaxed);
+        self.report.commit_rounds += s.commit_rounds.load(Relaxed);
+        self.report.ordered_rounds += s.ordered_rounds.load(Relaxed);
+        self.report.confirm_rounds += s.confirm_rounds.load(Relaxed);
+        self.report.replay_dropped += s.replay_dropped.load(Relaxed);
     }
 
     /// True if the newest header on `disk` says the image is all-local.
@@ -905,7 +989,10 @@ impl Run {
     fn crash_and_recover(&mut self, disk: SimStorage) -> Option<(SimStorage, Arc<Image>)> {
         let mut disk = disk;
         loop {
-            let policy = CrashPolicy::random(&mut self.rng);
+            let mut policy = CrashPolicy::random(&mut self.rng);
+            if let Some(t) = self.cfg.tear {
+                policy.tear = t;
+            }
             let (next, _) = disk.crash(&mut self.rng, policy);
             disk = next;
             self.report.crash_points += 1;
@@ -992,6 +1079,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         base: base.as_ref().map(|b| b.bytes().clone()),
         rng: rng.fork(),
         inflight: Vec::new(),
+        recent: Vec::new(),
         next_tag: FIRST_TAG,
         ios: 0,
         crash_at: 0,

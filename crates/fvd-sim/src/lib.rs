@@ -32,7 +32,8 @@ pub mod snapshots;
 pub mod storage;
 
 pub use harness::{
-    SimConfig, SimReport, Violation, background_seed, check_consistency, is_background_seed, run,
+    SimConfig, SimReport, Violation, background_seed, check_consistency, is_background_seed,
+    is_rewrite_seed, rewrite_seed, run,
 };
 pub use rng::Rng;
 pub use runtime::{Executor, SimClock, SimHandle, Sleep, Stop, sleep};

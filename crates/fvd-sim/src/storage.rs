@@ -300,6 +300,9 @@ struct Disk {
     cur: Pages,
     durable: Pages,
     len: u64,
+    /// The length a crash keeps for sure (size changes are metadata that
+    /// a flush makes durable, like the data).
+    durable_len: u64,
     /// Completed, not yet durable, in completion order.
     volatile: Vec<Rec>,
     inflight: BTreeMap<u64, Rec>,
@@ -320,6 +323,7 @@ impl Disk {
             cur: durable.clone(),
             durable,
             len,
+            durable_len: len,
             volatile: Vec::new(),
             inflight: BTreeMap::new(),
             next_id: 0,
@@ -513,10 +517,18 @@ impl SimStorage {
         for r in &survivors {
             r.apply(&mut pages);
         }
+        // A size change not yet durable may be lost, with what lies past the
+        // old end.
+        let len = if d.len != d.durable_len && !rng.chance(policy.keep_completed) {
+            pages.truncate(d.durable_len);
+            d.durable_len
+        } else {
+            d.len
+        };
         let next = SimStorage {
             disk: Arc::new(Mutex::new(Disk::new(
                 pages,
-                d.len,
+                len,
                 d.faults.clone(),
                 d.latency,
             ))),
@@ -539,6 +551,36 @@ impl SimStorage {
         for r in completed.iter().chain(inflight.values()) {
             if keep(r.offset, r.len) {
                 r.apply(&mut pages);
+            }
+        }
+        d.cur = Pages::default();
+        SimStorage {
+            disk: Arc::new(Mutex::new(Disk::new(
+                pages,
+                d.len,
+                d.faults.clone(),
+                d.latency,
+            ))),
+            sim: self.sim.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Crash keeping, of every non-durable write (completed or in flight,
+    /// in completion order), the 512-byte sectors for which
+    /// `keep(write offset, write length, sector offset)` is true: torn
+    /// writes exactly where a test wants them.
+    pub fn crash_keeping_sectors(&self, mut keep: impl FnMut(u64, u64, u64) -> bool) -> SimStorage {
+        let mut d = self.lock();
+        d.dead = true;
+        let completed = std::mem::take(&mut d.volatile);
+        let inflight = std::mem::take(&mut d.inflight);
+        let mut pages = std::mem::take(&mut d.durable);
+        for r in completed.iter().chain(inflight.values()) {
+            for s in r.sectors() {
+                if keep(r.offset, r.len, s.offset) {
+                    s.apply(&mut pages);
+                }
             }
         }
         d.cur = Pages::default();
@@ -659,6 +701,7 @@ impl SimStorage {
         if fua {
             let upto = d.cseq;
             d.make_durable(upto);
+            d.durable_len = d.durable_len.max(end.min(d.len));
         }
         Ok(())
     }
@@ -701,10 +744,13 @@ impl Storage for SimStorage {
         Box::pin(async move {
             let halt = self.halts(Kind::Flush);
             let (lat, fail) = self.begin(Kind::Flush);
+            let (upto, len) = {
+                let d = self.lock();
+                (d.cseq, d.len)
+            };
             if halt {
                 std::future::pending::<()>().await;
             }
-            let upto = self.lock().cseq;
             self.sim.sleep_ns(lat).await;
             let mut d = self.lock();
             if d.dead {
@@ -721,6 +767,8 @@ impl Storage for SimStorage {
                 return Err(eio("flush"));
             }
             d.make_durable(upto);
+            // A shrink since the flush was issued stays (it was immediate).
+            d.durable_len = len.min(d.len);
             Ok(())
         })
     }
@@ -770,11 +818,12 @@ impl Storage for SimStorage {
                 self.sim.note_fault();
                 return Err(errno(libc::ENOSPC));
             }
-            // Size changes are treated as immediately durable (the engine
-            // only sizes an image when creating it).
+            // A shrink is immediate (the engine only shrinks storage it no
+            // longer uses); a growth is durable after the next flush.
             if len < d.len {
                 d.cur.truncate(len);
                 d.durable.truncate(len);
+                d.durable_len = d.durable_len.min(len);
             }
             d.len = len;
             Ok(())

@@ -3,14 +3,17 @@
 //!
 //! The default run is 600 classic seeds plus 300 background seeds (whose
 //! configuration adds background copy-on-read and/or a prefetch task, see
-//! `fvd_sim::background_seed`).
+//! `fvd_sim::background_seed`) plus 150 rewrite seeds (copy-on-write blocks
+//! rewritten right after a flush, crashes before the next, torn data under
+//! durable journal records: `fvd_sim::rewrite_seed`).
 //!
 //! * `FVD_SIM_SEED=<seed>` replays one seed (as printed by a failure), of
 //!   either kind.
 //! * `FVD_SIM_SOAK=<minutes>` keeps running new seeds for that long
 //!   (alternately classic and background).
 //! * `FVD_SIM_SEEDS=<n>` runs the first n classic seeds of the default run;
-//!   `FVD_SIM_BG_SEEDS=<n>` the first n background seeds.
+//!   `FVD_SIM_BG_SEEDS=<n>` the first n background seeds,
+//!   `FVD_SIM_REWRITE_SEEDS=<n>` the first n rewrite seeds.
 //! * `FVD_SIM_LAYOUT=sparse|compact` runs only seeds whose image has that
 //!   layout (the seed alone still decides everything, so replays match).
 //!
@@ -18,7 +21,9 @@
 //! `sim: seeds=<n> crash_points=<n> ios=<n> violations=<n>` (all seeds) and
 //! `sim background: seeds=<n> crash_points=<n> ios=<n> prefetches_done=<n>
 //! prefetches_failed=<n> detached=<n> detached_reopens=<n> fill_bytes=<n>
-//! violations=<n>` (the background seeds alone).
+//! violations=<n>` (the background seeds alone), and `sim rewrite:
+//! seeds=<n> crash_points=<n> ios=<n> commit_rounds=<n> ordered_rounds=<n>
+//! confirm_rounds=<n> replay_dropped=<n> violations=<n>`.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,13 +36,15 @@ use fvd_core::{CreateOptions, ErrorKind, Format, Image, OpenOptions};
 use fvd_sim::model::{self, Seen};
 use fvd_sim::{
     CrashPolicy, Executor, Faults, Latency, Rng, SimBase, SimConfig, SimReport, SimStorage,
-    background_seed, check_consistency, is_background_seed, run,
+    background_seed, check_consistency, is_background_seed, is_rewrite_seed, rewrite_seed, run,
 };
 
 /// Classic seeds of the default run.
 const DEFAULT_SEEDS: u64 = 600;
 /// Background seeds of the default run.
 const DEFAULT_BG_SEEDS: u64 = 300;
+/// Rewrite seeds of the default run.
+const DEFAULT_REWRITE_SEEDS: u64 = 150;
 
 fn seed_of(i: u64) -> u64 {
     fvd_sim::rng::mix64(i ^ 0x0f0d_5eed)
@@ -94,10 +101,10 @@ fn random_testers_with_crash_points() {
         run_parallel(|| {
             while Instant::now() < until {
                 let k = i.fetch_add(1, Ordering::Relaxed);
-                let seed = if k.is_multiple_of(2) {
-                    seed_of(k / 2)
-                } else {
-                    background_seed(k / 2)
+                let seed = match k % 3 {
+                    0 => seed_of(k / 3),
+                    1 => background_seed(k / 3),
+                    _ => rewrite_seed(k / 3),
                 };
                 if let Some(c) = config(seed) {
                     return Some(c);
@@ -110,10 +117,19 @@ fn random_testers_with_crash_points() {
         // background seeds first.
         let n = env_u64("FVD_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
         let n_bg = env_u64("FVD_SIM_BG_SEEDS").unwrap_or(DEFAULT_BG_SEEDS);
-        // (background seeds tried, taken, classic seeds tried, taken)
-        let taken = Mutex::new((0u64, 0u64, 0u64, 0u64));
+        let n_rw = env_u64("FVD_SIM_REWRITE_SEEDS").unwrap_or(DEFAULT_REWRITE_SEEDS);
+        // (background seeds tried, taken, classic seeds tried, taken,
+        // rewrite seeds tried, taken)
+        let taken = Mutex::new((0u64, 0u64, 0u64, 0u64, 0u64, 0u64));
         run_parallel(|| {
             let mut t = taken.lock().unwrap();
+            while t.5 < n_rw {
+                t.4 += 1;
+                if let Some(c) = config(rewrite_seed(t.4 - 1)) {
+                    t.5 += 1;
+                    return Some(c);
+                }
+            }
             while t.1 < n_bg {
                 t.0 += 1;
                 if let Some(c) = config(background_seed(t.0 - 1)) {
@@ -158,6 +174,21 @@ fn random_testers_with_crash_points() {
             sum(|r| r.detached_reopens),
             sum(|r| r.fill_bytes),
             sum(|r| r.violations.len() as u64),
+        );
+        let _ = std::io::stdout().write_all(line.as_bytes());
+    }
+    let rw: Vec<&SimReport> = reports.iter().filter(|r| is_rewrite_seed(r.seed)).collect();
+    if !rw.is_empty() {
+        let line = format!(
+            "sim rewrite: seeds={} crash_points={} ios={} commit_rounds={} ordered_rounds={} confirm_rounds={} replay_dropped={} violations={}\n",
+            rw.len(),
+            rw.iter().map(|r| r.crash_points).sum::<u64>(),
+            rw.iter().map(|r| r.ios).sum::<u64>(),
+            rw.iter().map(|r| r.commit_rounds).sum::<u64>(),
+            rw.iter().map(|r| r.ordered_rounds).sum::<u64>(),
+            rw.iter().map(|r| r.confirm_rounds).sum::<u64>(),
+            rw.iter().map(|r| r.replay_dropped).sum::<u64>(),
+            rw.iter().map(|r| r.violations.len() as u64).sum::<u64>(),
         );
         let _ = std::io::stdout().write_all(line.as_bytes());
     }
@@ -1179,5 +1210,306 @@ fn failed_flush_while_storing_a_profile_poisons_the_image() {
             flushed.is_err(),
             "k={k}: a flush after a failed fdatasync reported success"
         );
+    }
+}
+
+#[test]
+fn default_rewrite_seeds_cover_every_shape() {
+    let cfgs: Vec<SimConfig> = (0..DEFAULT_REWRITE_SEEDS)
+        .map(|i| SimConfig::from_seed(rewrite_seed(i)))
+        .collect();
+    assert!((0..DEFAULT_REWRITE_SEEDS).all(|i| is_rewrite_seed(rewrite_seed(i))));
+    assert!(cfgs.iter().all(|c| c.base_size == Some(c.virtual_size)));
+    assert!(
+        cfgs.iter()
+            .all(|c| c.rewrite_recent > 0.0 && c.tear.is_some())
+    );
+    for bs in [512u32, 4096, 65536] {
+        let of_bs = || cfgs.iter().filter(move |c| c.block_size == bs);
+        assert!(
+            of_bs().any(|c| c.compact_chunk.is_none()),
+            "bs {bs}: sparse"
+        );
+        assert!(
+            of_bs().any(|c| c.compact_chunk.is_some()),
+            "bs {bs}: compact"
+        );
+    }
+    assert!(cfgs.iter().any(|c| c.testers == 1));
+    assert!(cfgs.iter().any(|c| c.image_faults.flush_error > 0.0));
+    assert!(cfgs.iter().any(|c| c.copy_on_read));
+}
+
+/// The mutation checks of the one-fdatasync commit (issue [commit]): the
+/// simulator must catch a protocol that rewrites blocks in place while
+/// their checked journal record is unconfirmed, and one that leaves a
+/// queued record's CRC stale after a rewrite. The same seeds with the
+/// protocol as designed find nothing (they are part of the default run).
+#[test]
+fn mutations_of_the_commit_protocol_are_caught() {
+    let seeds: Vec<u64> = (0..60).map(rewrite_seed).collect();
+    for m in [
+        fvd_core::Mutation::SkipConfirmation,
+        fvd_core::Mutation::SkipStale,
+    ] {
+        let found = Mutex::new(0u64);
+        let i = AtomicU64::new(0);
+        let reports = run_parallel(|| {
+            let k = i.fetch_add(1, Ordering::Relaxed) as usize;
+            let mut cfg = SimConfig::from_seed(*seeds.get(k)?);
+            cfg.mutation = m;
+            Some(cfg)
+        });
+        for r in &reports {
+            *found.lock().unwrap() += r.violations.len() as u64;
+        }
+        let found = found.into_inner().unwrap();
+        let line = format!(
+            "sim mutation {m:?}: seeds={} violations={found}\n",
+            reports.len()
+        );
+        let _ = std::io::stdout().write_all(line.as_bytes());
+        assert!(found > 0, "mutation {m:?} went unnoticed");
+    }
+}
+
+/// Crash `disk` with `policy` (seeded by `seed`), check the survivor and
+/// open it.
+fn crash_and_open(fx: &mut Fixture, seed: u64, policy: CrashPolicy) -> Image {
+    let (d, _) = fx.disk.crash(&mut Rng::new(seed), policy);
+    fx.disk = d;
+    let snap: Arc<dyn Storage> = Arc::new(fx.disk.snapshot("check"));
+    fx.exec
+        .block_on(check_consistency(snap, fx.base_dyn()))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("inconsistent after crash: {e}"));
+    fx.open()
+}
+
+fn flushes(img: &Image) -> u64 {
+    img.stats().storage_flushes.load(Ordering::Relaxed)
+}
+
+/// Write sectors `first..first+count` with tag `tag`.
+fn write_tag(fx: &Fixture, img: &Image, tag: u64, first: u64, count: u64) {
+    let mut data = Vec::new();
+    for s in first..first + count {
+        data.extend(sector_of(tag, s));
+    }
+    fx.exec
+        .block_on(img.write_slice(first * 512, &data, false))
+        .unwrap()
+        .unwrap();
+}
+
+/// Issue [commit]: a block copied on write and flushed with one fdatasync
+/// has an unconfirmed journal record (replay checks its CRC). Rewritten in
+/// place right after the flush and torn by a crash before the next one, it
+/// would fail the check and read the base: a flushed write lost. The engine
+/// first confirms the record (one journal block, one fdatasync). Checked
+/// for both layouts and many tearings; the mutation without the
+/// confirmation loses the flushed data here.
+#[test]
+fn rewrite_right_after_a_flush_keeps_the_flushed_data() {
+    for mutation in [
+        fvd_core::Mutation::None,
+        fvd_core::Mutation::SkipConfirmation,
+    ] {
+        let mut lost = 0;
+        for (k, chunk) in (0..24u64).flat_map(|k| [(k, None), (k, Some(16384u32))]) {
+            let mut fx = Fixture::with_layout(400 + k, 4096, chunk);
+            let img = fx.open();
+            img.set_mutation(mutation);
+            // The first round after open writes the header (two fdatasyncs).
+            write_tag(&fx, &img, 1, 0, 1);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            // A first write to base block 2, flushed: one fdatasync.
+            let f0 = flushes(&img);
+            write_tag(&fx, &img, 2, 16, 8);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            assert_eq!(flushes(&img) - f0, 1, "a flush after a first write");
+            // Rewritten in part, then a crash that tears what was not durable.
+            write_tag(&fx, &img, 3, 17, 3);
+            if mutation == fvd_core::Mutation::None {
+                let confirms = img.stats().confirm_rounds.load(Ordering::Relaxed);
+                assert_eq!(confirms, 1, "the rewrite confirmed the record first");
+            }
+            drop(img);
+            let img = crash_and_open(
+                &mut fx,
+                k,
+                CrashPolicy {
+                    keep_completed: 1.0,
+                    keep_inflight: 1.0,
+                    tear: 1.0,
+                },
+            );
+            for s in 16..24u64 {
+                let got = fx.read(&img, s * 512, 512).unwrap();
+                let ok =
+                    got == sector_of(2, s) || ((17..20).contains(&s) && got == sector_of(3, s));
+                if !ok {
+                    assert_eq!(
+                        mutation,
+                        fvd_core::Mutation::SkipConfirmation,
+                        "k={k} {chunk:?}: sector {s} reads {}",
+                        model::identify(&got, s, &fx.base_bytes(s * 512, 512))
+                    );
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+        if mutation == fvd_core::Mutation::SkipConfirmation {
+            assert!(
+                lost > 0,
+                "the mutation lost nothing: the test proves nothing"
+            );
+        }
+    }
+}
+
+/// Issue [commit]: a block rewritten while its checked record is still
+/// queued makes the record's CRC stale; the round that takes it makes the
+/// data durable before the journal (an ordered round), so the record holds
+/// whatever the data is. The mutation that keeps the stale CRC loses the
+/// flushed data after a crash.
+#[test]
+fn rewrite_before_the_flush_makes_the_round_ordered() {
+    for mutation in [fvd_core::Mutation::None, fvd_core::Mutation::SkipStale] {
+        for chunk in [None, Some(16384u32)] {
+            let mut fx = Fixture::with_layout(450, 4096, chunk);
+            let img = fx.open();
+            img.set_mutation(mutation);
+            write_tag(&fx, &img, 1, 0, 1);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            let ordered0 = img.stats().ordered_rounds.load(Ordering::Relaxed);
+            write_tag(&fx, &img, 2, 16, 8);
+            write_tag(&fx, &img, 3, 18, 2);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            let ordered = img.stats().ordered_rounds.load(Ordering::Relaxed) - ordered0;
+            drop(img);
+            let img = fx.crash_lose_all();
+            let got: Vec<Vec<u8>> = (16..24u64)
+                .map(|s| fx.read(&img, s * 512, 512).unwrap())
+                .collect();
+            let want: Vec<Vec<u8>> = (16..24u64)
+                .map(|s| sector_of(if (18..20).contains(&s) { 3 } else { 2 }, s))
+                .collect();
+            if mutation == fvd_core::Mutation::None {
+                assert_eq!(ordered, 1, "{chunk:?}");
+                assert!(got == want, "{chunk:?}: a flushed write was lost");
+            } else {
+                assert!(got != want, "{chunk:?}: the stale CRC went unnoticed");
+            }
+        }
+    }
+}
+
+/// Issue [commit]: torn data under a durable journal record. The one
+/// fdatasync of a round covers data and journal together, so a crash may
+/// keep the journal block and tear the data: replay checks the block's
+/// CRC and leaves it reading the base (the flush never completed). With
+/// the whole data kept, the record applies.
+#[test]
+fn torn_data_under_a_durable_record_reads_the_base() {
+    use std::rc::Rc;
+    for (keep_all, chunk) in [
+        (false, None),
+        (true, None),
+        (false, Some(16384)),
+        (true, Some(16384)),
+    ] {
+        let mut fx = Fixture::with_layout(460, 4096, chunk);
+        let img = Rc::new(fx.open());
+        write_tag(&fx, &img, 1, 0, 1);
+        fx.exec.block_on(img.flush()).unwrap().unwrap();
+        let journal = img
+            .header()
+            .unwrap()
+            .region(fvd_core::format::header::Region::Journal);
+        write_tag(&fx, &img, 2, 16, 8);
+        let flusher = img.clone();
+        fx.exec.spawn(async move {
+            let _ = flusher.flush().await;
+        });
+        // Run until the round's journal write completed but is not durable.
+        let mut cur = vec![0u8; journal.length as usize];
+        let mut dur = vec![0u8; journal.length as usize];
+        loop {
+            fx.exec.set_deadline(Some(fx.exec.now() + 100));
+            let stop = fx.exec.run();
+            fx.disk.current_pages().read(journal.offset, &mut cur);
+            fx.disk.durable_pages().read(journal.offset, &mut dur);
+            if cur != dur {
+                break;
+            }
+            assert_eq!(stop, fvd_sim::Stop::Deadline, "the flush ended first");
+        }
+        fx.exec.clear();
+        fx.exec.set_deadline(None);
+        drop(img);
+        fx.disk = fx.disk.crash_keeping_sectors(|off, _, sector| {
+            let in_journal = off >= journal.offset && off < journal.end();
+            in_journal || keep_all || (sector / 512) % 2 == 0
+        });
+        let snap: Arc<dyn Storage> = Arc::new(fx.disk.snapshot("check"));
+        fx.exec
+            .block_on(check_consistency(snap, fx.base_dyn()))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("inconsistent after crash: {e}"));
+        let img = fx.open();
+        let got = fx.read(&img, 16 * 512, 4096).unwrap();
+        let dropped = img.stats().replay_dropped.load(Ordering::Relaxed);
+        if keep_all {
+            let want: Vec<u8> = (16..24).flat_map(|s| sector_of(2, s)).collect();
+            assert!(
+                got == want,
+                "{chunk:?}: whole data and record, yet not applied"
+            );
+            assert_eq!(dropped, 0);
+        } else {
+            assert!(
+                got == fx.base_bytes(16 * 512, 4096),
+                "{chunk:?}: torn data under a durable record did not read the base"
+            );
+            assert_eq!(dropped, 1, "{chunk:?}");
+        }
+    }
+}
+
+/// Issue [commit], bug 3: a journal write that fails (ENOSPC, EIO) left
+/// nothing half-done that a later round cannot redo — no fdatasync failed —
+/// so it must not poison the image: the flush reports the error, the
+/// records stay queued, and the next flush commits them.
+#[test]
+fn failed_journal_write_does_not_poison_the_image() {
+    for chunk in [None, Some(16384u32)] {
+        let mut fx = Fixture::with_layout(470, 4096, chunk);
+        let img = fx.open();
+        write_tag(&fx, &img, 1, 0, 1);
+        fx.exec.block_on(img.flush()).unwrap().unwrap();
+        write_tag(&fx, &img, 2, 16, 8);
+        // The next write is the round's journal block.
+        fx.disk.update_faults(|f| f.fail_write_at = Some(0));
+        let e = fx.exec.block_on(img.flush()).unwrap().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        assert!(e.to_string().contains("journal write"), "{e}");
+        // Not poisoned: writes (also ones needing metadata) and flushes work.
+        write_tag(&fx, &img, 3, 40, 2);
+        fx.exec
+            .block_on(img.flush())
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{chunk:?}: flush after a failed journal write: {e}"));
+        drop(img);
+        let img = fx.crash_lose_all();
+        for (tag, first, count) in [(2u64, 16u64, 8u64), (3, 40, 2)] {
+            for s in first..first + count {
+                assert!(
+                    fx.read(&img, s * 512, 512).unwrap() == sector_of(tag, s),
+                    "{chunk:?}: sector {s} lost"
+                );
+            }
+        }
     }
 }

@@ -147,9 +147,12 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         Format::Raw | Format::Qcow2 => src_size,
     };
     match a.output_format {
-        Format::Raw | Format::Qcow2 => {
-            fvd_core::create_raw(&a.target, dst_size).map_err(|e| at(&a.target, e))?
-        }
+        Format::Raw | Format::Qcow2 => fvd_core::create_raw_preallocated(
+            &a.target,
+            dst_size,
+            opts.preallocation.unwrap_or_default(),
+        )
+        .map_err(|e| at(&a.target, e))?,
         Format::Fvd => {
             let co = CreateOptions {
                 size: Some(dst_size),
@@ -158,6 +161,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 compact: opts.compact.unwrap_or(false),
                 chunk_size: opts.chunk_size,
                 grow_unit: opts.grow_unit,
+                preallocation: opts.preallocation.unwrap_or_default(),
                 encryption: create_encryption(&opts, &a.target)?,
                 ..CreateOptions::default()
             };

@@ -24,7 +24,8 @@ pub struct Args {
     pub base_format: Option<Format>,
     /// Options: block_size=N, journal_size=N, detect_zeroes=on|off,
     /// copy_on_read=on|off, compact=on|off, chunk_size=N, grow_unit=N,
-    /// grow_cmd=CMD (-o help lists them).
+    /// grow_cmd=CMD, preallocation=off|metadata|falloc|full (-o help lists
+    /// them).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Print nothing on success.
@@ -117,9 +118,15 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                     img.display()
                 )
             })?;
-            fvd_core::create_raw(img, size).map_err(|e| at(img, e))?;
+            let prealloc = opts.preallocation.unwrap_or_default();
+            fvd_core::create_raw_preallocated(img, size, prealloc).map_err(|e| at(img, e))?;
             if !a.quiet {
-                println!("Formatting '{}', fmt=raw size={size}", img.display());
+                // As qemu-img: the mode is named only when it is not off.
+                let mut line = format!("Formatting '{}', fmt=raw size={size}", img.display());
+                if prealloc != fvd_core::Preallocation::Off {
+                    line.push_str(&format!(" preallocation={}", prealloc.name()));
+                }
+                println!("{line}");
             }
             Ok(0)
         }
@@ -152,6 +159,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 chunk_size: opts.chunk_size,
                 grow_unit: opts.grow_unit,
                 grow_cmd: opts.grow_cmd.clone(),
+                preallocation: opts.preallocation.unwrap_or_default(),
                 encryption: create_encryption(&opts, img)?,
                 ..CreateOptions::default()
             };
@@ -174,6 +182,9 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 line.push_str(&format!(" block_size={}", h.block_size));
                 if h.is_compact() {
                     line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
+                }
+                if h.preallocation != fvd_core::Preallocation::Off {
+                    line.push_str(&format!(" preallocation={}", h.preallocation.name()));
                 }
                 if h.incompatible & fvd_core::format::header::INCOMPAT_ENCRYPTED != 0 {
                     line.push_str(" encrypt.format=luks");

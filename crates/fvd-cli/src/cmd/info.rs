@@ -94,6 +94,9 @@ struct FvdData {
     autoclear_features: u64,
     journal_epoch: u64,
     replayed_journal_blocks: u64,
+    preallocation: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     compact: Option<CompactData>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,6 +211,8 @@ fn fvd_data(img: &Image, h: &Header) -> FvdData {
         autoclear_features: h.autoclear,
         journal_epoch: h.journal_epoch,
         replayed_journal_blocks: img.replayed_blocks(),
+        preallocation: h.preallocation.name(),
+        header_note: img.header_note().map(str::to_string),
         encrypt: encrypt_data(img, h),
         compact: img.chunk_usage().map(|u| CompactData {
             chunks: u.chunks,
@@ -325,6 +330,10 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                         "    clean: false (journal replayed in memory: {} blocks)",
                         d.replayed_journal_blocks
                     );
+                }
+                println!("    preallocation: {}", d.preallocation);
+                if let Some(n) = &d.header_note {
+                    println!("    header: {n}");
                 }
                 if let Some(e) = &d.encrypt {
                     println!("    encrypt:");

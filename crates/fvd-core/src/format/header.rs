@@ -29,8 +29,14 @@ pub const INCOMPAT_COMPACT: u64 = 1 << 0;
 pub const INCOMPAT_ENCRYPTED: u64 = 1 << 1;
 /// Incompatible feature: internal snapshots share chunks (refcounts in use).
 pub const INCOMPAT_SNAPSHOTS: u64 = 1 << 2;
+/// Incompatible feature: the journal of the current epoch may hold
+/// `SET_BITS_CHECKED` records and confirmation fields (docs/FORMAT.md §5).
+/// Set in the header that clears `CLEAN`, cleared by the checkpoint that
+/// sets it again: a cleanly closed image does not carry it.
+pub const INCOMPAT_CHECKSUMMED_JOURNAL: u64 = 1 << 3;
 /// Every incompatible bit this version defines.
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_COMPACT | INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS;
+pub const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_COMPACT | INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS | INCOMPAT_CHECKSUMMED_JOURNAL;
 /// Compatible feature: the prefetch profile region holds a recorded profile.
 pub const COMPAT_PREFETCH_PROFILE: u64 = 1 << 0;
 /// Every compatible bit this version defines.
@@ -39,10 +45,11 @@ pub const COMPAT_KNOWN: u64 = COMPAT_PREFETCH_PROFILE;
 pub const AUTOCLEAR_KNOWN: u64 = 0;
 
 /// Names of the incompatible feature bits.
-pub const INCOMPAT_NAMES: [(u64, &str); 3] = [
+pub const INCOMPAT_NAMES: [(u64, &str); 4] = [
     (INCOMPAT_COMPACT, "compact"),
     (INCOMPAT_ENCRYPTED, "encrypted"),
     (INCOMPAT_SNAPSHOTS, "snapshots"),
+    (INCOMPAT_CHECKSUMMED_JOURNAL, "checksummed-journal"),
 ];
 /// Names of the compatible feature bits.
 pub const COMPAT_NAMES: [(u64, &str); 1] = [(COMPAT_PREFETCH_PROFILE, "prefetch-profile")];
@@ -72,6 +79,68 @@ pub const FLAG_COPY_ON_READ: u64 = 1 << 2;
 pub const FLAG_ZERO_DETECTED: u64 = 1 << 3;
 /// Every flag this version defines.
 pub const FLAGS_KNOWN: u64 = FLAG_CLEAN | FLAG_ALL_LOCAL | FLAG_COPY_ON_READ | FLAG_ZERO_DETECTED;
+
+/// How much of the image's storage is allocated ahead of the data
+/// (`-o preallocation=`, as qemu-img names the modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing beyond the metadata regions.
+    #[default]
+    Off = 0,
+    /// Compact images: every chunk is mapped at create (identity), the data
+    /// region sparse; the sparse layout has nothing more to map (= off).
+    Metadata = 1,
+    /// Data space allocated (`fallocate`): the whole data region of the
+    /// sparse layout at create, each grow unit of a compact image.
+    Falloc = 2,
+    /// Data space written with zeros: the whole data region of the sparse
+    /// layout at create, each grow unit of a compact image.
+    Full = 3,
+}
+
+impl Preallocation {
+    /// Every mode, in order.
+    pub const ALL: [Preallocation; 4] = [
+        Preallocation::Off,
+        Preallocation::Metadata,
+        Preallocation::Falloc,
+        Preallocation::Full,
+    ];
+
+    /// The mode's name (`off`, `metadata`, `falloc`, `full`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+
+    /// The mode stored as `code` in a header; `None` for an unknown code.
+    pub fn from_code(code: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| *m as u32 == code)
+    }
+
+    /// True for `falloc` and `full`: data space is allocated by design.
+    pub fn allocates_data(self) -> bool {
+        matches!(self, Preallocation::Falloc | Preallocation::Full)
+    }
+}
+
+impl std::str::FromStr for Preallocation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                Error::arg(format!(
+                    "preallocation mode '{s}' is not one of off, metadata, falloc, full"
+                ))
+            })
+    }
+}
 
 /// Regions, in the order of the region table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -168,6 +237,8 @@ pub struct Header {
     pub grow_unit: u64,
     /// Limit of copy-on-read bytes in flight.
     pub max_cor_bytes: u64,
+    /// Preallocation mode chosen at create.
+    pub preallocation: Preallocation,
     /// The region table.
     pub regions: [Extent; REGION_COUNT],
     /// Base image format; `None` when there is no base.
@@ -196,6 +267,7 @@ mod off {
     pub const JOURNAL_EPOCH: usize = 80;
     pub const GROW_UNIT: usize = 88;
     pub const MAX_COR: usize = 96;
+    pub const PREALLOCATION: usize = 120;
     pub const REGIONS: usize = 128;
     pub const BASE_FORMAT: usize = 256;
     pub const BASE_NAME_LEN: usize = 272;
@@ -301,6 +373,7 @@ impl Header {
         put_u64(&mut b, off::JOURNAL_EPOCH, self.journal_epoch);
         put_u64(&mut b, off::GROW_UNIT, self.grow_unit);
         put_u64(&mut b, off::MAX_COR, self.max_cor_bytes);
+        put_u32(&mut b, off::PREALLOCATION, self.preallocation as u32);
         for (i, r) in self.regions.iter().enumerate() {
             put_u64(&mut b, off::REGIONS + i * 16, r.offset);
             put_u64(&mut b, off::REGIONS + i * 16 + 8, r.length);
@@ -334,34 +407,17 @@ impl Header {
         b
     }
 
-    /// Decode and validate one slot. `file_desc` names the image in errors.
+    /// Decode and validate one slot.
     pub fn decode(b: &[u8]) -> Result<Header> {
-        if b.len() < HEADER_SLOT_SIZE {
-            return Err(Error::invalid(format!(
-                "file too short for an FVD header ({} bytes, need {HEADER_SLOT_SIZE})",
-                b.len()
-            )));
+        match decode_slot(b) {
+            Slot::Valid(h) => Ok(*h),
+            Slot::NeedsFeatures { error, .. } | Slot::Invalid(error) => Err(error),
         }
-        let b = &b[..HEADER_SLOT_SIZE];
-        if b[..8] != MAGIC {
-            return Err(Error::invalid("not an FVD image (bad magic)"));
-        }
-        let version = get_u32(b, off::VERSION);
-        if version != VERSION {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "FVD version {version} is not supported (this build reads version {VERSION})"
-                ),
-            ));
-        }
-        let stored = get_u32(b, off::CRC);
-        let crc = crc32c::crc32c(&b[..off::CRC]);
-        if stored != crc {
-            return Err(Error::corrupt(format!(
-                "header checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
-            )));
-        }
+    }
+
+    /// Decode a slot whose magic, CRC and size are right and whose
+    /// incompatible features this version knows.
+    fn decode_checked(b: &[u8]) -> Result<Header> {
         let hsize = get_u32(b, off::HEADER_SIZE);
         if hsize as usize != HEADER_SLOT_SIZE {
             return Err(Error::corrupt(format!(
@@ -401,6 +457,9 @@ impl Header {
             journal_epoch: get_u64(b, off::JOURNAL_EPOCH),
             grow_unit: get_u64(b, off::GROW_UNIT),
             max_cor_bytes: get_u64(b, off::MAX_COR),
+            // Advisory: an unknown mode (a newer writer's) reads as off.
+            preallocation: Preallocation::from_code(get_u32(b, off::PREALLOCATION))
+                .unwrap_or_default(),
             regions,
             base_format,
             base_name: get_str(
@@ -621,33 +680,153 @@ fn get_str(b: &[u8], len_off: usize, off: usize, max: usize, what: &str) -> Resu
     Ok(s.to_string())
 }
 
+/// What one header slot holds.
+#[derive(Debug)]
+pub enum Slot {
+    /// A valid header.
+    Valid(Box<Header>),
+    /// A header whose magic and CRC check out but which needs a version or
+    /// an incompatible feature this build does not know: if it is the
+    /// newest, the image must be refused, never read through an older slot.
+    NeedsFeatures {
+        /// Its generation.
+        generation: u64,
+        /// Why it cannot be used.
+        error: Error,
+    },
+    /// Not a valid header (torn, damaged, or all zeros).
+    Invalid(Error),
+}
+
+impl Slot {
+    /// The generation of a slot that is valid or needs features.
+    pub fn generation(&self) -> Option<u64> {
+        match self {
+            Slot::Valid(h) => Some(h.generation),
+            Slot::NeedsFeatures { generation, .. } => Some(*generation),
+            Slot::Invalid(_) => None,
+        }
+    }
+}
+
+/// Decode one 4 KiB slot.
+pub fn decode_slot(b: &[u8]) -> Slot {
+    if b.len() < HEADER_SLOT_SIZE {
+        return Slot::Invalid(Error::invalid(format!(
+            "file too short for an FVD header ({} bytes, need {HEADER_SLOT_SIZE})",
+            b.len()
+        )));
+    }
+    let b = &b[..HEADER_SLOT_SIZE];
+    if b[..8] != MAGIC {
+        return Slot::Invalid(Error::invalid("not an FVD image (bad magic)"));
+    }
+    let stored = get_u32(b, off::CRC);
+    let crc = crc32c::crc32c(&b[..off::CRC]);
+    if stored != crc {
+        return Slot::Invalid(Error::corrupt(format!(
+            "header checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
+        )));
+    }
+    let generation = get_u64(b, off::GENERATION);
+    let version = get_u32(b, off::VERSION);
+    if version != VERSION {
+        return Slot::NeedsFeatures {
+            generation,
+            error: Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "FVD version {version} is not supported (this build reads version {VERSION}); this image needs a newer fvd"
+                ),
+            ),
+        };
+    }
+    let unknown = get_u64(b, off::INCOMPAT) & !INCOMPAT_KNOWN;
+    if unknown != 0 {
+        return Slot::NeedsFeatures {
+            generation,
+            error: Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "unknown incompatible feature bits {unknown:#x}; this image needs a newer fvd"
+                ),
+            ),
+        };
+    }
+    match Header::decode_checked(b) {
+        Ok(h) => Slot::Valid(Box::new(h)),
+        Err(e) => Slot::Invalid(e),
+    }
+}
+
+/// Both slots of a header area, decoded, and which one is in force.
+#[derive(Debug)]
+pub struct Slots {
+    /// The newest valid header.
+    pub header: Header,
+    /// Its slot (0 or 1).
+    pub slot: usize,
+    /// The other slot is neither valid nor all zeros: an interrupted header
+    /// update, or damage (`Some(why)`).
+    pub other_damaged: Option<Error>,
+}
+
 /// Pick the newest valid header of the two slots in `area` (8 KiB).
 ///
 /// Returns the header and the slot index it came from. If neither slot is
 /// valid, the error of slot 0 is returned (it names the real problem: wrong
-/// magic for a non-FVD file).
+/// magic for a non-FVD file). If the newest slot whose checksum holds needs
+/// a version or feature this build does not know, the image is refused
+/// (never read through the older slot).
 pub fn decode_slots(area: &[u8]) -> Result<(Header, usize)> {
-    let s0 = Header::decode(area);
+    decode_both(area).map(|s| (s.header, s.slot))
+}
+
+/// [`decode_slots`], also telling whether the other slot is damaged.
+pub fn decode_both(area: &[u8]) -> Result<Slots> {
+    let s0 = decode_slot(area);
     let s1 = if area.len() >= 2 * HEADER_SLOT_SIZE {
-        Header::decode(&area[HEADER_SLOT_SIZE..])
+        decode_slot(&area[HEADER_SLOT_SIZE..])
     } else {
-        Err(Error::invalid("second header slot missing"))
+        Slot::Invalid(Error::invalid("second header slot missing"))
     };
-    match (s0, s1) {
-        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation {
-            (b, 1)
-        } else {
-            (a, 0)
-        }),
-        (Ok(a), Err(_)) => Ok((a, 0)),
-        (Err(e), Err(_)) => Err(e),
-        (Err(e0), Ok(b)) => {
-            // Slot 0 torn during an update is fine; slot 0 of a different format is not.
-            if area.len() >= 8 && area[..8] != MAGIC && e0.kind() == ErrorKind::InvalidImage {
-                return Err(e0);
-            }
-            Ok((b, 1))
+    // Slot 0 of a different format is not an image, whatever slot 1 holds.
+    if area.len() >= 8
+        && area[..8] != MAGIC
+        && let Slot::Invalid(e) = s0
+    {
+        return Err(e);
+    }
+    // The newest slot whose checksum holds; slot 0 on equal generations.
+    let newest = match (s0.generation(), s1.generation()) {
+        (None, None) => {
+            let Slot::Invalid(e) = s0 else {
+                unreachable!("a slot without generation is invalid")
+            };
+            return Err(e);
         }
+        (Some(_), None) => 0,
+        (None, Some(_)) => 1,
+        (Some(a), Some(b)) => usize::from(b > a),
+    };
+    let (chosen, other) = if newest == 0 { (s0, s1) } else { (s1, s0) };
+    let other_bytes = if area.len() >= 2 * HEADER_SLOT_SIZE {
+        &area[(1 - newest) * HEADER_SLOT_SIZE..(2 - newest) * HEADER_SLOT_SIZE]
+    } else {
+        &[][..]
+    };
+    let other_damaged = match other {
+        Slot::Invalid(e) if other_bytes.iter().any(|&b| b != 0) => Some(e),
+        _ => None,
+    };
+    match chosen {
+        Slot::Valid(h) => Ok(Slots {
+            header: *h,
+            slot: newest,
+            other_damaged,
+        }),
+        Slot::NeedsFeatures { error, .. } => Err(error.context(format!("header slot {newest}"))),
+        Slot::Invalid(_) => unreachable!("the chosen slot has a generation"),
     }
 }
 
@@ -746,6 +925,72 @@ mod tests {
         area[4096 + 100] ^= 1; // tear slot 1
         let (got, slot) = decode_slots(&area).unwrap();
         assert_eq!((got.journal_epoch, slot), (1, 0));
+    }
+
+    /// One rule (issue [commit]): the newest slot needing a feature this
+    /// build lacks refuses the image; it is never read through the older
+    /// slot. An older slot with unknown bits is simply not newest.
+    #[test]
+    fn newest_slot_with_unknown_feature_refuses_the_image() {
+        let mut h = sample();
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h.encode());
+        h.generation += 1;
+        h.incompatible |= 1 << 40;
+        area[4096..].copy_from_slice(&h.encode());
+        let e = decode_slots(&area).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("newer fvd"), "{e}");
+        // The same bits in the older slot: the newest is used.
+        let mut old = sample();
+        old.incompatible |= 1 << 40;
+        area[..4096].copy_from_slice(&old.encode());
+        h.incompatible &= !(1 << 40);
+        area[4096..].copy_from_slice(&h.encode());
+        assert_eq!(decode_slots(&area).unwrap().1, 1);
+        // A newer format version in the newest slot refuses too.
+        let mut v2 = h.encode();
+        v2[8] = 2;
+        let crc = crc32c::crc32c(&v2[..off::CRC]);
+        put_u32(&mut v2, off::CRC, crc);
+        area[..4096].copy_from_slice(&sample().encode());
+        area[4096..].copy_from_slice(&v2);
+        assert_eq!(
+            decode_slots(&area).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+    }
+
+    #[test]
+    fn damaged_other_slot_is_reported() {
+        let mut h = sample();
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h.encode());
+        assert!(decode_both(&area).unwrap().other_damaged.is_none());
+        h.generation += 1;
+        area[4096..].copy_from_slice(&h.encode());
+        area[4096 + 3000] ^= 1;
+        let s = decode_both(&area).unwrap();
+        assert_eq!(s.slot, 0);
+        assert!(s.other_damaged.is_some());
+    }
+
+    #[test]
+    fn preallocation_round_trips() {
+        for m in Preallocation::ALL {
+            let mut h = sample();
+            h.preallocation = m;
+            assert_eq!(Header::decode(&h.encode()).unwrap().preallocation, m);
+            assert_eq!(m.name().parse::<Preallocation>().unwrap(), m);
+        }
+        let mut b = sample().encode();
+        put_u32(&mut b, off::PREALLOCATION, 9);
+        let crc = crc32c::crc32c(&b[..off::CRC]);
+        put_u32(&mut b, off::CRC, crc);
+        assert_eq!(
+            Header::decode(&b).unwrap().preallocation,
+            Preallocation::Off
+        );
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! header's `journal_epoch` and its sequence number equals its index in the
 //! journal region. Replay applies the records of valid blocks 0, 1, 2, ...
 //! in order and stops at the first invalid one. See docs/FORMAT.md §5.
+//!
+//! `SET_BITS_CHECKED` records carry a CRC-32C of each block's content so
+//! that they can be written in the same fdatasync as the data they describe:
+//! replay sets such a bit only if the block's data checks out, unless the
+//! record lies in a block that a later block (or the block itself) declares
+//! *confirmed* — written after that data was known durable (field
+//! `confirmed` of the block header).
 
 use super::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use crate::error::{Error, Result};
@@ -20,6 +27,7 @@ pub const PAYLOAD: usize = BLOCK_SIZE - BLOCK_HEADER;
 const REC_SET_BITS: u16 = 1;
 const REC_CLEAR_BITS: u16 = 2;
 const REC_TABLE: u16 = 3;
+const REC_SET_BITS_CHECKED: u16 = 4;
 
 /// One metadata update.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +53,14 @@ pub enum Record {
         /// New entries.
         entries: Vec<u32>,
     },
+    /// Set bits `[first, first + crcs.len())`, each only if its block's
+    /// content has the given CRC-32C (unless the record is confirmed).
+    SetBitsChecked {
+        /// First block.
+        first: u64,
+        /// CRC-32C of each block's content (clipped to the base range).
+        crcs: Vec<u32>,
+    },
 }
 
 impl Record {
@@ -53,11 +69,27 @@ impl Record {
         match self {
             Record::SetBits { .. } | Record::ClearBits { .. } => 16,
             Record::Table { entries, .. } => 16 + (entries.len() * 4).div_ceil(8) * 8,
+            Record::SetBitsChecked { crcs, .. } => 16 + (crcs.len() * 4).div_ceil(8) * 8,
         }
     }
 
     /// Most table entries one record may carry (so it fits in a block).
     pub const MAX_TABLE_ENTRIES: usize = (PAYLOAD - 16) / 4;
+    /// Most blocks one `SetBitsChecked` record may cover.
+    pub const MAX_CHECKED_BLOCKS: usize = (PAYLOAD - 16) / 4;
+
+    /// The blocks whose bits the record sets or clears (empty for `Table`).
+    pub fn blocks(&self) -> std::ops::Range<u64> {
+        match self {
+            Record::SetBits { first, count } | Record::ClearBits { first, count } => {
+                *first..first.saturating_add(*count as u64)
+            }
+            Record::SetBitsChecked { first, crcs } => {
+                *first..first.saturating_add(crcs.len() as u64)
+            }
+            Record::Table { .. } => 0..0,
+        }
+    }
 
     fn encode_into(&self, b: &mut [u8]) {
         match self {
@@ -71,11 +103,20 @@ impl Record {
                 put_u32(b, 4, *count);
                 put_u64(b, 8, *first);
             }
-            Record::Table { first, entries } => {
-                put_u16(b, 0, REC_TABLE);
-                put_u32(b, 4, entries.len() as u32);
+            Record::Table {
+                first,
+                entries: words,
+            }
+            | Record::SetBitsChecked { first, crcs: words } => {
+                let t = if matches!(self, Record::Table { .. }) {
+                    REC_TABLE
+                } else {
+                    REC_SET_BITS_CHECKED
+                };
+                put_u16(b, 0, t);
+                put_u32(b, 4, words.len() as u32);
                 put_u64(b, 8, *first);
-                for (i, e) in entries.iter().enumerate() {
+                for (i, e) in words.iter().enumerate() {
                     put_u32(b, 16 + 4 * i, *e);
                 }
             }
@@ -90,17 +131,23 @@ pub struct Block {
     pub epoch: u64,
     /// Index of the block in the journal.
     pub seq: u64,
+    /// Records in blocks with a lower index than this are confirmed: their
+    /// data was durable when this block was written (a block may confirm
+    /// itself, `seq + 1`, when it was written after its own records' data
+    /// was durable). 0 in journals written before `CHECKSUMMED_JOURNAL`.
+    pub confirmed: u32,
     /// Its records, in order.
     pub records: Vec<Record>,
 }
 
 /// Encode a block. The records must fit ([`pack`] guarantees it).
-pub fn encode_block(epoch: u64, seq: u64, records: &[Record]) -> [u8; BLOCK_SIZE] {
+pub fn encode_block(epoch: u64, seq: u64, confirmed: u32, records: &[Record]) -> [u8; BLOCK_SIZE] {
     let mut b = [0u8; BLOCK_SIZE];
     put_u32(&mut b, 0, MAGIC);
     put_u64(&mut b, 8, epoch);
     put_u64(&mut b, 16, seq);
     put_u16(&mut b, 24, records.len() as u16);
+    put_u32(&mut b, 28, confirmed);
     let mut pos = BLOCK_HEADER;
     for r in records {
         let n = r.encoded_len();
@@ -132,6 +179,7 @@ pub fn decode_block(b: &[u8], epoch: u64, seq: u64) -> Result<Option<Block>> {
     }
     let n = get_u16(b, 24) as usize;
     let used = get_u16(b, 26) as usize;
+    let confirmed = get_u32(b, 28);
     if used > PAYLOAD {
         return Err(Error::corrupt(format!(
             "journal block {seq}: record bytes {used} exceed the block"
@@ -162,17 +210,24 @@ pub fn decode_block(b: &[u8], epoch: u64, seq: u64) -> Result<Option<Block>> {
                     Record::ClearBits { first, count }
                 }
             }
-            REC_TABLE => {
+            REC_TABLE | REC_SET_BITS_CHECKED => {
                 let len = 16 + (count as usize * 4).div_ceil(8) * 8;
                 if count == 0 || pos + len > end {
                     return Err(Error::corrupt(format!(
-                        "journal block {seq}: table record {i} has a bad length"
+                        "journal block {seq}: record {i} (type {t}) has a bad length"
                     )));
                 }
-                let entries = (0..count as usize)
+                let words = (0..count as usize)
                     .map(|k| get_u32(b, pos + 16 + 4 * k))
                     .collect();
-                Record::Table { first, entries }
+                if t == REC_TABLE {
+                    Record::Table {
+                        first,
+                        entries: words,
+                    }
+                } else {
+                    Record::SetBitsChecked { first, crcs: words }
+                }
             }
             other => {
                 return Err(Error::corrupt(format!(
@@ -186,8 +241,19 @@ pub fn decode_block(b: &[u8], epoch: u64, seq: u64) -> Result<Option<Block>> {
     Ok(Some(Block {
         epoch,
         seq,
+        confirmed,
         records,
     }))
+}
+
+/// The epoch of a block whose magic, CRC and sequence (`seq`) check out,
+/// whatever epoch it belongs to (None otherwise).
+pub fn block_epoch(b: &[u8], seq: u64) -> Option<u64> {
+    if b.len() < BLOCK_SIZE || get_u32(b, 0) != MAGIC {
+        return None;
+    }
+    let b = &b[..BLOCK_SIZE];
+    (get_u32(b, 4) == crc32c::crc32c(&b[8..]) && get_u64(b, 16) == seq).then(|| get_u64(b, 8))
 }
 
 /// Split records into groups that each fit one block, keeping their order.
@@ -252,19 +318,49 @@ mod tests {
                 first: 1 << 33,
                 count: 1,
             },
+            Record::SetBitsChecked {
+                first: 12,
+                crcs: vec![0xdead_beef, 7, 0],
+            },
         ]
     }
 
     #[test]
     fn round_trip() {
-        let b = encode_block(7, 3, &sample());
+        let b = encode_block(7, 3, 0, &sample());
         let got = decode_block(&b, 7, 3).unwrap().unwrap();
         assert_eq!(got.records, sample());
+        assert_eq!(got.confirmed, 0);
+        let b = encode_block(7, 3, 4, &sample());
+        assert_eq!(decode_block(&b, 7, 3).unwrap().unwrap().confirmed, 4);
+    }
+
+    /// docs/FORMAT.md §5.2: a `SET_BITS_CHECKED` record of 3 blocks is 16
+    /// bytes of head and 3 CRCs padded to 16 bytes.
+    #[test]
+    fn checked_record_layout() {
+        let r = Record::SetBitsChecked {
+            first: 9,
+            crcs: vec![0x1111_1111, 0x2222_2222, 0x3333_3333],
+        };
+        assert_eq!(r.encoded_len(), 32);
+        let b = encode_block(1, 0, 0, std::slice::from_ref(&r));
+        assert_eq!(get_u16(&b, BLOCK_HEADER), 4);
+        assert_eq!(get_u32(&b, BLOCK_HEADER + 4), 3);
+        assert_eq!(get_u64(&b, BLOCK_HEADER + 8), 9);
+        assert_eq!(get_u32(&b, BLOCK_HEADER + 24), 0x3333_3333);
+        assert_eq!(get_u32(&b, BLOCK_HEADER + 28), 0);
+        assert_eq!(r.blocks(), 9..12);
+        let full = Record::SetBitsChecked {
+            first: 0,
+            crcs: vec![5; Record::MAX_CHECKED_BLOCKS],
+        };
+        assert_eq!(pack(std::slice::from_ref(&full)).len(), 1);
     }
 
     #[test]
     fn wrong_epoch_or_position_ends_the_journal() {
-        let b = encode_block(7, 3, &sample());
+        let b = encode_block(7, 3, 0, &sample());
         assert_eq!(decode_block(&b, 8, 3).unwrap(), None);
         assert_eq!(decode_block(&b, 7, 4).unwrap(), None);
         assert_eq!(decode_block(&[0u8; BLOCK_SIZE], 7, 3).unwrap(), None);
@@ -272,7 +368,7 @@ mod tests {
 
     #[test]
     fn torn_blocks_end_the_journal() {
-        let b = encode_block(7, 3, &sample());
+        let b = encode_block(7, 3, 0, &sample());
         for sector in 1..8 {
             let mut t = b;
             t[sector * 512..].fill(0xa5);
@@ -298,20 +394,20 @@ mod tests {
             entries: vec![1, 2, 3],
         };
         assert_eq!(t3.encoded_len(), 32);
-        let b = encode_block(1, 0, std::slice::from_ref(&t3));
+        let b = encode_block(1, 0, 0, std::slice::from_ref(&t3));
         assert_eq!(get_u16(&b, 26), 32);
         // Declared bytes beyond the counted records are ignored.
-        let mut b = encode_block(1, 0, &[Record::SetBits { first: 0, count: 1 }]);
+        let mut b = encode_block(1, 0, 0, &[Record::SetBits { first: 0, count: 1 }]);
         put_u16(&mut b, 26, 48);
         reseal(&mut b);
         assert_eq!(decode_block(&b, 1, 0).unwrap().unwrap().records.len(), 1);
         // Fewer declared bytes than the counted records need: corruption.
-        let mut b = encode_block(1, 0, std::slice::from_ref(&t3));
+        let mut b = encode_block(1, 0, 0, std::slice::from_ref(&t3));
         put_u16(&mut b, 26, 28);
         reseal(&mut b);
         assert!(decode_block(&b, 1, 0).is_err());
         // More than a block's payload: corruption.
-        let mut b = encode_block(1, 0, &[]);
+        let mut b = encode_block(1, 0, 0, &[]);
         put_u16(&mut b, 26, PAYLOAD as u16 + 8);
         reseal(&mut b);
         assert!(decode_block(&b, 1, 0).is_err());
@@ -319,7 +415,7 @@ mod tests {
 
     #[test]
     fn bad_content_with_valid_crc_is_corruption() {
-        let mut b = encode_block(7, 3, &[Record::SetBits { first: 0, count: 1 }]);
+        let mut b = encode_block(7, 3, 0, &[Record::SetBits { first: 0, count: 1 }]);
         put_u16(&mut b, BLOCK_HEADER, 99);
         let crc = crc32c::crc32c(&b[8..]);
         put_u32(&mut b, 4, crc);
@@ -361,6 +457,6 @@ mod tests {
             entries: vec![0; Record::MAX_TABLE_ENTRIES],
         }];
         assert_eq!(pack(&big).len(), 1);
-        let _ = encode_block(1, 0, &pack(&big)[0]);
+        let _ = encode_block(1, 0, 0, &pack(&big)[0]);
     }
 }

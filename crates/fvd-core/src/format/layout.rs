@@ -176,6 +176,7 @@ pub fn compute_layout(c: &CreateLayout) -> Result<Header> {
         journal_epoch: 1,
         grow_unit: super::layout::DEFAULT_GROW_UNIT,
         max_cor_bytes: DEFAULT_MAX_COR_BYTES,
+        preallocation: super::header::Preallocation::Off,
         regions,
         base_format,
         base_name,

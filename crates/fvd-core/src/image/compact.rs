@@ -17,6 +17,19 @@
 //! allocator that sees a zero pin count after the free can never race an
 //! I/O that still uses the old mapping.
 //!
+//! Zeroed chunks (the one-fdatasync commit, `meta/commit.rs`): a `TABLE`
+//! record may become durable before the data of its chunk, so a chunk may
+//! be handed out for a round of one fdatasync only if whatever it holds
+//! durably already reads as zeros — storage grown in this session (grown,
+//! preallocated, then fdatasynced before any chunk of it is used) or a
+//! chunk freed in this session (punched before its free was committed).
+//! Any other chunk (free at open, past the highest one in use at open, or
+//! given back after a failed write, or freed by a snapshot operation,
+//! which does not punch) may hold old data: its allocation is *ordered*, so
+//! its data and its zeroing are durable before its record. So is a
+//! replacement for a chunk shared with a snapshot: the bytes copied into it
+//! must be durable before the `TABLE` record that maps it.
+//!
 //! Internal snapshots (`image::snapshot`) keep chunks alive that the live
 //! table no longer references: a per-physical-chunk **refcount** counts the
 //! snapshots holding a chunk. A chunk the live table shares with a snapshot
@@ -36,6 +49,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 
 use super::physarray::PhysArray;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::header::Preallocation;
 use crate::storage::Storage;
 
 /// Table entry of an unallocated chunk.
@@ -52,11 +66,26 @@ pub(crate) struct SnapshotUse {
     pub metadata: Vec<Range<u64>>,
 }
 
+/// A chunk handed out by the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    /// Virtual chunk.
+    pub virt: u64,
+    /// Physical chunk.
+    pub phys: u32,
+    /// Its storage is known to read zeros durably.
+    pub zeroed: bool,
+}
+
 struct Allocator {
     /// Next never-used physical chunk.
     next: u32,
     /// Physical chunks free for reuse now.
     free: BTreeSet<u32>,
+    /// Free chunks that may hold old data (not known to read zeros).
+    dirty: BTreeSet<u32>,
+    /// Chunks at and past this one (below `capacity`) read zeros durably.
+    zeroed_from: u64,
     /// Freed chunks waiting for commit round `.1` to complete.
     pending_free: Vec<(u32, u64)>,
     /// Physical chunks the storage can hold now.
@@ -69,6 +98,8 @@ pub(crate) struct Compact {
     pub data_offset: u64,
     pub grow_unit: u64,
     pub grow_cmd: String,
+    /// How growth allocates the new storage.
+    pub preallocation: Preallocation,
     table: Box<[AtomicU32]>,
     pins: PhysArray<AtomicU32>,
     /// Snapshots holding each physical chunk (changed only with the
@@ -196,14 +227,16 @@ impl Compact {
         capacity: u64,
         grow_unit: u64,
         grow_cmd: String,
+        preallocation: Preallocation,
         snaps: &SnapshotUse,
     ) -> Self {
         let used = in_use(table, snaps);
         let next = used.end();
         // Chunks below the high-water mark that nothing uses were allocated
         // by writes that never reached the journal (or freed by snapshot
-        // operations a crash interrupted): free again.
-        let free = (0..next).filter(|&p| !used.contains(p)).collect();
+        // operations a crash interrupted): free again, but they may hold
+        // their data (`dirty`).
+        let free: BTreeSet<u32> = (0..next).filter(|&p| !used.contains(p)).collect();
         let refs: PhysArray<AtomicU16> = PhysArray::new(table.len() as u64);
         for (p, &n) in snaps.refcounts.iter().enumerate() {
             if n > 0 {
@@ -215,13 +248,16 @@ impl Compact {
             data_offset,
             grow_unit,
             grow_cmd,
+            preallocation,
             table: table.iter().map(|&p| AtomicU32::new(p)).collect(),
             pins: PhysArray::new(table.len() as u64),
             refs,
             skip_shared_copy: AtomicBool::new(false),
             alloc: Mutex::new(Allocator {
                 next,
+                dirty: free.clone(),
                 free,
+                zeroed_from: capacity,
                 pending_free: Vec::new(),
                 capacity,
             }),
@@ -336,24 +372,30 @@ impl Compact {
 
     /// Allocate physical chunks for `virt` (all unallocated, locked by the
     /// caller), growing the storage if needed. `rounds_done` tells which
-    /// freed chunks have a durable free. The result is not yet published.
+    /// freed chunks have a durable free. Each chunk comes with whether it
+    /// is known to read zeros durably. The result is not yet published.
+    /// `fatal` is told of an fdatasync that failed while growing.
     pub async fn allocate(
         &self,
         storage: &dyn Storage,
         virt: &[u64],
         rounds_done: u64,
-    ) -> Result<Vec<(u64, u32)>> {
+        fatal: &(dyn Fn(&Error) + Sync),
+    ) -> Result<Vec<Chunk>> {
         let (out, need) = {
             let mut a = self.lock();
             self.collect_frees(&mut a, rounds_done);
-            let mut out = Vec::with_capacity(virt.len());
+            let mut out: Vec<Chunk> = Vec::with_capacity(virt.len());
             for &c in virt {
-                let p = match a.free.pop_first() {
-                    Some(p) => p,
+                let (p, zeroed) = match a.free.pop_first() {
+                    Some(p) => (p, !a.dirty.remove(&p)),
                     None => {
                         if a.next as u64 >= MAX_PHYS {
-                            for (_, p) in out.drain(..) {
-                                a.free.insert(p);
+                            for ch in out.drain(..) {
+                                a.free.insert(ch.phys);
+                                if !ch.zeroed {
+                                    a.dirty.insert(ch.phys);
+                                }
                             }
                             return Err(Error::new(
                                 ErrorKind::NoSpace,
@@ -361,18 +403,23 @@ impl Compact {
                             ));
                         }
                         a.next += 1;
-                        a.next - 1
+                        let p = a.next - 1;
+                        (p, p as u64 >= a.zeroed_from)
                     }
                 };
-                out.push((c, p));
+                out.push(Chunk {
+                    virt: c,
+                    phys: p,
+                    zeroed,
+                });
             }
-            let need = out.iter().map(|&(_, p)| p as u64 + 1).max().unwrap_or(0);
+            let need = out.iter().map(|ch| ch.phys as u64 + 1).max().unwrap_or(0);
             (out, need)
         };
         if need > self.lock().capacity
-            && let Err(e) = self.grow(storage, need).await
+            && let Err(e) = self.grow(storage, need, fatal).await
         {
-            self.release(&out);
+            self.release(&out, false);
             return Err(e);
         }
         Ok(out)
@@ -395,7 +442,13 @@ impl Compact {
     /// Allocate `n` physically contiguous chunks past every chunk in use
     /// (snapshot metadata), growing the storage. Not published anywhere:
     /// give them back with [`Compact::free_chunks`] if unused.
-    pub async fn allocate_run(&self, storage: &dyn Storage, n: u64) -> Result<Range<u64>> {
+    /// `fatal` is told of an fdatasync that failed while growing.
+    pub async fn allocate_run(
+        &self,
+        storage: &dyn Storage,
+        n: u64,
+        fatal: &(dyn Fn(&Error) + Sync),
+    ) -> Result<Range<u64>> {
         let run = {
             let mut a = self.lock();
             let start = a.next as u64;
@@ -409,7 +462,7 @@ impl Compact {
             start..start + n
         };
         if run.end > self.lock().capacity
-            && let Err(e) = self.grow(storage, run.end).await
+            && let Err(e) = self.grow(storage, run.end, fatal).await
         {
             self.free_chunks(run.clone().map(|p| p as u32), 0);
             return Err(e);
@@ -420,23 +473,32 @@ impl Compact {
     /// Give physical chunks nothing refers to any more (durably, as of
     /// commit round `round`) back to the allocator; each is reused only
     /// once no I/O pins it.
+    /// Such chunks may still hold their data (they are not punched): they
+    /// are `dirty`.
     pub fn free_chunks(&self, phys: impl IntoIterator<Item = u32>, round: u64) {
         let mut a = self.lock();
-        a.pending_free.extend(phys.into_iter().map(|p| (p, round)));
+        for p in phys {
+            a.dirty.insert(p);
+            a.pending_free.push((p, round));
+        }
     }
 
-    /// Return chunks that were allocated but never published.
-    pub fn release(&self, chunks: &[(u64, u32)]) {
+    /// Return chunks that were allocated but never published. `written`:
+    /// a write into them may have happened (they may no longer read zeros).
+    pub fn release(&self, chunks: &[Chunk], written: bool) {
         let mut a = self.lock();
-        for &(_, p) in chunks {
-            a.free.insert(p);
+        for ch in chunks {
+            a.free.insert(ch.phys);
+            if written || !ch.zeroed {
+                a.dirty.insert(ch.phys);
+            }
         }
     }
 
     /// Make allocated chunks visible to readers (after their data is written).
-    pub fn publish(&self, chunks: &[(u64, u32)]) {
-        for &(c, p) in chunks {
-            self.table[c as usize].store(p, Ordering::SeqCst);
+    pub fn publish(&self, chunks: &[Chunk]) {
+        for ch in chunks {
+            self.table[ch.virt as usize].store(ch.phys, Ordering::SeqCst);
         }
     }
 
@@ -472,7 +534,12 @@ impl Compact {
         }
     }
 
-    async fn grow(&self, storage: &dyn Storage, need_chunks: u64) -> Result<()> {
+    async fn grow(
+        &self,
+        storage: &dyn Storage,
+        need_chunks: u64,
+        fatal: &(dyn Fn(&Error) + Sync),
+    ) -> Result<()> {
         let _grow = self.grow_lock.lock().await;
         let cs = self.chunk_size;
         let step = (self.grow_unit.max(cs) / cs).max(1);
@@ -490,6 +557,9 @@ impl Compact {
         };
         let target_len = self.data_offset + target * cs;
         let needed_len = self.data_offset + need_chunks * cs;
+        let old_len = storage
+            .len()
+            .map_err(|e| Error::io(format!("{}: size", storage.describe()), e))?;
         let mut r = storage.set_len(target_len).await;
         if r.is_err() && storage.len().map(|l| l >= needed_len).unwrap_or(false) {
             r = Ok(());
@@ -524,8 +594,44 @@ impl Compact {
                 ),
             ));
         }
-        self.lock().capacity = (len - self.data_offset) / cs;
+        let new_capacity = (len - self.data_offset) / cs;
+        let grown = self.data_offset + have * cs..self.data_offset + new_capacity * cs;
+        let grown = grown.start.max(old_len.min(grown.end))..grown.end;
+        self.preallocate(storage, grown).await?;
+        // The new size (and preallocation) must be durable before a table
+        // entry pointing into it can be: a one-fdatasync round may make its
+        // journal durable without the size change.
+        if let Err(e) = storage.flush().await {
+            let e = Error::io(
+                format!("{}: fdatasync after growing", storage.describe()),
+                e,
+            );
+            fatal(&e);
+            return Err(e);
+        }
+        self.lock().capacity = new_capacity;
         Ok(())
+    }
+
+    /// Allocate (`falloc`) or write zeros over (`full`) grown storage.
+    async fn preallocate(&self, storage: &dyn Storage, r: std::ops::Range<u64>) -> Result<()> {
+        if r.is_empty() {
+            return Ok(());
+        }
+        let what = |e| {
+            Error::io(
+                format!("{}: preallocate grown storage", storage.describe()),
+                e,
+            )
+        };
+        match self.preallocation {
+            Preallocation::Falloc => storage
+                .preallocate(r.start, r.end - r.start)
+                .await
+                .map_err(what),
+            Preallocation::Full => crate::storage::write_zeros(storage, r).await.map_err(what),
+            Preallocation::Off | Preallocation::Metadata => Ok(()),
+        }
     }
 }
 

@@ -240,6 +240,11 @@ impl Image {
                     None => (self.base_bytes(s, e - s).await?, None),
                 };
                 let fresh = self.allocate(s, e - s).await?;
+                let crcs = if hard {
+                    self.map.block_crcs(still.clone(), s, &data)
+                } else {
+                    Vec::new()
+                };
                 let r = self.write_image(s, data, &fresh).await.and_then(|data| {
                     if let Some((start, w)) = given {
                         src = Some((start, self.rejoin(data, w)?));
@@ -247,7 +252,7 @@ impl Image {
                     Ok(())
                 });
                 if hard {
-                    self.publish(r, fresh, still)?;
+                    self.publish(r, fresh, still, &crcs)?;
                 } else if let Err(err) = r {
                     self.map.release(fresh);
                     return Err(err);

@@ -6,10 +6,10 @@ use crate::crypt::{MasterKey, Secret, luks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{self, FLAG_ZERO_DETECTED, HEADER_AREA, Header, Region};
+use crate::format::header::{self, FLAG_ZERO_DETECTED, HEADER_AREA, Header, Preallocation, Region};
 use crate::format::layout::{CreateLayout, compute_layout};
 use crate::iobuf::IoBuf;
-use crate::storage::Storage;
+use crate::storage::{Storage, write_zeros};
 
 /// What a new image should look like.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,8 @@ pub struct CreateOptions {
     pub grow_unit: Option<u64>,
     /// Command growing a block device: `{path}` and `{bytes}` are substituted.
     pub grow_cmd: Option<String>,
+    /// What to allocate ahead of the data (`-o preallocation=`).
+    pub preallocation: Preallocation,
     /// Encrypt the data (LUKS1 key slots, AES-256-XTS).
     pub encryption: Option<CreateEncryption>,
 }
@@ -78,6 +80,7 @@ pub async fn create(
         encrypted: opts.encryption.is_some(),
     };
     let mut h = compute_layout(&layout)?;
+    h.preallocation = opts.preallocation;
     if opts.copy_on_read {
         h.flags |= header::FLAG_COPY_ON_READ;
     }
@@ -99,16 +102,20 @@ pub async fn create(
     }
     let io = |what: &'static str| move |e| Error::io(format!("{}: {what}", storage.describe()), e);
     let data = h.region(Region::Data);
+    let identity = h.is_compact() && opts.preallocation == Preallocation::Metadata;
+    // Compact images with `metadata`: every chunk mapped in place.
+    let data_len = if identity {
+        h.virtual_size.div_ceil(h.chunk_size as u64) * h.chunk_size as u64
+    } else {
+        data.length
+    };
     let len = storage.len().map_err(io("size"))?;
-    let want = data.offset + data.length;
+    let want = data.offset + data_len;
     if len < want {
         storage.set_len(want).await.map_err(io("set size"))?;
     }
-    // Metadata regions start out as "empty": zeros, and 0xFF for the table.
-    // Punching (rather than writing zeros) keeps a new file sparse.
+    // Reserved regions start out as holes (zeros).
     for r in [
-        Region::Journal,
-        Region::Bitmap,
         Region::Snapshots,
         Region::Refcounts,
         Region::KeySlots,
@@ -120,8 +127,15 @@ pub async fn create(
             .await
             .map_err(io("clear metadata"))?;
     }
+    // The journal and the bitmap are written (zeros), not left as holes:
+    // a journal write then never allocates storage — it cannot fail for
+    // lack of space, and a flush commits no file-system metadata for it.
+    let j = h.region(Region::Journal);
+    write_zeros(storage, j.offset..j.end())
+        .await
+        .map_err(io("write journal"))?;
     let bm = h.region(Region::Bitmap);
-    if bitmap.count_ones() > 0 {
+    if bm.length > 0 {
         let bytes = bitmap.to_bytes(bm.length as usize);
         storage
             .write_at(bm.offset, IoBuf::from_slice(&bytes), false)
@@ -145,11 +159,30 @@ pub async fn create(
     }
     let t = h.region(Region::Table);
     if t.length > 0 {
-        let ones = vec![0xffu8; t.length as usize];
+        let chunks = h.virtual_size.div_ceil(h.chunk_size as u64);
+        let mut bytes = vec![0xffu8; t.length as usize];
+        if identity {
+            for c in 0..chunks as usize {
+                bytes[c * 4..c * 4 + 4].copy_from_slice(&(c as u32).to_le_bytes());
+            }
+        }
         storage
-            .write_at(t.offset, IoBuf::from_slice(&ones), false)
+            .write_at(t.offset, IoBuf::from_slice(&bytes), false)
             .await
             .map_err(io("write chunk table"))?;
+    }
+    if !h.is_compact() {
+        // The sparse layout: the data region, allocated or written ahead.
+        match opts.preallocation {
+            Preallocation::Falloc => storage
+                .preallocate(data.offset, data.length)
+                .await
+                .map_err(io("preallocate the data region"))?,
+            Preallocation::Full => write_zeros(storage, data.offset..data.end())
+                .await
+                .map_err(io("write the data region"))?,
+            Preallocation::Off | Preallocation::Metadata => {}
+        }
     }
     let mut area = vec![0u8; HEADER_AREA as usize];
     area[..header::HEADER_SLOT_SIZE].copy_from_slice(&h.encode());

@@ -14,9 +14,7 @@ use crate::base::Base;
 use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{
-    self, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, Region,
-};
+use crate::format::header::{self, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, Region};
 use crate::iobuf::IoBuf;
 use crate::meta::{self, Durable, Meta, Stats};
 use crate::storage::Storage;
@@ -42,7 +40,8 @@ impl Image {
         key: Option<&Secret>,
     ) -> Result<Image> {
         let desc = storage.describe();
-        let (h, slot) = read_header(storage.as_ref()).await?;
+        let hf = meta::header_in_force(storage.as_ref()).await?;
+        let (h, slot, header_note) = (hf.header, hf.slot, hf.note);
         // Keys first: a wrong passphrase must fail before a replay writes.
         let crypt = open_crypt(storage.as_ref(), &h, key, &desc).await?;
         let file_len = storage_len(storage.as_ref())?;
@@ -59,8 +58,8 @@ impl Image {
             None => h.base_range(),
         };
         let base = check_base(&desc, &h, base, base_range)?;
-        let (durable, replay_blocks, replay_records) = match &pending {
-            Some(p) => (p.durable(), 0, 0),
+        let (durable, replayed) = match &pending {
+            Some(p) => (p.durable(), meta::Replayed::default()),
             None => load_metadata(storage.as_ref(), &h)
                 .await
                 .map_err(|e| e.context(&desc))?,
@@ -68,10 +67,18 @@ impl Image {
         let stats = Stats::default();
         stats
             .replayed_records
-            .store(replay_records, Ordering::Relaxed);
+            .store(replayed.records, Ordering::Relaxed);
+        stats
+            .replay_dropped
+            .store(replayed.dropped, Ordering::Relaxed);
         let layout =
             layout_of(&h, &durable.table, capacity, &snaps.usage).map_err(|e| e.context(&desc))?;
         let dirty = !h.is_clean();
+        if !opts.read_only {
+            reserve_metadata(storage.as_ref(), &h)
+                .await
+                .map_err(|e| e.context(&desc))?;
+        }
         let base_blocks = durable.bitmap.len();
         let meta = Meta::new(h.clone(), slot, durable);
         let mut dir = snaps.state;
@@ -82,7 +89,9 @@ impl Image {
                 Some(p) => {
                     snapshot::finish_apply(storage.as_ref(), &stats, &mut st, &mut dir, p).await
                 }
-                None if dirty => meta::checkpoint(&mut st, storage.as_ref(), &stats, true).await,
+                None if dirty => {
+                    meta::checkpoint_now(&mut st, storage.as_ref(), &stats, true).await
+                }
                 None => Ok(()),
             };
             r.map_err(|e| e.context(&desc))?;
@@ -98,7 +107,8 @@ impl Image {
             base_range,
             read_only: opts.read_only,
             stats,
-            replayed_blocks: replay_blocks,
+            replayed_blocks: replayed.blocks,
+            header_note,
             snapshots: snapshot::SnapshotState::new(dir),
             crypt,
         }))
@@ -161,6 +171,7 @@ impl Image {
             read_only: true,
             stats: Stats::default(),
             replayed_blocks: 0,
+            header_note: None,
             snapshots: snapshot::SnapshotState::new(snaps.state),
             crypt,
         }))
@@ -195,6 +206,7 @@ impl Image {
             snapshots: p.snapshots,
             header: Some(p.header),
             replayed_blocks: p.replayed_blocks,
+            header_note: p.header_note,
             crypt: p.crypt,
         }
     }
@@ -215,6 +227,7 @@ impl Image {
             stats: Stats::default(),
             header: None,
             replayed_blocks: 0,
+            header_note: None,
             cor: cor::CorState::new(false, 0),
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
@@ -239,6 +252,7 @@ struct Parts {
     read_only: bool,
     stats: Stats,
     replayed_blocks: u64,
+    header_note: Option<String>,
     snapshots: snapshot::SnapshotState,
     crypt: Option<Encryption>,
 }
@@ -341,6 +355,7 @@ fn layout_of(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> R
         capacity,
         h.grow_unit,
         h.grow_cmd.clone(),
+        h.preallocation,
         snaps,
     ))))
 }
@@ -349,7 +364,7 @@ fn layout_of(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> R
 pub(super) async fn load_metadata(
     storage: &dyn Storage,
     h: &Header,
-) -> Result<(Durable, u64, u64)> {
+) -> Result<(Durable, meta::Replayed)> {
     let bits = h.base_blocks();
     let bitmap = if bits > 0 {
         let bytes = bits.div_ceil(8) as usize;
@@ -365,13 +380,22 @@ pub(super) async fn load_metadata(
     let table = read_table(storage, h).await?;
     let mut durable = Durable::new(bitmap, table);
     if h.is_clean() {
-        return Ok((durable, 0, 0));
+        return Ok((durable, meta::Replayed::default()));
     }
-    let replay = meta::read_journal(storage, h).await?;
-    for r in &replay.records {
-        durable.apply(r)?;
+    let replayed = meta::replay(storage, h, &mut durable).await?;
+    Ok((durable, replayed))
+}
+
+/// Make sure writes into the journal can never fail for lack of space:
+/// allocate its region (images created before the journal was written at
+/// create time have holes there). Content is untouched.
+async fn reserve_metadata(storage: &dyn Storage, h: &Header) -> Result<()> {
+    let j = h.region(Region::Journal);
+    match storage.preallocate(j.offset, j.length).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(Error::io("allocate the journal region", e)),
     }
-    Ok((durable, replay.blocks, replay.records.len() as u64))
 }
 
 /// Read the on-disk chunk table (empty for the sparse layout).
@@ -391,20 +415,9 @@ pub(crate) async fn read_table(storage: &dyn Storage, h: &Header) -> Result<Vec<
         .collect())
 }
 
-/// Read and validate the newest header of an image.
+/// Read and validate the header in force of an image (docs/FORMAT.md §2:
+/// the newest valid slot, unless the journal proves a damaged slot newer).
 pub async fn read_header(storage: &dyn Storage) -> Result<(Header, usize)> {
-    let desc = storage.describe();
-    let len = storage
-        .len()
-        .map_err(|e| Error::io(format!("{desc}: size"), e))?;
-    if len < header::HEADER_SLOT_SIZE as u64 {
-        return Err(Error::invalid(format!(
-            "{desc}: not an FVD image (file is only {len} bytes)"
-        )));
-    }
-    let buf = storage
-        .read_at(0, IoBuf::zeroed(HEADER_AREA as usize))
-        .await
-        .map_err(|e| Error::io(format!("{desc}: read header"), e))?;
-    header::decode_slots(&buf).map_err(|e| e.context(&desc))
+    let hf = meta::header_in_force(storage).await?;
+    Ok((hf.header, hf.slot))
 }

@@ -43,10 +43,10 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::compact::{Compact, EMPTY, Pin};
+use super::compact::{Chunk, Compact, EMPTY, Pin};
 use crate::error::{ErrorKind, Result};
 use crate::format::journal::Record;
-use crate::meta::{Meta, Stats};
+use crate::meta::{self, Meta, Proof, Stats};
 use crate::storage::Storage;
 
 /// Where a run of the virtual disk lives.
@@ -121,7 +121,7 @@ pub(crate) struct Mapping {
 /// still have a write running on an I/O thread into them.
 #[must_use]
 pub(crate) struct Allocation {
-    chunks: Vec<(u64, u32)>,
+    chunks: Vec<Chunk>,
     /// Virtual chunks of `chunks` that replace a chunk shared with a
     /// snapshot, and that chunk.
     replaced: Vec<(u64, u32)>,
@@ -130,10 +130,17 @@ pub(crate) struct Allocation {
 /// How a chunk of an allocation gets the bytes the request does not write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fill {
-    /// A fresh chunk: zero `len` bytes at host offset `host` (virtual
-    /// offset `virt`).
-    Zero { host: u64, virt: u64, len: u64 },
-    /// A replacement for a shared chunk (zeroed first): copy `len` bytes
+    /// A fresh chunk that may hold old data: zero `len` bytes at host
+    /// offset `host` (virtual offset `virt`), punching them if `unmap`
+    /// (not in preallocated images, which keep their storage allocated).
+    Zero {
+        host: u64,
+        virt: u64,
+        len: u64,
+        unmap: bool,
+    },
+    /// A replacement for a shared chunk (zeroed first unless it reads
+    /// zeros already): copy `len` bytes
     /// from host offset `from` in the old chunk to `to` in the new one
     /// (virtual offset `virt`).
     Copy {
@@ -153,9 +160,15 @@ impl Allocation {
         }
     }
 
-    /// (virtual chunk, physical chunk) pairs.
-    pub fn chunks(&self) -> &[(u64, u32)] {
+    /// The chunks.
+    pub fn chunks(&self) -> &[Chunk] {
         &self.chunks
+    }
+
+    /// Some chunk may hold old data, or holds bytes copied from a chunk
+    /// shared with a snapshot: its record must wait for its data.
+    fn ordered(&self) -> bool {
+        !self.replaced.is_empty() || self.chunks.iter().any(|c| !c.zeroed)
     }
 }
 
@@ -179,7 +192,7 @@ pub(crate) enum ZeroPiece {
 /// Chunks freed by a zeroing, published together at its end.
 #[derive(Default)]
 pub(crate) struct Frees {
-    unmapped: Vec<(u64, u32)>,
+    unmapped: Vec<Chunk>,
     physical: Vec<u32>,
     blocks: Option<Range<u64>>,
 }
@@ -279,12 +292,7 @@ impl Mapping {
     /// The runs of image-resident bytes `[offset, offset+len)` in the
     /// layout alone (no bitmap): [`Target::Host`] or [`Target::Unallocated`].
     /// `fresh` holds chunks allocated for the request and not yet published.
-    pub fn image_runs<'a>(
-        &'a self,
-        offset: u64,
-        len: u64,
-        fresh: &'a [(u64, u32)],
-    ) -> ImageRuns<'a> {
+    pub fn image_runs<'a>(&'a self, offset: u64, len: u64, fresh: &'a [Chunk]) -> ImageRuns<'a> {
         ImageRuns {
             layout: &self.layout,
             pos: offset,
@@ -321,12 +329,14 @@ impl Mapping {
 
     /// True if a write of `[offset, offset+len)` may go straight to its host
     /// offsets, with no lock and no metadata — exactly a raw-file write:
-    /// every block it touches is `hard` (committed or queued) and, in
-    /// compact images, every chunk allocated.
+    /// every block it touches is `hard` (committed or queued) and settled
+    /// (no unconfirmed checked record, see `meta`), and, in compact images,
+    /// every chunk allocated.
     pub fn direct_write(&self, offset: u64, len: u64) -> bool {
         let Some(m) = &self.meta else { return true };
         let blocks = self.blocks_of(offset, len);
-        if !blocks.is_empty() && !m.hard.all_set(blocks) {
+        let settled_hard = |b: Range<u64>| m.hard.all_set(b.clone()) && m.settled(b);
+        if !blocks.is_empty() && !settled_hard(blocks) {
             return false;
         }
         match &self.layout {
@@ -379,7 +389,9 @@ impl Mapping {
     /// What a copy-on-write of `[offset, end)` must copy around the data:
     /// the missing head and tail of its partial first and last blocks that
     /// are not in the image yet (empty ranges where nothing is missing).
-    /// Called with the span locked.
+    /// Called with the span locked. (Blocks filled by copy-on-read are
+    /// local: their edges are not rewritten — after a detach a direct write
+    /// may land there meanwhile.)
     pub fn cow_edges(&self, offset: u64, end: u64) -> (Range<u64>, Range<u64>) {
         let none = (offset..offset, end..end);
         let (Some(m), blocks) = (&self.meta, self.blocks_of(offset, end - offset)) else {
@@ -434,8 +446,9 @@ impl Mapping {
             return Ok(Allocation::none());
         }
         let mut tries = 0;
+        let fatal = |e: &crate::error::Error| m.mark_poisoned(e);
         let chunks = loop {
-            match c.allocate(storage, &missing, m.rounds_done()).await {
+            match c.allocate(storage, &missing, m.rounds_done(), &fatal).await {
                 // Other writers may take the chunks first: commit again.
                 Err(e) if e.kind() == ErrorKind::NoSpace && c.has_pending_frees() && tries < 64 => {
                     tries += 1;
@@ -455,8 +468,9 @@ impl Mapping {
 
     /// What the chunks of `a` need besides the request's own bytes
     /// `[offset, offset+len)`, before they are published, in order: a fresh
-    /// chunk the request does not cover wholly is zeroed (whatever the
-    /// storage held there must read as zeros); a replacement of a shared
+    /// chunk the request does not cover wholly is zeroed unless it is known
+    /// to read zeros (whatever the storage held there must read as zeros);
+    /// a replacement of a shared
     /// chunk is zeroed too, then gets the old chunk's bytes around the
     /// request copied over — only those of blocks in the image: what the
     /// bitmap sends to the base stays zeros, as in a fresh chunk.
@@ -466,18 +480,23 @@ impl Mapping {
         };
         let cs = c.chunk_size;
         let end = offset + len;
+        let unmap = !c.preallocation.allocates_data();
         let mut out = Vec::new();
-        for &(ch, p) in &a.chunks {
+        for chunk in &a.chunks {
+            let (ch, p) = (chunk.virt, chunk.phys);
             let (s, e) = (ch * cs, (ch + 1) * cs);
             if offset <= s && e <= end {
                 continue;
             }
             let to = c.host_offset(p, 0);
-            out.push(Fill::Zero {
-                host: to,
-                virt: s,
-                len: cs,
-            });
+            if !chunk.zeroed {
+                out.push(Fill::Zero {
+                    host: to,
+                    virt: s,
+                    len: cs,
+                    unmap,
+                });
+            }
             if let Some(&(_, old)) = a.replaced.iter().find(|&&(v, _)| v == ch) {
                 let from = c.host_offset(old, 0);
                 // The parts of the chunk before and after the request.
@@ -525,26 +544,33 @@ impl Mapping {
         out
     }
 
-    /// Give back chunks whose data write failed.
+    /// Give back chunks whose data write failed (they may hold part of it).
     pub fn release(&self, a: Allocation) {
         if let Layout::Chunked(c) = &self.layout {
-            c.release(&a.chunks);
+            c.release(&a.chunks, true);
         }
     }
 
     /// Publish after write (a guest write, or a journaled fill): make the
     /// chunks of `a` visible and set the bits of `blocks`, queuing the table
-    /// records and the bits that turned on as one group.
-    pub fn publish(&self, a: Allocation, blocks: Range<u64>) {
+    /// records and the bits that turned on as one group. `crcs`: the
+    /// CRC-32C of each block of `blocks` as written, where the write held
+    /// the whole block.
+    pub fn publish(&self, a: Allocation, blocks: Range<u64>, crcs: &[Option<u32>]) {
         let Some(m) = &self.meta else { return };
         if a.chunks.is_empty() {
-            m.publish_hard(blocks);
+            m.publish_hard(blocks, Proof::Crcs(crcs));
             return;
         }
         if let Layout::Chunked(c) = &self.layout {
             c.publish(&a.chunks);
         }
-        m.publish_group(table_records(&a.chunks), blocks);
+        m.publish_group(
+            table_records(&a.chunks),
+            blocks,
+            Proof::Crcs(crcs),
+            a.ordered(),
+        );
     }
 
     /// Publish a copy-on-read fill: the table entries of new chunks are
@@ -554,16 +580,51 @@ impl Mapping {
         let Some(m) = &self.meta else { return };
         if let Layout::Chunked(c) = &self.layout {
             c.publish(&a.chunks);
-            m.publish_group(table_records(&a.chunks), 0..0);
+            m.publish_group(table_records(&a.chunks), 0..0, Proof::Unmapped, a.ordered());
         }
         m.local.set_range(blocks);
     }
 
     /// Publish the bits of blocks a write made hard (no new chunk).
-    pub fn publish_hard(&self, blocks: Range<u64>) {
+    pub fn publish_hard(&self, blocks: Range<u64>, crcs: &[Option<u32>]) {
         if let Some(m) = &self.meta {
-            m.publish_hard(blocks);
+            m.publish_hard(blocks, Proof::Crcs(crcs));
         }
+    }
+
+    /// Before rewriting `blocks` in place (span locked): see
+    /// `Meta::prepare_rewrite`.
+    pub async fn prepare_rewrite(
+        &self,
+        storage: &dyn Storage,
+        stats: &Stats,
+        blocks: Range<u64>,
+    ) -> Result<()> {
+        match &self.meta {
+            Some(m) => m.prepare_rewrite(storage, stats, blocks).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The span of block `b` (clipped to the base range): the bytes its
+    /// checked record describes.
+    pub fn block_span(&self, b: u64) -> Range<u64> {
+        let s = b << self.block_shift;
+        s..(s + self.block_size).min(self.base_range())
+    }
+
+    /// The CRC-32C of each block of `blocks` that `buf` (the content of
+    /// `[start, start+buf.len())`) holds whole.
+    pub fn block_crcs(&self, blocks: Range<u64>, start: u64, buf: &[u8]) -> Vec<Option<u32>> {
+        let end = start + buf.len() as u64;
+        blocks
+            .map(|b| {
+                let r = self.block_span(b);
+                (r.start >= start && r.end <= end && r.start < r.end).then(|| {
+                    meta::block_crc(&buf[(r.start - start) as usize..(r.end - start) as usize])
+                })
+            })
+            .collect()
     }
 
     /// How a slow-path zeroing of `[offset, offset+len)` treats each part
@@ -626,7 +687,11 @@ impl Mapping {
             if !shared {
                 frees.physical.push(p);
             }
-            frees.unmapped.push((chunk, EMPTY));
+            frees.unmapped.push(Chunk {
+                virt: chunk,
+                phys: EMPTY,
+                zeroed: true,
+            });
         }
         if !blocks.is_empty() {
             let r = frees.blocks.get_or_insert(blocks.clone());
@@ -641,7 +706,12 @@ impl Mapping {
         let (Layout::Chunked(c), Some(m)) = (&self.layout, &self.meta) else {
             return 0;
         };
-        m.publish_group(table_records(&frees.unmapped), frees.blocks.unwrap_or(0..0));
+        m.publish_group(
+            table_records(&frees.unmapped),
+            frees.blocks.unwrap_or(0..0),
+            Proof::Unmapped,
+            false,
+        );
         c.set_pending_round(&frees.physical, m.next_round());
         frees.physical.len() as u64
     }
@@ -656,9 +726,12 @@ fn chunks_of(c: &Compact, offset: u64, len: u64) -> Range<u64> {
 }
 
 /// Records that map virtual chunks `chunks` (sorted) to new entries.
-fn table_records(chunks: &[(u64, u32)]) -> Vec<Record> {
+fn table_records(chunks: &[Chunk]) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::new();
-    for &(c, p) in chunks {
+    for &Chunk {
+        virt: c, phys: p, ..
+    } in chunks
+    {
         match out.last_mut() {
             Some(Record::Table { first, entries })
                 if *first + entries.len() as u64 == c
@@ -727,7 +800,7 @@ pub(crate) struct ImageRuns<'a> {
     layout: &'a Layout,
     pos: u64,
     end: u64,
-    fresh: &'a [(u64, u32)],
+    fresh: &'a [Chunk],
 }
 
 impl<'a> Iterator for ImageRuns<'a> {
@@ -798,8 +871,8 @@ impl<'a> ImageRuns<'a> {
     /// Physical chunk of `chunk`: a fresh one (no pin needed: nobody else
     /// sees it yet), else the table's, pinned; `None` if unallocated.
     fn chunk(&self, c: &'a Compact, chunk: u64) -> Option<(u32, Option<Pin<'a>>)> {
-        if let Some(&(_, p)) = self.fresh.iter().find(|&&(v, _)| v == chunk) {
-            return Some((p, None));
+        if let Some(ch) = self.fresh.iter().find(|ch| ch.virt == chunk) {
+            return Some((ch.phys, None));
         }
         c.pin(chunk).map(|(p, pin)| (p, Some(pin)))
     }

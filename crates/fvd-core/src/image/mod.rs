@@ -121,6 +121,8 @@ pub struct Image {
     stats: Stats,
     header: Option<Header>,
     replayed_blocks: u64,
+    /// What the open noticed about the header slots (a damaged one).
+    header_note: Option<String>,
     cor: cor::CorState,
     background: std::sync::OnceLock<cor::Background>,
     profile: profile::Recorder,
@@ -185,6 +187,21 @@ impl Image {
     /// Journal blocks replayed when the image was opened.
     pub fn replayed_blocks(&self) -> u64 {
         self.replayed_blocks
+    }
+
+    /// What the open noticed about the header slots: a damaged slot, and
+    /// whether the journal showed it was the newest (then replayed).
+    pub fn header_note(&self) -> Option<&str> {
+        self.header_note.as_deref()
+    }
+
+    /// Break the commit protocol on purpose (the simulator's mutation
+    /// checks; never in production).
+    #[doc(hidden)]
+    pub fn set_mutation(&self, m: crate::meta::Mutation) {
+        if let Some(meta) = &self.map.meta {
+            meta.set_mutation(m);
+        }
     }
 
     /// True when opened read-only.

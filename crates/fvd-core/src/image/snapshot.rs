@@ -777,15 +777,17 @@ impl Image {
         };
         // New chunks: the table copy, the bitmap copy, a grown refcount table.
         let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        // A failed fdatasync while growing poisons the image.
+        let fatal = |e: &Error| m.mark_poisoned(e);
         let r = async {
             let t = c
-                .allocate_run(storage, (live.len() as u64 * 4).div_ceil(cs))
+                .allocate_run(storage, (live.len() as u64 * 4).div_ceil(cs), &fatal)
                 .await?;
             entry.table_chunk = t.start;
             runs.push(t);
             if bits > 0 {
                 let b = c
-                    .allocate_run(storage, bits.div_ceil(8).div_ceil(cs))
+                    .allocate_run(storage, bits.div_ceil(8).div_ceil(cs), &fatal)
                     .await?;
                 entry.bitmap_chunk = b.start;
                 runs.push(b);
@@ -795,7 +797,7 @@ impl Image {
                 // Room to grow: a quarter more than needed, whole chunks.
                 let want = (need + need / 4).max(2048);
                 let n = (want * 2).div_ceil(cs);
-                let run = c.allocate_run(storage, n).await?;
+                let run = c.allocate_run(storage, n, &fatal).await?;
                 loc = RefcountLocation {
                     offset: c.host_offset(run.start as u32, 0),
                     entries: n * cs / 2,

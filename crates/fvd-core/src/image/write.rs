@@ -113,7 +113,12 @@ impl Image {
             .await?;
         for fill in self.map.fills(&a, offset, len) {
             let r = match fill {
-                Fill::Zero { host, virt, len } => self.zero_host(host, virt, len, true).await,
+                Fill::Zero {
+                    host,
+                    virt,
+                    len,
+                    unmap,
+                } => self.zero_host(host, virt, len, unmap).await,
                 Fill::Copy {
                     from,
                     to,
@@ -175,14 +180,21 @@ impl Image {
         let len = data.len() as u64;
         let end = offset + len;
         let blocks = self.map.blocks_of(offset, len);
+        self.map
+            .prepare_rewrite(self.storage.as_ref(), &self.stats, blocks.clone())
+            .await?;
         let (head, tail) = self.cow_edges(offset, end).await?;
         let start = offset - head.len() as u64;
         let fresh = self
             .allocate(start, head.len() as u64 + len + tail.len() as u64)
             .await?;
         if head.is_empty() && tail.is_empty() {
+            let mut crcs = self.map.block_crcs(blocks.clone(), offset, &data);
             let r = self.write_image(offset, data, &fresh).await;
-            return self.publish(r, fresh, blocks);
+            if r.is_ok() {
+                self.checksum_partial_fills(blocks.clone(), &mut crcs).await;
+            }
+            return self.publish(r, fresh, blocks, &crcs);
         }
         // Whole blocks in one write: head, data and tail merged.
         let mut merged = IoBuf::for_overwrite(head.len() + data.len() + tail.len());
@@ -191,21 +203,48 @@ impl Image {
         h.copy_from_slice(&head);
         d.copy_from_slice(&data);
         t.copy_from_slice(&tail);
+        let mut crcs = self.map.block_crcs(blocks.clone(), start, &merged);
         let r = self.write_image(start, merged, &fresh).await;
-        self.publish(r, fresh, blocks)?;
+        if r.is_ok() {
+            self.checksum_partial_fills(blocks.clone(), &mut crcs).await;
+        }
+        self.publish(r, fresh, blocks, &crcs)?;
         Ok(data)
     }
 
+    /// Blocks a write covered only in part although they turn hard now were
+    /// filled by copy-on-read (local, not hard): their other bytes are in
+    /// the image. Checksum them as they are now (span locked, so nothing
+    /// else writes them). A block that cannot be read keeps no CRC (its
+    /// record then waits for its data, an ordered round).
+    async fn checksum_partial_fills(&self, blocks: std::ops::Range<u64>, crcs: &mut [Option<u32>]) {
+        let Some(m) = &self.map.meta else { return };
+        for (i, b) in blocks.enumerate() {
+            if crcs[i].is_some() || m.hard.get(b) || !m.local.get(b) {
+                continue;
+            }
+            let span = self.map.block_span(b);
+            if span.is_empty() {
+                continue;
+            }
+            if let Ok(bytes) = self.read_current(span.start, span.end - span.start).await {
+                crcs[i] = Some(crate::meta::block_crc(&bytes));
+            }
+        }
+    }
+
     /// Publish after write, or give the chunks back if the write failed.
+    /// `crcs`: see [`super::map::Mapping::publish`].
     pub(super) fn publish<T>(
         &self,
         r: Result<T>,
         fresh: Allocation,
         blocks: std::ops::Range<u64>,
+        crcs: &[Option<u32>],
     ) -> Result<T> {
         match r {
             Ok(v) => {
-                self.map.publish(fresh, blocks);
+                self.map.publish(fresh, blocks, crcs);
                 Ok(v)
             }
             Err(e) => {

@@ -50,6 +50,13 @@ impl Image {
     /// Zeroing that copies partial base blocks, allocates, or frees chunks
     /// (span locked), piece by piece as the mapping says.
     async fn slow_zero(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.map
+            .prepare_rewrite(
+                self.storage.as_ref(),
+                &self.stats,
+                self.map.blocks_of(offset, len),
+            )
+            .await?;
         let mut frees = Frees::default();
         let mut failed = None;
         for (s, e, blocks, piece) in self.map.zero_pieces(offset, len, unmap) {
@@ -70,7 +77,8 @@ impl Image {
                 ZeroPiece::InImage => {
                     let r = self.zero_image(s, e - s, unmap, &Allocation::none()).await;
                     if r.is_ok() {
-                        self.map.publish_hard(blocks);
+                        let crcs = self.zero_crcs(blocks.clone(), s, e, &[], &[]);
+                        self.map.publish_hard(blocks, &crcs);
                     }
                     r
                 }
@@ -103,6 +111,7 @@ impl Image {
         let fresh = self
             .allocate(start, head.len() as u64 + (e - s) + tail.len() as u64)
             .await?;
+        let crcs = self.zero_crcs(blocks.clone(), s, e, &head, &tail);
         let r = async {
             if !head.is_empty() {
                 self.write_image(start, head, &fresh).await?;
@@ -114,7 +123,46 @@ impl Image {
             Ok(())
         }
         .await;
-        self.publish(r, fresh, blocks)
+        self.publish(r, fresh, blocks, &crcs)
+    }
+
+    /// CRCs of the blocks a zeroing of `[s, e)` holds whole, with `head`
+    /// written just before `s` and `tail` just after `e`.
+    fn zero_crcs(
+        &self,
+        blocks: Range<u64>,
+        s: u64,
+        e: u64,
+        head: &[u8],
+        tail: &[u8],
+    ) -> Vec<Option<u32>> {
+        let start = s - head.len() as u64;
+        let end = e + tail.len() as u64;
+        blocks
+            .map(|b| {
+                let r = self.map.block_span(b);
+                if r.start < start || r.end > end || r.start >= r.end {
+                    return None;
+                }
+                // The block's bytes: part of head, zeros, part of tail.
+                let mut crc = 0u32;
+                let h = r.start.max(start)..r.end.min(s);
+                if h.start < h.end {
+                    let a = (h.start - start) as usize;
+                    crc = crc32c::crc32c_append(crc, &head[a..a + (h.end - h.start) as usize]);
+                }
+                let z = r.start.max(s)..r.end.min(e);
+                if z.start < z.end {
+                    crc = crate::meta::zeros_crc_append(crc, z.end - z.start);
+                }
+                let t = r.start.max(e)..r.end;
+                if t.start < t.end {
+                    let a = (t.start - e) as usize;
+                    crc = crc32c::crc32c_append(crc, &tail[a..a + (t.end - t.start) as usize]);
+                }
+                Some(crc)
+            })
+            .collect()
     }
 
     /// Make image-resident bytes read as zeros (unallocated chunks already do).

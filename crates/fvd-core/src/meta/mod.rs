@@ -7,47 +7,54 @@
 //!   `pending`; a write needs metadata only if it turns a `hard` bit on.
 //! * `durable.bitmap` — exactly what the on-disk bitmap plus the journal
 //!   say. Only touched under the commit lock; a checkpoint writes it in place.
+//! * `unsettled` — blocks whose `SET_BITS_CHECKED` record is not yet
+//!   *confirmed* durably: replay after a crash would still check the
+//!   block's data against the record's CRC, so the block must not be
+//!   rewritten in place (a torn rewrite would fail the check and lose a
+//!   flushed write). `queued` marks those whose record is still in
+//!   `pending`, `stale` those of them rewritten since (their CRC no longer
+//!   describes the data; the round that takes them makes the data durable
+//!   before writing the record).
 //!
-//! Invariant: durable ⊆ hard ⊆ local, and every `hard` bit not durable is
-//! covered by a record in `pending` or in the round being committed. The
-//! chunk table of compact images follows the same rule: the in-memory table
-//! (in `image::compact`) runs ahead of `durable.table` by the records in
-//! `pending`.
+//! Invariant: durable ⊆ hard ⊆ local, unsettled ⊆ hard, stale ⊆ queued ⊆
+//! unsettled, and every `hard` bit not durable is covered by a record in
+//! `pending` or in the round being committed. The chunk table of compact
+//! images follows the same rule: the in-memory table (in `image::compact`)
+//! runs ahead of `durable.table` by the records in `pending`.
 //!
 //! # Record groups
 //! `pending` holds groups of records that must become durable together (the
 //! table entries of newly allocated chunks and the bits of the blocks written
 //! into them). A group never spans two journal blocks, so a torn journal
-//! write can never leave a bit durable without its chunk.
-//!
-//! # Flush ordering (publish after write)
-//! A commit round: (1) fdatasync the image, making the data of every write
-//! that completed before the round started durable; (2) the first time
-//! after the image was clean, write the header with the clean flag cleared
-//! and fdatasync; (3) write the journal blocks holding the records of those
-//! writes; (4) fdatasync again. So no record is ever
-//! durable before the data it points at. A checkpoint writes the durable
-//! table pages in place and fdatasyncs, then the bitmap pages and
-//! fdatasyncs (no bit is durable before its chunk's entry), then writes the
-//! header with the next journal epoch and fdatasyncs: old-epoch blocks are
-//! ignored only once the metadata that subsumes them is durable.
+//! write can never leave a bit durable without its chunk. A group is
+//! *ordered* when some record of it describes data the journal cannot check
+//! (a plain `SET_BITS` of written data, a chunk whose old content may not
+//! read as zeros): the round that takes it makes the data durable before it
+//! writes the journal (`commit.rs`).
 //!
 //! # Lock order
 //! `Meta::commit` (async mutex) → `Meta::pending` (std mutex, never held across
 //! an await). The range locks of the image are always taken before `commit`
 //! and never while holding it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
-use crate::format::header::{FLAG_ALL_LOCAL, FLAG_CLEAN, HEADER_SLOT_SIZE, Header, Region};
+use crate::format::header::{Header, INCOMPAT_ENCRYPTED};
 use crate::format::journal::{self, Record};
-use crate::iobuf::IoBuf;
 use crate::storage::Storage;
+
+mod commit;
+mod replay;
+
+pub(crate) use commit::{checkpoint_now, flush_storage, table_bytes, write_header};
+pub(crate) use replay::{
+    Replayed, SlotDamage, header_in_force, inspect_header, read_journal, replay,
+};
 
 /// Counters of I/O the engine performed, by purpose.
 #[derive(Default, Debug)]
@@ -70,8 +77,18 @@ pub struct Stats {
     pub checkpoints: AtomicU64,
     /// fdatasync calls on the image storage.
     pub storage_flushes: AtomicU64,
+    /// Commit rounds that wrote journal blocks.
+    pub commit_rounds: AtomicU64,
+    /// Of those, rounds that made the data durable before the journal
+    /// (two fdatasyncs: a record without a checksum, a stale checksum, the
+    /// first round after a clean open).
+    pub ordered_rounds: AtomicU64,
+    /// Rounds run only to confirm records before a rewrite in place.
+    pub confirm_rounds: AtomicU64,
     /// Journal records replayed at open.
     pub replayed_records: AtomicU64,
+    /// Checked bits replay dropped because their block's data did not match.
+    pub replay_dropped: AtomicU64,
     /// Chunks allocated (compact images).
     pub chunks_allocated: AtomicU64,
     /// Chunks freed by discard (compact images).
@@ -99,6 +116,23 @@ impl Stats {
     }
 }
 
+/// A deliberate break of the commit protocol, for the simulator's mutation
+/// checks only: each must make the simulator report violations.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Mutation {
+    /// The protocol as designed.
+    #[default]
+    None = 0,
+    /// Rewrite blocks in place while their checked record is unconfirmed
+    /// (no confirmation round first).
+    SkipConfirmation = 1,
+    /// Rewrite blocks whose checked record is still queued without marking
+    /// its CRC stale.
+    SkipStale = 2,
+}
+
 /// What the on-disk bitmap and table say once the journal is applied, and
 /// which 4 KiB pages of their regions differ from what is written in place.
 pub(crate) struct Durable {
@@ -118,24 +152,40 @@ impl Durable {
         }
     }
 
-    /// Apply one record (replay, or a record being committed).
+    /// Apply one record (replay, or a record being committed), checked
+    /// records unconditionally.
     pub fn apply(&mut self, r: &Record) -> Result<()> {
+        self.apply_with(r, |_| true)
+    }
+
+    /// Apply one record; a checked record sets only the bits `keep` accepts.
+    pub fn apply_with(&mut self, r: &Record, mut keep: impl FnMut(u64) -> bool) -> Result<()> {
         match r {
-            Record::SetBits { first, count } | Record::ClearBits { first, count } => {
+            Record::SetBits { .. } | Record::ClearBits { .. } | Record::SetBitsChecked { .. } => {
                 let bm = &self.bitmap;
-                let end = first.checked_add(*count as u64).filter(|&e| e <= bm.len()).ok_or_else(|| {
-                    Error::corrupt(format!(
+                let blocks = r.blocks();
+                let (first, count) = (blocks.start, blocks.end - blocks.start);
+                if blocks.end > bm.len() || blocks.end < first {
+                    return Err(Error::corrupt(format!(
                         "journal record for blocks {first}..+{count} lies outside the bitmap ({} blocks)",
                         bm.len()
-                    ))
-                })?;
-                if matches!(r, Record::SetBits { .. }) {
-                    bm.set_range(*first..end);
-                } else {
-                    bm.clear_range(*first..end);
+                    )));
                 }
-                self.bitmap_dirty
-                    .extend(first / 8 / 4096..=(end - 1) / 8 / 4096);
+                match r {
+                    Record::SetBits { .. } => bm.set_range(blocks.clone()),
+                    Record::ClearBits { .. } => bm.clear_range(blocks.clone()),
+                    _ => {
+                        for b in blocks.clone() {
+                            if keep(b) {
+                                bm.set(b);
+                            }
+                        }
+                    }
+                }
+                if count > 0 {
+                    self.bitmap_dirty
+                        .extend(first / 8 / 4096..=(blocks.end - 1) / 8 / 4096);
+                }
                 Ok(())
             }
             Record::Table { first, entries } => {
@@ -168,28 +218,73 @@ pub(crate) struct CommitState {
     pub durable: Durable,
     /// Next journal block index.
     pub journal_pos: u64,
+    /// A checkpoint failed after it had applied records to `durable` that
+    /// no journal block holds: the next round must checkpoint.
+    pub checkpoint_needed: bool,
+}
+
+/// A group of records that must become durable together.
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    pub records: Vec<Record>,
+    /// Some record describes data the journal cannot check: the round must
+    /// make the data durable before it writes the journal.
+    pub ordered: bool,
+}
+
+impl Group {
+    fn is_bits_only(&self) -> bool {
+        // A group is bits-only exactly when its first record is (table
+        // records come first).
+        matches!(
+            self.records.first(),
+            Some(Record::SetBits { .. } | Record::SetBitsChecked { .. })
+        )
+    }
+}
+
+/// What proves a block's data when its bit is journaled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Proof<'a> {
+    /// The CRC-32C of each block of the range as written (`None` where the
+    /// write did not hold the whole block).
+    Crcs(&'a [Option<u32>]),
+    /// The blocks read zeros whatever the storage holds (their chunks are
+    /// unmapped in the same group): nothing to check.
+    Unmapped,
 }
 
 /// Metadata of one open image.
 pub(crate) struct Meta {
     pub local: AtomicBitmap,
     pub hard: AtomicBitmap,
-    pending: Mutex<Vec<Vec<Record>>>,
+    unsettled: AtomicBitmap,
+    queued: AtomicBitmap,
+    stale: AtomicBitmap,
+    pending: Mutex<Vec<Group>>,
+    /// Blocks of checked records taken by commit rounds, by round, until
+    /// a later journal block confirms them (oldest first).
+    settling: Mutex<VecDeque<(u64, Vec<Range<u64>>)>>,
     data_dirty: AtomicBool,
     rounds_started: AtomicU64,
     rounds_done: AtomicU64,
     pub commit: tokio::sync::Mutex<CommitState>,
     poisoned: AtomicBool,
+    poison_reason: Mutex<Option<String>>,
+    mutation: AtomicU8,
+    /// Bits may be journaled as `SET_BITS_CHECKED`. Not in encrypted
+    /// images: the CRCs come from the guest's plaintext while replay reads
+    /// the ciphertext on disk (and may run without the key), so their
+    /// records are plain `SET_BITS` in ordered rounds.
+    checked: bool,
 }
 
-/// Result of reading the journal.
-pub(crate) struct Replay {
-    pub blocks: u64,
-    pub records: Vec<Record>,
-}
+/// Records per bits-only group (about one journal block's worth).
+const MAX_BITS_GROUP: usize = journal::PAYLOAD / 16;
 
 impl Meta {
     pub fn new(header: Header, slot: usize, durable: Durable) -> Self {
+        let checked = header.incompatible & INCOMPAT_ENCRYPTED == 0;
         let bits = durable.bitmap.len();
         let local = AtomicBitmap::new(bits);
         local.copy_from(&durable.bitmap);
@@ -198,7 +293,11 @@ impl Meta {
         Meta {
             local,
             hard,
+            unsettled: AtomicBitmap::new(bits),
+            queued: AtomicBitmap::new(bits),
+            stale: AtomicBitmap::new(bits),
             pending: Mutex::new(Vec::new()),
+            settling: Mutex::new(VecDeque::new()),
             data_dirty: AtomicBool::new(false),
             rounds_started: AtomicU64::new(0),
             rounds_done: AtomicU64::new(0),
@@ -207,9 +306,22 @@ impl Meta {
                 slot,
                 durable,
                 journal_pos: 0,
+                checkpoint_needed: false,
             }),
             poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(None),
+            mutation: AtomicU8::new(Mutation::None as u8),
+            checked,
         }
+    }
+
+    /// Break the protocol on purpose (simulator mutation checks).
+    pub fn set_mutation(&self, m: Mutation) {
+        self.mutation.store(m as u8, Ordering::Relaxed);
+    }
+
+    fn mutation(&self) -> u8 {
+        self.mutation.load(Ordering::Relaxed)
     }
 
     /// Note that a data write completed (the next flush must fdatasync).
@@ -227,53 +339,83 @@ impl Meta {
         self.rounds_done.load(Ordering::SeqCst)
     }
 
-    /// Set `local` and `hard` for blocks `r`; the runs of blocks that were
-    /// not yet hard, as SET_BITS records.
-    fn harden(&self, r: Range<u64>) -> Vec<Record> {
+    /// True if no block of `blocks` waits for a confirmation: a write may
+    /// rewrite them in place.
+    pub fn settled(&self, blocks: Range<u64>) -> bool {
+        self.unsettled.none_set(blocks) || self.mutation() == Mutation::SkipConfirmation as u8
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<Group>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Set `local` and `hard` for blocks `r`; the blocks that were not yet
+    /// hard become records (checked where `proof` has a CRC). Returns the
+    /// records and whether one of them cannot be checked.
+    fn harden(&self, r: Range<u64>, proof: Proof<'_>) -> (Vec<Record>, bool) {
         let mut out = Vec::new();
-        let mut run_start: Option<u64> = None;
+        let mut ordered = false;
         for b in r.clone() {
             self.local.set(b);
-            let was = self.hard.set(b);
-            match (was, run_start) {
-                (false, None) => run_start = Some(b),
-                (true, Some(s)) => {
-                    push_set_bits(&mut out, s, b);
-                    run_start = None;
-                }
-                _ => {}
+            // Publishers of a block hold its range lock: nobody else turns
+            // this bit on meanwhile.
+            if self.hard.get(b) {
+                continue;
             }
+            let crc = match proof {
+                Proof::Crcs(c) if self.checked => c.get((b - r.start) as usize).copied().flatten(),
+                Proof::Crcs(_) | Proof::Unmapped => None,
+            };
+            match crc {
+                Some(crc) => {
+                    // Unsettled before hard: a direct writer that sees the
+                    // hard bit also sees this one.
+                    self.unsettled.set(b);
+                    self.queued.set(b);
+                    push_checked(&mut out, b, crc);
+                }
+                None => {
+                    ordered |= matches!(proof, Proof::Crcs(_));
+                    push_set_bits(&mut out, b, b + 1);
+                }
+            }
+            self.hard.set(b);
         }
-        if let Some(s) = run_start {
-            push_set_bits(&mut out, s, r.end);
-        }
-        out
+        (out, ordered)
     }
 
     /// After a guest write of blocks `r` completed: set their bits and queue
     /// records for those that were not yet hard.
-    pub fn publish_hard(&self, r: Range<u64>) {
-        let recs = self.harden(r);
+    pub fn publish_hard(&self, r: Range<u64>, proof: Proof<'_>) {
+        let mut p = self.lock_pending();
+        let (recs, ordered) = self.harden(r, proof);
         if !recs.is_empty() {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             // Merge with the previous group when it holds only bits (sequential
-            // writes then cost one record).
+            // writes then cost one record); a bounded group keeps this O(1).
             match p.last_mut() {
-                // A group is bits-only exactly when its first record is (table
-                // records come first); a bounded group keeps this O(1).
-                Some(g)
-                    if g.len() < MAX_BITS_GROUP
-                        && matches!(g.first(), Some(Record::SetBits { .. })) =>
-                {
+                Some(g) if g.records.len() < MAX_BITS_GROUP && g.is_bits_only() => {
+                    g.ordered |= ordered;
                     for rec in recs {
-                        if let Record::SetBits { first, count } = rec {
-                            push_set_bits(g, first, first + count as u64);
+                        match rec {
+                            Record::SetBits { first, count } => {
+                                push_set_bits(&mut g.records, first, first + count as u64)
+                            }
+                            Record::SetBitsChecked { first, crcs } => {
+                                for (i, c) in crcs.into_iter().enumerate() {
+                                    push_checked(&mut g.records, first + i as u64, c);
+                                }
+                            }
+                            other => g.records.push(other),
                         }
                     }
                 }
-                _ => p.push(recs),
+                _ => p.push(Group {
+                    records: recs,
+                    ordered,
+                }),
             }
         }
+        drop(p);
         self.mark_data_dirty();
     }
 
@@ -296,22 +438,81 @@ impl Meta {
             }
         }
         for r in soft {
-            self.publish_hard(r);
+            // No CRC: the round that takes them is ordered.
+            self.publish_hard(r, Proof::Crcs(&[]));
         }
     }
 
     /// Queue `table` records together with the bits of `blocks`, as one group
-    /// that becomes durable atomically.
-    pub fn publish_group(&self, table: Vec<Record>, blocks: Range<u64>) {
-        let mut group = table;
-        group.extend(self.harden(blocks));
-        if !group.is_empty() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(group);
+    /// that becomes durable atomically. `ordered`: the table points at
+    /// chunks whose old content may not read as zeros.
+    pub fn publish_group(
+        &self,
+        table: Vec<Record>,
+        blocks: Range<u64>,
+        proof: Proof<'_>,
+        ordered: bool,
+    ) {
+        let mut p = self.lock_pending();
+        let mut group = Group {
+            records: table,
+            ordered,
+        };
+        let (bits, bits_ordered) = self.harden(blocks, proof);
+        group.records.extend(bits);
+        group.ordered |= bits_ordered;
+        if !group.records.is_empty() {
+            p.push(group);
         }
+        drop(p);
         self.mark_data_dirty();
+    }
+
+    /// Before `blocks` (range locked by the caller) are rewritten in place:
+    /// a block whose checked record is still queued gets its CRC marked
+    /// stale — the round that takes it then makes the data durable first,
+    /// so whatever the rewrite leaves is what the record promises; a block
+    /// whose record is already in the journal but not confirmed waits for a
+    /// round that confirms it (one journal block and one fdatasync), since
+    /// replay would otherwise check a torn rewrite against the old CRC and
+    /// drop a flushed write.
+    pub async fn prepare_rewrite(
+        &self,
+        storage: &dyn Storage,
+        stats: &Stats,
+        blocks: Range<u64>,
+    ) -> Result<()> {
+        loop {
+            if blocks.is_empty() || self.settled(blocks.clone()) {
+                return Ok(());
+            }
+            if !self.mark_stale(blocks.clone()) {
+                return Ok(());
+            }
+            self.confirm(storage, stats, blocks.clone()).await?;
+        }
+    }
+
+    /// Mark the queued records of `blocks` stale; true if some unsettled
+    /// block's record is no longer queued (it needs a confirmation).
+    fn mark_stale(&self, blocks: Range<u64>) -> bool {
+        let _p = self.lock_pending();
+        let mut in_journal = false;
+        for (s, e, unsettled) in self.unsettled.runs(blocks) {
+            if !unsettled {
+                continue;
+            }
+            for b in s..e {
+                if self.queued.get(b) {
+                    if self.mutation() != Mutation::SkipStale as u8 {
+                        self.stale.set(b);
+                    }
+                } else {
+                    in_journal = true;
+                }
+            }
+        }
+        in_journal
     }
 
     /// True once a flush has failed: the image refuses further writes.
@@ -321,171 +522,43 @@ impl Meta {
 
     pub fn check_poisoned(&self) -> Result<()> {
         if self.is_poisoned() {
+            let why = self
+                .poison_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
             return Err(Error::new(
                 ErrorKind::Io,
-                "an earlier flush failed; the image must be reopened",
+                format!(
+                    "the image must be reopened: an earlier fdatasync failed ({why}), so data written before it may be lost"
+                ),
             ));
         }
         Ok(())
     }
 
-    /// Mark the image poisoned (a flush failed: the kernel may have dropped
-    /// dirty pages, so a later successful flush would prove nothing).
+    /// Mark the image poisoned (an fdatasync failed: the kernel may have
+    /// dropped dirty pages, so a later successful flush would prove nothing).
     pub(crate) fn poison<T>(&self, e: Error) -> Result<T> {
-        self.poisoned.store(true, Ordering::Release);
+        self.mark_poisoned(&e);
         Err(e)
     }
 
-    /// Make every write completed before this call durable, with group commit.
-    pub async fn commit(&self, storage: &dyn Storage, stats: &Stats) -> Result<()> {
-        self.check_poisoned()?;
-        let need = self.rounds_started.load(Ordering::SeqCst) + 1;
-        let mut st = self.commit.lock().await;
-        self.check_poisoned()?;
-        if self.rounds_done.load(Ordering::SeqCst) >= need {
-            return Ok(());
-        }
-        let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut groups =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if st.header.flags & FLAG_ALL_LOCAL != 0 {
-            // The base is detached and the durable bitmap gone: bits mean
-            // nothing any more, but a write that mapped its blocks before the
-            // detach may still publish some. Only table records remain.
-            for g in &mut groups {
-                g.retain(|r| matches!(r, Record::Table { .. }));
-            }
-            groups.retain(|g| !g.is_empty());
-        }
-        let dirty = self.data_dirty.swap(false, Ordering::AcqRel);
-        if groups.is_empty() && !dirty {
-            self.rounds_done.store(round, Ordering::SeqCst);
-            return Ok(());
-        }
-        if let Err(e) = flush_storage(storage, stats).await {
-            return self.poison(e);
-        }
-        if !groups.is_empty()
-            && let Err(e) = self.write_records(&mut st, storage, stats, &groups).await
+    /// [`Meta::poison`] for a failure the caller reports itself.
+    pub(crate) fn mark_poisoned(&self, e: &Error) {
         {
-            return self.poison(e);
-        }
-        self.rounds_done.store(round, Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn write_records(
-        &self,
-        st: &mut CommitState,
-        storage: &dyn Storage,
-        stats: &Stats,
-        groups: &[Vec<Record>],
-    ) -> Result<()> {
-        let blocks = journal::pack_groups(groups);
-        let capacity = st.header.region(Region::Journal).length / journal::BLOCK_SIZE as u64;
-        for r in groups.iter().flatten() {
-            st.durable.apply(r)?;
-        }
-        if st.journal_pos + blocks.len() as u64 > capacity {
-            // Journal full: write the whole durable metadata in place instead.
-            return checkpoint(st, storage, stats, false).await;
-        }
-        if st.header.is_clean() {
-            // First metadata change since the image was clean: the header must
-            // say "replay the journal" durably before any journal block of this
-            // epoch is written. Otherwise a crash could keep blocks but not the
-            // header, and a later session at the same epoch, writing fewer
-            // blocks from 0, would replay them as its own (stale records).
-            let mut h = st.header.clone();
-            h.flags &= !FLAG_CLEAN;
-            write_header(st, storage, stats, h).await?;
-            flush_storage(storage, stats).await?;
-        }
-        let mut buf = IoBuf::zeroed(blocks.len() * journal::BLOCK_SIZE);
-        for (i, recs) in blocks.iter().enumerate() {
-            let b = journal::encode_block(st.header.journal_epoch, st.journal_pos + i as u64, recs);
-            buf[i * journal::BLOCK_SIZE..(i + 1) * journal::BLOCK_SIZE].copy_from_slice(&b);
-        }
-        let off =
-            st.header.region(Region::Journal).offset + st.journal_pos * journal::BLOCK_SIZE as u64;
-        storage
-            .write_at(off, buf, false)
-            .await
-            .map_err(|e| Error::io("journal write", e))?;
-        stats.journal_writes.fetch_add(1, Ordering::Relaxed);
-        stats
-            .journal_blocks
-            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-        st.journal_pos += blocks.len() as u64;
-        flush_storage(storage, stats).await
-    }
-
-    /// Detach the base (every block is local): a checkpoint whose header
-    /// carries the all-local flag — not just a new header, since the new
-    /// epoch ends the old journal, whose chunk-table records (compact
-    /// images) must be in place first. The durable bitmap is gone after it.
-    /// A failure poisons the image, as in a commit round: the header may
-    /// already be at the new epoch while the journal position is not.
-    pub async fn detach_base(&self, storage: &dyn Storage, stats: &Stats) -> Result<()> {
-        let mut st = self.commit.lock().await;
-        self.check_poisoned()?;
-        if let Err(e) = checkpoint_with_flags(&mut st, storage, stats, false, FLAG_ALL_LOCAL).await
-        {
-            return self.poison(e);
-        }
-        st.durable.bitmap = AtomicBitmap::new(0);
-        st.durable.bitmap_dirty.clear();
-        Ok(())
-    }
-
-    /// Flush, then (if metadata changed since open) checkpoint and set the clean flag.
-    pub async fn close(&self, storage: &dyn Storage, stats: &Stats) -> Result<()> {
-        self.commit(storage, stats).await?;
-        let mut st = self.commit.lock().await;
-        // Soft bits (copy-on-read fills) become permanent at a clean close,
-        // once the data they point at is durable.
-        let mut promoted = Vec::new();
-        // After the base was detached the durable bitmap is gone: nothing to promote.
-        let bits = if st.durable.bitmap.is_empty() {
-            0
-        } else {
-            self.local.len()
-        };
-        for (s, e, local) in self.local.runs(0..bits) {
-            if !local {
-                continue;
-            }
-            for (a, b, durable) in st.durable.bitmap.runs(s..e) {
-                if !durable {
-                    push_set_bits(&mut promoted, a, b);
-                }
+            let mut r = self.poison_reason.lock().unwrap_or_else(|e| e.into_inner());
+            if r.is_none() {
+                *r = Some(e.to_string());
             }
         }
-        if !promoted.is_empty() {
-            if let Err(e) = flush_storage(storage, stats).await {
-                return self.poison(e);
-            }
-            for r in &promoted {
-                st.durable.apply(r)?;
-                if let Record::SetBits { first, count } = r {
-                    self.hard.set_range(*first..first + *count as u64);
-                }
-            }
-        }
-        if (!st.header.is_clean() || !promoted.is_empty())
-            && let Err(e) = checkpoint(&mut st, storage, stats, true).await
-        {
-            return self.poison(e);
-        }
-        Ok(())
+        self.poisoned.store(true, Ordering::Release);
     }
 }
 
-/// Records per bits-only group (about one journal block's worth).
-const MAX_BITS_GROUP: usize = journal::PAYLOAD / 16;
-
+/// Append set bits `[s, e)` to `p`, extending its last record when adjacent.
 fn push_set_bits(p: &mut Vec<Record>, s: u64, e: u64) {
-    // Extend the previous record when runs are adjacent (sequential writes).
     if let Some(Record::SetBits { first, count }) = p.last_mut()
         && *first + *count as u64 == s
         && (*count as u64 + (e - s)) <= u32::MAX as u64
@@ -504,158 +577,73 @@ fn push_set_bits(p: &mut Vec<Record>, s: u64, e: u64) {
     }
 }
 
-pub(crate) async fn flush_storage(storage: &dyn Storage, stats: &Stats) -> Result<()> {
-    stats.storage_flushes.fetch_add(1, Ordering::Relaxed);
-    storage.flush().await.map_err(|e| Error::io("flush", e))
-}
-
-/// Write `h` (with the next generation) into the slot not holding the newest header.
-pub(crate) async fn write_header(
-    st: &mut CommitState,
-    storage: &dyn Storage,
-    stats: &Stats,
-    mut h: Header,
-) -> Result<()> {
-    h.generation = st.header.generation + 1;
-    let slot = 1 - st.slot;
-    let buf = IoBuf::from_slice(&h.encode());
-    storage
-        .write_at((slot * HEADER_SLOT_SIZE) as u64, buf, false)
-        .await
-        .map_err(|e| Error::io("header write", e))?;
-    stats.header_writes.fetch_add(1, Ordering::Relaxed);
-    st.header = h;
-    st.slot = slot;
-    Ok(())
-}
-
-/// Write runs of dirty 4 KiB pages of a region, taking each run's bytes from `bytes_of`.
-async fn write_pages(
-    storage: &dyn Storage,
-    stats: &Stats,
-    region: crate::format::header::Extent,
-    pages: BTreeSet<u64>,
-    bytes_of: impl Fn(usize, usize) -> Vec<u8>,
-) -> Result<()> {
-    let pages: Vec<u64> = pages.into_iter().collect();
-    let mut i = 0;
-    while i < pages.len() {
-        // Coalesce consecutive pages into one write.
-        let mut j = i + 1;
-        while j < pages.len() && pages[j] == pages[j - 1] + 1 && j - i < 256 {
-            j += 1;
-        }
-        let start = pages[i] * 4096;
-        let len = ((pages[j - 1] + 1) * 4096)
-            .min(region.length)
-            .saturating_sub(start);
-        if len > 0 {
-            let bytes = bytes_of(start as usize, len as usize);
-            storage
-                .write_at(region.offset + start, IoBuf::from_slice(&bytes), false)
-                .await
-                .map_err(|e| Error::io("metadata write", e))?;
-            stats.bitmap_bytes_written.fetch_add(len, Ordering::Relaxed);
-        }
-        i = j;
+/// Append the checked bit of block `b`, extending the last record when adjacent.
+fn push_checked(p: &mut Vec<Record>, b: u64, crc: u32) {
+    if let Some(Record::SetBitsChecked { first, crcs }) = p.last_mut()
+        && *first + crcs.len() as u64 == b
+        && crcs.len() < Record::MAX_CHECKED_BLOCKS
+    {
+        crcs.push(crc);
+        return;
     }
-    Ok(())
+    p.push(Record::SetBitsChecked {
+        first: b,
+        crcs: vec![crc],
+    });
 }
 
-/// Encode bytes `[start, start+len)` of an on-disk chunk table.
-pub(crate) fn table_bytes(table: &[u32], start: usize, len: usize) -> Vec<u8> {
-    let mut out = vec![0xffu8; len];
-    for (k, byte) in out.iter_mut().enumerate() {
-        let pos = start + k;
-        if let Some(e) = table.get(pos / 4) {
-            *byte = e.to_le_bytes()[pos % 4];
+/// CRC-32C of a block's content, as a checked record carries it.
+pub(crate) fn block_crc(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
+/// CRC-32C of `len` zero bytes.
+pub(crate) fn zeros_crc(len: u64) -> u32 {
+    zeros_crc_append(0, len)
+}
+
+/// [`zeros_crc`] continuing from `crc`.
+pub(crate) fn zeros_crc_append(crc: u32, len: u64) -> u32 {
+    const Z: [u8; 4096] = [0u8; 4096];
+    let mut crc = crc;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(Z.len() as u64) as usize;
+        crc = crc32c::crc32c_append(crc, &Z[..n]);
+        left -= n as u64;
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_crc_matches_a_zero_buffer() {
+        for len in [0u64, 1, 512, 4096, 5000, 65536] {
+            assert_eq!(zeros_crc(len), crc32c::crc32c(&vec![0u8; len as usize]));
         }
     }
-    out
-}
 
-/// Write the durable bitmap and table in place and start a new journal epoch.
-pub(crate) async fn checkpoint(
-    st: &mut CommitState,
-    storage: &dyn Storage,
-    stats: &Stats,
-    clean: bool,
-) -> Result<()> {
-    checkpoint_with_flags(st, storage, stats, clean, 0).await
-}
-
-/// [`checkpoint`], setting `flags` in the new header too.
-async fn checkpoint_with_flags(
-    st: &mut CommitState,
-    storage: &dyn Storage,
-    stats: &Stats,
-    clean: bool,
-    flags: u64,
-) -> Result<()> {
-    flush_storage(storage, stats).await?;
-    // Table pages first, made durable before any bitmap page: the records of
-    // a round that overflowed the journal live only here, and a bit durable
-    // without its chunk's table entry would make the block read zeros.
-    let table_pages = std::mem::take(&mut st.durable.table_dirty);
-    let table = &st.durable.table;
-    write_pages(
-        storage,
-        stats,
-        st.header.region(Region::Table),
-        table_pages,
-        |s, l| table_bytes(table, s, l),
-    )
-    .await?;
-    flush_storage(storage, stats).await?;
-    let bitmap_pages = std::mem::take(&mut st.durable.bitmap_dirty);
-    let bm = &st.durable.bitmap;
-    write_pages(
-        storage,
-        stats,
-        st.header.region(Region::Bitmap),
-        bitmap_pages,
-        |s, l| bm.bytes_range(s, l),
-    )
-    .await?;
-    flush_storage(storage, stats).await?;
-    let mut h = st.header.clone();
-    h.journal_epoch = h.journal_epoch.wrapping_add(1);
-    h.flags |= flags;
-    if clean {
-        h.flags |= FLAG_CLEAN;
+    #[test]
+    fn checked_bits_merge_into_runs() {
+        let mut v = Vec::new();
+        push_checked(&mut v, 5, 1);
+        push_checked(&mut v, 6, 2);
+        push_checked(&mut v, 8, 3);
+        assert_eq!(
+            v,
+            vec![
+                Record::SetBitsChecked {
+                    first: 5,
+                    crcs: vec![1, 2]
+                },
+                Record::SetBitsChecked {
+                    first: 8,
+                    crcs: vec![3]
+                }
+            ]
+        );
     }
-    write_header(st, storage, stats, h).await?;
-    flush_storage(storage, stats).await?;
-    st.journal_pos = 0;
-    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Read the valid prefix of the journal of `header`'s epoch.
-pub(crate) async fn read_journal(storage: &dyn Storage, header: &Header) -> Result<Replay> {
-    let region = header.region(Region::Journal);
-    let total = region.length / journal::BLOCK_SIZE as u64;
-    let mut records = Vec::new();
-    let mut seq = 0u64;
-    const BATCH: u64 = 256;
-    'outer: while seq < total {
-        let n = BATCH.min(total - seq);
-        let buf = IoBuf::zeroed((n as usize) * journal::BLOCK_SIZE);
-        let buf = storage
-            .read_at(region.offset + seq * journal::BLOCK_SIZE as u64, buf)
-            .await
-            .map_err(|e| Error::io("journal read", e))?;
-        for k in 0..n as usize {
-            let bytes = &buf[k * journal::BLOCK_SIZE..(k + 1) * journal::BLOCK_SIZE];
-            match journal::decode_block(bytes, header.journal_epoch, seq)? {
-                Some(b) => records.extend(b.records),
-                None => break 'outer,
-            }
-            seq += 1;
-        }
-    }
-    Ok(Replay {
-        blocks: seq,
-        records,
-    })
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
-use crate::format::header::Header;
+use crate::format::header::{Header, Preallocation};
 use crate::image::{CreateOptions, Image, OpenOptions, create};
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage, Storage};
@@ -171,11 +171,52 @@ pub async fn create_path(
 
 /// Create a raw image file of `size` bytes (sparse).
 pub fn create_raw(path: &Path, size: u64) -> Result<()> {
+    create_raw_preallocated(path, size, Preallocation::Off)
+}
+
+/// Create a raw image file of `size` bytes: sparse (`off`), allocated
+/// (`falloc`) or written with zeros (`full`), as `qemu-img create -f raw -o
+/// preallocation=` does (`metadata` has no meaning for raw images).
+pub fn create_raw_preallocated(path: &Path, size: u64, mode: Preallocation) -> Result<()> {
+    if mode == Preallocation::Metadata {
+        return Err(Error::arg(format!(
+            "{}: preallocation=metadata is not supported for raw images",
+            path.display()
+        )));
+    }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(|e| Error::io(format!("{}: cannot create", path.display()), e))?;
-    f.set_len(size)
-        .map_err(|e| Error::io(format!("{}: set size", path.display()), e))
+    let r = (|| {
+        f.set_len(size)
+            .map_err(|e| Error::io(format!("{}: set size", path.display()), e))?;
+        drop(f);
+        if mode.allocates_data() {
+            let fo = FileOptions {
+                write: true,
+                create: false,
+                cache: CacheMode::Writeback,
+                lock: true,
+            };
+            let s = FileStorage::open(path, fo)?;
+            crate::executor::block_on(async {
+                let r = if mode == Preallocation::Full {
+                    crate::storage::write_zeros(&s, 0..size).await
+                } else {
+                    s.preallocate(0, size).await
+                };
+                r.map_err(|e| Error::io(format!("{}: preallocate", path.display()), e))?;
+                s.flush()
+                    .await
+                    .map_err(|e| Error::io(format!("{}: flush", path.display()), e))
+            })?;
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
 }

@@ -498,6 +498,17 @@ impl Storage for FileStorage {
         file_len(&self.file)
     }
 
+    fn preallocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        let file = self.file.clone();
+        let is_dev = self.is_block_device;
+        self.run(move || {
+            if is_dev || len == 0 {
+                return Ok(());
+            }
+            fallocate(&file, libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        })
+    }
+
     fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
         let file = self.file.clone();
         let is_dev = self.is_block_device;

@@ -55,6 +55,14 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Grow or shrink to `len` bytes.
     fn set_len(&self, len: u64) -> IoFuture<'_, ()>;
+    /// Allocate backing store for `[offset, offset+len)` (inside the
+    /// current size) without changing what it reads, so that later writes
+    /// there cannot fail for lack of space. A storage that cannot do this
+    /// does nothing.
+    fn preallocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        let _ = (offset, len);
+        Box::pin(async { Ok(()) })
+    }
     /// Which parts of `[offset, offset+len)` hold data and which are holes.
     fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>>;
     /// Bytes of backing store in use (for `info`).
@@ -73,4 +81,19 @@ pub fn coalesce(runs: Vec<AllocRun>) -> Vec<AllocRun> {
         }
     }
     out
+}
+
+/// Write zero bytes over `r` (data written: neither a hole nor an unwritten
+/// extent), 1 MiB at a time.
+pub async fn write_zeros(storage: &dyn Storage, r: std::ops::Range<u64>) -> io::Result<()> {
+    const STEP: u64 = 1 << 20;
+    let mut pos = r.start;
+    while pos < r.end {
+        let n = STEP.min(r.end - pos);
+        storage
+            .write_at(pos, IoBuf::zeroed(n as usize), false)
+            .await?;
+        pos += n;
+    }
+    Ok(())
 }
