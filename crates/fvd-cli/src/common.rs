@@ -217,10 +217,7 @@ pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
     value.serialize(&mut ser)?;
     out.push(b'\n');
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&out)?;
-    stdout.flush()?;
+    crate::out::write_bytes(&out);
     Ok(())
 }
 

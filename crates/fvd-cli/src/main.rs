@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[macro_use]
+mod out;
 mod cmd;
 mod common;
 mod size;
@@ -130,11 +132,22 @@ fn main() -> ExitCode {
             Command::Mount(a) => cmd::mount::run(a).await,
         }
     });
-    match result {
-        Ok(status) => ExitCode::from(status),
-        Err(e) => {
-            eprintln!("fvd: {}", one_line(&format!("{e:#}")));
+    let output = out::finish();
+    match (result, output) {
+        (Ok(status), Ok(())) => ExitCode::from(status),
+        (Err(e), _) => {
+            report(&one_line(&format!("{e:#}")));
+            ExitCode::from(code)
+        }
+        (Ok(_), Err(msg)) => {
+            report(&msg);
             ExitCode::from(code)
         }
     }
+}
+
+/// Print `fvd: <msg>` on standard error (never panicking if it is closed).
+fn report(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "fvd: {msg}");
 }

@@ -286,6 +286,10 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
         return;
     }
     let Some(path) = path else { return };
+    if let Err(e) = crate::base::chain::check_no_loop(path) {
+        r.check_errors.push(e.to_string());
+        return;
+    }
     if crate::base::is_url(&h.base_name) || h.base_format == "qcow2" {
         return; // only a provider can reach it; opening checks it
     }

@@ -241,6 +241,9 @@ pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result
         let storage: Arc<dyn Storage> = Arc::new(crate::base::BaseStorage::new(base));
         return Image::open_raw(storage, OpenOptions { read_only: true });
     }
+    if format == Format::Fvd {
+        crate::base::chain::check_no_loop(path)?;
+    }
     let storage = open_storage(path, !opts.read_only, opts)?;
     match format {
         Format::Raw => Image::open_raw(

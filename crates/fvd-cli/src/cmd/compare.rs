@@ -169,7 +169,7 @@ pub async fn run(a: Args) -> Result<u8> {
     let ib = open(&a.image_b, a.format_b, true, a.force_share).await?;
     let say = |s: &str| {
         if !a.quiet {
-            println!("{s}");
+            outln!("{s}");
         }
     };
     let (sa, sb) = (ia.virtual_size(), ib.virtual_size());

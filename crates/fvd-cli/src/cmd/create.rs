@@ -41,9 +41,9 @@ pub struct Args {
 
 /// Print the `-o help` list.
 fn print_option_help() {
-    println!("Supported options:");
+    outln!("Supported options:");
     for (k, d) in CREATE_KEYS {
-        println!("  {k:<16} - {d}");
+        outln!("  {k:<16} - {d}");
     }
 }
 
@@ -120,7 +120,7 @@ pub async fn run(a: Args) -> Result<u8> {
             })?;
             fvd_core::create_raw(img, size).map_err(|e| at(img, e))?;
             if !a.quiet {
-                println!("Formatting '{}', fmt=raw size={size}", img.display());
+                outln!("Formatting '{}', fmt=raw size={size}", img.display());
             }
             Ok(0)
         }
@@ -179,7 +179,7 @@ pub async fn run(a: Args) -> Result<u8> {
                 if h.incompatible & fvd_core::format::header::INCOMPAT_COMPACT != 0 {
                     line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
                 }
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(0)
         }

@@ -184,27 +184,46 @@ pub async fn run(a: Args) -> Result<u8> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let (base, image) = result?;
-    println!();
-    if keep {
-        println!("Files:");
-        println!("  base:  {} (raw, {})", base.display(), human(BASE_SIZE));
-        println!("  image: {} (fvd, {})", image.display(), human(IMAGE_SIZE));
+    outln!();
+    // Suggestions that work as printed: the files themselves when kept,
+    // otherwise a rerun that keeps them in a new directory of the current one.
+    let (base, image) = if keep {
+        outln!("Files:");
+        outln!("  base:  {} (raw, {})", base.display(), human(BASE_SIZE));
+        outln!("  image: {} (fvd, {})", image.display(), human(IMAGE_SIZE));
+        outln!("Try next:");
+        (base, image)
     } else {
-        println!(
-            "The demo files in {} were removed; run 'fvd demo --keep' (or --dir DIR) to keep them.",
+        let fresh = unused_dir_name();
+        outln!(
+            "The demo files in {} were removed. To keep a copy to look at, run the demo again in a directory of your own.",
             dir.display()
         );
-    }
-    println!("Try next:");
-    println!("  fvd info {}", image.display());
-    println!("  fvd map {}", image.display());
-    println!("  fvd check {}", image.display());
-    println!(
+        outln!("Try next:");
+        outln!("  fvd demo --dir {}", fresh.display());
+        (fresh.join("base.raw"), fresh.join("demo.fvd"))
+    };
+    outln!("  fvd info {}", image.display());
+    outln!("  fvd map {}", image.display());
+    outln!("  fvd check {}", image.display());
+    outln!(
         "  fvd compare -F raw {} {}",
         image.display(),
         base.display()
     );
     Ok(0)
+}
+
+/// `fvd-demo` (or `fvd-demo-N`): a name in the current directory that is
+/// not taken yet, for the suggested rerun.
+fn unused_dir_name() -> PathBuf {
+    (0..1000u32)
+        .map(|n| match n {
+            0 => PathBuf::from("fvd-demo"),
+            n => PathBuf::from(format!("fvd-demo-{n}")),
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from("fvd-demo"))
 }
 
 async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -217,7 +236,7 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         );
     }
     let mut model = make_base(&base)?;
-    println!(
+    outln!(
         "Base {}: {} raw; data at 0-8M, 16-24M, 32-48M; zeros elsewhere (24-32M written as zeros)",
         base.display(),
         human(BASE_SIZE)
@@ -237,14 +256,14 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .await
         .map_err(|e| at(&image, e))?;
     let (local, total) = img.local_blocks();
-    println!(
+    outln!(
         "Image {}: {} fvd over base.raw, block size {}, detect_zeroes=on: {local} of {total} base blocks are zero and already local",
         image.display(),
         human(IMAGE_SIZE),
         img.block_size()
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<5} {:<36} {:>10} {:>10} {:>8} {:>7} {:>7}",
         "step",
         "kind of write (each + flush)",
@@ -263,25 +282,31 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         img.flush().await.map_err(|e| at(&image, e))?;
         let d = Snap::of(img.stats()).minus(before);
         model[s.offset as usize..(s.offset + s.len) as usize].fill(s.pattern);
-        println!(
+        outln!(
             "{:<5} {:<36} {:>10} {:>10} {:>8} {:>7} {:>7}",
-            s.tag, s.what, d.data_bytes, d.base_read, d.journal, d.header, d.fsyncs
+            s.tag,
+            s.what,
+            d.data_bytes,
+            d.base_read,
+            d.journal,
+            d.header,
+            d.fsyncs
         );
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "(a) and (e) copy on write: their first flush journals the new bits (one journal write;"
     );
-    println!(
+    outln!(
         "    the first also clears the clean flag in the header). (e) merges the rest of the block"
     );
-    println!(
+    outln!(
         "    from the base. (b), (c) and (d) are free writes: no metadata, only the data fsync."
     );
     verify(&img, &image, &model).await?;
-    println!("Verified: all {} read back as expected.", human(IMAGE_SIZE));
+    outln!("Verified: all {} read back as expected.", human(IMAGE_SIZE));
     img.close().await.map_err(|e| at(&image, e))?;
-    println!("Closed cleanly (bitmap checkpointed, clean flag set).");
+    outln!("Closed cleanly (bitmap checkpointed, clean flag set).");
     Ok((base, image))
 }
 

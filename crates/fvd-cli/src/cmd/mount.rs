@@ -7,7 +7,6 @@
 //! status 0 when the file is unmounted (`umount FILE`, `fusermount3 -u
 //! FILE`) or on SIGINT/SIGTERM/SIGHUP, after closing the image cleanly.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -99,9 +98,8 @@ pub async fn run(a: MountArgs) -> Result<u8> {
                 ready_err = Some(e);
             }
             // The ready line: scripts wait for it before using the file.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", mountpoint.display());
-            let _ = out.flush();
+            outln!("{}", mountpoint.display());
+            crate::out::flush();
         });
         if let Some(p) = &pidfile {
             let _ = std::fs::remove_file(p);

@@ -37,7 +37,7 @@ pub struct Args {
 pub async fn run(a: Args) -> Result<u8> {
     let img = Arc::new(open(&a.image, Format::Fvd, false, false).await?);
     if img.base_range() == 0 {
-        println!(
+        outln!(
             "{}: all data is already in the image; no base to fetch from",
             a.image.display()
         );
@@ -95,7 +95,7 @@ pub async fn run(a: Args) -> Result<u8> {
     }
     r.map_err(|e| at(&a.image, e))?;
     img.close().await.map_err(|e| at(&a.image, e))?;
-    println!(
+    outln!(
         "{}: copied {} bytes from the base; the image no longer needs it",
         a.image.display(),
         status.done.load(Ordering::Relaxed)

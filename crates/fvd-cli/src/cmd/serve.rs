@@ -137,6 +137,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
 }
 
 async fn serve(a: ServeArgs) -> Result<u8> {
+    let started = std::time::Instant::now();
     let addr = match (&a.socket, &a.bind) {
         (Some(p), _) => ListenAddr::Unix(p.clone()),
         (None, Some(b)) => ListenAddr::Tcp(parse_bind(b)?),
@@ -169,7 +170,7 @@ async fn serve(a: ServeArgs) -> Result<u8> {
             }
         })?;
     let image = Arc::new(image);
-    let extras = match super::serve_extras::start(&image, &a.base).await {
+    let extras = match super::serve_extras::start(&image, &a.base, started).await {
         Ok(x) => x,
         Err(e) => {
             let _ = image.close().await;

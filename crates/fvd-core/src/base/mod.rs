@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+pub mod chain;
+
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::iobuf::IoBuf;

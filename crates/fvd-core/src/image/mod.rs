@@ -39,6 +39,7 @@ mod cor;
 pub mod prefetch;
 mod profile;
 pub mod rangelock;
+mod reclaim;
 
 pub use cor::Spawner;
 
@@ -217,8 +218,10 @@ pub async fn create(
     let data = h.region(Region::Data);
     let len = storage.len().map_err(io("size"))?;
     let want = data.offset + data.length;
-    if len < want {
+    if len < want && opts.compact {
         storage.set_len(want).await.map_err(io("set size"))?;
+    } else if len < want {
+        crate::storage::limit::grow_sparse_file(storage, want, size).await?;
     }
     // Metadata regions start out as "empty": zeros, and 0xFF for the table.
     // Punching (rather than writing zeros) keeps a new file sparse.
@@ -1162,18 +1165,9 @@ impl Image {
             let blocks = self.blocks_of(s, e - s);
             let all_local = blocks.is_empty() || meta.local.all_set(blocks.clone());
             if whole && unmap {
-                // Give the space back now: nothing can reuse the chunk before
-                // its free is durable, and zeros are what a discard reads.
-                let p = c.lookup(ch);
-                if p != EMPTY {
-                    let host = c.data_offset + p as u64 * cs;
-                    if let Err(e) = self.zero_host(host, s, cs, true).await {
-                        failed = Some(e);
-                        break;
-                    }
-                }
                 // Not reusable before the round that journals the free is
                 // known: its record is queued only at the end (see below).
+                // Its space is given back after the loop, in runs.
                 let p_old = c.free(ch, u64::MAX);
                 if p_old != EMPTY {
                     freed_phys.push(p_old);
@@ -1198,6 +1192,13 @@ impl Image {
                 failed = Some(e);
                 break;
             }
+        }
+        // Give the space back now, in runs of physically adjacent chunks (so
+        // small chunks sharing a file-system block free it): nothing can
+        // reuse them before their free is durable, and zeros are what a
+        // discard reads.
+        if let Err(e) = self.punch_chunks(c, &freed_phys, offset).await {
+            failed.get_or_insert(e);
         }
         // Publish the frees done so far even after an error: the chunks are
         // unmapped in memory, so their free must reach the journal, and they
@@ -1285,7 +1286,10 @@ impl Image {
             return Ok(());
         }
         match &self.meta {
-            Some(m) => m.close(self.storage.as_ref(), &self.stats).await,
+            Some(m) => {
+                m.close(self.storage.as_ref(), &self.stats).await?;
+                self.reclaim_shared_pages().await
+            }
             None => self.flush_raw().await,
         }
     }

@@ -126,12 +126,16 @@ impl Server {
     /// Start `prog args` in `dir` (output to `dir/<name>.log`).
     pub fn start(dir: &Path, prog: &Path, args: &[&str], name: &str) -> Server {
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        use std::os::unix::process::CommandExt;
+        // A process group of its own, so that stopping the server stops
+        // whatever it forked (nginx's workers) too.
         let child = Command::new(prog)
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", prog.display()));
         Server {
@@ -140,10 +144,31 @@ impl Server {
         }
     }
 
-    /// Kill the server now (SIGKILL) and reap it.
+    /// Kill the server and every process of its group now (SIGKILL), and
+    /// reap it.
     pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on the process group our own child leads.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Process ids of the server's group other than the server itself.
+    pub fn group_members(&self) -> Vec<i32> {
+        let pgid = self.child.id() as i32;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // SAFETY: getpgid only reads.
+            if pid != pgid && unsafe { libc::getpgid(pid) } == pgid {
+                out.push(pid);
+            }
+        }
+        out
     }
 
     /// Panic if the server has exited.

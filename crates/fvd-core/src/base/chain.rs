@@ -1,0 +1,71 @@
+//! Walking a chain of FVD bases by their headers alone, before anything is
+//! opened or locked.
+//!
+//! Opening a chain that loops (A over B over A) would otherwise fail in a
+//! misleading way: a read-write open of A holds its exclusive lock when A is
+//! reached again as a base ("image is in use"), and read-only opens recurse
+//! until the depth limit. The walk names the loop instead. It only reports
+//! loops: any other problem (a missing base, a bad header) is left to the
+//! real open, which has the better message.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::header::{HEADER_AREA, decode_slots};
+use crate::open::{MAX_CHAIN_DEPTH, resolve_base};
+
+/// Identity of a file: device and inode.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The base path named by the FVD image at `path`, when that base is
+/// itself an FVD image file (the only kind that can continue a chain).
+fn fvd_base_of(path: &Path) -> Option<PathBuf> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+        return None;
+    }
+    let mut area = vec![0u8; HEADER_AREA as usize];
+    f.read_exact(&mut area).ok()?;
+    drop::<File>(f);
+    let (h, _) = decode_slots(&area).ok()?;
+    if h.base_range() == 0 || h.base_format != "fvd" || super::is_url(&h.base_name) {
+        return None;
+    }
+    Some(resolve_base(path, &h.base_name))
+}
+
+/// Fail with "base chain loops back to …" if following the FVD bases of
+/// the image at `path` reaches a file already in the chain.
+pub fn check_no_loop(path: &Path) -> Result<()> {
+    let mut seen: Vec<(u64, u64)> = identity(path).into_iter().collect();
+    let mut current = path.to_path_buf();
+    for _ in 0..=MAX_CHAIN_DEPTH {
+        let Some(base) = fvd_base_of(&current) else {
+            return Ok(());
+        };
+        let Some(id) = identity(&base) else {
+            return Ok(());
+        };
+        if seen.contains(&id) {
+            return Err(Error::invalid(format!(
+                "{}: base chain loops back to {}",
+                path.display(),
+                base.display()
+            )));
+        }
+        seen.push(id);
+        current = base;
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! Giving freed chunks of compact images back to the file system.
+//!
+//! A chunk smaller than a file-system block (4 KiB) shares its block with
+//! neighbours; punching it alone only zeroes its bytes and the block stays
+//! allocated. So frees are punched in runs of physically adjacent chunks
+//! (a discard of many consecutive small chunks frees whole blocks), and a
+//! clean close punches every 4 KiB page of the data region that no chunk in
+//! use touches — nothing else runs then, so no allocation can race it.
+
+use super::Image;
+use super::compact::{Compact, EMPTY};
+use crate::error::Result;
+
+/// File-system block size assumed for sharing (pages of the leak check).
+const PAGE: u64 = 4096;
+
+impl Image {
+    /// Punch the physical chunks `phys` (just freed, not yet reusable), one
+    /// discard per run of adjacent chunks. `virt` names the request in errors.
+    pub(super) async fn punch_chunks(&self, c: &Compact, phys: &[u32], virt: u64) -> Result<()> {
+        let mut sorted = phys.to_vec();
+        sorted.sort_unstable();
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+                j += 1;
+            }
+            let host = c.data_offset + sorted[i] as u64 * c.chunk_size;
+            let len = (j - i) as u64 * c.chunk_size;
+            self.zero_host(host, virt, len, true).await?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// After a clean close of a compact image with chunks smaller than a
+    /// page: punch every page below the highest chunk in use that holds no
+    /// chunk in use.
+    pub(super) async fn reclaim_shared_pages(&self) -> Result<()> {
+        let Some(c) = &self.compact else {
+            return Ok(());
+        };
+        if c.chunk_size >= PAGE {
+            return Ok(());
+        }
+        let per_page = PAGE / c.chunk_size;
+        let table = c.table_snapshot();
+        let high = table
+            .iter()
+            .filter(|&&p| p != EMPTY)
+            .map(|&p| p as u64 + 1)
+            .max()
+            .unwrap_or(0);
+        let pages = high.div_ceil(per_page) as usize;
+        let mut used = vec![false; pages];
+        for &p in table.iter().filter(|&&p| p != EMPTY) {
+            used[(p as u64 / per_page) as usize] = true;
+        }
+        // The data region starts 1 MiB aligned: its pages are the file's.
+        let mut run: Option<(usize, usize)> = None;
+        for (pg, &u) in used
+            .iter()
+            .enumerate()
+            .chain(std::iter::once((pages, &true)))
+        {
+            match (u, run) {
+                (false, None) => run = Some((pg, pg + 1)),
+                (false, Some((s, _))) => run = Some((s, pg + 1)),
+                (true, Some((s, e))) => {
+                    let host = c.data_offset + s as u64 * PAGE;
+                    self.zero_host(host, 0, (e - s) as u64 * PAGE, true).await?;
+                    run = None;
+                }
+                (true, None) => {}
+            }
+        }
+        Ok(())
+    }
+}
