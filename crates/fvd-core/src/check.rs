@@ -415,7 +415,7 @@ async fn repair_image(
         } else {
             None
         };
-        let img = Image::open(storage.clone(), base, OpenOptions { read_only: false }).await?;
+        let img = Image::open(storage.clone(), base, OpenOptions::default()).await?;
         img.close().await?;
         if !report.clean {
             done.push(format!(

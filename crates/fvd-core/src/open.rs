@@ -205,6 +205,7 @@ async fn open_fvd_at(
         base,
         OpenOptions {
             read_only: opts.read_only,
+            trust_base: opts.force_share,
         },
     )
     .await
@@ -239,7 +240,13 @@ pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result
             open_base(path, format, opts, 0).await?
         };
         let storage: Arc<dyn Storage> = Arc::new(crate::base::BaseStorage::new(base));
-        return Image::open_raw(storage, OpenOptions { read_only: true });
+        return Image::open_raw(
+            storage,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        );
     }
     if format == Format::Fvd {
         crate::base::chain::check_no_loop(path)?;
@@ -250,6 +257,7 @@ pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result
             storage,
             OpenOptions {
                 read_only: opts.read_only,
+                ..Default::default()
             },
         ),
         Format::Fvd => open_fvd_at(path, storage, opts, 0).await,
@@ -279,6 +287,7 @@ pub async fn create_path(
                 .await
                 .map_err(|e| e.context(format!("{}: cannot open base", path.display())))?;
             opts.base = Some((b.name.clone(), b.format.name().to_string()));
+            opts.fingerprint_base = !crate::base::is_url(&b.name);
             Some(img)
         }
         None => None,

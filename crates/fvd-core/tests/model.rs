@@ -87,6 +87,8 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
         chunk_size: case.compact,
         grow_unit: Some(256 << 10),
         grow_cmd: None,
+        // Every reopen verifies the base's fingerprint too.
+        fingerprint_base: true,
     };
     block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).expect("create");
     let mut img = open(&disk, &base);

@@ -82,7 +82,9 @@ pub async fn run(a: Args) -> Result<u8> {
             let img = open(&image, Format::Fvd, false, false).await?;
             // Ranges are bytes of the base (docs/FORMAT.md §7).
             let limit = match img.header() {
-                Some(h) if !h.base_name.is_empty() => h.base_size,
+                Some(h) if !h.base_name.is_empty() => {
+                    fvd_core::format::profile::base_limit(h.base_size)
+                }
                 _ => bail!(
                     "{}: has no base image; a prefetch profile lists ranges of the base",
                     image.display()

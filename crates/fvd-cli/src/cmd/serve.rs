@@ -4,8 +4,12 @@
 //! TCP (`--bind`, default 127.0.0.1:10809). One export, named by
 //! `--export-name` (default: the empty name); clients asking for another
 //! name are refused. Up to `--shared` clients are served at once (default
-//! 16; more wait in the listen backlog); all of them share one open image,
-//! so the export advertises multi-connection consistency.
+//! 16; one more that finished its handshake waits until one leaves); all
+//! of them share one open image, so the export advertises
+//! multi-connection consistency. Connections still negotiating do not
+//! count: every connection is greeted at once and has 10 s to negotiate,
+//! and at most 32 negotiate at once (one more drops the one negotiating
+//! longest), so idle connections never lock other clients out.
 //!
 //! Runs until SIGINT or SIGTERM (or, with `--once`, until the last client
 //! has left): it then stops accepting, lets the requests in flight finish,
@@ -38,7 +42,8 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(short = 'r', long)]
     pub read_only: bool,
-    /// Most clients served at once; more wait until one leaves.
+    /// Most clients served at once; one more waits after its handshake
+    /// until one leaves (connections still negotiating do not count).
     #[arg(short = 'e', long, value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS)]
     pub shared: usize,
     /// Image format: fvd (default) or raw.

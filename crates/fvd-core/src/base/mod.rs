@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 pub mod chain;
+pub mod fingerprint;
 
 use crate::error::{Error, Result};
 use crate::image::Image;

@@ -30,6 +30,13 @@ pub fn encode(entries: &[(u64, u64)]) -> Vec<u8> {
     b
 }
 
+/// The bound of profile ranges for a base of `base_size` bytes: its size
+/// rounded up to a whole 512-byte sector (the sector holding an unaligned
+/// end belongs to the base, docs/FORMAT.md §2.5).
+pub fn base_limit(base_size: u64) -> u64 {
+    base_size.div_ceil(512).saturating_mul(512)
+}
+
 /// Decode a profile; `limit` bounds the byte ranges: the size of the base
 /// (docs/FORMAT.md §7), whatever the size of the image.
 pub fn decode(b: &[u8], limit: u64) -> Result<Vec<(u64, u64)>> {

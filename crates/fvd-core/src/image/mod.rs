@@ -86,6 +86,9 @@ pub enum RequestMap {
 pub struct OpenOptions {
     /// Refuse writes; never modify the file (a dirty journal is replayed in memory).
     pub read_only: bool,
+    /// Skip the base's content fingerprint check (the escape hatch of `-U`
+    /// for looking at an image whose base was changed in place).
+    pub trust_base: bool,
 }
 
 /// Chunk usage of a compact image.
@@ -161,6 +164,11 @@ pub struct CreateOptions {
     pub grow_unit: Option<u64>,
     /// Command growing a block device: `{path}` and `{bytes}` are substituted.
     pub grow_cmd: Option<String>,
+    /// Record a fingerprint of the base's content in the base validator,
+    /// checked at every open (docs/FORMAT.md §2.5). [`crate::create_path`]
+    /// sets it for bases named by a path; remote bases have validators of
+    /// their own.
+    pub fingerprint_base: bool,
 }
 
 /// Create an image on empty `storage`. `base` must be the opened base when
@@ -184,7 +192,9 @@ pub async fn create(
         virtual_size: size,
         base: match (&opts.base, base) {
             (Some((name, fmt)), Some(b)) => {
-                Some((name.clone(), fmt.clone(), base_size, b.validator()))
+                let validator =
+                    crate::base::fingerprint::validator(b, opts.fingerprint_base).await?;
+                Some((name.clone(), fmt.clone(), base_size, validator))
             }
             (Some(_), None) => return Err(Error::arg("base named but not opened")),
             _ => None,
@@ -419,14 +429,8 @@ impl Image {
                     b.size()
                 )));
             }
-            let now = b.validator();
-            if !h.base_validator.is_empty() && now != h.base_validator {
-                return Err(Error::invalid(format!(
-                    "{desc}: base image '{}' changed: it was '{}' at create time and is '{now}' now",
-                    b.describe(),
-                    h.base_validator
-                )));
-            }
+            crate::base::fingerprint::verify(&desc, &h.base_validator, b.as_ref(), opts.trust_base)
+                .await?;
             Some(b)
         } else {
             None

@@ -253,7 +253,10 @@ pub fn image_as_is(data: &[u8]) -> Reached {
             if let Ok(ro) = block_on(Image::open(
                 Arc::new(storage.clone()),
                 base.clone(),
-                OpenOptions { read_only: true },
+                OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
             )) {
                 exercise_reads(&ro);
                 return Reached::ReadOnly;

@@ -761,9 +761,16 @@ pub async fn check_consistency(
             report.corruptions, report.check_errors
         ));
     }
-    Image::open(storage, base, OpenOptions { read_only: true })
-        .await
-        .map_err(|e| format!("read-only open failed: {e}"))
+    Image::open(
+        storage,
+        base,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("read-only open failed: {e}"))
 }
 
 struct Run {
