@@ -5,6 +5,9 @@
 //! run. Needs root, /dev/fuse, loop devices and the benchmark tools (fio,
 //! postmark, nbdfuse, qemu-storage-daemon...); skipped with a note otherwise.
 
+#[path = "common/ci.rs"]
+mod ci;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -45,12 +48,12 @@ fn have(tool: &str) -> bool {
 fn usable() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: bench/run needs root (FUSE mounts, loop devices)");
+        ci::skip("bench/run needs root (FUSE mounts, loop devices)");
         return false;
     }
     for dev in ["/dev/fuse", "/dev/loop-control"] {
         if !Path::new(dev).exists() {
-            eprintln!("SKIP: {dev} is missing");
+            ci::skip(&format!("{dev} is missing"));
             return false;
         }
     }
@@ -70,9 +73,9 @@ fn usable() -> bool {
     ];
     for t in tools {
         if !have(t) {
-            eprintln!(
-                "SKIP: {t} is not installed (apt-get install -y fio postmark libnbd-bin fuse3)"
-            );
+            ci::skip(&format!(
+                "{t} is not installed (apt-get install -y fio postmark libnbd-bin fuse3)"
+            ));
             return false;
         }
     }
@@ -82,7 +85,7 @@ fn usable() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("uri"))
         .unwrap_or(false);
     if !nbd_engine {
-        eprintln!("SKIP: this fio has no nbd ioengine");
+        ci::skip("this fio has no nbd ioengine");
         return false;
     }
     true

@@ -1,6 +1,9 @@
 //! Compact images on a raw block device (a loop device with no file system
 //! on it): growth through a grow command, and ENOSPC without one.
 
+#[path = "common/ci.rs"]
+mod ci;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -9,7 +12,7 @@ const FVD: &str = env!("CARGO_BIN_EXE_fvd");
 fn usable() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: loop devices need root");
+        ci::skip("loop devices need root");
         return false;
     }
     let ok = Command::new("losetup")
@@ -18,7 +21,7 @@ fn usable() -> bool {
         .status()
         .is_ok();
     if !ok {
-        eprintln!("SKIP: losetup is not installed");
+        ci::skip("losetup is not installed; this test needs it");
     }
     ok
 }

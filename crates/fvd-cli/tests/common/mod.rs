@@ -6,6 +6,10 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+#[path = "ci.rs"]
+pub mod ci;
+pub use ci::skip;
+
 /// What a finished process printed and how it exited.
 #[derive(Debug)]
 pub struct Run {
@@ -77,7 +81,8 @@ pub fn fvd_with_input(dir: &Path, args: &[&str], input: &str) -> Run {
     finish(child.wait_with_output().expect("wait fvd"))
 }
 
-/// True if every tool runs; otherwise print why the test is skipped.
+/// True if every tool runs; otherwise print why the test is skipped (a
+/// failure under CI, see [`ci`]).
 pub fn have_tools(tools: &[&str]) -> bool {
     for t in tools {
         let found = Command::new(t)
@@ -87,7 +92,7 @@ pub fn have_tools(tools: &[&str]) -> bool {
             .status()
             .is_ok();
         if !found {
-            eprintln!("SKIP: {t} is not installed; this test needs it");
+            skip(&format!("{t} is not installed; this test needs it"));
             return false;
         }
     }

@@ -10,6 +10,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "../common/ci.rs"]
+pub mod ci;
+pub use ci::skip;
+
 /// How long a mount may take to become ready, and an unmount to finish.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -18,11 +22,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 pub fn fuse_usable(tools: &[&str]) -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: FUSE tests need root (mount(2) over a regular file)");
+        skip("FUSE tests need root (mount(2) over a regular file)");
         return false;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP: /dev/fuse is missing");
+        skip("/dev/fuse is missing");
         return false;
     }
     for t in tools {
@@ -33,7 +37,7 @@ pub fn fuse_usable(tools: &[&str]) -> bool {
             .status()
             .is_ok();
         if !found {
-            eprintln!("SKIP: {t} is not installed; this test needs it");
+            skip(&format!("{t} is not installed; this test needs it"));
             return false;
         }
     }

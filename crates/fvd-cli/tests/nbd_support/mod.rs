@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../common/ci.rs"]
+pub mod ci;
+
 use fvd_core::executor::block_on;
 use fvd_core::{BaseSpec, CreateOptions, Extent, Format, PathOptions};
 use fvd_nbd::consts::*;
@@ -36,7 +39,7 @@ pub fn have(tool: &str) -> bool {
 pub fn missing(tools: &[&str]) -> bool {
     for t in tools {
         if !have(t) {
-            eprintln!("skipping: {t} is not installed");
+            ci::skip(&format!("{t} is not installed; this test needs it"));
             return true;
         }
     }

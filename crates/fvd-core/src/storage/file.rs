@@ -644,6 +644,18 @@ fn write_zero_bytes(
 
 #[cfg(test)]
 mod tests {
+    /// No O_DIRECT in the temporary directory (tmpfs): skip, or fail under
+    /// CI, where every test must run (the rule of the tests' `ci` helper).
+    fn skip_without_direct_io(e: &crate::Error) {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+        if ci {
+            panic!(
+                "no O_DIRECT in the temporary directory ({e}); CI needs TMPDIR on a disk file system"
+            );
+        }
+        eprintln!("SKIP: no O_DIRECT here: {e}");
+    }
+
     use super::*;
     use crate::executor::block_on;
 
@@ -664,7 +676,7 @@ mod tests {
         let storage = match FileStorage::open(&path, opts) {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                eprintln!("SKIP: no O_DIRECT here: {e}");
+                skip_without_direct_io(&e);
                 return;
             }
         };
@@ -717,7 +729,7 @@ mod tests {
                 Some(s)
             }
             Err(e) => {
-                eprintln!("SKIP: no O_DIRECT here: {e}");
+                skip_without_direct_io(&e);
                 None
             }
         }

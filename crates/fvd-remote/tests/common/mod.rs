@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use fvd_core::base::Base;
 
+/// The skip-or-fail-under-CI rule shared with fvd-cli's tests.
+#[path = "../../../fvd-cli/tests/common/ci.rs"]
+pub mod ci;
+
 /// True if `tool` is on PATH; prints a note naming the test otherwise.
 pub fn have(tool: &str, test: &str) -> bool {
     let found = std::env::var_os("PATH").is_some_and(|paths| {
@@ -18,7 +22,9 @@ pub fn have(tool: &str, test: &str) -> bool {
             || Path::new("/usr/sbin").join(tool).is_file()
     });
     if !found {
-        eprintln!("note: {test}: skipped, '{tool}' is not installed");
+        ci::skip(&format!(
+            "{test}: '{tool}' is not installed; this test needs it"
+        ));
     }
     found
 }
@@ -41,9 +47,9 @@ pub fn fvd_bin(test: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!(
-            "note: {test}: skipped, the fvd binary is not built (cargo build -p fvd-cli, or cargo test --workspace)"
-        );
+        ci::skip(&format!(
+            "{test}: the fvd binary is not built (cargo build -p fvd-cli, or cargo test --workspace)"
+        ));
         None
     }
 }
