@@ -77,6 +77,10 @@ pub struct ImageOptions {
     pub grow_unit: Option<u64>,
     /// `grow_cmd=` (a literal comma is written `,,` as in qemu-img)
     pub grow_cmd: Option<String>,
+    /// `max_cor_bytes=` (amend)
+    pub max_cor_bytes: Option<u64>,
+    /// `prefetch_profile=on|off` (amend: off drops the stored profile)
+    pub prefetch_profile: Option<bool>,
     /// `-o help` was given: list the options instead of acting.
     pub help: bool,
 }
@@ -197,6 +201,8 @@ pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOp
                 }
                 "grow_unit" => o.grow_unit = Some(size(val)?),
                 "grow_cmd" => o.grow_cmd = Some(val.to_string()),
+                "max_cor_bytes" => o.max_cor_bytes = Some(size(val)?),
+                "prefetch_profile" => o.prefetch_profile = Some(parse_bool(key, val)?),
                 "copy_on_read" => o.copy_on_read = Some(parse_bool(key, val)?),
                 "backing_file" => o.backing_file = Some(val.to_string()),
                 "backing_fmt" => {

@@ -43,6 +43,14 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Check the metadata of an image (like qemu-img check).
     Check(cmd::check::Args),
+    /// Change the virtual size of an image (like qemu-img resize).
+    Resize(cmd::resize::Args),
+    /// Write an image's data into its base (like qemu-img commit).
+    Commit(cmd::commit::Args),
+    /// Put an image over another base, or none (like qemu-img rebase).
+    Rebase(cmd::rebase::Args),
+    /// Change image options in place (like qemu-img amend).
+    Amend(cmd::amend::Args),
     /// Run qemu-io style commands on an image (like qemu-io).
     Io(cmd::io::Args),
     /// Show copy-on-write and free writes on a built-in example.
@@ -124,6 +132,10 @@ fn main() -> ExitCode {
             Command::Convert(a) => cmd::convert::run(a).await,
             Command::Compare(a) => cmd::compare::run(a).await,
             Command::Check(a) => cmd::check::run(a).await,
+            Command::Resize(a) => cmd::resize::run(a).await,
+            Command::Commit(a) => cmd::commit::run(a).await,
+            Command::Rebase(a) => cmd::rebase::run(a).await,
+            Command::Amend(a) => cmd::amend::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
             Command::Prefetch(a) => cmd::prefetch::run(a).await,
             Command::Profile(a) => cmd::profile::run(a).await,

@@ -249,7 +249,8 @@ async fn load(
     let cs = h.chunk_size as u64;
     let capacity = len.saturating_sub(data.offset) / cs;
     if compact {
-        check_table(&durable.table, capacity, r);
+        let phys_limit = h.region(Region::Table).length / 4;
+        check_table(&durable.table, capacity, phys_limit, r);
         r.image_end_offset = len;
     }
     Ok(Some(Loaded {
@@ -260,15 +261,15 @@ async fn load(
 }
 
 /// Entries must point inside the data region and no chunk may be used twice.
-fn check_table(table: &[u32], capacity: u64, r: &mut CheckReport) {
-    let mut owner: Vec<Option<usize>> = vec![None; table.len()];
+fn check_table(table: &[u32], capacity: u64, phys_limit: u64, r: &mut CheckReport) {
+    let mut owner: Vec<Option<usize>> = vec![None; phys_limit as usize];
     let mut allocated = 0;
     for (c, &p) in table.iter().enumerate() {
         if p == EMPTY {
             continue;
         }
         allocated += 1;
-        if p as u64 >= capacity || p as usize >= table.len() {
+        if p as u64 >= capacity || p as u64 >= phys_limit {
             r.corruptions.push(format!("chunk table entry {c} points at chunk {p}, past the data region ({capacity} chunks)"));
             continue;
         }
@@ -288,6 +289,12 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
     let Some(path) = path else { return };
     if let Err(e) = crate::base::chain::check_no_loop(path) {
         r.check_errors.push(e.to_string());
+        return;
+    }
+    if h.base_validator == crate::base::fingerprint::COMMIT_IN_PROGRESS {
+        r.notes.push(
+            "a commit into the base was interrupted: run 'fvd commit' again to finish it".into(),
+        );
         return;
     }
     if crate::base::is_url(&h.base_name) || h.base_format == "qcow2" {

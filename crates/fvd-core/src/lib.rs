@@ -6,7 +6,8 @@
 //! * `meta` — bitmaps in memory, journal writer (group commit), recovery;
 //! * [`image`] — the engine: read/write/flush/discard/write_zeroes/block_status;
 //! * [`base`] — read-only bases (raw, FVD chains);
-//! * [`open`] — opening and creating images by path.
+//! * [`open`] — opening and creating images by path;
+//! * [`lifecycle`] — resize, commit, rebase and amend.
 //!
 //! docs/FORMAT.md specifies the on-disk format; docs/ARCHITECTURE.md the
 //! ownership, lock order and flush ordering.
@@ -18,6 +19,7 @@ pub mod executor;
 pub mod format;
 pub mod image;
 pub mod iobuf;
+pub mod lifecycle;
 mod meta;
 pub mod open;
 pub mod sim;

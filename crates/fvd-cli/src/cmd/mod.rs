@@ -1,7 +1,9 @@
 //! One module per subcommand; each has an `Args` (clap) and an async `run`
 //! returning the exit status.
 
+pub mod amend;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -13,5 +15,7 @@ pub mod map;
 pub mod mount;
 pub mod prefetch;
 pub mod profile;
+pub mod rebase;
+pub mod resize;
 pub mod serve;
 pub mod serve_extras;

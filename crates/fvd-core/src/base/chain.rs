@@ -69,3 +69,23 @@ pub fn check_no_loop(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// True if following the FVD bases from the image at `start` (itself
+/// included) reaches the file at `target`: making `start` the base of
+/// `target` would close a loop.
+pub fn reaches(start: &Path, target: &Path) -> bool {
+    let Some(goal) = identity(target) else {
+        return false;
+    };
+    let mut current = start.to_path_buf();
+    for _ in 0..=MAX_CHAIN_DEPTH + 1 {
+        if identity(&current) == Some(goal) {
+            return true;
+        }
+        match fvd_base_of(&current) {
+            Some(next) => current = next,
+            None => return false,
+        }
+    }
+    false
+}

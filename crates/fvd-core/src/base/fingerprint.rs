@@ -17,7 +17,7 @@
 
 use super::Base;
 use crate::error::{Error, Result};
-use crate::format::header::MAX_BASE_VALIDATOR;
+use crate::format::header::{Header, MAX_BASE_VALIDATOR};
 use crate::iobuf::IoBuf;
 
 /// The validator key of the fingerprint.
@@ -79,10 +79,28 @@ pub fn split(recorded: &str) -> (&str, Option<u32>) {
     }
 }
 
-/// Check `base` against the validator recorded in an image (`desc` names
-/// the image): its own part must be equal, and the fingerprint (unless
-/// `trust` is set, the escape hatch of `-U`) must match the content.
-pub async fn verify(desc: &str, recorded: &str, base: &dyn Base, trust: bool) -> Result<()> {
+/// The validator of an image whose commit into its base is under way:
+/// the base may have grown past `base_size` and changed where the image
+/// holds its own data (so the image still reads the same); the base is not
+/// checked until `fvd commit` finishes and records the new validator.
+pub const COMMIT_IN_PROGRESS: &str = "commit-in-progress";
+
+/// Check `base` against what the image header `h` recorded about it
+/// (`desc` names the image): the size, the validator's own part, and the
+/// fingerprint (unless `trust` is set, the escape hatch of `-U`).
+pub async fn verify(desc: &str, h: &Header, base: &dyn Base, trust: bool) -> Result<()> {
+    let recorded = h.base_validator.as_str();
+    if recorded == COMMIT_IN_PROGRESS {
+        return Ok(());
+    }
+    if base.size() != h.base_size {
+        return Err(Error::invalid(format!(
+            "{desc}: base image '{}' changed: it was {} bytes at create time and is {} now",
+            base.describe(),
+            h.base_size,
+            base.size()
+        )));
+    }
     if recorded.is_empty() {
         return Ok(());
     }

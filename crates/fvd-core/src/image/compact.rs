@@ -64,14 +64,16 @@ impl Drop for Pin<'_> {
     }
 }
 
-/// Validate a table read from disk: entries inside the storage and unique.
-pub(crate) fn validate_table(table: &[u32], capacity: u64) -> Result<()> {
-    let mut seen = vec![false; table.len()];
+/// Validate a table read from disk: entries inside the storage, below
+/// `phys_limit` (the entries the table region can hold, docs/FORMAT.md
+/// §4.2) and unique.
+pub(crate) fn validate_table(table: &[u32], capacity: u64, phys_limit: u64) -> Result<()> {
+    let mut seen = vec![false; phys_limit as usize];
     for (c, &p) in table.iter().enumerate() {
         if p == EMPTY {
             continue;
         }
-        if p as usize >= table.len() || p as u64 >= capacity {
+        if p as u64 >= phys_limit || p as u64 >= capacity {
             return Err(Error::corrupt(format!(
                 "chunk table entry {c} points at chunk {p}, past the end of the data region ({capacity} chunks)"
             )));
@@ -86,11 +88,14 @@ pub(crate) fn validate_table(table: &[u32], capacity: u64) -> Result<()> {
 }
 
 impl Compact {
+    /// `phys_limit`: physical chunks are numbered below it (the entries the
+    /// table region can hold; at least the table's length).
     pub fn new(
         table: &[u32],
         chunk_size: u64,
         data_offset: u64,
         capacity: u64,
+        phys_limit: u64,
         grow_unit: u64,
         grow_cmd: String,
     ) -> Self {
@@ -110,7 +115,9 @@ impl Compact {
             grow_unit,
             grow_cmd,
             table: table.iter().map(|&p| AtomicU32::new(p)).collect(),
-            pins: (0..table.len()).map(|_| AtomicU32::new(0)).collect(),
+            pins: (0..phys_limit.max(table.len() as u64))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             alloc: Mutex::new(Allocator {
                 next,
                 free,
@@ -215,7 +222,7 @@ impl Compact {
                 let p = match a.free.pop_first() {
                     Some(p) => p,
                     None => {
-                        if a.next as usize >= self.table.len() {
+                        if a.next as usize >= self.pins.len() {
                             // More physical chunks than virtual ones means a leak;
                             // refuse rather than overflow the pin array.
                             for (_, p) in out.drain(..) {
@@ -274,6 +281,16 @@ impl Compact {
         !self.lock().pending_free.is_empty()
     }
 
+    /// Keep physical chunks `0..k` out of every later allocation: a
+    /// lifecycle operation moves their data away and then the data region's
+    /// start past them.
+    pub fn reserve_below(&self, k: u32) {
+        let mut a = self.lock();
+        a.free.retain(|&p| p >= k);
+        a.pending_free.retain(|&(p, _)| p >= k);
+        a.next = a.next.max(k);
+    }
+
     /// Set the commit round of pending frees.
     pub fn set_pending_round(&self, phys: &[u32], round: u64) {
         let mut a = self.lock();
@@ -293,7 +310,7 @@ impl Compact {
             // Grown by another allocation while this one waited.
             return Ok(());
         }
-        let target = (need_chunks.max(have + step)).min(self.chunks());
+        let target = (need_chunks.max(have + step)).min(self.pins.len() as u64);
         let target_len = self.data_offset + target * cs;
         let needed_len = self.data_offset + need_chunks * cs;
         let mut r = storage.set_len(target_len).await;
@@ -336,7 +353,7 @@ impl Compact {
 }
 
 /// Run the grow command (`{path}` and `{bytes}` substituted) on a thread.
-async fn run_grow_cmd(cmd: &str, path: &str, bytes: u64) -> Result<()> {
+pub(crate) async fn run_grow_cmd(cmd: &str, path: &str, bytes: u64) -> Result<()> {
     let line = cmd
         .replace("{path}", path)
         .replace("{bytes}", &bytes.to_string());

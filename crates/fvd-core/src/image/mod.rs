@@ -36,10 +36,11 @@ use crate::storage::Storage;
 
 pub(crate) mod compact;
 mod cor;
+mod lifecycle;
 pub mod prefetch;
 mod profile;
 pub mod rangelock;
-mod reclaim;
+pub(crate) mod reclaim;
 
 pub use cor::Spawner;
 
@@ -421,16 +422,7 @@ impl Image {
                     format!("{desc}: base image '{}' was not opened", h.base_name),
                 )
             })?;
-            if b.size() != h.base_size {
-                return Err(Error::invalid(format!(
-                    "{desc}: base image '{}' changed: it was {} bytes at create time and is {} now",
-                    b.describe(),
-                    h.base_size,
-                    b.size()
-                )));
-            }
-            crate::base::fingerprint::verify(&desc, &h.base_validator, b.as_ref(), opts.trust_base)
-                .await?;
+            crate::base::fingerprint::verify(&desc, &h, b.as_ref(), opts.trust_base).await?;
             Some(b)
         } else {
             None
@@ -445,12 +437,15 @@ impl Image {
         let compact = if is_compact {
             let cs = h.chunk_size as u64;
             let capacity = file_len.saturating_sub(data.offset) / cs;
-            compact::validate_table(&durable.table, capacity).map_err(|e| e.context(&desc))?;
+            let phys_limit = h.region(Region::Table).length / 4;
+            compact::validate_table(&durable.table, capacity, phys_limit)
+                .map_err(|e| e.context(&desc))?;
             Some(Compact::new(
                 &durable.table,
                 cs,
                 data.offset,
                 capacity,
+                phys_limit,
                 h.grow_unit,
                 h.grow_cmd.clone(),
             ))

@@ -44,7 +44,6 @@ impl Image {
         if c.chunk_size >= PAGE {
             return Ok(());
         }
-        let per_page = PAGE / c.chunk_size;
         let table = c.table_snapshot();
         let high = table
             .iter()
@@ -52,29 +51,35 @@ impl Image {
             .map(|&p| p as u64 + 1)
             .max()
             .unwrap_or(0);
-        let pages = high.div_ceil(per_page) as usize;
-        let mut used = vec![false; pages];
-        for &p in table.iter().filter(|&&p| p != EMPTY) {
-            used[(p as u64 / per_page) as usize] = true;
-        }
-        // The data region starts 1 MiB aligned: its pages are the file's.
-        let mut run: Option<(usize, usize)> = None;
-        for (pg, &u) in used
-            .iter()
-            .enumerate()
-            .chain(std::iter::once((pages, &true)))
-        {
-            match (u, run) {
-                (false, None) => run = Some((pg, pg + 1)),
-                (false, Some((s, _))) => run = Some((s, pg + 1)),
-                (true, Some((s, e))) => {
-                    let host = c.data_offset + s as u64 * PAGE;
-                    self.zero_host(host, 0, (e - s) as u64 * PAGE, true).await?;
-                    run = None;
-                }
-                (true, None) => {}
-            }
+        for (off, len) in unused_runs(&table, c.chunk_size, high) {
+            self.zero_host(c.data_offset + off, 0, len, true).await?;
         }
         Ok(())
     }
+}
+
+/// Runs `(offset, length)`, relative to the data region, of the space below
+/// physical chunk `high` that no entry of `table` uses: whole chunks, or
+/// whole pages when chunks are smaller than a page (a page with one chunk
+/// in use stays). The data region starts 1 MiB aligned: its pages are the
+/// file's.
+pub(crate) fn unused_runs(table: &[u32], chunk_size: u64, high: u64) -> Vec<(u64, u64)> {
+    let unit = chunk_size.max(PAGE);
+    let per_unit = unit / chunk_size;
+    let units = high.div_ceil(per_unit) as usize;
+    let mut used = vec![false; units];
+    for &p in table.iter().filter(|&&p| p != EMPTY) {
+        if let Some(u) = used.get_mut((p as u64 / per_unit) as usize) {
+            *u = true;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, _) in used.iter().enumerate().filter(|(_, u)| !**u) {
+        let off = i as u64 * unit;
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += unit,
+            _ => out.push((off, unit)),
+        }
+    }
+    out
 }
