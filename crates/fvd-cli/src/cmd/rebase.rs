@@ -42,12 +42,13 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.format != Format::Fvd {
         bail!("{}: only fvd images have a base", a.image.display());
     }
+    let img = a.image.display();
     let new = match (a.base.as_str(), a.base_format) {
         ("", None) => None,
-        ("", Some(_)) => bail!("-F was given with -b '' (no base)"),
+        ("", Some(_)) => bail!("{img}: -F was given with -b '' (no base)"),
         (name, Some(f)) => Some((name, f)),
         (_, None) => {
-            bail!("-F is required with -b: the base format is recorded, never probed")
+            bail!("{img}: -F is required with -b: the base format is recorded, never probed")
         }
     };
     fvd_core::lifecycle::rebase::rebase_path(&a.image, new, a.unsafe_mode)
