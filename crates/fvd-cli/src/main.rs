@@ -86,6 +86,10 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists (it edits the environment).
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        cmd::serve_start::capture_activation();
+    }
     fvd_remote::register();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

@@ -19,3 +19,4 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod serve_extras;
+pub mod serve_start;

@@ -74,6 +74,17 @@ pub struct ServeArgs {
     /// Report connections and failed requests on standard error.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Write the process id to this file once the socket accepts
+    /// connections; removed at exit.
+    #[arg(long, visible_alias = "pid-file", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Run in the background: return once the socket accepts connections
+    /// (as qemu-nbd --fork); the server's messages after that are dropped.
+    #[arg(long)]
+    pub fork: bool,
+    /// Descriptor on which a --fork parent waits for readiness (internal).
+    #[arg(long, hide = true, value_name = "FD")]
+    pub ready_fd: Option<i32>,
     /// Refuse NBD_OPT_STRUCTURED_REPLY (and extended headers): for tests.
     #[arg(long, hide = true)]
     pub no_structured_replies: bool,
@@ -116,6 +127,9 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
     }
+    if a.fork {
+        return super::serve_start::fork_and_wait();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("fvd-serve".into())
@@ -143,6 +157,13 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
 
 async fn serve(a: ServeArgs) -> Result<u8> {
     let started = std::time::Instant::now();
+    let mut ready = super::serve_start::Ready::from_fd(a.ready_fd);
+    let activated = super::serve_start::take_activated();
+    if activated.is_some() && (a.socket.is_some() || a.bind.is_some()) {
+        bail!(
+            "socket activation (LISTEN_FDS) passes the listening socket: do not give --socket or --bind"
+        );
+    }
     let addr = match (&a.socket, &a.bind) {
         (Some(p), _) => ListenAddr::Unix(p.clone()),
         (None, Some(b)) => ListenAddr::Tcp(parse_bind(b)?),
@@ -206,7 +227,10 @@ async fn serve(a: ServeArgs) -> Result<u8> {
     };
     let started = async {
         let server = Server::new(image.clone(), config)?;
-        let listener = Listener::bind(&addr).await?;
+        let listener = match activated {
+            Some(fd) => Listener::from_inherited(fd)?,
+            None => Listener::bind(&addr).await?,
+        };
         Ok::<_, std::io::Error>((server, listener))
     }
     .await;
@@ -222,11 +246,23 @@ async fn serve(a: ServeArgs) -> Result<u8> {
         listener.uri(&a.export_name),
         if a.read_only { " (read-only)" } else { "" }
     );
+    // The socket accepts: the pid file, then the waiting --fork parent.
+    let pidfile = match a.pidfile.as_deref().map(super::serve_start::PidFile::write) {
+        Some(Err(e)) => {
+            drop(listener);
+            let _ = image.close().await;
+            return Err(e);
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    ready.notify();
     let summary = server
         .serve(listener, signal)
         .await
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
     extras.finish(&image);
+    drop(pidfile);
     if summary.abandoned > 0 {
         eprintln!(
             "fvd serve: {} connection(s) did not finish in time",

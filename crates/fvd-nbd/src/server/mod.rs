@@ -290,12 +290,15 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Removes the unix socket file when dropped.
-struct SocketFile(PathBuf);
+/// The unix socket's path; the file is removed when dropped if this server
+/// created it (not when it was inherited through socket activation).
+struct SocketFile(PathBuf, bool);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.1 {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
@@ -325,6 +328,36 @@ impl Listener {
                 })
             }
         }
+    }
+
+    /// A listening socket inherited from the process that started us
+    /// (systemd socket activation): unix or TCP, already bound. A unix
+    /// socket's file is left in place at exit (it belongs to the activator).
+    pub fn from_inherited(fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        // A unix socket reports a unix address; anything else is tried as TCP.
+        let unix = std::os::unix::net::UnixListener::from(fd);
+        let kind = match unix.local_addr() {
+            Ok(addr) => {
+                unix.set_nonblocking(true)?;
+                let path = addr
+                    .as_pathname()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                ListenerKind::Unix(UnixListener::from_std(unix)?, SocketFile(path, false))
+            }
+            Err(_) => {
+                let tcp = std::net::TcpListener::from(std::os::fd::OwnedFd::from(unix));
+                tcp.local_addr().map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("the inherited descriptor is not a listening socket: {e}"),
+                    )
+                })?;
+                tcp.set_nonblocking(true)?;
+                ListenerKind::Tcp(TcpListener::from_std(tcp)?)
+            }
+        };
+        Ok(Listener { kind })
     }
 
     /// Where clients connect, as an NBD URI for `export_name`.
@@ -385,7 +418,7 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
     }
     let l = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: cannot listen: {e}", path.display())))?;
-    let guard = SocketFile(path.to_path_buf());
+    let guard = SocketFile(path.to_path_buf(), true);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(Listener {
         kind: ListenerKind::Unix(l, guard),
