@@ -190,7 +190,7 @@ fn systemd_socket_activation() {
     // A unix socket made by the "service manager".
     let sock = d.join("act.sock");
     let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let mut child = activated(d, &l, &["img.fvd"]);
+    let child = activated(d, &l, &["img.fvd"]);
     drop(l);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     run_in(d, "qemu-io", &["-f", "raw", "-c", "write -P 9 1M 4k", &uri]).ok("write over unix");
