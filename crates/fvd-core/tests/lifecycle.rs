@@ -261,7 +261,7 @@ fn run_case(seed: u64, compact: Option<u32>, block_size: u32) {
 #[test]
 fn sparse_images() {
     for (i, bs) in [512u32, 4096, 65536].into_iter().enumerate() {
-        for s in 0..6u64 {
+        for s in 0..16u64 {
             run_case(0x5eed_0000 + s * 7 + i as u64 * 1000, None, bs);
         }
     }
@@ -275,7 +275,7 @@ fn compact_images() {
         (4096, 65536),
         (65536, 1 << 20),
     ] {
-        for s in 0..6u64 {
+        for s in 0..16u64 {
             run_case(0xc0ac_0000 + s * 13 + cs as u64, Some(cs), bs);
         }
     }

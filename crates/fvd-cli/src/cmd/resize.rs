@@ -54,22 +54,38 @@ pub fn new_size(size: u64, spec: &str) -> Result<u64> {
     }
 }
 
+/// The virtual size in the header of the FVD image at `path` (read
+/// directly: the resize itself opens and checks the image).
+fn current_size(path: &std::path::Path) -> Result<u64> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut area = vec![0u8; fvd_core::format::header::HEADER_AREA as usize];
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let t = f
+        .metadata()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?
+        .file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if !t.is_file() && !t.is_block_device() {
+        bail!("{}: is not a regular file or block device", path.display());
+    }
+    let n = f
+        .read(&mut area)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let (h, _) = fvd_core::format::header::decode_slots(&area[..n])
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(h.virtual_size)
+}
+
 /// Run `fvd resize`.
 pub async fn run(a: Args) -> Result<u8> {
     let path = &a.image;
     let current = match a.format {
-        Format::Fvd => {
-            let s = fvd_core::storage::FileStorage::open(
-                path,
-                fvd_core::storage::file::FileOptions::read_only(),
-            )
-            .map_err(|e| at(path, e))?;
-            fvd_core::image::read_header(&s)
-                .await
-                .map_err(|e| at(path, e))?
-                .0
-                .virtual_size
-        }
+        Format::Fvd => current_size(path)?,
         Format::Raw => std::fs::metadata(path)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?
             .len(),

@@ -174,7 +174,7 @@ pub async fn commit(storage: Arc<dyn Storage>, base: &BaseWriter, keep: bool) ->
     mark(&storage, Some(base.view()?)).await?;
     base.grow_to(h.virtual_size).await?;
     let img = open_engine(&storage, Some(base.view()?)).await?;
-    let bytes = copy_local_data(&img, base).await?;
+    let bytes = copy_local_data(&img, base, base.view()?.as_ref()).await?;
     base.flush().await?;
     img.close().await?;
     drop(img);
@@ -223,8 +223,10 @@ pub async fn commit(storage: Arc<dyn Storage>, base: &BaseWriter, keep: bool) ->
     })
 }
 
-/// Step 3: copy every extent the image holds itself into the base.
-async fn copy_local_data(img: &Image, base: &BaseWriter) -> Result<u64> {
+/// Step 3: copy every extent the image holds itself into the base. Zeros
+/// are written only where the base does not read zeros already (`view`
+/// tells: the blocks a create found zero in the base are local zeros).
+async fn copy_local_data(img: &Image, base: &BaseWriter, view: &dyn Base) -> Result<u64> {
     let size = img.virtual_size();
     let mut copied = 0;
     let mut pos = 0;
@@ -235,7 +237,17 @@ async fn copy_local_data(img: &Image, base: &BaseWriter) -> Result<u64> {
                 continue;
             }
             if e.zero {
-                base.zero(e.start, e.length).await?;
+                let runs = view
+                    .allocation(e.start, e.length)
+                    .await
+                    .map_err(|er| Error::io(format!("{}: block status", view.describe()), er))?;
+                let mut at = e.start;
+                for r in runs {
+                    if r.data {
+                        base.zero(at, r.length).await?;
+                    }
+                    at += r.length;
+                }
                 continue;
             }
             let mut off = e.start;

@@ -190,6 +190,7 @@ pub(crate) async fn switch(storage: &dyn Storage, old: &Clean, target: Target) -
             .await
             .map_err(io(storage, "write chunk table"))?;
     }
+    let wrote = bitmap.is_some() || table_moved.is_some() || table_in_place.is_some();
     if nh.region(Region::Journal) != oh.region(Region::Journal) {
         // A journal that gave up its tail: nothing of the new epoch may be
         // found in it (epochs only grow, but be certain).
@@ -199,7 +200,9 @@ pub(crate) async fn switch(storage: &dyn Storage, old: &Clean, target: Target) -
             .await
             .map_err(io(storage, "clear journal"))?;
     }
-    storage.flush().await.map_err(io(storage, "flush"))?;
+    if wrote {
+        storage.flush().await.map_err(io(storage, "flush"))?;
+    }
     // Step 4: the header switch.
     nh.generation = oh.generation + 1;
     nh.journal_epoch = oh.journal_epoch.wrapping_add(1);

@@ -141,10 +141,21 @@ async fn copy_differences(img: &Image, target: &Header, new: &NewBase) -> Result
     let mut pos = 0;
     while pos < r1 {
         let window = (64 << 20).min(r1 - pos);
-        let extents = img.block_status(pos, window).await?;
-        for e in extents.iter().filter(|e| e.source == Source::Base) {
-            let mut s = e.start;
-            let end = e.start + e.length;
+        // The runs read from the base, whole: block_status splits them where
+        // the base's own allocation changes, which need not be a block
+        // boundary; merged, they start and end on block boundaries (or r1).
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for e in img.block_status(pos, window).await? {
+            if e.source != Source::Base {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.1 == e.start => r.1 += e.length,
+                _ => runs.push((e.start, e.start + e.length)),
+            }
+        }
+        for (start, end) in runs {
+            let mut s = start;
             while s < end {
                 let n = STEP.min(end - s);
                 copied += copy_window(img, s, s + n, bs, r1, r2, new_base.as_deref()).await?;
