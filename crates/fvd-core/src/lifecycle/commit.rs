@@ -38,7 +38,9 @@ use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage};
 
 /// Largest piece copied at once.
-const COPY_STEP: u64 = 4 << 20;
+const COPY_STEP: u64 = 1 << 20;
+/// Pieces copied at once (the I/O pool's threads work in parallel).
+const COPIES_IN_FLIGHT: usize = 8;
 
 /// The base, opened for writing.
 pub enum BaseWriter {
@@ -223,15 +225,17 @@ pub async fn commit(storage: Arc<dyn Storage>, base: &BaseWriter, keep: bool) ->
     })
 }
 
-/// Step 3: copy every extent the image holds itself into the base. Zeros
-/// are written only where the base does not read zeros already (`view`
-/// tells: the blocks a create found zero in the base are local zeros).
+/// Step 3: copy every extent the image holds itself into the base, up to
+/// [`COPIES_IN_FLIGHT`] pieces at once. Zeros are written only where the
+/// base does not read zeros already (`view` tells: the blocks a create
+/// found zero in the base are local zeros).
 async fn copy_local_data(img: &Image, base: &BaseWriter, view: &dyn Base) -> Result<u64> {
     let size = img.virtual_size();
     let mut copied = 0;
     let mut pos = 0;
     while pos < size {
         let window = (64 << 20).min(size - pos);
+        let mut pieces = Vec::new();
         for e in img.block_status(pos, window).await? {
             if e.source != Source::Image {
                 continue;
@@ -253,12 +257,28 @@ async fn copy_local_data(img: &Image, base: &BaseWriter, view: &dyn Base) -> Res
             let mut off = e.start;
             while off < e.start + e.length {
                 let n = COPY_STEP.min(e.start + e.length - off);
-                let mut buf = vec![0u8; n as usize];
-                img.read(off, &mut buf).await?;
-                base.write(off, buf).await?;
-                copied += n;
+                pieces.push((off, n));
                 off += n;
             }
+        }
+        for batch in pieces.chunks(COPIES_IN_FLIGHT) {
+            let copies = batch
+                .iter()
+                .map(|&(off, n)| {
+                    Box::pin(async move {
+                        let mut buf = vec![0u8; n as usize];
+                        img.read(off, &mut buf).await?;
+                        base.write(off, buf).await
+                    })
+                        as std::pin::Pin<
+                            Box<dyn std::future::Future<Output = Result<()>> + Send + '_>,
+                        >
+                })
+                .collect();
+            for r in crate::image::prefetch::join_all(copies).await {
+                r?;
+            }
+            copied += batch.iter().map(|p| p.1).sum::<u64>();
         }
         pos += window;
     }

@@ -178,16 +178,26 @@ async fn copy_window(
     r2: u64,
     new_base: Option<&dyn Base>,
 ) -> Result<u64> {
-    let mut old = vec![0u8; (e - s) as usize];
-    img.read(s, &mut old).await?;
-    let new = match new_base {
-        Some(b) => Some(
-            b.read_at(s, crate::iobuf::IoBuf::zeroed((e - s) as usize))
+    // Both reads at once.
+    type Read<'a> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>>> + Send + 'a>>;
+    let len = (e - s) as usize;
+    let mut reads: Vec<Read<'_>> = vec![Box::pin(async move {
+        let mut old = vec![0u8; len];
+        img.read(s, &mut old).await?;
+        Ok(old)
+    })];
+    if let Some(b) = new_base {
+        reads.push(Box::pin(async move {
+            b.read_at(s, crate::iobuf::IoBuf::zeroed(len))
                 .await
-                .map_err(|er| Error::io(format!("{}: read at offset {s}", b.describe()), er))?,
-        ),
-        None => None,
-    };
+                .map(|buf| buf.to_vec())
+                .map_err(|er| Error::io(format!("{}: read at offset {s}", b.describe()), er))
+        }));
+    }
+    let mut got = crate::image::prefetch::join_all(reads).await.into_iter();
+    let old = got.next().expect("one read at least")?;
+    let new = got.next().transpose()?;
     let mut copied = 0;
     let mut run: Option<u64> = None;
     let mut b = s / bs;
