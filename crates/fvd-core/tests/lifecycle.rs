@@ -14,22 +14,9 @@ use fvd_core::lifecycle::amend::{Amendments, amend};
 use fvd_core::lifecycle::commit::{BaseWriter, commit};
 use fvd_core::lifecycle::rebase::{NewBase, rebase};
 use fvd_core::lifecycle::resize::resize;
+use fvd_core::sim::Rng;
 use fvd_core::storage::{MemStorage, Storage};
 use fvd_core::{CreateOptions, Format, Image, OpenOptions};
-
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// A raw base in memory and what it holds.
 struct RawDisk {
@@ -45,7 +32,7 @@ impl RawDisk {
         while pos < bytes.len() {
             let len = (rng.below(48 << 10) as usize + 512).min(bytes.len() - pos);
             if rng.below(3) != 0 {
-                let b = rng.next() as u8 | 1;
+                let b = rng.next_u64() as u8 | 1;
                 for (i, x) in bytes[pos..pos + len].iter_mut().enumerate() {
                     *x = b.wrapping_add((i / 512) as u8);
                 }
@@ -138,7 +125,7 @@ fn sector_size(rng: &mut Rng, max: u64) -> u64 {
 }
 
 fn run_case(seed: u64, compact: Option<u32>, block_size: u32) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let bases: Vec<RawDisk> = (0..3)
         .map(|i| {
             RawDisk::new(
@@ -193,7 +180,7 @@ fn run_case(seed: u64, compact: Option<u32>, block_size: u32) {
                         block_on(img.write_zeroes(off, len, rng.below(2) == 0, false)).unwrap();
                         w.model[off as usize..(off + len) as usize].fill(0);
                     } else {
-                        let b = rng.next() as u8;
+                        let b = rng.next_u64() as u8;
                         let data = vec![b; len as usize];
                         block_on(img.write(off, &data, false)).unwrap();
                         w.model[off as usize..(off + len) as usize].fill(b);
@@ -286,7 +273,7 @@ fn compact_images() {
 /// moves (its first chunks are moved away first).
 #[test]
 fn compact_table_growth_moves_the_data_region() {
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     let base = RawDisk::new("base0", 1 << 20, &mut rng);
     let image = MemStorage::new("img");
     let opts = CreateOptions {

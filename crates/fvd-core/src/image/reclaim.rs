@@ -45,17 +45,21 @@ impl Image {
             return Ok(());
         }
         let table = c.table_snapshot();
-        let high = table
-            .iter()
-            .filter(|&&p| p != EMPTY)
-            .map(|&p| p as u64 + 1)
-            .max()
-            .unwrap_or(0);
-        for (off, len) in unused_runs(&table, c.chunk_size, high) {
+        for (off, len) in unused_runs(&table, c.chunk_size, high_water(&table)) {
             self.zero_host(c.data_offset + off, 0, len, true).await?;
         }
         Ok(())
     }
+}
+
+/// One past the highest physical chunk `table` uses (0 if none).
+pub(crate) fn high_water(table: &[u32]) -> u64 {
+    table
+        .iter()
+        .filter(|&&p| p != EMPTY)
+        .map(|&p| p as u64 + 1)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Runs `(offset, length)`, relative to the data region, of the space below

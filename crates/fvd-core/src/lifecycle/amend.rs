@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Target, open_engine, read_clean, switch};
+use super::{open_engine, read_clean};
 use crate::base::Base;
 use crate::error::{Error, Result};
 use crate::format::header::{COMPAT_PREFETCH_PROFILE, FLAG_COPY_ON_READ, MAX_GROW_CMD, Region};
@@ -91,16 +91,7 @@ pub async fn amend(
     if nh == old.header {
         return Ok(());
     }
-    let nh = switch(
-        storage.as_ref(),
-        &old,
-        Target {
-            header: nh,
-            bitmap: None,
-            table: None,
-        },
-    )
-    .await?;
+    let nh = super::switch_header(storage.as_ref(), &old, nh).await?;
     if drop_profile {
         let r = nh.region(Region::Profile);
         let _ = storage.discard(r.offset, r.length).await;

@@ -149,16 +149,7 @@ pub async fn mark(storage: &Arc<dyn Storage>, view: Option<Arc<dyn Base>>) -> Re
     let old = read_clean(storage.as_ref()).await?;
     let mut nh = old.header.clone();
     nh.base_validator = COMMIT_IN_PROGRESS.to_string();
-    switch(
-        storage.as_ref(),
-        &old,
-        Target {
-            header: nh,
-            bitmap: None,
-            table: None,
-        },
-    )
-    .await?;
+    super::switch_header(storage.as_ref(), &old, nh).await?;
     Ok(())
 }
 
@@ -189,23 +180,12 @@ pub async fn commit(storage: Arc<dyn Storage>, base: &BaseWriter, keep: bool) ->
     // The base now holds everything the image held: nothing is left to
     // prefetch or detach.
     nh.flags &= !crate::format::header::FLAG_ALL_LOCAL;
-    let ob = oh.base_blocks();
-    let bitmap = AtomicBitmap::new(nh.base_blocks());
-    if keep {
-        // Every block the image held stays local; blocks the base now
-        // covers beyond its old end were local (past the base range).
-        for (s, e, set) in old.bitmap.runs(0..ob.min(bitmap.len())) {
-            if set {
-                bitmap.set_range(s..e);
-            }
-        }
-        if bitmap.len() > ob {
-            bitmap.set_range(ob..bitmap.len());
-        }
-        if oh.flags & crate::format::header::FLAG_ALL_LOCAL != 0 {
-            bitmap.set_range(0..bitmap.len());
-        }
-    }
+    // Kept, every block the image held stays local; emptied, none does.
+    let bitmap = if keep {
+        super::carry_bits(&old.bitmap, nh.base_blocks())
+    } else {
+        AtomicBitmap::new(nh.base_blocks())
+    };
     let nh = switch(
         storage.as_ref(),
         &old,

@@ -99,6 +99,37 @@ pub(crate) struct Target {
     pub table: Option<Vec<u32>>,
 }
 
+/// A bitmap of `bits` bits carrying the bits of `old` it shares, and with
+/// every bit past `old`'s end set: blocks that become part of the base
+/// range whose data the image holds (past its old base range, or all of an
+/// image whose base was detached).
+pub(crate) fn carry_bits(old: &AtomicBitmap, bits: u64) -> AtomicBitmap {
+    let bm = AtomicBitmap::new(bits);
+    for (s, e, set) in old.runs(0..old.len().min(bits)) {
+        if set {
+            bm.set_range(s..e);
+        }
+    }
+    if bits > old.len() {
+        bm.set_range(old.len()..bits);
+    }
+    bm
+}
+
+/// Switch to `header` with the old bitmap and table (header fields only).
+pub(crate) async fn switch_header(
+    storage: &dyn Storage,
+    old: &Clean,
+    header: Header,
+) -> Result<Header> {
+    let target = Target {
+        header,
+        bitmap: None,
+        table: None,
+    };
+    switch(storage, old, target).await
+}
+
 fn round4k(n: u64) -> u64 {
     n.div_ceil(4096) * 4096
 }
@@ -146,12 +177,7 @@ pub(crate) async fn switch(storage: &dyn Storage, old: &Clean, target: Target) -
     if let Some(t) = &table_moved {
         // The region must also hold every physical chunk number in use
         // (docs/FORMAT.md §4.2): after a shrink they may exceed the entries.
-        let high = t
-            .iter()
-            .filter(|&&p| p != crate::image::compact::EMPTY)
-            .map(|&p| p as u64 + 1)
-            .max()
-            .unwrap_or(0);
+        let high = crate::image::reclaim::high_water(t);
         wanted.push((Region::Table, round4k((t.len() as u64).max(high) * 4)));
     }
     if !wanted.is_empty() && space::place(oh, &mut nh, &wanted)? != space::Placement::Placed {

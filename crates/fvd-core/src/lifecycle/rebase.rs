@@ -20,7 +20,6 @@ use std::sync::Arc;
 use super::{Target, open_engine, read_clean, switch};
 use crate::base::Base;
 use crate::error::{Error, Result};
-use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{FLAG_ALL_LOCAL, Header};
 use crate::image::{Image, Source, read_header};
 use crate::open::{Format, PathOptions};
@@ -102,18 +101,7 @@ pub async fn rebase(
     }
     let old = read_clean(storage.as_ref()).await?;
     let nh = rebased_header(&old.header, &new).await?;
-    let (ob, nb) = (old.header.base_blocks(), nh.base_blocks());
-    let bitmap = AtomicBitmap::new(nb);
-    for (s, e, set) in old.bitmap.runs(0..ob.min(nb)) {
-        if set {
-            bitmap.set_range(s..e);
-        }
-    }
-    if nb > ob {
-        // The image held these blocks itself (past its old base range, or
-        // every block of an image whose base was detached).
-        bitmap.set_range(ob..nb);
-    }
+    let bitmap = super::carry_bits(&old.bitmap, nh.base_blocks());
     switch(
         storage.as_ref(),
         &old,

@@ -23,7 +23,6 @@ use super::space::{self, Placement};
 use super::{Clean, Target, open_engine, read_clean, switch};
 use crate::base::Base;
 use crate::error::{Error, Result};
-use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{Header, MAX_VIRTUAL_SIZE, Region};
 use crate::image::compact::EMPTY;
 use crate::image::read_header;
@@ -136,12 +135,7 @@ async fn step(
     let cur = eh.virtual_size;
     let table = img.chunk_table().unwrap_or_default();
     let allocated = table.iter().filter(|&&p| p != EMPTY).count() as u64;
-    let max_phys = table
-        .iter()
-        .filter(|&&p| p != EMPTY)
-        .map(|&p| p as u64 + 1)
-        .max()
-        .unwrap_or(0);
+    let max_phys = crate::image::reclaim::high_water(&table);
     let (mut size, mut shift) = (goal, 0);
     if cur != goal && !fits(&eh, goal, 0, max_phys) {
         if !super::is_compact(&eh) {
@@ -245,18 +239,7 @@ fn target(old: &Clean, new_size: u64, shift: u64) -> Result<Target> {
     let mut nh = resized_header(oh, new_size);
     let ob = oh.base_blocks();
     let nb = nh.base_blocks();
-    let bitmap = (nb != ob).then(|| {
-        let bm = AtomicBitmap::new(nb);
-        for (s, e, set) in old.bitmap.runs(0..ob.min(nb)) {
-            if set {
-                bm.set_range(s..e);
-            }
-        }
-        if nb > ob {
-            bm.set_range(ob..nb);
-        }
-        bm
-    });
+    let bitmap = (nb != ob).then(|| super::carry_bits(&old.bitmap, nb));
     let table = if super::is_compact(oh) {
         let cs = oh.chunk_size as u64;
         let k = u32::try_from(shift / cs).map_err(|_| Error::arg("data region moved too far"))?;
@@ -374,17 +357,11 @@ async fn give_back(storage: &dyn Storage, old: &Clean, nh: &Header) {
     let cs = nh.chunk_size as u64;
     let n = nh.virtual_size.div_ceil(cs) as usize;
     let kept = &old.table[..n.min(old.table.len())];
-    let high_of = |t: &[u32]| {
-        t.iter()
-            .filter(|&&p| p != EMPTY)
-            .map(|&p| p as u64 + 1)
-            .max()
-            .unwrap_or(0)
-    };
-    for (off, len) in crate::image::reclaim::unused_runs(kept, cs, high_of(&old.table)) {
+    use crate::image::reclaim::{high_water, unused_runs};
+    for (off, len) in unused_runs(kept, cs, high_water(&old.table)) {
         let _ = storage.discard(d + off, len).await;
     }
-    let _ = storage.set_len(d + high_of(kept) * cs).await;
+    let _ = storage.set_len(d + high_water(kept) * cs).await;
 }
 
 /// Resize the image file at `path` (FVD) to `new_size`.
