@@ -287,7 +287,7 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
         return;
     }
     let Some(path) = path else { return };
-    if let Err(e) = crate::base::chain::check_no_loop(path) {
+    if let Err(e) = crate::base::chain::check_no_loop(path, resolve_base) {
         r.check_errors.push(e.to_string());
         return;
     }

@@ -249,7 +249,7 @@ pub async fn open_path(path: &Path, format: Format, opts: PathOptions) -> Result
         );
     }
     if format == Format::Fvd {
-        crate::base::chain::check_no_loop(path)?;
+        crate::base::chain::check_no_loop(path, resolve_base)?;
     }
     let storage = open_storage(path, !opts.read_only, opts)?;
     match format {

@@ -15,7 +15,13 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::format::header::{HEADER_AREA, decode_slots};
-use crate::open::{MAX_CHAIN_DEPTH, resolve_base};
+
+/// Where a base name recorded in an image points (`crate::open::resolve_base`,
+/// passed in so that this module stays below `open`).
+pub type Resolve = fn(&Path, &str) -> PathBuf;
+
+/// Longest walk (the open's chain depth limit is below it).
+const MAX_WALK: usize = 64;
 
 /// Identity of a file: device and inode.
 fn identity(path: &Path) -> Option<(u64, u64)> {
@@ -24,7 +30,7 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
 
 /// The base path named by the FVD image at `path`, when that base is
 /// itself an FVD image file (the only kind that can continue a chain).
-fn fvd_base_of(path: &Path) -> Option<PathBuf> {
+fn fvd_base_of(path: &Path, resolve: Resolve) -> Option<PathBuf> {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -42,16 +48,16 @@ fn fvd_base_of(path: &Path) -> Option<PathBuf> {
     if h.base_range() == 0 || h.base_format != "fvd" || super::is_url(&h.base_name) {
         return None;
     }
-    Some(resolve_base(path, &h.base_name))
+    Some(resolve(path, &h.base_name))
 }
 
 /// Fail with "base chain loops back to …" if following the FVD bases of
 /// the image at `path` reaches a file already in the chain.
-pub fn check_no_loop(path: &Path) -> Result<()> {
+pub fn check_no_loop(path: &Path, resolve: Resolve) -> Result<()> {
     let mut seen: Vec<(u64, u64)> = identity(path).into_iter().collect();
     let mut current = path.to_path_buf();
-    for _ in 0..=MAX_CHAIN_DEPTH {
-        let Some(base) = fvd_base_of(&current) else {
+    for _ in 0..MAX_WALK {
+        let Some(base) = fvd_base_of(&current, resolve) else {
             return Ok(());
         };
         let Some(id) = identity(&base) else {
@@ -73,16 +79,16 @@ pub fn check_no_loop(path: &Path) -> Result<()> {
 /// True if following the FVD bases from the image at `start` (itself
 /// included) reaches the file at `target`: making `start` the base of
 /// `target` would close a loop.
-pub fn reaches(start: &Path, target: &Path) -> bool {
+pub fn reaches(start: &Path, target: &Path, resolve: Resolve) -> bool {
     let Some(goal) = identity(target) else {
         return false;
     };
     let mut current = start.to_path_buf();
-    for _ in 0..=MAX_CHAIN_DEPTH + 1 {
+    for _ in 0..MAX_WALK {
         if identity(&current) == Some(goal) {
             return true;
         }
-        match fvd_base_of(&current) {
+        match fvd_base_of(&current, resolve) {
             Some(next) => current = next,
             None => return false,
         }

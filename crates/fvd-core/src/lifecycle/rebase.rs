@@ -252,7 +252,9 @@ pub async fn rebase_path(
         None => NewBase::Nothing,
         Some((name, format)) => {
             let resolved = crate::open::resolve_base(path, name);
-            if !crate::base::is_url(name) && crate::base::chain::reaches(&resolved, path) {
+            if !crate::base::is_url(name)
+                && crate::base::chain::reaches(&resolved, path, crate::open::resolve_base)
+            {
                 return Err(Error::arg(format!(
                     "{}: base '{name}' is (or is over) the image itself: the chain would loop",
                     path.display()
