@@ -334,3 +334,127 @@ fn compact_table_growth_moves_the_data_region() {
     block_on(img.close()).unwrap();
     w.verify("writes after");
 }
+
+/// A block device in memory: its length is fixed (`set_len` cannot shrink
+/// it and fails past its end), as `FileStorage` treats a device.
+struct Device(MemStorage);
+
+impl Storage for Device {
+    fn read_at(
+        &self,
+        o: u64,
+        b: fvd_core::IoBuf,
+    ) -> fvd_core::storage::IoFuture<'_, fvd_core::IoBuf> {
+        self.0.read_at(o, b)
+    }
+    fn write_at(
+        &self,
+        o: u64,
+        b: fvd_core::IoBuf,
+        fua: bool,
+    ) -> fvd_core::storage::IoFuture<'_, fvd_core::IoBuf> {
+        self.0.write_at(o, b, fua)
+    }
+    fn flush(&self) -> fvd_core::storage::IoFuture<'_, ()> {
+        self.0.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> fvd_core::storage::IoFuture<'_, ()> {
+        self.0.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64) -> fvd_core::storage::IoFuture<'_, ()> {
+        self.0.write_zeroes(o, l)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> fvd_core::storage::IoFuture<'_, ()> {
+        let have = self.0.len().unwrap();
+        Box::pin(std::future::ready(if len > have {
+            Err(std::io::Error::from_raw_os_error(28))
+        } else {
+            Ok(())
+        }))
+    }
+    fn allocation(
+        &self,
+        o: u64,
+        l: u64,
+    ) -> fvd_core::storage::IoFuture<'_, Vec<fvd_core::storage::AllocRun>> {
+        self.0.allocation(o, l)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.0.allocated_bytes()
+    }
+    fn describe(&self) -> String {
+        "device".into()
+    }
+}
+
+/// `commit` empties a compact image on a block device: the table is
+/// unmapped and the chunks it used are punched (the device cannot be cut).
+#[test]
+fn commit_punches_the_chunks_of_a_compact_image_on_a_device() {
+    let mut rng = Rng::new(91);
+    let mut base = RawDisk::new("base0", 1 << 20, &mut rng);
+    let mem = MemStorage::new("dev");
+    block_on(mem.set_len(8 << 20)).unwrap();
+    let dev = Arc::new(Device(mem.clone()));
+    let opts = CreateOptions {
+        size: Some(1 << 20),
+        base: Some(("base0".into(), "raw".into())),
+        compact: true,
+        chunk_size: Some(64 << 10),
+        journal_size: Some(64 << 10),
+        fingerprint_base: true,
+        ..Default::default()
+    };
+    block_on(fvd_core::image::create(
+        dev.as_ref(),
+        &opts,
+        Some(base.base().as_ref()),
+    ))
+    .unwrap();
+    let img = block_on(Image::open(
+        dev.clone(),
+        Some(base.base()),
+        OpenOptions::default(),
+    ))
+    .unwrap();
+    let mut model = base.bytes.clone();
+    for i in 0..6u64 {
+        let off = i * 150_000;
+        block_on(img.write(off, &[i as u8 + 3; 70_000], false)).unwrap();
+        model[off as usize..off as usize + 70_000].fill(i as u8 + 3);
+    }
+    block_on(img.close()).unwrap();
+    let (h, _) = block_on(fvd_core::image::read_header(dev.as_ref())).unwrap();
+    let d = h.region(fvd_core::format::header::Region::Data).offset;
+    let held = mem.allocated_bytes().unwrap();
+    block_on(commit(
+        dev.clone(),
+        &BaseWriter::Raw(Arc::new(base.disk.clone())),
+        false,
+    ))
+    .unwrap();
+    base.reload();
+    assert!(base.bytes == model, "base after commit");
+    assert_eq!(mem.len().unwrap(), 8 << 20, "the device keeps its length");
+    let runs = block_on(mem.allocation(d, (8 << 20) - d)).unwrap();
+    assert!(
+        runs.iter().all(|r| !r.data),
+        "chunks left allocated: {runs:?}"
+    );
+    assert!(mem.allocated_bytes().unwrap() < held);
+    let img = block_on(Image::open(
+        dev.clone(),
+        Some(base.base()),
+        OpenOptions::default(),
+    ))
+    .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    block_on(img.read(0, &mut got)).unwrap();
+    assert!(got == model, "image after commit");
+    block_on(img.close()).unwrap();
+    let r = block_on(fvd_core::check::check_storage(dev.as_ref(), None)).unwrap();
+    assert_eq!(r.exit_code(), 0, "{:?} {:?}", r.leaks, r.corruptions);
+}

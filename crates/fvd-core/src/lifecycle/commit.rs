@@ -267,8 +267,10 @@ async fn copy_local_data(img: &Image, base: &BaseWriter, view: &dyn Base) -> Res
 
 /// Step 5 (without `keep`): the image's data is no longer read (every bit
 /// is clear and the base covers the whole disk); give its space back.
-/// Compact images: punch the chunks, then unmap them — in place, which
-/// changes nothing the image reads.
+/// Compact images: unmap every chunk — in place, which changes nothing the
+/// image reads — then cut the file at the data region; a block device
+/// (whose length `set_len` leaves alone) has its chunks punched instead.
+/// A crash before the cut leaves only chunks `fvd check` reports as leaked.
 async fn empty_data(
     storage: &dyn Storage,
     table: &[u32],
@@ -282,14 +284,6 @@ async fn empty_data(
             .await
             .map_err(err("punch data"));
     }
-    let cs = nh.chunk_size as u64;
-    for &p in table.iter().filter(|&&p| p != EMPTY) {
-        storage
-            .discard(d + p as u64 * cs, cs)
-            .await
-            .map_err(err("punch chunk"))?;
-    }
-    storage.flush().await.map_err(err("flush"))?;
     let r = nh.region(Region::Table);
     let empty = vec![EMPTY; table.len()];
     let bytes = crate::meta::table_bytes(&empty, 0, table.len() * 4);
@@ -298,8 +292,16 @@ async fn empty_data(
         .await
         .map_err(err("write chunk table"))?;
     storage.flush().await.map_err(err("flush"))?;
-    // Files shrink to the metadata; set_len leaves a block device as it is.
+    // Files shrink to the metadata (one call however many chunks there
+    // were); set_len leaves a block device as it is.
     let _ = storage.set_len(d).await;
+    let used = crate::image::reclaim::high_water(table) * nh.chunk_size as u64;
+    if used > 0 && storage.len().map_err(err("size"))? > d {
+        storage
+            .discard(d, used)
+            .await
+            .map_err(err("punch chunks"))?;
+    }
     Ok(())
 }
 
