@@ -21,10 +21,17 @@ Parts (each on fresh images):
   d  replay of a boot-like read trace (qemu-io reads with think time), once
      recording a profile, then on fresh images with prefetch off, adaptive,
      and profile (the recorded profile imported); plus the same trace on a
-     local raw copy of the base as the lower bound.
+     local raw copy of the base as the lower bound;
+  q  (not in the default set) 5,000 random 4 KiB reads at queue depth 32,
+     first pass on fresh images, over a second base server with the delay
+     filter only (no rate limit: the base's latency, not its bandwidth, is
+     what counts): FVD (copy-on-read) vs a qcow2 overlay served by
+     qemu-storage-daemon, with and without QEMU's copy-on-read filter.
+     --also-fvd LABEL=PATH adds other fvd binaries (say, an older build) to
+     the same interleaved rounds.
 
-Usage: bench/prefetch.py [--quick [--smoke]] [--fvd PATH] [--parts abcd] [--workdir DIR]
-                         [--out DIR] [--rate 200M] [--delay 2ms]
+Usage: bench/prefetch.py [--quick [--smoke]] [--fvd PATH] [--parts abcd|q] [--workdir DIR]
+                         [--out DIR] [--rate 200M] [--delay 2ms] [--also-fvd LABEL=PATH]
 Needs nbdkit (file plugin; log, delay, rate, cow, cache filters), fio with
 the nbd engine, qemu-io, qemu-img, qemu-storage-daemon. Results go to stdout
 (markdown) and bench/results/prefetch-<mode>-<stamp>.{json,md}.
@@ -79,18 +86,21 @@ def human(n):
 
 
 class BaseServer:
-    """nbdkit serving the base file through rate + delay, logging requests."""
+    """nbdkit serving the base file through rate (unless `rate` is None) +
+    delay, logging requests."""
 
-    def __init__(self, bench):
-        self.sock = bench.path("base.sock")
-        self.logfile = bench.path("base-requests.log")
+    def __init__(self, bench, rate="", name="base"):
+        rate = bench.args.rate if rate == "" else rate
+        self.sock = bench.path(f"{name}.sock")
+        self.logfile = bench.path(f"{name}-requests.log")
         self.uri = f"nbd+unix:///?socket={self.sock}"
         args = ["nbdkit", "-f", "-r", "--exit-with-parent", "-U", self.sock,
-                "--filter=log", "--filter=delay", "--filter=rate",
-                "file", bench.base, f"logfile={self.logfile}",
-                f"rate={bench.args.rate}", f"delay-read={bench.args.delay}"]
-        bench.note("base server", args)
-        self.proc = Process(bench.cleanup, args, bench.path("nbdkit-base.log"), "nbdkit (base)")
+                "--filter=log", "--filter=delay"] + (["--filter=rate"] if rate else []) + [
+                "file", bench.base, f"logfile={self.logfile}", f"delay-read={bench.args.delay}"]
+        if rate:
+            args.append(f"rate={rate}")
+        bench.note(f"{name} server", args)
+        self.proc = Process(bench.cleanup, args, bench.path(f"nbdkit-{name}.log"), f"nbdkit ({name})")
         self.proc.wait_until(lambda: socket_ready(self.sock), "base socket")
 
     def mark(self):
@@ -150,9 +160,9 @@ class Bench:
                 left -= n
             os.fsync(f.fileno())
 
-    def fvd_image(self, name, extra_opts=None):
+    def fvd_image(self, name, extra_opts=None, server=None, fvd=None):
         img = self.fresh(name + ".fvd")
-        args = [self.fvd, "create", "-q", "-b", self.server.uri, "-F", "raw"]
+        args = [fvd or self.fvd, "create", "-q", "-b", (server or self.server).uri, "-F", "raw"]
         if extra_opts:
             args += ["-o", extra_opts]
         args.append(img)
@@ -160,10 +170,10 @@ class Bench:
         run(args)
         return img
 
-    def serve_fvd(self, img, extra=()):
+    def serve_fvd(self, img, extra=(), fvd=None):
         sock = img + ".sock"
         stats = img + ".stats"
-        args = [self.fvd, "serve", img, "-k", sock, "--stats-socket", stats] + list(extra)
+        args = [fvd or self.fvd, "serve", img, "-k", sock, "--stats-socket", stats] + list(extra)
         self.note("serve fvd " + " ".join(extra), args)
         p = Process(self.cleanup, args, self.path("fvd-serve.log"), f"fvd serve {os.path.basename(img)}")
         p.wait_until(lambda: socket_ready(sock) and socket_ready(stats), "NBD and stats sockets")
@@ -172,20 +182,28 @@ class Bench:
         return p
 
     def serve_qcow2_cor(self, name):
+        return self.serve_qcow2(name, self.server, cor=True)
+
+    def serve_qcow2(self, name, server, cor):
+        """A qcow2 overlay over the base served by qemu-storage-daemon,
+        through QEMU's copy-on-read filter when `cor`."""
         img = self.fresh(name + ".qcow2")
         run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(self.size)])
         sock = img + ".sock"
+        node = "cor" if cor else "ov"
         args = ["qemu-storage-daemon",
-                "--blockdev", f"driver=nbd,node-name=base,server.type=unix,server.path={self.server.sock},read-only=on",
+                "--blockdev", f"driver=nbd,node-name=base,server.type=unix,server.path={server.sock},read-only=on",
                 "--blockdev", f"driver=file,node-name=ovf,filename={img}",
-                "--blockdev", "driver=qcow2,node-name=ov,file=ovf,backing=base",
-                "--blockdev", "driver=copy-on-read,node-name=cor,file=ov",
-                "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", "type=nbd,id=exp,node-name=cor,name=cor,writable=on"]
-        self.note("serve qcow2 + copy-on-read (qemu-storage-daemon)", args)
-        p = Process(self.cleanup, args, self.path("qsd.log"), "qemu-storage-daemon (qcow2 + copy-on-read)")
+                "--blockdev", "driver=qcow2,node-name=ov,file=ovf,backing=base"]
+        if cor:
+            args += ["--blockdev", "driver=copy-on-read,node-name=cor,file=ov"]
+        args += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
+                 "--export", f"type=nbd,id=exp,node-name={node},name={node},writable=on"]
+        what = "qcow2 + copy-on-read" if cor else "qcow2 overlay"
+        self.note(f"serve {what} (qemu-storage-daemon)", args)
+        p = Process(self.cleanup, args, self.path("qsd.log"), f"qemu-storage-daemon ({what})")
         p.wait_until(lambda: socket_ready(sock), "NBD socket")
-        p.uri = f"nbd+unix:///cor?socket={sock}"
+        p.uri = f"nbd+unix:///{node}?socket={sock}"
         return p
 
     def serve_nbdkit_cow_cache(self, name):
@@ -289,9 +307,9 @@ class Bench:
             raise BenchError(f"fio wrote no reads into {path}")
         return offs
 
-    def start_fvd_cor(self, name):
-        img = self.fvd_image(name)
-        return self.serve_fvd(img, ["--prefetch", "off", "--copy-on-read", "on"])
+    def start_fvd_cor(self, name, server=None, fvd=None):
+        img = self.fvd_image(name, server=server, fvd=fvd)
+        return self.serve_fvd(img, ["--prefetch", "off", "--copy-on-read", "on"], fvd=fvd)
 
     # ---------- part b: idle prefetch vs link rate
 
@@ -476,6 +494,55 @@ class Bench:
         self.results["d"] = dict(trace=info, local_seconds=local, record_seconds=recorded,
                                  record_fetched=fetched_rec, runs=runs)
 
+    # ---------- part q: random reads at queue depth 32
+
+    def part_q(self):
+        log(f"part q: {self.rand_ios} random 4 KiB reads at QD32, first pass, base with delay only")
+        base = BaseServer(self, rate=None, name="base-q")
+        systems = [(f"{label} (copy-on-read)", "fvd", binary)
+                   for label, binary in [("FVD", self.fvd)] + self.args.also_fvd]
+        systems += [("qcow2 overlay (qemu-storage-daemon)", "qsd", False),
+                    ("qcow2 + copy-on-read filter", "qsd", True)]
+        job = dict(rw="randread", bs="4k", iodepth=32, size=str(self.size),
+                   number_ios=str(self.rand_ios), randseed="4242")
+        runs = []
+        for rep in range(self.args.reps):
+            k = rep % len(systems)
+            for system, kind, opt in systems[k:] + systems[:k]:
+                if kind == "fvd":
+                    proc = self.start_fvd_cor("q", server=base, fvd=opt)
+                else:
+                    proc = self.serve_qcow2("q", base, cor=opt)
+                iolog = self.path("iolog-q")
+                if os.path.exists(iolog):
+                    os.unlink(iolog)
+                mark = base.mark()
+                r = self.fio(proc.uri, dict(job, write_iolog=iolog), "q-randread-qd32")
+                fetched, reqs = base.fetched(mark)
+                proc.stop()
+                uniq = unique_bytes(self.iolog_reads(iolog))
+                runs.append(dict(system=system, rep=rep, seconds=r["runtime"] / 1000, iops=r["iops"],
+                                 fetched=fetched, requests=reqs, unique=uniq))
+                log(f"  {system} rep {rep}: {runs[-1]['seconds']:.3f} s, {r['iops']:.0f} IOPS, "
+                    f"fetched {human(fetched)} ({fetched / uniq:.2f}x unique)")
+        base.proc.stop()
+
+        def median(v):
+            v = sorted(v)
+            return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+        summary = []
+        for system, _, _ in systems:
+            mine = [x for x in runs if x["system"] == system]
+            summary.append(dict(system=system, seconds=median([x["seconds"] for x in mine]),
+                                iops=median([x["iops"] for x in mine]),
+                                fetched=median([x["fetched"] for x in mine]),
+                                unique=mine[0]["unique"]))
+        ref = next(x["seconds"] for x in summary if x["system"].startswith("qcow2 overlay"))
+        for x in summary:
+            x["vs_qcow2"] = x["seconds"] / ref
+        self.results["q"] = dict(runs=runs, summary=summary)
+
     def serve_fvd_raw(self):
         sock = self.fresh("raw.sock")
         args = [self.fvd, "serve", "-f", "raw", "-r", self.base, "-k", sock]
@@ -490,8 +557,8 @@ class Bench:
         r = self.results
         out = []
         out.append(f"Base: {human(self.size)} of random data behind nbdkit `rate={self.args.rate}` "
-                   f"(bits/s) + `delay-read={self.args.delay}`; bytes fetched counted by nbdkit's log "
-                   "filter at the base server.")
+                   f"(bits/s) + `delay-read={self.args.delay}` (part q: the delay only); bytes fetched "
+                   "counted by nbdkit's log filter at the base server.")
         if "link" in r:
             out.append(f"Link rate: nominal {r['link']['rate'] / MiB:.1f} MiB/s; the whole base read "
                        f"directly (1 MiB x 4 in flight) ran at {r['link']['measured'] / MiB:.1f} MiB/s "
@@ -535,6 +602,16 @@ class Bench:
             for x in d["runs"]:
                 out.append(f"| {x['mode']} | {x['rep']} | {x['seconds']:.2f} | "
                            f"{x['seconds'] / d['local_seconds']:.2f}x | {human(x['prefetched'])} |")
+        if "q" in r:
+            out += ["", f"#### (q) {self.rand_ios} random 4 KiB reads at QD32, first pass "
+                    f"(base: delay-read={self.args.delay}, no rate limit)", "",
+                    "| system | seconds (median) | IOPS | fetched | x unique | time vs qcow2 overlay |",
+                    "|---|---:|---:|---:|---:|---:|"]
+            for x in r["q"]["summary"]:
+                out.append(f"| {x['system']} | {x['seconds']:.3f} | {x['iops']:.0f} | {human(x['fetched'])} | "
+                           f"{x['fetched'] / x['unique']:.2f}x | {x['vs_qcow2']:.2f}x |")
+            out += ["", "Every run: " + "; ".join(f"{x['system']} rep {x['rep']} {x['seconds']:.3f} s"
+                                                   for x in r["q"]["runs"]) + "."]
         out += ["", "Commands ($W = the work directory):", "", "```"]
         for k, v in self.commands.items():
             out.append(f"# {k}")
@@ -561,13 +638,21 @@ def main():
     p.add_argument("--c-rate", type=int, default=None,
                    help="part c: prefetch rate cap in bytes/s (default: outlast the measurement)")
     p.add_argument("--c-runtime", type=int, default=None, help="part c: seconds per measurement")
+    p.add_argument("--reps", type=int, default=None, help="repetitions of parts c, d and q")
+    p.add_argument("--also-fvd", action="append", default=[], metavar="LABEL=PATH",
+                   help="part q: another fvd binary to measure in the same rounds")
     p.add_argument("--smoke", action="store_true",
                    help="with --quick: a 32 MiB base and tiny runs, to test the harness (~30 s)")
     args = p.parse_args()
+    try:
+        args.also_fvd = [tuple(x.split("=", 1)) for x in args.also_fvd]
+        assert all(len(x) == 2 for x in args.also_fvd)
+    except AssertionError:
+        sys.exit("bench/prefetch.py: --also-fvd takes LABEL=PATH")
     args.size = 256 * MiB if args.quick else GiB
     args.rand_ios = 1000 if args.quick else 5000
     args.c_runtime = args.c_runtime or (5 if args.quick else 20)
-    args.reps = 1 if args.quick else 2
+    args.reps = args.reps or (1 if args.quick else 2)
     args.trace_ops = 300 if args.quick else 1200
     args.think_ms = 12
     if args.smoke:

@@ -1,9 +1,9 @@
-//! Fuzz target `bitmap`: the body is `fvd_core::sim::fuzz::bitmap`, which
-//! `crates/fvd-core/tests/fuzz_corpus.rs` also runs on stable.
+//! Fuzz target `bitmap`: the body is `fvd_sim::fuzz::bitmap`, which
+//! `crates/fvd-sim/tests/fuzz_corpus.rs` also runs on stable.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    fvd_core::sim::fuzz::bitmap(data);
+    fvd_sim::fuzz::bitmap(data);
 });

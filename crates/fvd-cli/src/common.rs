@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
-use fvd_core::{Extent, Format, Image, PathOptions};
+use fvd_core::{Extent, Format, Image, Opener, PathOptions};
 use serde::Serialize;
 
 use crate::size::parse_size;
@@ -29,8 +29,9 @@ pub fn at(path: &Path, e: fvd_core::Error) -> anyhow::Error {
     }
 }
 
-/// Open an image by path.
+/// Open an image by path (its bases through `opener`).
 pub async fn open(
+    opener: &Opener,
     path: &Path,
     format: Format,
     read_only: bool,
@@ -41,7 +42,7 @@ pub async fn open(
         force_share: force_share && read_only,
         ..PathOptions::default()
     };
-    fvd_core::open_path(path, format, opts).await.map_err(|e| {
+    opener.open(path, format, opts).await.map_err(|e| {
         let read_only_file = !read_only && e.kind() == fvd_core::ErrorKind::ReadOnly;
         let err = at(path, e);
         if read_only_file {
@@ -101,7 +102,10 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
         "on|off: copy base data into the image when it is read (default on for nbd:// and http(s):// bases)",
     ),
     ("backing_file", "base image (same as -b)"),
-    ("backing_fmt", "base image format, raw or fvd (same as -F)"),
+    (
+        "backing_fmt",
+        "base image format: raw, fvd or qcow2 (same as -F)",
+    ),
     ("size", "virtual disk size (same as the SIZE argument)"),
     (
         "compact",

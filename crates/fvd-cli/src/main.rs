@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod clock;
 #[macro_use]
 mod out;
 mod cmd;
@@ -24,6 +25,12 @@ mod size;
     propagate_version = true
 )]
 struct Cli {
+    /// Settings of a remote base store, like qemu-img's --object:
+    /// `s3,endpoint=URL,region=NAME,url-style=path|virtual-host,access-key-id=ID,
+    /// secret-access-key-file=PATH,session-token-file=PATH` (each wins over
+    /// the AWS_* variables; secrets only from files)
+    #[arg(long, global = true, value_name = "TYPE,KEY=VALUE,...")]
+    object: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,7 +62,8 @@ enum Command {
     Io(cmd::io::Args),
     /// Show copy-on-write and free writes on a built-in example.
     Demo(cmd::demo::Args),
-    /// Export an image over NBD (like qemu-nbd).
+    /// Export an image over NBD (like qemu-nbd) or vhost-user-blk (like
+    /// qemu-storage-daemon --export type=vhost-user-blk).
     Serve(cmd::serve::ServeArgs),
     /// Copy everything from the base into the image, then detach the base.
     Prefetch(cmd::prefetch::Args),
@@ -90,7 +98,6 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("serve") {
         cmd::serve_start::capture_activation();
     }
-    fvd_remote::register();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -117,6 +124,13 @@ fn main() -> ExitCode {
             return ExitCode::from(if compare { 2 } else { 1 });
         }
     };
+    for spec in &cli.object {
+        // The message never repeats the option: it may hold a secret.
+        if let Err(msg) = fvd_remote::s3::configure(spec) {
+            eprintln!("fvd: --object: {}", one_line(&msg));
+            return ExitCode::from(cli.command.error_code());
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,24 +142,27 @@ fn main() -> ExitCode {
         }
     };
     let code = cli.command.error_code();
+    // How images name their bases: local files, NBD and HTTP(S) URLs, qcow2.
+    let opener = fvd_remote::opener();
+    let o = &opener;
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Create(a) => cmd::create::run(a).await,
-            Command::Info(a) => cmd::info::run(a).await,
-            Command::Map(a) => cmd::map::run(a).await,
-            Command::Convert(a) => cmd::convert::run(a).await,
-            Command::Compare(a) => cmd::compare::run(a).await,
-            Command::Check(a) => cmd::check::run(a).await,
-            Command::Resize(a) => cmd::resize::run(a).await,
-            Command::Commit(a) => cmd::commit::run(a).await,
-            Command::Rebase(a) => cmd::rebase::run(a).await,
-            Command::Amend(a) => cmd::amend::run(a).await,
-            Command::Io(a) => cmd::io::run(a).await,
-            Command::Prefetch(a) => cmd::prefetch::run(a).await,
-            Command::Profile(a) => cmd::profile::run(a).await,
+            Command::Create(a) => cmd::create::run(a, o).await,
+            Command::Info(a) => cmd::info::run(a, o).await,
+            Command::Map(a) => cmd::map::run(a, o).await,
+            Command::Convert(a) => cmd::convert::run(a, o).await,
+            Command::Compare(a) => cmd::compare::run(a, o).await,
+            Command::Check(a) => cmd::check::run(a, o).await,
+            Command::Resize(a) => cmd::resize::run(a, o).await,
+            Command::Commit(a) => cmd::commit::run(a, o).await,
+            Command::Rebase(a) => cmd::rebase::run(a, o).await,
+            Command::Amend(a) => cmd::amend::run(a, o).await,
+            Command::Io(a) => cmd::io::run(a, o).await,
+            Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
+            Command::Profile(a) => cmd::profile::run(a, o).await,
             Command::Demo(a) => cmd::demo::run(a).await,
-            Command::Serve(a) => cmd::serve::run(a).await,
-            Command::Mount(a) => cmd::mount::run(a).await,
+            Command::Serve(a) => cmd::serve::run(a, o).await,
+            Command::Mount(a) => cmd::mount::run(a, o).await,
         }
     });
     let output = out::finish();

@@ -5,9 +5,6 @@
 //! run. Needs root, /dev/fuse, loop devices and the benchmark tools (fio,
 //! postmark, nbdfuse, qemu-storage-daemon...); skipped with a note otherwise.
 
-#[path = "common/ci.rs"]
-mod ci;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -35,25 +32,19 @@ fn repo_root() -> PathBuf {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    fvd_testkit::find_tool(tool).is_some()
 }
 
 /// True if the harness can run here; otherwise print why not.
 fn usable() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        ci::skip("bench/run needs root (FUSE mounts, loop devices)");
+        fvd_testkit::skip("bench/run needs root (FUSE mounts, loop devices)");
         return false;
     }
     for dev in ["/dev/fuse", "/dev/loop-control"] {
         if !Path::new(dev).exists() {
-            ci::skip(&format!("{dev} is missing"));
+            fvd_testkit::skip(&format!("{dev} is missing"));
             return false;
         }
     }
@@ -73,7 +64,7 @@ fn usable() -> bool {
     ];
     for t in tools {
         if !have(t) {
-            ci::skip(&format!(
+            fvd_testkit::skip(&format!(
                 "{t} is not installed (apt-get install -y fio postmark libnbd-bin fuse3)"
             ));
             return false;
@@ -85,7 +76,7 @@ fn usable() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("uri"))
         .unwrap_or(false);
     if !nbd_engine {
-        ci::skip("this fio has no nbd ioengine");
+        fvd_testkit::skip("this fio has no nbd ioengine");
         return false;
     }
     true

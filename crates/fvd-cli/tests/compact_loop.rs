@@ -1,9 +1,6 @@
 //! Compact images on a raw block device (a loop device with no file system
 //! on it): growth through a grow command, and ENOSPC without one.
 
-#[path = "common/ci.rs"]
-mod ci;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -12,18 +9,10 @@ const FVD: &str = env!("CARGO_BIN_EXE_fvd");
 fn usable() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        ci::skip("loop devices need root");
+        fvd_testkit::skip("loop devices need root");
         return false;
     }
-    let ok = Command::new("losetup")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        ci::skip("losetup is not installed; this test needs it");
-    }
-    ok
+    fvd_testkit::have_tools(&["losetup"])
 }
 
 fn run(prog: &str, args: &[&str]) -> (bool, String, String) {

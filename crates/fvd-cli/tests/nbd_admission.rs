@@ -9,8 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fvd_nbd::consts::*;
-use fvd_nbd::request::Command as Cmd;
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::request::Command as Cmd;
 use nbd_support::*;
 
 /// Connect and time how long the 18-byte greeting takes.
@@ -49,9 +49,9 @@ fn idle_connections_do_not_lock_clients_out() {
     // A real client completes a whole session among them.
     let mut c = negotiated_idle(&sock);
     c.request(Cmd::Read, 0, 1, 0, 4096, &[]);
-    let r = c.reply(|_| 4096);
+    let r = c.reply();
     assert_eq!(r.error(), 0);
-    assert_eq!(r.data(0, 4096), vec![0u8; 4096]);
+    assert_eq!(r.data, vec![0u8; 4096]);
     drop(c);
     drop(silent);
     assert!(server.running());
@@ -72,19 +72,15 @@ fn negotiated_idle_clients_leave_greetings_alone_and_shared_waits() {
     // is answered only once one of the first 16 leaves.
     let mut late = negotiated_idle(&sock);
     late.request(Cmd::Read, 0, 7, 0, 512, &[]);
-    late.s
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut b = [0u8; 1];
-    assert!(late.s.read(&mut b).is_err(), "served beyond --shared");
-    late.s
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    assert!(
+        late.reply_within(Duration::from_millis(500)).is_none(),
+        "served beyond --shared"
+    );
     // Five leave: the four waiting idle clients and the late one get slots.
     idle.truncate(15);
-    let r = late.reply(|_| 512);
+    let r = late.reply();
     assert_eq!(r.error(), 0);
-    assert_eq!(r.cookie(), 7);
+    assert_eq!(r.cookie, 7);
     drop(idle);
     drop(late);
     server.terminate();

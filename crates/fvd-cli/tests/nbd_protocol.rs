@@ -1,4 +1,5 @@
-//! `fvd serve` driven by a hand-written client built on the fvd-nbd codec:
+//! `fvd serve` driven by the fvd-nbd client step by step (raw bytes where
+//! a test plays a broken client):
 //! option negotiation (every option, its errors, the server-side
 //! fallbacks), old-style `EXPORT_NAME` with simple replies, extended
 //! headers, block status, and robustness against broken clients.
@@ -8,9 +9,9 @@
 mod nbd_support;
 
 use fvd_core::Format;
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, ClientOption, InfoReply, OptionReply};
-use fvd_nbd::request::Command as Cmd;
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, ClientOption, InfoReply, OptionReply};
+use fvd_nbd::proto::request::{Command as Cmd, Request, encode_request};
 use nbd_support::*;
 
 const SIZE: u64 = 16 << 20;
@@ -57,44 +58,38 @@ fn export_name_and_simple_replies() {
 
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
     c.request(Cmd::Write, CMD_FLAG_FUA, 1, 4096, 8192, &data);
-    let r = c.reply(|_| 0);
-    assert_eq!((r.cookie(), r.error()), (1, 0));
+    let r = c.reply();
+    assert_eq!((r.cookie, r.error()), (1, 0));
     c.request(Cmd::Read, 0, 2, 4096, 8192, &[]);
-    let r = c.reply(|_| 8192);
-    assert!(matches!(
-        r,
-        Reply::Simple {
-            error: 0,
-            cookie: 2,
-            ..
-        }
-    ));
-    assert_eq!(r.data(4096, 8192), data);
+    let r = c.reply();
+    assert!(r.simple);
+    assert_eq!((r.cookie, r.error()), (2, 0));
+    assert_eq!(r.data, data);
     c.request(Cmd::Flush, 0, 3, 0, 0, &[]);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     c.request(Cmd::Trim, 0, 4, 4096, 4096, &[]);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     c.request(Cmd::WriteZeroes, CMD_FLAG_NO_HOLE, 5, 8192, 4096, &[]);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     c.request(Cmd::Read, 0, 6, 4096, 8192, &[]);
-    assert_eq!(c.reply(|_| 8192).data(4096, 8192), vec![0u8; 8192]);
+    assert_eq!(c.reply().data, vec![0u8; 8192]);
     c.request(Cmd::Cache, 0, 7, 0, 65536, &[]);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     // No metadata context, no structured replies: block status is refused.
     c.request(Cmd::BlockStatus, 0, 8, 0, 4096, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     // Out of range, unknown command, forbidden flag.
     c.request(Cmd::Read, 0, 9, SIZE - 512, 1024, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     c.request(Cmd::Write, 0, 10, SIZE, 512, &[0u8; 512]);
-    assert_eq!(c.reply(|_| 0).error(), ENOSPC);
+    assert_eq!(c.reply().error(), ENOSPC);
     c.request(Cmd::Unknown(42), 0, 11, 0, 0, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     c.request(Cmd::Read, CMD_FLAG_DF, 12, 0, 512, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     // Still in sync after all the errors.
     c.request(Cmd::Read, 0, 13, 4096, 4096, &[]);
-    assert_eq!(c.reply(|_| 4096).data(4096, 4096), vec![0u8; 4096]);
+    assert_eq!(c.reply().data, vec![0u8; 4096]);
     c.request(Cmd::Disc, 0, 14, 0, 0, &[]);
     assert!(c.closed_by_server());
 
@@ -104,7 +99,7 @@ fn export_name_and_simple_replies() {
     let (size, _) = handshake::decode_export_name_reply(&c.read_n(134), false).unwrap();
     assert_eq!(size, SIZE);
     c.request(Cmd::Read, 0, 1, 8192, 512, &[]);
-    let got = c.reply(|_| 512).data(8192, 512);
+    let got = c.reply().data;
     assert_eq!(got, vec![0u8; 512]);
     // A non-fixed client may send nothing but EXPORT_NAME.
     let mut c = Client::connect(&sock, 0);
@@ -266,35 +261,40 @@ fn option_negotiation() {
     // Extended-header transmission: a write, a sparse read, block status.
     let data = vec![0x5au8; 65536];
     c.request(Cmd::Write, CMD_FLAG_PAYLOAD_LEN, 1, 1 << 20, 65536, &data);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     c.request(Cmd::Read, 0, 2, (1 << 20) - 65536, 3 * 65536, &[]);
-    let r = c.reply(|_| 0);
-    let Reply::Chunks { chunks, .. } = &r else {
-        panic!("{r:?}")
-    };
+    let r = c.reply();
+    assert!(!r.simple);
     assert!(
-        chunks.iter().any(|c| matches!(c, Chunk::Hole(..))),
-        "{chunks:?}"
+        r.chunks.iter().any(|c| matches!(c, Chunk::Hole { .. })),
+        "{:?}",
+        r.chunks
     );
-    let got = r.data((1 << 20) - 65536, 3 * 65536);
+    let got = r.data;
     assert_eq!(&got[..65536], &[0u8; 65536][..]);
     assert_eq!(&got[65536..131072], &data[..]);
     assert_eq!(&got[131072..], &[0u8; 65536][..]);
     // DF: one data chunk.
     c.request(Cmd::Read, CMD_FLAG_DF, 3, 0, 4 * 65536, &[]);
-    let Reply::Chunks { chunks, .. } = c.reply(|_| 0) else {
-        panic!()
-    };
+    let chunks = c.reply().chunks;
     assert_eq!(chunks.len(), 1);
-    assert!(matches!(&chunks[0], Chunk::Data(0, d) if d.len() == 4 * 65536));
+    assert!(matches!(
+        chunks[0],
+        Chunk::Data {
+            offset: 0,
+            length: 262144
+        }
+    ));
     // Block status for both contexts.
     c.request(Cmd::BlockStatus, 0, 4, 0, SIZE, &[]);
-    let Reply::Chunks { chunks, .. } = c.reply(|_| 0) else {
-        panic!()
-    };
+    let chunks = c.reply().chunks;
     assert_eq!(chunks.len(), 2);
     for ch in &chunks {
-        let Chunk::Status(id, d) = ch else {
+        let Chunk::Status {
+            context_id: id,
+            descriptors: d,
+        } = ch
+        else {
             panic!("{ch:?}")
         };
         assert_eq!(d.iter().map(|x| x.0).sum::<u64>(), SIZE);
@@ -313,7 +313,8 @@ fn option_negotiation() {
         }
     }
     // REQ_ONE and the payload form selecting one context.
-    let payload = fvd_nbd::transmission::encode_block_status_payload(SIZE - (1 << 20), &[base_id]);
+    let payload =
+        fvd_nbd::proto::transmission::encode_block_status_payload(SIZE - (1 << 20), &[base_id]);
     c.request(
         Cmd::BlockStatus,
         CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_REQ_ONE,
@@ -322,12 +323,15 @@ fn option_negotiation() {
         payload.len() as u64,
         &payload,
     );
-    let Reply::Chunks { chunks, .. } = c.reply(|_| 0) else {
-        panic!()
-    };
-    assert_eq!(chunks, vec![Chunk::Status(base_id, vec![(65536, 0)])]);
+    assert_eq!(
+        c.reply().chunks,
+        vec![Chunk::Status {
+            context_id: base_id,
+            descriptors: vec![(65536, 0)]
+        }]
+    );
     // A context id that was not selected.
-    let payload = fvd_nbd::transmission::encode_block_status_payload(SIZE, &[77]);
+    let payload = fvd_nbd::proto::transmission::encode_block_status_payload(SIZE, &[77]);
     c.request(
         Cmd::BlockStatus,
         CMD_FLAG_PAYLOAD_LEN,
@@ -336,13 +340,11 @@ fn option_negotiation() {
         payload.len() as u64,
         &payload,
     );
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     // Errors come as error chunks.
     c.request(Cmd::Read, 0, 7, SIZE, 1, &[]);
-    let r = c.reply(|_| 0);
-    assert!(
-        matches!(&r, Reply::Chunks { chunks, .. } if matches!(chunks[0], Chunk::Error(EINVAL, _)))
-    );
+    let r = c.reply();
+    assert!(!r.simple && matches!(r.chunks[0], Chunk::Error { error: EINVAL, .. }));
     // Options after GO are not requests: the server hangs up.
     c.send(&handshake::encode_option_request(OPT_LIST, &[0u8; 16]).unwrap());
     assert!(c.closed_by_server());
@@ -383,16 +385,19 @@ fn server_forced_fallbacks() {
         assert_ne!(flags & FLAG_SEND_DF, 0);
         assert_eq!(flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
         c.request(Cmd::Write, 0, 1, 0, 4096, &[1u8; 4096]);
-        assert_eq!(c.reply(|_| 0).error(), 0);
+        assert_eq!(c.reply().error(), 0);
         c.request(Cmd::Read, 0, 2, 0, 4096, &[]);
-        let r = c.reply(|_| 0);
-        assert!(matches!(r, Reply::Chunks { .. }));
-        assert_eq!(r.data(0, 4096), vec![1u8; 4096]);
+        let r = c.reply();
+        assert!(!r.simple);
+        assert_eq!(r.data, vec![1u8; 4096]);
         c.request(Cmd::BlockStatus, CMD_FLAG_REQ_ONE, 3, 0, 65536, &[]);
-        let Reply::Chunks { chunks, .. } = c.reply(|_| 0) else {
-            panic!()
-        };
-        assert_eq!(chunks, vec![Chunk::Status(0, vec![(4096, 0)])]);
+        assert_eq!(
+            c.reply().chunks,
+            vec![Chunk::Status {
+                context_id: 0,
+                descriptors: vec![(4096, 0)]
+            }]
+        );
         assert!(server.terminate().success());
     }
     {
@@ -409,9 +414,10 @@ fn server_forced_fallbacks() {
         let (_, flags) = c.go("");
         assert_eq!(flags & FLAG_SEND_DF, 0);
         c.request(Cmd::Read, 0, 2, 0, 4096, &[]);
-        let r = c.reply(|_| 4096);
-        assert!(matches!(r, Reply::Simple { error: 0, .. }));
-        assert_eq!(r.data(0, 4096), vec![1u8; 4096]);
+        let r = c.reply();
+        assert!(r.simple);
+        assert_eq!(r.error(), 0);
+        assert_eq!(r.data, vec![1u8; 4096]);
         assert!(server.terminate().success());
     }
 }
@@ -435,7 +441,7 @@ fn broken_clients_do_not_hurt_the_server() {
     // A healthy connection kept open throughout.
     let mut healthy = ready(true);
     healthy.request(Cmd::Write, 0, 1, 0, 512, &[9u8; 512]);
-    assert_eq!(healthy.reply(|_| 0).error(), 0);
+    assert_eq!(healthy.reply().error(), 0);
 
     // Garbage instead of an option header.
     let mut c = Client::connect(&sock, FLAG_C_FIXED_NEWSTYLE);
@@ -450,34 +456,42 @@ fn broken_clients_do_not_hurt_the_server() {
     assert!(c.closed_by_server());
     // A compact request in extended mode is a bad magic too.
     let mut c = ready(true);
-    c.extended = false;
-    c.request(Cmd::Read, 0, 1, 0, 512, &[0u8; 4]);
+    let compact = Request {
+        flags: 0,
+        command: Cmd::Read,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    };
+    let mut bytes = encode_request(&compact, false).unwrap();
+    bytes.extend_from_slice(&[0u8; 4]);
+    c.send(&bytes);
     assert!(c.closed_by_server());
     // A 4 GiB write: EINVAL, then a hang-up (the payload is not read).
     let mut c = ready(false);
     c.request(Cmd::Write, 0, 77, 0, u64::from(u32::MAX), &[0u8; 4096]);
-    let r = c.reply(|_| 0);
-    assert_eq!((r.cookie(), r.error()), (77, EINVAL));
+    let r = c.reply();
+    assert_eq!((r.cookie, r.error()), (77, EINVAL));
     assert!(c.closed_by_server());
     // The same with extended headers and a 2^40 payload.
     let mut c = ready(true);
     c.request(Cmd::Write, CMD_FLAG_PAYLOAD_LEN, 78, 0, 1 << 40, &[0u8; 64]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     assert!(c.closed_by_server());
     // Out of range, oversized read, unknown command: errors, connection lives.
     let mut c = ready(false);
     c.request(Cmd::Read, 0, 1, u64::MAX - 10, 100, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     c.request(Cmd::Read, 0, 2, 0, 64 << 20, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     c.request(Cmd::Write, 0, 3, SIZE - 100, 200, &[1u8; 200]);
-    assert_eq!(c.reply(|_| 0).error(), ENOSPC);
+    assert_eq!(c.reply().error(), ENOSPC);
     c.request(Cmd::Unknown(200), 0, 4, 0, 0, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     c.request(Cmd::Trim, 0, 5, SIZE, 1, &[]);
-    assert_eq!(c.reply(|_| 0).error(), EINVAL);
+    assert_eq!(c.reply().error(), EINVAL);
     c.request(Cmd::Read, 0, 6, 0, 512, &[]);
-    assert_eq!(c.reply(|_| 512).data(0, 512), vec![9u8; 512]);
+    assert_eq!(c.reply().data, vec![9u8; 512]);
     // Vanishing mid-request: half a payload, then gone.
     let mut c = ready(false);
     c.request(Cmd::Write, 0, 1, 0, 1 << 20, &[3u8; 1000]);
@@ -498,10 +512,10 @@ fn broken_clients_do_not_hurt_the_server() {
 
     // The healthy connection and new ones still work.
     healthy.request(Cmd::Read, 0, 2, 0, 512, &[]);
-    assert_eq!(healthy.reply(|_| 0).data(0, 512), vec![9u8; 512]);
+    assert_eq!(healthy.reply().data, vec![9u8; 512]);
     let mut c = ready(false);
     c.request(Cmd::Read, 0, 1, 0, 512, &[]);
-    assert_eq!(c.reply(|_| 512).data(0, 512), vec![9u8; 512]);
+    assert_eq!(c.reply().data, vec![9u8; 512]);
     assert!(server.running(), "{}", server.log());
     assert!(server.terminate().success());
     let report =
@@ -520,43 +534,30 @@ fn many_requests_in_flight() {
     assert_eq!(err_type(&c.option(OPT_STRUCTURED_REPLY, b"")[0].1), REP_ACK);
     c.structured = true;
     c.go("");
-    // 256 writes sent back to back (more than the in-flight limit), then
-    // all replies; then 256 reads, likewise.
+    // 256 writes sent back to back (more than the server's in-flight
+    // limit), then all replies; then 256 reads, likewise.
     let n = 256u64;
-    let mut writer = c.s.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        use std::io::Write;
-        for i in 0..n {
-            let req = fvd_nbd::request::Request {
-                flags: 0,
-                command: Cmd::Write,
-                cookie: 1000 + i,
-                offset: i * 65536,
-                length: 65536,
-            };
-            let mut b = fvd_nbd::request::encode_request(&req, false).unwrap();
-            b.extend(std::iter::repeat_n(i as u8, 65536));
-            writer.write_all(&b).unwrap();
-        }
-    });
+    for i in 0..n {
+        let data = vec![i as u8; 65536];
+        c.request(Cmd::Write, 0, 1000 + i, i * 65536, 65536, &data);
+    }
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..n {
-        let r = c.reply(|_| 0);
+        let r = c.reply();
         assert_eq!(r.error(), 0);
-        assert!(seen.insert(r.cookie()));
+        assert!(seen.insert(r.cookie));
     }
-    sender.join().unwrap();
     assert_eq!(seen.len() as u64, n);
     for i in 0..n {
         c.request(Cmd::Read, 0, i, i * 65536, 65536, &[]);
     }
     for _ in 0..n {
-        let r = c.reply(|_| 0);
-        let i = r.cookie();
-        assert_eq!(r.data(i * 65536, 65536), vec![i as u8; 65536], "read {i}");
+        let r = c.reply();
+        let i = r.cookie;
+        assert_eq!(r.data, vec![i as u8; 65536], "read {i}");
     }
     c.request(Cmd::Flush, 0, 1, 0, 0, &[]);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     assert!(server.terminate().success());
 }
 
@@ -586,10 +587,12 @@ fn cache_copies_base_data_into_the_image() {
     c.go("");
     let depth = |c: &mut Client| {
         c.request(Cmd::BlockStatus, 0, 9, 0, SIZE, &[]);
-        let Reply::Chunks { chunks, .. } = c.reply(|_| 0) else {
-            panic!()
-        };
-        let Chunk::Status(id, d) = &chunks[0] else {
+        let chunks = c.reply().chunks;
+        let Chunk::Status {
+            context_id: id,
+            descriptors: d,
+        } = &chunks[0]
+        else {
             panic!("{chunks:?}")
         };
         assert_eq!(*id, ids[0]);
@@ -597,13 +600,13 @@ fn cache_copies_base_data_into_the_image() {
     };
     assert_eq!(depth(&mut c), vec![(SIZE, 2)]);
     c.request(Cmd::Cache, 0, 1, 1 << 20, 1 << 20, &[]);
-    assert_eq!(c.reply(|_| 0).error(), 0);
+    assert_eq!(c.reply().error(), 0);
     assert_eq!(
         depth(&mut c),
         vec![(1 << 20, 2), (1 << 20, 1), (SIZE - (2 << 20), 2)]
     );
     c.request(Cmd::Read, 0, 2, 1 << 20, 1 << 20, &[]);
     let want: Vec<u8> = ((1u64 << 20)..(2 << 20)).map(base_byte).collect();
-    assert_eq!(c.reply(|_| 0).data(1 << 20, 1 << 20), want);
+    assert_eq!(c.reply().data, want);
     assert!(server.terminate().success());
 }

@@ -10,8 +10,10 @@ mod nbd_support;
 use std::path::Path;
 
 use fvd_core::Format;
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, OptionReply};
+use fvd_core::executor::block_on;
+use fvd_nbd::client::{Address, Client as NbdClient, Config, Target, TlsConfig};
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, OptionReply};
 use nbd_support::*;
 
 const MIB: u64 = 1 << 20;
@@ -196,6 +198,34 @@ fn tls_with_client_certificates() {
     // ABORT is fine.
     let mut c = Client::connect(&sock, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     assert!(matches!(c.option(OPT_ABORT, b"")[0].1, OptionReply::Ack));
+
+    // The fvd-nbd client over TLS with the client certificate reads what
+    // qemu-io wrote; without a certificate, or without TLS, it is refused.
+    let target = Target {
+        address: Address::Unix(sock.clone()),
+        export: String::new(),
+        name: server.uri(),
+    };
+    let with = |client: Option<(&Path, &Path)>| Config {
+        tls: Some(TlsConfig::from_files(&d.join("ca-cert.pem"), client, "localhost").unwrap()),
+        ..Config::default()
+    };
+    let cert = (d.join("client-cert.pem"), d.join("client-key.pem"));
+    let c = block_on(NbdClient::connect(
+        target.clone(),
+        with(Some((&cert.0, &cert.1))),
+    ))
+    .unwrap();
+    assert!(c.info().tls);
+    let head = block_on(c.read(0, 512 << 10)).unwrap();
+    assert!(head.iter().all(|&b| b == 0x5c), "data written by qemu-io");
+    block_on(c.write(2 * MIB, vec![0x3a; 4096], true)).unwrap();
+    assert!(block_on(c.read(2 * MIB, 4096)).unwrap() == vec![0x3a; 4096]);
+    drop(c);
+    let e = block_on(NbdClient::connect(target.clone(), with(None))).unwrap_err();
+    assert!(e.to_string().contains("Certificate"), "{e}");
+    let e = block_on(NbdClient::connect(target, Config::default())).unwrap_err();
+    assert!(e.to_string().contains("requires TLS"), "{e}");
 
     // libnbd over TLS with the client certificate, and without TLS.
     if have("nbdinfo") {

@@ -18,7 +18,7 @@ fn script() -> PathBuf {
 
 #[test]
 fn prefetch_benchmark_smoke_run() {
-    if !common::have_tools(&[
+    if !fvd_testkit::have_tools(&[
         "python3",
         "nbdkit",
         "fio",

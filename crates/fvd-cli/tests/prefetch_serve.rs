@@ -101,7 +101,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn copy_on_read_fetches_nothing_twice_and_prefetch_detaches_the_base() {
-    if !common::have_tools(&["nbdkit", "qemu-io"]) {
+    if !fvd_testkit::have_tools(&["nbdkit", "qemu-io"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{data_ranges, fvd, have_tools, json, run_in};
+use common::{data_ranges, fvd, json, run_in};
+use fvd_testkit::have_tools;
 
 /// qemu-io commands that lay out data, zero and hole regions in a 16 MiB raw file.
 const RAW_WRITES: [&str; 6] = [

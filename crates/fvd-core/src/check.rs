@@ -13,13 +13,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::Format;
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{HEADER_SLOT_SIZE, Header, INCOMPAT_COMPACT, Region, decode_slots};
 use crate::image::compact::EMPTY;
 use crate::image::{Image, OpenOptions};
 use crate::iobuf::IoBuf;
 use crate::meta::{self, Durable};
-use crate::open::{Format, PathOptions, resolve_base};
+use crate::open::{Location, Opener};
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage, Storage};
 
@@ -76,8 +77,20 @@ impl CheckReport {
     }
 }
 
-/// Check (and optionally repair) the image at `path`.
+/// Check (and optionally repair) the image at `path`, whose base (needed
+/// to repair a dirty image) is local ([`Opener::local`]).
 pub async fn check_path(
+    path: &Path,
+    format: Format,
+    repair: Option<Repair>,
+) -> Result<CheckReport> {
+    check_with(&Opener::local(), path, format, repair).await
+}
+
+/// Check (and optionally repair) the image at `path`; `opener` opens its
+/// base when a repair replays the journal.
+pub async fn check_with(
+    opener: &Opener,
     path: &Path,
     format: Format,
     repair: Option<Repair>,
@@ -104,7 +117,7 @@ pub async fn check_path(
     if let Some(mode) = repair
         && report.check_errors.is_empty()
     {
-        let done = repair_image(storage.clone(), path, mode, &report).await?;
+        let done = repair_image(opener, storage.clone(), path, mode, &report).await?;
         if !done.is_empty() {
             report = check_storage(storage.as_ref(), Some(path)).await?;
             report.repaired = done;
@@ -286,8 +299,10 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
     if h.base_range() == 0 {
         return;
     }
-    let Some(path) = path else { return };
-    if let Err(e) = crate::base::chain::check_no_loop(path, resolve_base) {
+    let (Some(path), Some((name, format))) = (path, h.base()) else {
+        return;
+    };
+    if let Err(e) = crate::open::check_no_loop(path) {
         r.check_errors.push(e.to_string());
         return;
     }
@@ -297,15 +312,17 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
         );
         return;
     }
-    if crate::base::is_url(&h.base_name) || h.base_format == "qcow2" {
-        return; // only a provider can reach it; opening checks it
-    }
-    let bpath = resolve_base(path, &h.base_name);
+    let here = Location::Path(path.to_path_buf());
+    let bpath = match Opener::local().resolve(&here, name) {
+        Ok(Location::Path(p)) if format != Format::Qcow2 => p,
+        // Only a provider can reach it; opening checks it.
+        _ => return,
+    };
     match std::fs::metadata(&bpath) {
         Err(e) => r
             .check_errors
             .push(format!("base image {}: {e}", bpath.display())),
-        Ok(m) if h.base_format == "raw" && m.len() != h.base_size => r.check_errors.push(format!(
+        Ok(m) if format == Format::Raw && m.len() != h.base_size => r.check_errors.push(format!(
             "base image {} changed: it was {} bytes at create time and is {} now",
             bpath.display(),
             h.base_size,
@@ -399,6 +416,7 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
 }
 
 async fn repair_image(
+    opener: &Opener,
     storage: Arc<dyn Storage>,
     path: &Path,
     mode: Repair,
@@ -413,14 +431,12 @@ async fn repair_image(
         }
         // Opening read-write replays the journal and checkpoints; closing
         // sets the clean flag.
-        let base = if h.base_range() > 0 {
-            let fmt: Format = h.base_format.parse()?;
-            Some(
-                crate::open::open_base_named(path, &h.base_name, fmt, PathOptions::default(), 0)
-                    .await?,
-            )
-        } else {
-            None
+        let base = match h.base() {
+            Some((name, format)) if h.base_range() > 0 => {
+                let here = Location::Path(path.to_path_buf());
+                Some(opener.open_named(&here, name, format, 1).await?)
+            }
+            _ => None,
         };
         let img = Image::open(storage.clone(), base, OpenOptions::default()).await?;
         img.close().await?;

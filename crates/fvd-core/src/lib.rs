@@ -1,13 +1,18 @@
 //! FVD — the Fast Virtual Disk image format and its asynchronous engine.
 //!
-//! Layers, bottom up (each depends only on those below it):
+//! Layers, bottom up (each depends only on those below it; [`error`],
+//! [`iobuf`] and [`executor`], the runtime interface, sit under all):
 //! * [`storage`] — positional async byte I/O (file, memory);
-//! * [`format`] — pure encode/decode of every on-disk structure;
+//! * [`format`](mod@format) — pure encode/decode of every on-disk structure;
 //! * `meta` — bitmaps in memory, journal writer (group commit), recovery;
-//! * [`image`] — the engine: read/write/flush/discard/write_zeroes/block_status;
-//! * [`base`] — read-only bases (raw, FVD chains);
-//! * [`open`] — opening and creating images by path;
-//! * [`lifecycle`] — resize, commit, rebase and amend.
+//! * [`base`] — what the engine reads base data through, and raw bases;
+//! * [`image`] — the engine: the mapping layer ([`image::map`]) and the
+//!   I/O of read/write/flush/discard/write_zeroes/block_status/cache;
+//! * [`open`] — the [`Opener`]: images and base chains by path or URL, an
+//!   FVD image as a base;
+//! * [`check`] — consistency checks and repair;
+//! * [`lifecycle`] — resize, commit, rebase and amend (offline, through the
+//!   engine and the opener; one header switch as each step's commit point).
 //!
 //! docs/FORMAT.md specifies the on-disk format; docs/ARCHITECTURE.md the
 //! ownership, lock order and flush ordering.
@@ -22,11 +27,11 @@ pub mod iobuf;
 pub mod lifecycle;
 mod meta;
 pub mod open;
-pub mod sim;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
-pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Source};
+pub use format::Format;
+pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Run, Source, Target};
 pub use iobuf::IoBuf;
 pub use meta::Stats;
-pub use open::{BaseSpec, Format, PathOptions, create_path, create_raw, open_path};
+pub use open::{BaseSpec, Location, Opener, PathOptions, create_path, create_raw, open_path};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use fvd_core::base::{Base, RawBase};
 use fvd_core::executor::block_on;
 use fvd_core::storage::MemStorage;
-use fvd_core::{CreateOptions, Image, OpenOptions};
+use fvd_core::{CreateOptions, Format, Image, OpenOptions};
 
 /// xorshift64*: deterministic, dependency-free randomness for the model.
 struct Rng(u64);
@@ -76,9 +76,7 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
     };
     let opts = CreateOptions {
         size: Some(case.virtual_size),
-        base: base
-            .as_ref()
-            .map(|_| ("base.raw".to_string(), "raw".to_string())),
+        base: base.as_ref().map(|_| ("base.raw".to_string(), Format::Raw)),
         block_size: Some(case.block_size),
         journal_size: Some(64 * 1024), // small, so recycling happens
         detect_zeroes: case.detect_zeroes,
@@ -87,7 +85,8 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
         chunk_size: case.compact,
         grow_unit: Some(256 << 10),
         grow_cmd: None,
-        // Every reopen verifies the base's fingerprint too.
+        // Recorded as the opener records it (the engine checks the base's
+        // size and validator at every reopen; the opener the fingerprint).
         fingerprint_base: true,
     };
     block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).expect("create");
@@ -320,7 +319,7 @@ fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
     let disk = MemStorage::new("img");
     let opts = CreateOptions {
         size: Some(1 << 20),
-        base: Some(("b".into(), "raw".into())),
+        base: Some(("b".into(), Format::Raw)),
         block_size: Some(4096),
         ..Default::default()
     };
@@ -378,7 +377,7 @@ fn zero_detection_over_a_sparse_base_marks_holes_and_zero_data_only() {
         let disk = MemStorage::new("img");
         let opts = CreateOptions {
             size: Some(4 << 20),
-            base: Some(("b".into(), "raw".into())),
+            base: Some(("b".into(), Format::Raw)),
             block_size: Some(bs),
             detect_zeroes: true,
             ..Default::default()

@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fvd_core::base::{Base, RawBase};
+use fvd_core::executor::ThreadClock;
 use fvd_core::executor::block_on;
 use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, ThreadClock, prefetch,
+    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
 use fvd_core::storage::{AllocRun, IoFuture, MemStorage};
-use fvd_core::{CreateOptions, Image, IoBuf, OpenOptions};
+use fvd_core::{CreateOptions, Format, Image, IoBuf, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -63,8 +64,8 @@ impl Base for Counting {
     fn allocation(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<AllocRun>> {
         self.inner.allocation(offset, len)
     }
-    fn format(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> fvd_core::Format {
+        fvd_core::Format::Raw
     }
     fn describe(&self) -> String {
         "counting-base".into()
@@ -81,7 +82,7 @@ fn setup(size: u64, cor: bool) -> (MemStorage, Arc<Counting>, Vec<u8>) {
     let disk = MemStorage::new("img");
     let opts = CreateOptions {
         size: Some(size),
-        base: Some(("b".into(), "raw".into())),
+        base: Some(("b".into(), Format::Raw)),
         block_size: Some(4096),
         copy_on_read: cor,
         ..Default::default()

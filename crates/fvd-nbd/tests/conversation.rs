@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, ClientOption, InfoReply, OptionReply};
-use fvd_nbd::reply::{self, ChunkPayload, ReplyHeader, ReplyTo};
-use fvd_nbd::request::{self, Command, Request};
-use fvd_nbd::transmission::{self, TransmissionContext};
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, ClientOption, InfoReply, OptionReply};
+use fvd_nbd::proto::reply::{self, ChunkPayload, ReplyHeader, ReplyTo};
+use fvd_nbd::proto::request::{self, Command, Request};
+use fvd_nbd::proto::transmission::{self, TransmissionContext};
 
 /// A byte stream consumed front to back.
 struct Stream {

@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use fvd_nbd::consts::{self, *};
-use fvd_nbd::handshake::{self, ClientOption};
-use fvd_nbd::reply::{self, ChunkPayload, ReplyHeader, ReplyTo};
-use fvd_nbd::request::{self, Command, Request};
-use fvd_nbd::transmission::{self, TransmissionContext};
+use fvd_nbd::proto::consts::{self, *};
+use fvd_nbd::proto::handshake::{self, ClientOption};
+use fvd_nbd::proto::reply::{self, ChunkPayload, ReplyHeader, ReplyTo};
+use fvd_nbd::proto::request::{self, Command, Request};
+use fvd_nbd::proto::transmission::{self, TransmissionContext};
 use proptest::prelude::*;
 
 /// Random bytes, often prefixed by a valid magic so that decoders get past

@@ -1,58 +1,111 @@
 //! Remote and qcow2 base images for FVD.
 //!
-//! [`register`] adds a [`BaseProvider`] to fvd-core that opens:
+//! [`provider`] is the [`BaseProvider`] a program gives its
+//! [`Opener`] ([`opener`] builds one) to open:
 //!
 //! * `nbd://host[:port]/export` and `nbd+unix:///export?socket=PATH` — an
 //!   NBD export ([`nbd`], our own client);
 //! * `http://` and `https://` URLs — a file served with byte ranges
-//!   ([`http`]);
+//!   ([`http`]), and relative names inside images found there;
+//! * `s3://bucket/key` — an object in S3 or an S3-compatible store, read
+//!   with signed range requests ([`s3`]), and relative names inside images
+//!   found there;
 //! * the `qcow2` format, for local paths and over both transports
 //!   ([`qcow2`]), following the qcow2 backing chain read-only with the
-//!   backing format recorded in the image (never probed).
+//!   backing format recorded in the image (never probed) through the same
+//!   opener, so its depth limit and name resolution apply.
 //!
-//! Remote sources use blocking sockets on a few worker threads per base
-//! ([`pool`]), so their futures complete under any executor. Timeouts and
-//! retries are described in [`retry`]. Every base is read-only.
+//! NBD bases use the fvd-nbd client (many reads in flight); HTTP(S) and S3
+//! bases share one pooled async client design ([`client`], [`ranged`]).
+//! Both run their connections on the one remote runtime ([`runtime`]), so
+//! their futures complete under any executor. Timeouts and retries are
+//! described in [`retry`]. Every base is read-only.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
-use fvd_core::base::{Base, BaseProvider, is_url, register_base_provider};
-use fvd_core::open::{BoxFut, MAX_CHAIN_DEPTH, PathOptions, open_base};
+use fvd_core::base::Base;
+use fvd_core::open::{BaseProvider, Location, OpenFuture, Opener};
 use fvd_core::{Error, ErrorKind, Format};
 
+mod client;
 pub mod http;
 pub mod nbd;
-pub mod pool;
 pub mod qcow2;
+pub mod ranged;
 pub mod retry;
+mod runtime;
+pub mod s3;
 mod url;
 
 pub use retry::Policy;
 
-/// Register the provider with fvd-core (once; later calls do nothing).
-/// Call it at program start, before opening images.
-pub fn register() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| register_base_provider(Arc::new(RemoteProvider)));
+/// An opener for everything this crate and the core can open.
+pub fn opener() -> Opener {
+    Opener::local().with_provider(provider())
 }
 
-/// The provider [`register`] installs: NBD and HTTP(S) URLs as raw or
-/// qcow2 content, and qcow2 images at local paths.
-pub struct RemoteProvider;
+/// The provider of NBD, HTTP(S) and S3 URLs and of the qcow2 format.
+pub fn provider() -> Arc<dyn BaseProvider> {
+    Arc::new(RemoteProvider)
+}
+
+/// NBD, HTTP(S) and S3 URLs as raw bytes, qcow2 over any bytes.
+struct RemoteProvider;
 
 impl BaseProvider for RemoteProvider {
-    fn open(&self, name: &str, format: &str) -> Option<BoxFut<'static, Arc<dyn Base>>> {
-        let remote = nbd::is_nbd_url(name) || http::is_http_url(name);
-        let handled = match format {
-            "raw" => remote,
-            "qcow2" => remote || !is_url(name),
-            _ => false,
-        };
-        if !handled {
+    fn open_url(&self, url: &str) -> Option<OpenFuture<'static>> {
+        let url = url.to_string();
+        let policy = Policy::from_env();
+        if nbd::is_nbd_url(&url) {
+            Some(Box::pin(async move {
+                let b = nbd::NbdBase::open(&url, policy).await.map_err(to_core)?;
+                Ok(Arc::new(b) as Arc<dyn Base>)
+            }))
+        } else if http::is_http_url(&url) {
+            Some(Box::pin(async move {
+                let b = http::HttpBase::open(&url, policy).await.map_err(to_core)?;
+                Ok(Arc::new(b) as Arc<dyn Base>)
+            }))
+        } else if s3::is_s3_url(&url) {
+            Some(Box::pin(async move {
+                let b = s3::S3Base::open(&url, policy).await.map_err(to_core)?;
+                Ok(Arc::new(b) as Arc<dyn Base>)
+            }))
+        } else {
+            None
+        }
+    }
+
+    fn open_format<'a>(
+        &'a self,
+        format: Format,
+        file: Arc<dyn Base>,
+        location: &'a Location,
+        opener: &'a Opener,
+        depth: usize,
+    ) -> Option<OpenFuture<'a>> {
+        if format != Format::Qcow2 {
             return None;
         }
-        Some(open_named(name.to_string(), format.to_string(), 0))
+        Some(Box::pin(async move {
+            let name = location.display();
+            let header = qcow2::read_header(file.as_ref(), &name).await?;
+            let backing = open_backing(opener, location, &header, depth).await?;
+            Ok(
+                Arc::new(qcow2::Qcow2Base::open(file, name, header, backing).await?)
+                    as Arc<dyn Base>,
+            )
+        }))
+    }
+
+    fn join_url(&self, parent: &str, name: &str) -> Option<Result<String, Error>> {
+        if http::is_http_url(parent) {
+            Some(http::join_url(parent, name).map_err(Error::arg))
+        } else if s3::is_s3_url(parent) {
+            Some(s3::join_url(parent, name).map_err(Error::arg))
+        } else {
+            None
+        }
     }
 }
 
@@ -68,91 +121,15 @@ fn to_core(e: std::io::Error) -> Error {
     Error::new(kind, e.to_string())
 }
 
-/// Open `name` (a URL or a local path) with content in `format` (`raw` or
-/// `qcow2`); `depth` counts the images above it in a chain.
-pub fn open_named(name: String, format: String, depth: usize) -> BoxFut<'static, Arc<dyn Base>> {
-    Box::pin(async move {
-        if depth > MAX_CHAIN_DEPTH {
-            return Err(Error::invalid(format!(
-                "{name}: backing chain is deeper than {MAX_CHAIN_DEPTH}"
-            )));
-        }
-        let policy = Policy::from_env();
-        let file: Arc<dyn Base> = if nbd::is_nbd_url(&name) {
-            Arc::new(nbd::NbdBase::open(&name, policy).await.map_err(to_core)?)
-        } else if http::is_http_url(&name) {
-            Arc::new(http::HttpBase::open(&name, policy).await.map_err(to_core)?)
-        } else if is_url(&name) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{name}: unsupported URL scheme (nbd://, nbd+unix://, http://, https://)"),
-            ));
-        } else {
-            let opts = PathOptions {
-                read_only: true,
-                ..PathOptions::default()
-            };
-            open_base(Path::new(&name), Format::Raw, opts, depth).await?
-        };
-        match format.as_str() {
-            "raw" => Ok(file),
-            "qcow2" => {
-                let header = qcow2::read_header(file.as_ref(), &name).await?;
-                let backing = open_backing(&name, &header, depth).await?;
-                Ok(
-                    Arc::new(qcow2::Qcow2Base::open(file, name, header, backing).await?)
-                        as Arc<dyn Base>,
-                )
-            }
-            other => Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{name}: format {other} is not supported here (raw or qcow2)"),
-            )),
-        }
-    })
-}
-
-/// Where the backing file named `backing` inside the image `image` is.
-fn resolve_backing(image: &str, backing: &str) -> Result<String, Error> {
-    if is_url(backing) {
-        return Ok(backing.to_string());
-    }
-    if http::is_http_url(image) {
-        if backing.starts_with('/') {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{image}: a remote qcow2 image names the local backing file '{backing}'; refused"
-                ),
-            ));
-        }
-        return http::join_url(image, backing).map_err(Error::arg);
-    }
-    if is_url(image) {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{image}: a remote qcow2 image names the relative backing file '{backing}'; only URLs are supported there"
-            ),
-        ));
-    }
-    let p = Path::new(backing);
-    let full: PathBuf = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        Path::new(image)
-            .parent()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|| p.to_path_buf())
-    };
-    Ok(full.to_string_lossy().into_owned())
-}
-
+/// The backing file of the qcow2 image at `location` (depth `depth`), if it
+/// names one, in the format it records.
 async fn open_backing(
-    name: &str,
+    opener: &Opener,
+    location: &Location,
     header: &qcow2::Header,
     depth: usize,
 ) -> Result<Option<Arc<dyn Base>>, Error> {
+    let name = location.display();
     let Some(backing) = &header.backing_file else {
         return Ok(None);
     };
@@ -172,32 +149,22 @@ async fn open_backing(
             format!("{name}: json: backing file names are not supported"),
         ));
     }
-    let target = resolve_backing(name, backing)?;
-    let ctx = |e: Error| e.context(format!("{name}: backing file"));
-    let base = match format.as_str() {
-        "raw" | "file" => open_named(target, "raw".into(), depth + 1)
-            .await
-            .map_err(ctx)?,
-        "qcow2" => open_named(target, "qcow2".into(), depth + 1)
-            .await
-            .map_err(ctx)?,
-        "fvd" if !is_url(&target) => {
-            let opts = PathOptions {
-                read_only: true,
-                ..PathOptions::default()
-            };
-            open_base(Path::new(&target), Format::Fvd, opts, depth + 1)
-                .await
-                .map_err(ctx)?
-        }
-        other => {
-            return Err(Error::new(
+    let format = match format.as_str() {
+        // qemu's "file" protocol driver reads the bytes as they are.
+        "raw" | "file" => Format::Raw,
+        other => other.parse::<Format>().map_err(|_| {
+            Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{name}: the backing file '{backing}' has format {other}, which is not supported (raw, qcow2)"
+                    "{name}: the backing file '{backing}' has format {other}, which is not supported (raw, qcow2, fvd)"
                 ),
-            ));
-        }
+            )
+        })?,
     };
+    let target = opener.resolve(location, backing)?;
+    let base = opener
+        .open_base(&target, format, depth + 1)
+        .await
+        .map_err(|e| e.context(format!("{name}: backing file")))?;
     Ok(Some(base))
 }

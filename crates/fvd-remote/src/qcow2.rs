@@ -826,8 +826,8 @@ impl Base for Qcow2Base {
         Box::pin(self.alloc_map(offset, len))
     }
 
-    fn format(&self) -> &'static str {
-        "qcow2"
+    fn format(&self) -> fvd_core::Format {
+        fvd_core::Format::Qcow2
     }
 
     fn describe(&self) -> String {

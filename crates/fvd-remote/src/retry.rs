@@ -13,10 +13,11 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `FVD_REMOTE_CONNECT_TIMEOUT` | seconds to establish a connection | 10 |
-//! | `FVD_REMOTE_TIMEOUT` | seconds a read or write may block | 30 |
+//! | `FVD_REMOTE_TIMEOUT` | seconds a read or write may block (NBD: a connection with requests in flight may go without a byte from the server) | 30 |
 //! | `FVD_REMOTE_RETRIES` | tries of one operation before giving up | 5 |
 //! | `FVD_REMOTE_RETRY_DELAY_MS` | first pause between tries, milliseconds | 200 |
-//! | `FVD_REMOTE_CONNECTIONS` | most connections (and threads) per base | 4 |
+//! | `FVD_REMOTE_CONNECTIONS` | most connections per NBD base (used only when the server offers multi-conn) | 4 |
+//! | `FVD_REMOTE_IN_FLIGHT` | most requests in flight per HTTP(S) or S3 base | 32 |
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,9 @@ pub struct Policy {
     pub max_delay: Duration,
     /// Most connections (each served by its own thread) to one server.
     pub connections: usize,
+    /// Most requests in flight at once to an HTTP(S) or S3 base: HTTP/1.1
+    /// connections (one request each), or streams on one HTTP/2 connection.
+    pub in_flight: usize,
 }
 
 impl Default for Policy {
@@ -48,6 +52,7 @@ impl Default for Policy {
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(5),
             connections: 4,
+            in_flight: 32,
         }
     }
 }
@@ -76,6 +81,9 @@ impl Policy {
         if let Some(n) = env_u64("FVD_REMOTE_CONNECTIONS") {
             p.connections = usize::try_from(n).unwrap_or(1).clamp(1, 64);
         }
+        if let Some(n) = env_u64("FVD_REMOTE_IN_FLIGHT") {
+            p.in_flight = usize::try_from(n).unwrap_or(1).clamp(1, 256);
+        }
         p
     }
 
@@ -103,26 +111,36 @@ impl Policy {
     /// [`Policy::delay`]. `op` receives the number of the try (0 first).
     /// Blocks the calling thread while pausing: call it on a worker thread.
     pub fn run<T>(&self, mut op: impl FnMut(u32) -> Result<T, Failure>) -> io::Result<T> {
-        let attempts = self.attempts.max(1);
         let mut tried = 0u32;
         loop {
             match op(tried) {
                 Ok(v) => return Ok(v),
-                Err(Failure::Permanent(e)) => return Err(e),
-                Err(Failure::Transient(e)) => {
-                    tried += 1;
-                    if tried >= attempts {
-                        let msg = if attempts > 1 {
-                            format!("{e} (gave up after {tried} tries)")
-                        } else {
-                            e.to_string()
-                        };
-                        return Err(io::Error::new(e.kind(), msg));
-                    }
-                    std::thread::sleep(self.delay(tried));
-                }
+                Err(f) => std::thread::sleep(self.backoff(&mut tried, f)?),
             }
         }
+    }
+
+    /// What to do after a failed try: the pause before the next one, or
+    /// the error to report (a permanent failure, or the last transient one
+    /// once [`Policy::attempts`] tries have failed). `tried` counts the
+    /// failed tries so far and is advanced. Async callers sleep the pause
+    /// on their own timer.
+    pub fn backoff(&self, tried: &mut u32, failure: Failure) -> io::Result<Duration> {
+        let e = match failure {
+            Failure::Permanent(e) => return Err(e),
+            Failure::Transient(e) => e,
+        };
+        let attempts = self.attempts.max(1);
+        *tried += 1;
+        if *tried < attempts {
+            return Ok(self.delay(*tried));
+        }
+        let msg = if attempts > 1 {
+            format!("{e} (gave up after {tried} tries)")
+        } else {
+            e.to_string()
+        };
+        Err(io::Error::new(e.kind(), msg))
     }
 }
 

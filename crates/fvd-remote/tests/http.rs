@@ -168,8 +168,8 @@ fn nginx_errors_are_clear() {
     assert!(e.to_string().contains("/missing.raw"), "{e}");
 }
 
-/// nginx with TLS and a certificate from a private CA: trusted through
-/// SSL_CERT_FILE, refused without it.
+/// nginx with TLS (offering HTTP/2) and a certificate from a private CA:
+/// trusted through SSL_CERT_FILE, refused without it.
 #[test]
 fn https_with_a_private_ca() {
     let t = "https_with_a_private_ca";
@@ -179,58 +179,7 @@ fn https_with_a_private_ca() {
     let Some(fvd) = fvd_bin(t) else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ossl = |args: &[&str]| {
-        run(d, Path::new("openssl"), args).ok("openssl");
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=fvd test CA",
-    ]);
-    std::fs::write(
-        d.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    ossl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    let (ca, cert, key) = private_ca(d);
     let www = d.join("www");
     std::fs::create_dir(&www).unwrap();
     let bytes = data(9, SIZE);
@@ -239,12 +188,11 @@ fn https_with_a_private_ca() {
     let port = free_port();
     let extra = format!(
         "ssl_certificate {};\n    ssl_certificate_key {};",
-        d.join("srv.pem").display(),
-        d.join("srv.key").display()
+        cert.display(),
+        key.display()
     );
     let _ng = nginx(d, &www, port, &extra);
     let url = format!("https://127.0.0.1:{port}/base.raw");
-    let ca = d.join("ca.pem");
     let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
     run_env(
         d,
@@ -261,6 +209,12 @@ fn https_with_a_private_ca() {
     )
     .ok("convert");
     assert_same_raw(d, "out.raw", "base.raw");
+    // nginx offered HTTP/2 in the TLS handshake, and the client took it.
+    let access = std::fs::read_to_string(d.join("nginx/access.log")).unwrap();
+    assert!(
+        access.lines().any(|l| l.contains("HTTP/2.0\" 206")),
+        "no HTTP/2 range request in nginx's log:\n{access}"
+    );
     run_env(
         d,
         &fvd,
@@ -340,7 +294,12 @@ fn serve(conn: std::net::TcpStream, file: &[u8], mode: Mode, count: &AtomicUsize
             if h.is_empty() {
                 break;
             }
-            if let Some(v) = h.strip_prefix("Range: bytes=") {
+            // Header names are case-insensitive (HTTP/1.1 clients may send
+            // them in lower case).
+            if let Some((name, v)) = h.split_once(':')
+                && name.eq_ignore_ascii_case("range")
+            {
+                let v = v.trim().strip_prefix("bytes=").unwrap();
                 let (a, b) = v.split_once('-').unwrap();
                 range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
             }

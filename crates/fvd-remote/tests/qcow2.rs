@@ -85,7 +85,7 @@ fn check_against_qemu(dir: &Path, img: &str) {
     }
     let expect = std::fs::read(dir.join("qemu.raw")).unwrap();
     let base = open_base(dir.join(img).to_str().unwrap(), "qcow2").unwrap();
-    assert_eq!(base.format(), "qcow2");
+    assert_eq!(base.format(), fvd_core::Format::Qcow2);
     assert_eq!(base.size(), expect.len() as u64);
     assert!(
         read_all(base.as_ref()) == expect,

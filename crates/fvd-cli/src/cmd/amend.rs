@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow, bail};
-use fvd_core::Format;
 use fvd_core::lifecycle::amend::Amendments;
+use fvd_core::{Format, Opener};
 
 use crate::common::{at, parse_format, parse_image_options};
 
@@ -73,7 +73,7 @@ pub struct Args {
 }
 
 /// Run `fvd amend`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let name = a
         .image
         .as_ref()
@@ -115,7 +115,7 @@ pub async fn run(a: Args) -> Result<u8> {
             path.display()
         );
     }
-    fvd_core::lifecycle::amend::amend_path(path, &am)
+    fvd_core::lifecycle::amend::amend_path(opener, path, &am)
         .await
         .map_err(|e| at(path, e))?;
     let _ = a.quiet;

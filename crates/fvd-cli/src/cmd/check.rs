@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use fvd_core::Format;
+use fvd_core::Opener;
 use fvd_core::check::{CheckReport, Repair};
 use serde::Serialize;
 
@@ -118,12 +119,12 @@ fn print_human(a: &Args, r: &CheckReport) {
 }
 
 /// Run `fvd check`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let repair = a.repair.map(|r| match r {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
-    let r = fvd_core::check::check_path(&a.image, a.format, repair)
+    let r = fvd_core::check::check_with(opener, &a.image, a.format, repair)
         .await
         .map_err(|e| at(&a.image, e))?;
     let code = u8::try_from(r.exit_code()).unwrap_or(1);

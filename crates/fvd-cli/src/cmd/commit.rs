@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use fvd_core::Format;
+use fvd_core::{Format, Opener};
 
 use crate::common::{at, parse_format};
 
@@ -28,14 +28,14 @@ pub struct Args {
 }
 
 /// Run `fvd commit`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     if a.format != Format::Fvd {
         bail!(
             "{}: only fvd images have a base to commit into",
             a.image.display()
         );
     }
-    fvd_core::lifecycle::commit::commit_path(&a.image, a.keep)
+    fvd_core::lifecycle::commit::commit_path(opener, &a.image, a.keep)
         .await
         .map_err(|e| at(&a.image, e))?;
     if !a.quiet {

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use fvd_core::Opener;
 use fvd_core::{Format, Image};
 
 use crate::common::{STATUS_WINDOW, at, extents, open, overlay, parse_format};
@@ -164,9 +165,9 @@ async fn tail_is_zero(side: &mut Side<'_>, from: u64) -> Result<Option<u64>> {
 }
 
 /// Run `fvd compare`.
-pub async fn run(a: Args) -> Result<u8> {
-    let ia = open(&a.image_a, a.format_a, true, a.force_share).await?;
-    let ib = open(&a.image_b, a.format_b, true, a.force_share).await?;
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
+    let ia = open(opener, &a.image_a, a.format_a, true, a.force_share).await?;
+    let ib = open(opener, &a.image_b, a.format_b, true, a.force_share).await?;
     let say = |s: &str| {
         if !a.quiet {
             outln!("{s}");

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow, bail};
+use fvd_core::Opener;
 use fvd_core::{CreateOptions, Format, Image};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
@@ -50,7 +51,7 @@ pub struct Args {
 }
 
 /// Run `fvd convert`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let opts = parse_image_options(&a.options, &CONVERT_KEYS)
         .map_err(|e| anyhow!("{}: {e}", a.target.display()))?;
     if opts.help {
@@ -86,7 +87,7 @@ pub async fn run(a: Args) -> Result<u8> {
             a.target.display()
         );
     }
-    let src = Arc::new(open(&a.source, a.format, true, a.force_share).await?);
+    let src = Arc::new(open(opener, &a.source, a.format, true, a.force_share).await?);
     let src_size = src.virtual_size();
     let dst_size = match a.output_format {
         Format::Fvd => src_size.div_ceil(512) * 512,
@@ -106,13 +107,14 @@ pub async fn run(a: Args) -> Result<u8> {
                 grow_unit: opts.grow_unit,
                 ..CreateOptions::default()
             };
-            fvd_core::create_path(&a.target, None, co, None)
+            opener
+                .create(&a.target, None, co, None)
                 .await
                 .map_err(|e| at(&a.target, e))?;
         }
     }
     let result = async {
-        let dst = Arc::new(open(&a.target, a.output_format, false, false).await?);
+        let dst = Arc::new(open(opener, &a.target, a.output_format, false, false).await?);
         let bar = a.progress.then(|| progress_bar(src_size));
         copy(&src, &a.source, &dst, &a.target, src_size, bar.as_ref()).await?;
         dst.close().await.map_err(|e| at(&a.target, e))?;

@@ -3,9 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
-use fvd_core::storage::FileStorage;
-use fvd_core::storage::file::FileOptions;
-use fvd_core::{BaseSpec, CreateOptions, Format};
+use fvd_core::{BaseSpec, CreateOptions, Format, Opener};
 
 use crate::common::{CREATE_KEYS, at, parse_format, parse_image_options};
 use crate::size::parse_size;
@@ -62,7 +60,7 @@ fn check_multiple(image: &Path, n: u64) -> Result<()> {
 }
 
 /// Run `fvd create`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let keys: Vec<&str> = CREATE_KEYS.iter().map(|(k, _)| *k).collect();
     let name = a
         .image
@@ -147,7 +145,7 @@ pub async fn run(a: Args) -> Result<u8> {
                 // fetched over the network once is kept.
                 copy_on_read: opts.copy_on_read.unwrap_or_else(|| {
                     spec.as_ref()
-                        .is_some_and(|b| fvd_core::base::is_url(&b.name))
+                        .is_some_and(|b| fvd_core::open::is_url(&b.name))
                 }),
                 compact: opts.compact.unwrap_or(false),
                 chunk_size: opts.chunk_size,
@@ -155,28 +153,24 @@ pub async fn run(a: Args) -> Result<u8> {
                 grow_cmd: opts.grow_cmd.clone(),
                 ..CreateOptions::default()
             };
-            fvd_core::create_path(img, spec.as_ref(), co, opts.detect_zeroes)
+            let h = opener
+                .create(img, spec.as_ref(), co, opts.detect_zeroes)
                 .await
                 .map_err(|e| at(img, e))?;
             if !a.quiet {
-                let storage =
-                    FileStorage::open(img, FileOptions::read_only()).map_err(|e| at(img, e))?;
-                let (h, _) = fvd_core::image::read_header(&storage)
-                    .await
-                    .map_err(|e| at(img, e))?;
                 let mut line = format!(
                     "Formatting '{}', fmt=fvd size={}",
                     img.display(),
                     h.virtual_size
                 );
-                if !h.base_name.is_empty() {
+                if let Some((name, format)) = h.base() {
                     line.push_str(&format!(
-                        " backing_file={} backing_fmt={}",
-                        h.base_name, h.base_format
+                        " backing_file={name} backing_fmt={}",
+                        format.name()
                     ));
                 }
                 line.push_str(&format!(" block_size={}", h.block_size));
-                if h.incompatible & fvd_core::format::header::INCOMPAT_COMPACT != 0 {
+                if h.is_compact() {
                     line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
                 }
                 outln!("{line}");

@@ -1,107 +1,14 @@
 //! The second half of `fvd demo`: serve the demo image over NBD with
-//! `fvd serve`, drive I/O through the socket with a minimal client built on
-//! the fvd-nbd codec, and print how QEMU, qemu-img and nbdinfo attach it.
+//! `fvd serve`, drive I/O through the socket with the fvd-nbd client, and
+//! print how QEMU, qemu-img and nbdinfo attach it.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use fvd_nbd::consts;
-use fvd_nbd::handshake::{
-    ClientOption, decode_export_name_reply, decode_greeting, encode_client_flags, encode_option,
-};
-use fvd_nbd::reply::{ReplyHeader, decode_reply_header};
-use fvd_nbd::request::{Command as NbdCommand, Request, encode_request};
-
-/// A blocking NBD client that speaks the oldest common dialect: fixed
-/// newstyle, NBD_OPT_EXPORT_NAME, simple replies.
-struct Client {
-    sock: UnixStream,
-    cookie: u64,
-    size: u64,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Result<Client> {
-        let mut sock =
-            UnixStream::connect(path).with_context(|| format!("connect to {}", path.display()))?;
-        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut greeting = [0u8; consts::GREETING_LEN];
-        sock.read_exact(&mut greeting)?;
-        let flags = decode_greeting(&greeting).map_err(|e| anyhow!("greeting: {e}"))?;
-        let no_zeroes = flags & consts::FLAG_NO_ZEROES != 0;
-        let mut client_flags = consts::FLAG_C_FIXED_NEWSTYLE;
-        if no_zeroes {
-            client_flags |= consts::FLAG_C_NO_ZEROES;
-        }
-        sock.write_all(&encode_client_flags(client_flags))?;
-        sock.write_all(
-            &encode_option(&ClientOption::ExportName(String::new())).map_err(|e| anyhow!("{e}"))?,
-        )?;
-        let mut reply = vec![0u8; if no_zeroes { 10 } else { 134 }];
-        sock.read_exact(&mut reply)?;
-        let (size, _flags) =
-            decode_export_name_reply(&reply, no_zeroes).map_err(|e| anyhow!("export: {e}"))?;
-        Ok(Client {
-            sock,
-            cookie: 0,
-            size,
-        })
-    }
-
-    fn request(
-        &mut self,
-        command: NbdCommand,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-    ) -> Result<Vec<u8>> {
-        self.cookie += 1;
-        let req = Request {
-            flags: 0,
-            command,
-            cookie: self.cookie,
-            offset,
-            length,
-        };
-        self.sock
-            .write_all(&encode_request(&req, false).map_err(|e| anyhow!("{e}"))?)?;
-        self.sock.write_all(payload)?;
-        let mut hdr = [0u8; consts::SIMPLE_REPLY_LEN];
-        self.sock.read_exact(&mut hdr)?;
-        match decode_reply_header(&hdr, false).map_err(|e| anyhow!("reply: {e}"))? {
-            ReplyHeader::Simple(r) if r.cookie == self.cookie && r.error == 0 => {}
-            ReplyHeader::Simple(r) => bail!("{} failed with NBD error {}", command.name(), r.error),
-            other => bail!("unexpected reply {other:?}"),
-        }
-        let mut data = vec![
-            0u8;
-            if command == NbdCommand::Read {
-                length as usize
-            } else {
-                0
-            }
-        ];
-        self.sock.read_exact(&mut data)?;
-        Ok(data)
-    }
-
-    fn disconnect(mut self) -> Result<()> {
-        let req = Request {
-            flags: 0,
-            command: NbdCommand::Disc,
-            cookie: 0,
-            offset: 0,
-            length: 0,
-        };
-        self.sock
-            .write_all(&encode_request(&req, false).map_err(|e| anyhow!("{e}"))?)?;
-        Ok(())
-    }
-}
+use anyhow::{Context, Result, bail};
+use fvd_core::executor::block_on;
+use fvd_nbd::client::{Address, Client, Config, Target};
 
 fn wait_for(path: &Path, child: &mut Child) -> Result<()> {
     let start = Instant::now();
@@ -166,24 +73,30 @@ pub fn serve_and_drive(dir: &Path, image: &Path, expect: impl Fn(u64) -> u8) -> 
 
 fn drive(sock: &Path, child: &mut Child, expect: &dyn Fn(u64) -> u8) -> Result<()> {
     wait_for(sock, child)?;
-    let mut c = Client::connect(sock)?;
+    let target = Target {
+        address: Address::Unix(sock.to_path_buf()),
+        export: String::new(),
+        name: format!("nbd+unix:///?socket={}", sock.display()),
+    };
+    // The client's futures complete under any executor; the CLI's own.
+    let c = block_on(Client::connect(target, Config::default()))?;
     outln!();
     outln!(
         "Served over NBD by 'fvd serve' on {} ({} bytes); through the socket:",
         sock.display(),
-        c.size
+        c.info().size
     );
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8 ^ 0x3c).collect();
     let off = 24 << 20;
-    c.request(NbdCommand::Write, off, data.len() as u64, &data)?;
-    c.request(NbdCommand::Flush, 0, 0, &[])?;
-    let back = c.request(NbdCommand::Read, off, data.len() as u64, &[])?;
+    block_on(c.write(off, data.clone(), false))?;
+    block_on(c.flush())?;
+    let back = block_on(c.read(off, data.len()))?;
     if back != data {
         bail!("data read back through NBD differs from what was written");
     }
     outln!("  wrote 64 KiB at offset {off}, flushed, read it back: identical");
     let base_off = 4 << 20;
-    let base = c.request(NbdCommand::Read, base_off, 4096, &[])?;
+    let base = block_on(c.read(base_off, 4096))?;
     if base
         .iter()
         .enumerate()
@@ -192,7 +105,8 @@ fn drive(sock: &Path, child: &mut Child, expect: &dyn Fn(u64) -> u8) -> Result<(
         bail!("base data read through NBD is wrong");
     }
     outln!("  read 4 KiB of base data at offset {base_off}: served from the base");
-    c.disconnect()?;
+    // Dropping the client sends NBD_CMD_DISC.
+    drop(c);
     outln!("  disconnected; the server flushed and closed the image cleanly");
     Ok(())
 }

@@ -7,10 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use fvd_core::format::header::{
-    self, COMPAT_PREFETCH_PROFILE, FLAG_ALL_LOCAL, FLAG_COPY_ON_READ, FLAG_ZERO_DETECTED, Header,
-    INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, INCOMPAT_SNAPSHOTS, Region,
+    self, AUTOCLEAR_NAMES, COMPAT_NAMES, Header, INCOMPAT_NAMES, Region,
 };
-use fvd_core::{Format, Image};
+use fvd_core::{Format, Image, Location, Opener};
 use serde::Serialize;
 
 use crate::common::{open, parse_format, print_json};
@@ -117,20 +116,14 @@ struct CompactData {
 }
 
 /// Names of the set bits of a feature word.
-fn feature_names(bits: u64, known: &[(u64, &str)]) -> String {
+fn feature_names(bits: u64, known: &[(u64, &'static str)]) -> String {
     if bits == 0 {
         return "none".into();
     }
-    let mut names = Vec::new();
-    let mut rest = bits;
-    for (b, n) in known {
-        if bits & b != 0 {
-            names.push((*n).to_string());
-            rest &= !b;
-        }
-    }
-    if rest != 0 {
-        names.push(format!("unknown {rest:#x}"));
+    let (names, unknown) = header::feature_names(bits, known);
+    let mut names: Vec<String> = names.into_iter().map(String::from).collect();
+    if unknown != 0 {
+        names.push(format!("unknown {unknown:#x}"));
     }
     names.join(", ")
 }
@@ -160,9 +153,9 @@ fn fvd_data(img: &Image, h: &Header) -> FvdData {
         base_blocks: total,
         local_fraction: fraction(local, total),
         clean: h.is_clean(),
-        all_local: h.flags & FLAG_ALL_LOCAL != 0,
-        copy_on_read: h.flags & FLAG_COPY_ON_READ != 0,
-        zero_detected: h.flags & FLAG_ZERO_DETECTED != 0,
+        all_local: h.is_all_local(),
+        copy_on_read: h.copy_on_read(),
+        zero_detected: h.zero_detected(),
         incompatible_features: h.incompatible,
         compatible_features: h.compatible,
         autoclear_features: h.autoclear,
@@ -182,21 +175,20 @@ fn fvd_data(img: &Image, h: &Header) -> FvdData {
 }
 
 /// Run `fvd info`.
-pub async fn run(a: Args) -> Result<u8> {
-    let img = open(&a.image, a.format, true, a.force_share).await?;
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
+    let img = open(opener, &a.image, a.format, true, a.force_share).await?;
     let path = a.image.display().to_string();
     let actual = img
         .storage()
         .allocated_bytes()
         .map_err(|e| anyhow::anyhow!("{path}: disk size: {e}"))?;
     let h = img.header().cloned();
-    let backing = h.as_ref().filter(|h| !h.base_name.is_empty()).map(|h| {
-        let full = fvd_core::open::resolve_base(&a.image, &h.base_name);
-        (
-            h.base_name.clone(),
-            h.base_format.clone(),
-            full.display().to_string(),
-        )
+    let here = Location::Path(a.image.clone());
+    let backing = h.as_ref().and_then(|h| h.base()).map(|(name, format)| {
+        let full = opener
+            .resolve(&here, name)
+            .map_or_else(|_| name.to_string(), |l| l.display());
+        (name.to_string(), format.name().to_string(), full)
     });
     let data = h.as_ref().map(|h| fvd_data(&img, h));
     match a.output {
@@ -287,27 +279,17 @@ pub async fn run(a: Args) -> Result<u8> {
                 outln!(
                     "    incompatible features: {:#x} ({})",
                     h.incompatible,
-                    feature_names(
-                        h.incompatible,
-                        &[
-                            (INCOMPAT_COMPACT, "compact"),
-                            (INCOMPAT_ENCRYPTED, "encrypted"),
-                            (INCOMPAT_SNAPSHOTS, "snapshots"),
-                        ]
-                    )
+                    feature_names(h.incompatible, &INCOMPAT_NAMES)
                 );
                 outln!(
                     "    compatible features: {:#x} ({})",
                     h.compatible,
-                    feature_names(
-                        h.compatible,
-                        &[(COMPAT_PREFETCH_PROFILE, "prefetch-profile")]
-                    )
+                    feature_names(h.compatible, &COMPAT_NAMES)
                 );
                 outln!(
                     "    autoclear features: {:#x} ({})",
                     h.autoclear,
-                    feature_names(h.autoclear, &[])
+                    feature_names(h.autoclear, &AUTOCLEAR_NAMES)
                 );
             }
         }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use fvd_core::Opener;
 use fvd_core::{Format, Image, Source};
 
 use crate::common::{at, extents, open, parse_format};
@@ -395,8 +396,8 @@ impl Session<'_> {
 }
 
 /// Run `fvd io`.
-pub async fn run(a: Args) -> Result<u8> {
-    let img = open(&a.image, a.format, a.read_only, a.force_share).await?;
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
+    let img = open(opener, &a.image, a.format, a.read_only, a.force_share).await?;
     let s = Session {
         img: &img,
         path: &a.image,

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use fvd_core::{Format, Image, Source};
+use fvd_core::{Format, Image, Location, Opener, Source};
 
 use crate::cmd::info::Output;
 use crate::common::{extents, open, parse_format};
@@ -56,21 +56,40 @@ struct Layer {
 
 /// The base of a layer.
 enum Under {
-    Raw(PathBuf),
+    /// Any other base: where it is.
+    Raw(String),
+    /// An FVD base, mapped layer by layer.
     Fvd(Box<Layer>),
 }
 
 /// Open `path` and every FVD base under it (each read-only).
-async fn open_chain(path: &Path, format: Format, force_share: bool, depth: usize) -> Result<Layer> {
-    let img = open(path, format, true, force_share).await?;
-    let under = match (img.header(), img.base()) {
-        (Some(h), Some(_)) if depth < fvd_core::open::MAX_CHAIN_DEPTH => {
-            let bpath = fvd_core::open::resolve_base(path, &h.base_name);
-            match h.base_format.as_str() {
-                "fvd" => Some(Under::Fvd(Box::new(
-                    Box::pin(open_chain(&bpath, Format::Fvd, force_share, depth + 1)).await?,
+async fn open_chain(
+    opener: &Opener,
+    path: &Path,
+    format: Format,
+    force_share: bool,
+    depth: usize,
+) -> Result<Layer> {
+    let img = open(opener, path, format, true, force_share).await?;
+    let here = Location::Path(path.to_path_buf());
+    let base = img
+        .header()
+        .and_then(|h| h.base())
+        .filter(|_| img.base().is_some());
+    let under = match base {
+        Some((name, format)) if depth < opener.max_depth() => {
+            match (opener.resolve(&here, name)?, format) {
+                (Location::Path(bpath), Format::Fvd) => Some(Under::Fvd(Box::new(
+                    Box::pin(open_chain(
+                        opener,
+                        &bpath,
+                        Format::Fvd,
+                        force_share,
+                        depth + 1,
+                    ))
+                    .await?,
                 ))),
-                _ => Some(Under::Raw(bpath)),
+                (l, _) => Some(Under::Raw(l.display())),
             }
         }
         _ => None,
@@ -107,7 +126,7 @@ fn map_layer<'a>(
                         data: !e.zero,
                         offset: Some(e.start),
                         file: match under {
-                            Some(Under::Raw(p)) => p.display().to_string(),
+                            Some(Under::Raw(p)) => p.clone(),
                             _ => String::new(),
                         },
                     },
@@ -150,8 +169,13 @@ fn push(out: &mut Vec<MapEntry>, e: MapEntry) {
 }
 
 /// The whole map of the image at `path`.
-pub async fn image_map(path: &Path, format: Format, force_share: bool) -> Result<Vec<MapEntry>> {
-    let chain = open_chain(path, format, force_share, 0).await?;
+pub async fn image_map(
+    opener: &Opener,
+    path: &Path,
+    format: Format,
+    force_share: bool,
+) -> Result<Vec<MapEntry>> {
+    let chain = open_chain(opener, path, format, force_share, 0).await?;
     let mut out = Vec::new();
     let size = chain.img.virtual_size();
     map_layer(&chain, 0, size, 0, &mut out).await?;
@@ -182,8 +206,8 @@ fn alt_hex(v: u64) -> String {
 }
 
 /// Run `fvd map`.
-pub async fn run(a: Args) -> Result<u8> {
-    let map = image_map(&a.image, a.format, a.force_share).await?;
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
+    let map = image_map(opener, &a.image, a.format, a.force_share).await?;
     match a.output {
         Output::Json => {
             if map.is_empty() {

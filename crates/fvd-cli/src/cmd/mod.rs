@@ -20,3 +20,4 @@ pub mod resize;
 pub mod serve;
 pub mod serve_extras;
 pub mod serve_start;
+pub mod serve_vhost;

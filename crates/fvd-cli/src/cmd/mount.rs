@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
 use fvd_fuse::{Ending, FileOptions, MountOptions};
@@ -59,7 +60,7 @@ pub struct MountArgs {
 }
 
 /// Run `fvd mount`.
-pub async fn run(a: MountArgs) -> Result<u8> {
+pub async fn run(a: MountArgs, opener: &Opener) -> Result<u8> {
     if let Err(e) = fvd_fuse::mount::check_mountpoint(&a.mountpoint) {
         bail!("{e}");
     }
@@ -68,7 +69,8 @@ pub async fn run(a: MountArgs) -> Result<u8> {
         cache: a.cache,
         force_share: false,
     };
-    let image = fvd_core::open_path(&a.image, a.format, opts)
+    let image = opener
+        .open(&a.image, a.format, opts)
         .await
         .map_err(|e| at(&a.image, e))?;
     let image = Arc::new(image);

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use fvd_core::Format;
-use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchStatus, ThreadClock, prefetch,
-};
+use fvd_core::Opener;
+use fvd_core::image::prefetch::{PrefetchConfig, PrefetchMode, PrefetchStatus, prefetch};
 
+use crate::clock::TokioClock;
 use crate::common::{at, open};
 use crate::size::parse_size;
 
@@ -34,8 +34,8 @@ pub struct Args {
 }
 
 /// Run `fvd prefetch`.
-pub async fn run(a: Args) -> Result<u8> {
-    let img = Arc::new(open(&a.image, Format::Fvd, false, false).await?);
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
+    let img = Arc::new(open(opener, &a.image, Format::Fvd, false, false).await?);
     if img.base_range() == 0 {
         outln!(
             "{}: all data is already in the image; no base to fetch from",
@@ -75,7 +75,7 @@ pub async fn run(a: Args) -> Result<u8> {
     let task = tokio::spawn(prefetch(
         img.clone(),
         cfg,
-        Arc::new(ThreadClock::default()),
+        Arc::new(TokioClock::default()),
         status.clone(),
     ));
     while !task.is_finished() {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, anyhow, bail};
 use fvd_core::Format;
+use fvd_core::Opener;
 
 use crate::common::{at, open};
 
@@ -43,10 +44,10 @@ pub enum Action {
 }
 
 /// Run `fvd profile`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     match a.action {
         Action::Show { verbose, image } => {
-            let img = open(&image, Format::Fvd, true, true).await?;
+            let img = open(opener, &image, Format::Fvd, true, true).await?;
             let Some(p) = img.stored_profile().await.map_err(|e| at(&image, e))? else {
                 outln!("{}: no prefetch profile", image.display());
                 return Ok(0);
@@ -66,7 +67,7 @@ pub async fn run(a: Args) -> Result<u8> {
             Ok(0)
         }
         Action::Export { image, file } => {
-            let img = open(&image, Format::Fvd, true, true).await?;
+            let img = open(opener, &image, Format::Fvd, true, true).await?;
             let p = img
                 .stored_profile()
                 .await
@@ -79,7 +80,7 @@ pub async fn run(a: Args) -> Result<u8> {
         }
         Action::Import { image, file } => {
             let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
-            let img = open(&image, Format::Fvd, false, false).await?;
+            let img = open(opener, &image, Format::Fvd, false, false).await?;
             // Ranges are bytes of the base (docs/FORMAT.md §7).
             let limit = match img.header() {
                 Some(h) if !h.base_name.is_empty() => {

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use fvd_core::Format;
+use fvd_core::{Format, Opener};
 
 use crate::common::{at, parse_format};
 
@@ -38,7 +38,7 @@ pub struct Args {
 }
 
 /// Run `fvd rebase`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     if a.format != Format::Fvd {
         bail!("{}: only fvd images have a base", a.image.display());
     }
@@ -51,7 +51,7 @@ pub async fn run(a: Args) -> Result<u8> {
             bail!("{img}: -F is required with -b: the base format is recorded, never probed")
         }
     };
-    fvd_core::lifecycle::rebase::rebase_path(&a.image, new, a.unsafe_mode)
+    fvd_core::lifecycle::rebase::rebase_path(opener, &a.image, new, a.unsafe_mode)
         .await
         .map_err(|e| at(&a.image, e))?;
     let _ = a.quiet;

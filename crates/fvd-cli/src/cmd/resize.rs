@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow, bail};
-use fvd_core::Format;
+use fvd_core::{Format, Opener};
 
 use crate::common::{at, parse_format};
 use crate::size::parse_size;
@@ -82,7 +82,7 @@ fn current_size(path: &std::path::Path) -> Result<u64> {
 }
 
 /// Run `fvd resize`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let path = &a.image;
     let current = match a.format {
         Format::Fvd => current_size(path)?,
@@ -101,7 +101,7 @@ pub async fn run(a: Args) -> Result<u8> {
     match a.format {
         Format::Raw => fvd_core::lifecycle::resize::resize_raw_path(path, size, a.shrink)
             .map_err(|e| at(path, e))?,
-        _ => fvd_core::lifecycle::resize::resize_path(path, size, a.shrink)
+        _ => fvd_core::lifecycle::resize::resize_path(opener, path, size, a.shrink)
             .await
             .map_err(|e| at(path, e))?,
     };

@@ -1,4 +1,5 @@
-//! `fvd serve` — export an image over NBD (like `qemu-nbd`).
+//! `fvd serve` — export an image over NBD (like `qemu-nbd`), or over
+//! vhost-user-blk with `--vhost-user-blk PATH` (see `serve_vhost`).
 //!
 //! Listens on a unix socket (`--socket`, mode 0600, removed on exit) or on
 //! TCP (`--bind`, default 127.0.0.1:10809). One export, named by
@@ -20,9 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
-use fvd_nbd::consts::DEFAULT_PORT;
+use fvd_nbd::proto::consts::DEFAULT_PORT;
 use fvd_nbd::server::{
     DEFAULT_MAX_CLIENTS, ListenAddr, Listener, Server, ServerConfig, TlsFiles, shutdown_signal,
 };
@@ -94,6 +96,9 @@ pub struct ServeArgs {
     /// Copy-on-read, prefetch, profile and statistics options.
     #[command(flatten)]
     pub base: super::serve_extras::BaseArgs,
+    /// The vhost-user-blk export (instead of NBD).
+    #[command(flatten)]
+    pub vhost: super::serve_vhost::VhostArgs,
     /// The image.
     pub image: PathBuf,
 }
@@ -122,8 +127,24 @@ fn parse_bind(s: &str) -> Result<SocketAddr> {
     bail!("--bind {s}: expected ADDR:PORT, ADDR or :PORT (ADDR an IP address)")
 }
 
+/// The socket accepts connections: write the pid file, then tell a
+/// waiting `--fork` parent (in that order: once the parent returns, the pid
+/// file is there). The pid file is removed when the guard is dropped.
+fn accepting(
+    a: &ServeArgs,
+    ready: &mut super::serve_start::Ready,
+) -> Result<Option<super::serve_start::PidFile>> {
+    let pidfile = a
+        .pidfile
+        .as_deref()
+        .map(super::serve_start::PidFile::write)
+        .transpose()?;
+    ready.notify();
+    Ok(pidfile)
+}
+
 /// Run `fvd serve` on a runtime of its own (`--threads` workers).
-pub async fn run(a: ServeArgs) -> Result<u8> {
+pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
     }
@@ -131,6 +152,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
         return super::serve_start::fork_and_wait();
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let opener = opener.clone();
     std::thread::Builder::new()
         .name("fvd-serve".into())
         .spawn(move || {
@@ -145,7 +167,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
                     .build()
             };
             let r = match rt {
-                Ok(rt) => rt.block_on(serve(a)),
+                Ok(rt) => rt.block_on(serve(a, &opener)),
                 Err(e) => Err(anyhow!("cannot start the server's runtime: {e}")),
             };
             let _ = tx.send(r);
@@ -155,7 +177,7 @@ pub async fn run(a: ServeArgs) -> Result<u8> {
         .map_err(|_| anyhow!("the server thread ended unexpectedly"))?
 }
 
-async fn serve(a: ServeArgs) -> Result<u8> {
+async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     let started = std::time::Instant::now();
     let mut ready = super::serve_start::Ready::from_fd(a.ready_fd);
     let activated = super::serve_start::take_activated();
@@ -185,16 +207,14 @@ async fn serve(a: ServeArgs) -> Result<u8> {
         force_share: false,
     };
     let path = a.image.display().to_string();
-    let image = fvd_core::open_path(&a.image, a.format, opts)
-        .await
-        .map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains(&path) {
-                anyhow!(msg)
-            } else {
-                anyhow!("{path}: {msg}")
-            }
-        })?;
+    let image = opener.open(&a.image, a.format, opts).await.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains(&path) {
+            anyhow!(msg)
+        } else {
+            anyhow!("{path}: {msg}")
+        }
+    })?;
     let image = Arc::new(image);
     let extras = match super::serve_extras::start(&image, &a.base, started).await {
         Ok(x) => x,
@@ -203,6 +223,38 @@ async fn serve(a: ServeArgs) -> Result<u8> {
             return Err(e);
         }
     };
+    if let Some(socket) = a.vhost.vhost_user_blk.clone() {
+        let bound = match activated {
+            Some(fd) => fvd_vhost::Socket::inherited(fd),
+            None => fvd_vhost::Socket::bind(&socket),
+        };
+        let listening = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = image.close().await;
+                return Err(anyhow!(e));
+            }
+        };
+        let export = super::serve_vhost::Export {
+            path: &a.image,
+            socket,
+            read_only: a.read_only,
+            once: a.once,
+            verbose: a.verbose,
+            args: &a.vhost,
+        };
+        let pidfile = match accepting(&a, &mut ready) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(listening);
+                let _ = image.close().await;
+                return Err(e);
+            }
+        };
+        let r = super::serve_vhost::run(image, extras, export, listening, signal).await;
+        drop(pidfile);
+        return r;
+    }
     let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
     let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);
     let config = ServerConfig {
@@ -246,17 +298,14 @@ async fn serve(a: ServeArgs) -> Result<u8> {
         listener.uri(&a.export_name),
         if a.read_only { " (read-only)" } else { "" }
     );
-    // The socket accepts: the pid file, then the waiting --fork parent.
-    let pidfile = match a.pidfile.as_deref().map(super::serve_start::PidFile::write) {
-        Some(Err(e)) => {
+    let pidfile = match accepting(&a, &mut ready) {
+        Ok(p) => p,
+        Err(e) => {
             drop(listener);
             let _ = image.close().await;
             return Err(e);
         }
-        Some(Ok(p)) => Some(p),
-        None => None,
     };
-    ready.notify();
     let summary = server
         .serve(listener, signal)
         .await

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use fvd_core::Image;
 use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, ThreadClock, prefetch,
+    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
 use serde_json::json;
 
+use crate::clock::TokioClock;
 use crate::size::parse_size;
 
 /// Prefetch choices.
@@ -97,7 +98,7 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result
         };
         let (img, st) = (image.clone(), status.clone());
         tokio::spawn(async move {
-            if let Err(e) = prefetch(img, cfg, Arc::new(ThreadClock::default()), st).await {
+            if let Err(e) = prefetch(img, cfg, Arc::new(TokioClock::default()), st).await {
                 eprintln!("fvd serve: prefetch stopped: {e}");
             }
         });

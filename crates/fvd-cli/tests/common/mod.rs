@@ -6,9 +6,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-#[path = "ci.rs"]
-pub mod ci;
-pub use ci::skip;
+#[allow(unused_imports)]
+pub use fvd_testkit::{have_tools, skip};
 
 /// What a finished process printed and how it exited.
 #[derive(Debug)]
@@ -79,24 +78,6 @@ pub fn fvd_with_input(dir: &Path, args: &[&str], input: &str) -> Run {
         .write_all(input.as_bytes())
         .expect("write stdin");
     finish(child.wait_with_output().expect("wait fvd"))
-}
-
-/// True if every tool runs; otherwise print why the test is skipped (a
-/// failure under CI, see [`ci`]).
-pub fn have_tools(tools: &[&str]) -> bool {
-    for t in tools {
-        let found = Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            skip(&format!("{t} is not installed; this test needs it"));
-            return false;
-        }
-    }
-    true
 }
 
 /// A hash of a file's whole content.

@@ -10,9 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[path = "../common/ci.rs"]
-pub mod ci;
-pub use ci::skip;
+use fvd_testkit::skip;
 
 /// How long a mount may take to become ready, and an unmount to finish.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,19 +27,7 @@ pub fn fuse_usable(tools: &[&str]) -> bool {
         skip("/dev/fuse is missing");
         return false;
     }
-    for t in tools {
-        let found = Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            skip(&format!("{t} is not installed; this test needs it"));
-            return false;
-        }
-    }
-    true
+    fvd_testkit::have_tools(tools)
 }
 
 /// Run a command; panic with its output unless it succeeds. Returns stdout.

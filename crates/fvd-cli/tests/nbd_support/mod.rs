@@ -1,49 +1,42 @@
 //! Shared helpers of the NBD tests: images, an `fvd serve` child process,
-//! real clients (qemu-io, qemu-img, nbdinfo) and a tiny hand-written
-//! client built on the fvd-nbd codec.
+//! real clients (qemu-io, qemu-img, nbdinfo) and the fvd-nbd client driven
+//! step by step.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::collections::VecDeque;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-#[path = "../common/ci.rs"]
-pub mod ci;
-
 use fvd_core::executor::block_on;
 use fvd_core::{BaseSpec, CreateOptions, Extent, Format, PathOptions};
-use fvd_nbd::consts::*;
-use fvd_nbd::handshake::{self, OptionReply, OptionReplyHeader};
-use fvd_nbd::reply::{self, ChunkPayload, ReplyHeader};
-use fvd_nbd::request::{Command as Cmd, Request, encode_request};
+use fvd_nbd::client::{
+    Address, Connection, ExportInfo, Handshake, MAX_READ, connect_stream, shared_runtime,
+};
+#[allow(unused_imports)]
+pub use fvd_nbd::client::{Chunk, Reply};
+use fvd_nbd::proto::consts::*;
+use fvd_nbd::proto::handshake::{self, OptionReply, OptionReplyHeader};
+use fvd_nbd::proto::request::{Command as Cmd, Request};
+use tokio::io::AsyncReadExt;
+use tokio::runtime::Handle;
 
 /// The `fvd` binary under test.
 pub fn fvd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fvd"))
 }
 
-/// True when `tool` is on the PATH.
+/// True when `tool` is installed.
 pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool} >/dev/null 2>&1"))
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    fvd_testkit::find_tool(tool).is_some()
 }
 
 /// Prints a skip message and returns true if any tool is missing.
 pub fn missing(tools: &[&str]) -> bool {
-    for t in tools {
-        if !have(t) {
-            ci::skip(&format!("{t} is not installed; this test needs it"));
-            return true;
-        }
-    }
-    false
+    !fvd_testkit::have_tools(tools)
 }
 
 /// Create an FVD image of `size` bytes, optionally over a base.
@@ -352,163 +345,127 @@ pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// A hand-written client on the codec.
+// The fvd-nbd client, step by step.
 // ---------------------------------------------------------------------------
 
-/// A minimal blocking NBD client.
+/// A client for tests of the server, on the fvd-nbd client: the handshake
+/// one option at a time (any option, any bytes), then a pipelined
+/// connection on which requests go out exactly as given (cookies, flags
+/// and lengths included) and replies come back matched by cookie. Dropped,
+/// it vanishes without `NBD_CMD_DISC`, as a crashing client would.
 pub struct Client {
-    /// The connection.
-    pub s: UnixStream,
-    /// Extended headers negotiated.
+    rt: Handle,
+    hs: Option<Handshake>,
+    conn: Option<Connection>,
+    replies: VecDeque<Pin<Box<dyn Future<Output = std::io::Result<Reply>> + Send>>>,
+    /// Extended headers negotiated (set by the test that negotiates them).
     pub extended: bool,
     /// Structured replies negotiated.
     pub structured: bool,
 }
 
-/// One reply as the client saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// A simple reply, with the data of a read.
-    Simple {
-        error: u32,
-        cookie: u64,
-        data: Vec<u8>,
-    },
-    /// The chunks of a structured or extended reply.
-    Chunks { cookie: u64, chunks: Vec<Chunk> },
-}
-
-/// One decoded chunk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chunk {
-    /// `NONE`.
-    None,
-    /// `OFFSET_DATA`.
-    Data(u64, Vec<u8>),
-    /// `OFFSET_HOLE`.
-    Hole(u64, u32),
-    /// Block status descriptors (either width).
-    Status(u32, Vec<(u64, u64)>),
-    /// An error chunk.
-    Error(u32, String),
-}
-
-impl Reply {
-    /// The cookie.
-    pub fn cookie(&self) -> u64 {
-        match self {
-            Reply::Simple { cookie, .. } | Reply::Chunks { cookie, .. } => *cookie,
-        }
-    }
-
-    /// The NBD error (0 for success).
-    pub fn error(&self) -> u32 {
-        match self {
-            Reply::Simple { error, .. } => *error,
-            Reply::Chunks { chunks, .. } => chunks
-                .iter()
-                .find_map(|c| match c {
-                    Chunk::Error(e, _) => Some(*e),
-                    _ => None,
-                })
-                .unwrap_or(0),
-        }
-    }
-
-    /// The data of a read reply, holes filled in, relative to `offset`.
-    pub fn data(&self, offset: u64, len: usize) -> Vec<u8> {
-        match self {
-            Reply::Simple { data, .. } => data.clone(),
-            Reply::Chunks { chunks, .. } => {
-                let mut out = vec![0xeeu8; len];
-                for c in chunks {
-                    match c {
-                        Chunk::Data(o, d) => {
-                            let at = (o - offset) as usize;
-                            out[at..at + d.len()].copy_from_slice(d);
-                        }
-                        Chunk::Hole(o, l) => {
-                            let at = (o - offset) as usize;
-                            out[at..at + *l as usize].fill(0);
-                        }
-                        _ => {}
-                    }
-                }
-                out
-            }
-        }
-    }
-}
-
 impl Client {
-    /// Connect and exchange greeting and client flags.
+    /// Connect, read the greeting and send `client_flags`.
     pub fn connect(sock: &Path, client_flags: u32) -> Client {
-        let s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut c = Client {
-            s,
+        let rt = shared_runtime().unwrap();
+        let name = format!("nbd+unix:///?socket={}", sock.display());
+        let hs = rt.block_on(async {
+            let stream = connect_stream(&Address::Unix(sock.to_path_buf())).await?;
+            Handshake::start(stream, &name, Some(client_flags)).await
+        });
+        let hs = hs.unwrap();
+        assert_eq!(hs.server_flags(), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        Client {
+            rt,
+            hs: Some(hs),
+            conn: None,
+            replies: VecDeque::new(),
             extended: false,
             structured: false,
-        };
-        let g = c.read_n(GREETING_LEN);
-        let flags = handshake::decode_greeting(&g).unwrap();
-        assert_eq!(flags, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        c.s.write_all(&handshake::encode_client_flags(client_flags))
-            .unwrap();
-        c
+        }
     }
 
-    /// Read exactly `n` bytes.
+    fn hs(&mut self) -> &mut Handshake {
+        self.hs.as_mut().expect("still negotiating")
+    }
+
+    /// The connection, entering transmission with what was negotiated.
+    fn conn(&mut self) -> &Connection {
+        if self.conn.is_none() {
+            let stream = self.hs.take().expect("negotiated").into_stream();
+            let info = ExportInfo {
+                size: 0,
+                flags: 0,
+                min_block: 1,
+                preferred_block: 4096,
+                max_block: MAX_READ,
+                structured: self.structured || self.extended,
+                extended: self.extended,
+                contexts: Vec::new(),
+                allocation_context: None,
+                used_go: true,
+                tls: false,
+            };
+            let c = Connection::start(
+                stream,
+                info,
+                "test",
+                Duration::from_secs(20),
+                1024,
+                &self.rt,
+            );
+            self.conn = Some(c);
+        }
+        self.conn.as_ref().unwrap()
+    }
+
+    /// Read exactly `n` bytes during the handshake.
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
-        self.s.read_exact(&mut v).unwrap();
+        let rt = self.rt.clone();
+        rt.block_on(self.hs().stream_mut().read_exact(&mut v))
+            .unwrap();
         v
     }
 
-    /// True if the server closed the connection (EOF or reset) within the
-    /// read timeout.
+    /// True if the server closed the connection within 10 s.
     pub fn closed_by_server(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        let _ = self.s.set_read_timeout(Some(Duration::from_secs(10)));
-        loop {
-            match self.s.read(&mut b) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-                Err(_) => return false,
-            }
+        let rt = self.rt.clone();
+        let limit = Duration::from_secs(10);
+        if let Some(c) = &self.conn {
+            return rt.block_on(async { tokio::time::timeout(limit, c.closed()).await.is_ok() });
         }
+        let s = self.hs().stream_mut();
+        rt.block_on(async {
+            let mut b = [0u8; 1];
+            loop {
+                match tokio::time::timeout(limit, s.read(&mut b)).await {
+                    Ok(Ok(0)) => return true,
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+                    Err(_) => return false,
+                }
+            }
+        })
     }
 
-    /// Send raw bytes.
+    /// Send raw bytes (written before this returns).
     pub fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).unwrap();
+        let rt = self.rt.clone();
+        match &self.conn {
+            Some(c) => rt.block_on(c.send_raw(bytes.to_vec())).unwrap(),
+            None => rt.block_on(self.hs().send_raw(bytes)).unwrap(),
+        }
     }
 
     /// Send an option and collect replies up to the final one (ACK or error).
     pub fn option(&mut self, code: u32, payload: &[u8]) -> Vec<(OptionReplyHeader, OptionReply)> {
-        let req = handshake::encode_option_request(code, payload).unwrap();
-        self.send(&req);
-        self.option_replies()
+        let rt = self.rt.clone();
+        rt.block_on(self.hs().option_raw(code, payload)).unwrap()
     }
 
-    /// Read option replies up to the final one.
-    pub fn option_replies(&mut self) -> Vec<(OptionReplyHeader, OptionReply)> {
-        let mut out = Vec::new();
-        loop {
-            let h = self.read_n(OPTION_REPLY_HEADER_LEN);
-            let h = handshake::decode_option_reply_header(&h).unwrap();
-            let p = self.read_n(h.length as usize);
-            let r = handshake::decode_option_reply(&h, &p).unwrap();
-            let last = matches!(r, OptionReply::Ack | OptionReply::Error { .. });
-            out.push((h, r));
-            if last {
-                return out;
-            }
-        }
-    }
-
-    /// `NBD_OPT_GO` for `name`, asking for the block size; returns (size, flags).
+    /// `NBD_OPT_GO` for `name`, asking for the block size; returns (size,
+    /// flags) and enters transmission.
     pub fn go(&mut self, name: &str) -> (u64, u16) {
         let opt = handshake::ClientOption::Go {
             name: name.into(),
@@ -532,10 +489,12 @@ impl Client {
             }
         }
         assert!(matches!(replies.last(), Some((_, OptionReply::Ack))));
+        self.conn();
         export.expect("NBD_INFO_EXPORT")
     }
 
-    /// Send a request header (and payload).
+    /// Send a request exactly as given (header and payload); its reply is
+    /// collected by [`Client::reply`], in the order requests were sent.
     pub fn request(
         &mut self,
         cmd: Cmd,
@@ -552,68 +511,43 @@ impl Client {
             offset,
             length,
         };
-        let mut bytes = encode_request(&req, self.extended).unwrap();
-        bytes.extend_from_slice(payload);
-        self.send(&bytes);
+        let rt = self.rt.clone();
+        let reply = rt
+            .block_on(self.conn().submit_raw(req, payload.to_vec()))
+            .unwrap();
+        self.replies.push_back(Box::pin(reply));
     }
 
-    /// Read one complete reply. `read_len` is the data length a simple
-    /// reply to a successful read carries (the client must know it).
-    pub fn reply(&mut self, read_len: impl Fn(u64) -> usize) -> Reply {
-        let mut chunks = Vec::new();
-        loop {
-            let magic = self.read_n(4);
-            let len = reply::reply_header_len(&magic, self.extended).unwrap();
-            let mut hdr = magic.clone();
-            hdr.extend(self.read_n(len - 4));
-            match reply::decode_reply_header(&hdr, self.extended).unwrap() {
-                ReplyHeader::Simple(s) => {
-                    let data = if s.error == 0 {
-                        self.read_n(read_len(s.cookie))
-                    } else {
-                        Vec::new()
-                    };
-                    return Reply::Simple {
-                        error: s.error,
-                        cookie: s.cookie,
-                        data,
-                    };
-                }
-                ReplyHeader::Chunk(h) => {
-                    let cookie = h.cookie;
-                    let p = self.read_n(h.length as usize);
-                    let c = match reply::decode_chunk_payload(&h, &p).unwrap() {
-                        ChunkPayload::None => Chunk::None,
-                        ChunkPayload::OffsetData { offset, data } => {
-                            Chunk::Data(offset, data.to_vec())
-                        }
-                        ChunkPayload::OffsetHole { offset, length } => Chunk::Hole(offset, length),
-                        ChunkPayload::BlockStatus {
-                            context_id,
-                            descriptors,
-                        } => Chunk::Status(
-                            context_id,
-                            descriptors
-                                .iter()
-                                .map(|&(l, f)| (u64::from(l), u64::from(f)))
-                                .collect(),
-                        ),
-                        ChunkPayload::BlockStatusExt {
-                            context_id,
-                            descriptors,
-                        } => Chunk::Status(context_id, descriptors),
-                        ChunkPayload::Error { error, message }
-                        | ChunkPayload::ErrorOffset { error, message, .. }
-                        | ChunkPayload::UnknownError { error, message, .. } => {
-                            Chunk::Error(error, message)
-                        }
-                    };
-                    chunks.push(c);
-                    if h.is_done() {
-                        return Reply::Chunks { cookie, chunks };
-                    }
-                }
+    /// The reply to the oldest request not yet collected.
+    pub fn reply(&mut self) -> Reply {
+        let next = self.replies.pop_front().expect("a request in flight");
+        self.rt.block_on(next).unwrap()
+    }
+
+    /// [`Client::reply`] if it comes within `limit`; else `None`, and the
+    /// request stays the oldest one in flight.
+    #[allow(dead_code)]
+    pub fn reply_within(&mut self, limit: Duration) -> Option<Reply> {
+        let mut next = self.replies.pop_front().expect("a request in flight");
+        let got = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, &mut next).await });
+        match got {
+            Ok(r) => Some(r.unwrap()),
+            Err(_) => {
+                self.replies.push_front(next);
+                None
             }
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(c) = &self.conn {
+            // Whatever was sent reaches the server, then the client is gone.
+            let _ = self.rt.block_on(c.send_raw(Vec::new()));
+            c.abort();
         }
     }
 }

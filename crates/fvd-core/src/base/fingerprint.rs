@@ -85,10 +85,11 @@ pub fn split(recorded: &str) -> (&str, Option<u32>) {
 /// checked until `fvd commit` finishes and records the new validator.
 pub const COMMIT_IN_PROGRESS: &str = "commit-in-progress";
 
-/// Check `base` against what the image header `h` recorded about it
-/// (`desc` names the image): the size, the validator's own part, and the
-/// fingerprint (unless `trust` is set, the escape hatch of `-U`).
-pub async fn verify(desc: &str, h: &Header, base: &dyn Base, trust: bool) -> Result<()> {
+/// Check that `base` is the base the image header `h` recorded (`desc`
+/// names the image): its size and the validator's own part. The engine
+/// does this at every open; the content fingerprint is the opener's
+/// ([`verify_content`]).
+pub fn verify_identity(desc: &str, h: &Header, base: &dyn Base) -> Result<()> {
     let recorded = h.base_validator.as_str();
     if recorded == COMMIT_IN_PROGRESS {
         return Ok(());
@@ -104,7 +105,7 @@ pub async fn verify(desc: &str, h: &Header, base: &dyn Base, trust: bool) -> Res
     if recorded.is_empty() {
         return Ok(());
     }
-    let (own, fp) = split(recorded);
+    let (own, _) = split(recorded);
     let now = base.validator();
     if now != own {
         return Err(Error::invalid(format!(
@@ -112,7 +113,17 @@ pub async fn verify(desc: &str, h: &Header, base: &dyn Base, trust: bool) -> Res
             base.describe()
         )));
     }
-    let Some(fp) = fp.filter(|_| !trust) else {
+    Ok(())
+}
+
+/// Check `base`'s content against the fingerprint the image header `h`
+/// recorded, if any (`desc` names the image). The opener calls it for
+/// every image it opens over a base, unless force-shared (`-U`).
+pub async fn verify_content(desc: &str, h: &Header, base: &dyn Base) -> Result<()> {
+    if h.base_validator == COMMIT_IN_PROGRESS {
+        return Ok(());
+    }
+    let Some(fp) = split(&h.base_validator).1 else {
         return Ok(());
     };
     let current = fingerprint(base).await?;

@@ -165,27 +165,36 @@ impl AtomicBitmap {
         none
     }
 
+    /// The run of equal bits that starts at bit `start`: one past its last
+    /// bit (scanning no further than `limit`) and the bits' value. Reads a
+    /// word at a time and allocates nothing: the mapping of every request
+    /// starts here.
+    #[inline]
+    pub fn run_at(&self, start: u64, limit: u64) -> (u64, bool) {
+        let w = self.words[(start / 64) as usize].load(Ordering::Acquire);
+        let v = (w >> (start % 64)) & 1 != 0;
+        // The first bit that differs from `v`, at or after `start`.
+        let flip = if v { u64::MAX } else { 0 };
+        let mut differs = (w ^ flip) >> (start % 64);
+        let mut i = start;
+        loop {
+            if differs != 0 {
+                return ((i + differs.trailing_zeros() as u64).min(limit), v);
+            }
+            i = (i / 64 + 1) * 64;
+            if i >= limit {
+                return (limit, v);
+            }
+            differs = self.words[(i / 64) as usize].load(Ordering::Acquire) ^ flip;
+        }
+    }
+
     /// Runs of equal bits over `r`: (start, end, value).
     pub fn runs(&self, r: Range<u64>) -> Vec<(u64, u64, bool)> {
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut out = Vec::new();
         let mut i = r.start;
         while i < r.end {
-            let v = self.get(i);
-            let mut j = i + 1;
-            // Skip whole words quickly when they are uniform.
-            while j < r.end {
-                if j.is_multiple_of(64) && j + 64 <= r.end {
-                    let w = self.words[(j / 64) as usize].load(Ordering::Acquire);
-                    if (v && w == u64::MAX) || (!v && w == 0) {
-                        j += 64;
-                        continue;
-                    }
-                }
-                if self.get(j) != v {
-                    break;
-                }
-                j += 1;
-            }
+            let (j, v) = self.run_at(i, r.end);
             out.push((i, j, v));
             i = j;
         }
@@ -248,5 +257,24 @@ mod tests {
             b.runs(60..130),
             vec![(60, 64, true), (64, 128, false), (128, 130, true)]
         );
+    }
+
+    #[test]
+    fn run_at_matches_a_bit_by_bit_scan() {
+        // Patterns that cross word boundaries, full words of each value and
+        // the unused bits of the last word.
+        let b = AtomicBitmap::new(333);
+        b.set_range(5..9);
+        b.set_range(63..65);
+        b.set_range(128..256);
+        b.set(300);
+        b.set_range(320..333);
+        for start in 0..333 {
+            for limit in start + 1..=333 {
+                let v = b.get(start);
+                let naive = (start..limit).find(|&i| b.get(i) != v).unwrap_or(limit);
+                assert_eq!(b.run_at(start, limit), (naive, v), "{start}..{limit}");
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! write leaves the other slot — the previous state — intact. A reader takes
 //! the valid slot with the highest generation. See docs/FORMAT.md §2.
 
-use super::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
+use super::{Format, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Magic bytes at offset 0 of each header slot.
@@ -37,6 +37,29 @@ pub const COMPAT_PREFETCH_PROFILE: u64 = 1 << 0;
 pub const COMPAT_KNOWN: u64 = COMPAT_PREFETCH_PROFILE;
 /// Every autoclear bit this version defines (none yet).
 pub const AUTOCLEAR_KNOWN: u64 = 0;
+
+/// Names of the incompatible feature bits.
+pub const INCOMPAT_NAMES: [(u64, &str); 3] = [
+    (INCOMPAT_COMPACT, "compact"),
+    (INCOMPAT_ENCRYPTED, "encrypted"),
+    (INCOMPAT_SNAPSHOTS, "snapshots"),
+];
+/// Names of the compatible feature bits.
+pub const COMPAT_NAMES: [(u64, &str); 1] = [(COMPAT_PREFETCH_PROFILE, "prefetch-profile")];
+/// Names of the autoclear feature bits (none yet).
+pub const AUTOCLEAR_NAMES: [(u64, &str); 0] = [];
+
+/// The names of the set bits of a feature word (`names`: one of the
+/// `*_NAMES` tables), and the set bits this version has no name for.
+pub fn feature_names(bits: u64, names: &[(u64, &'static str)]) -> (Vec<&'static str>, u64) {
+    let known = names
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|&(_, n)| n)
+        .collect();
+    let unknown = names.iter().fold(bits, |rest, (b, _)| rest & !b);
+    (known, unknown)
+}
 
 /// Flag: the image was closed cleanly; the journal holds nothing to replay.
 pub const FLAG_CLEAN: u64 = 1 << 0;
@@ -147,8 +170,8 @@ pub struct Header {
     pub max_cor_bytes: u64,
     /// The region table.
     pub regions: [Extent; REGION_COUNT],
-    /// Base image format ("raw" or "fvd"); empty when there is no base.
-    pub base_format: String,
+    /// Base image format; `None` when there is no base.
+    pub base_format: Option<Format>,
     /// Base image name (a path relative to the image's directory, or absolute).
     pub base_name: String,
     /// What identified the base at create time (size, ETag...).
@@ -218,6 +241,32 @@ impl Header {
         self.flags & FLAG_CLEAN != 0
     }
 
+    /// True if every block of the base range is in the image (the base is
+    /// no longer read).
+    pub fn is_all_local(&self) -> bool {
+        self.flags & FLAG_ALL_LOCAL != 0
+    }
+
+    /// True if copy-on-read is on by default.
+    pub fn copy_on_read(&self) -> bool {
+        self.flags & FLAG_COPY_ON_READ != 0
+    }
+
+    /// True if zero-filled base blocks were marked local at create time.
+    pub fn zero_detected(&self) -> bool {
+        self.flags & FLAG_ZERO_DETECTED != 0
+    }
+
+    /// True for the compact layout (data through the chunk table).
+    pub fn is_compact(&self) -> bool {
+        self.incompatible & INCOMPAT_COMPACT != 0
+    }
+
+    /// The base as recorded: its name and format, if the image has one.
+    pub fn base(&self) -> Option<(&str, Format)> {
+        self.base_format.map(|f| (self.base_name.as_str(), f))
+    }
+
     /// Encode into one 4 KiB slot, CRC included.
     pub fn encode(&self) -> [u8; HEADER_SLOT_SIZE] {
         let mut b = [0u8; HEADER_SLOT_SIZE];
@@ -240,7 +289,7 @@ impl Header {
             put_u64(&mut b, off::REGIONS + i * 16, r.offset);
             put_u64(&mut b, off::REGIONS + i * 16 + 8, r.length);
         }
-        let fmt = self.base_format.as_bytes();
+        let fmt = self.base_format.map_or("", Format::name).as_bytes();
         let n = fmt.len().min(BASE_FORMAT_LEN);
         b[off::BASE_FORMAT..off::BASE_FORMAT + n].copy_from_slice(&fmt[..n]);
         put_str(
@@ -313,9 +362,16 @@ impl Header {
             .iter()
             .position(|&c| c == 0)
             .unwrap_or(BASE_FORMAT_LEN);
-        let base_format = std::str::from_utf8(&fmt_raw[..fmt_len])
-            .map_err(|_| Error::corrupt("base_format is not UTF-8"))?
-            .to_string();
+        let base_format = match std::str::from_utf8(&fmt_raw[..fmt_len]) {
+            Err(_) => return Err(Error::corrupt("base_format is not UTF-8")),
+            Ok("") => None,
+            Ok(name) => Some(name.parse::<Format>().map_err(|_| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("base format '{name}' is not supported"),
+                )
+            })?),
+        };
         let h = Header {
             generation: get_u64(b, off::GENERATION),
             incompatible: get_u64(b, off::INCOMPAT),
@@ -401,20 +457,16 @@ impl Header {
                 self.chunk_size
             )));
         }
-        match self.base_format.as_str() {
-            "" if self.base_name.is_empty() => {}
-            "raw" | "fvd" | "qcow2" if !self.base_name.is_empty() => {}
-            "" => return Err(Error::corrupt("base_name is set but base_format is empty")),
-            f if self.base_name.is_empty() => {
-                return Err(Error::corrupt(format!(
-                    "base_format '{f}' is set but base_name is empty"
-                )));
+        match (self.base_format, self.base_name.is_empty()) {
+            (None, true) | (Some(_), false) => {}
+            (None, false) => {
+                return Err(Error::corrupt("base_name is set but base_format is empty"));
             }
-            f => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("base format '{f}' is not supported"),
-                ));
+            (Some(f), true) => {
+                return Err(Error::corrupt(format!(
+                    "base_format '{}' is set but base_name is empty",
+                    f.name()
+                )));
             }
         }
         self.validate_regions()
@@ -579,7 +631,7 @@ mod tests {
             virtual_size: 10 << 30,
             base: Some((
                 "base.raw".into(),
-                "raw".into(),
+                Format::Raw,
                 8 << 30,
                 "size=8589934592".into(),
             )),
@@ -589,6 +641,24 @@ mod tests {
             chunk_size: None,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn checksum_is_crc32c_castagnoli() {
+        // The check value docs/FORMAT.md gives for the header and journal CRC.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn equal_generations_pick_slot_0() {
+        let h = sample();
+        let mut area = vec![0u8; 8192];
+        area[..4096].copy_from_slice(&h.encode());
+        let mut other = h.clone();
+        other.journal_epoch = 9;
+        area[4096..].copy_from_slice(&other.encode());
+        let (got, slot) = decode_slots(&area).unwrap();
+        assert_eq!((got.journal_epoch, slot), (h.journal_epoch, 0));
     }
 
     #[test]

@@ -284,6 +284,39 @@ mod tests {
         }
     }
 
+    /// The rules docs/FORMAT.md §5.1 states for the record count and the
+    /// declared record bytes.
+    #[test]
+    fn record_count_and_record_bytes() {
+        let reseal = |b: &mut [u8; BLOCK_SIZE]| {
+            let crc = crc32c::crc32c(&b[8..]);
+            put_u32(b, 4, crc);
+        };
+        // A TABLE record of 3 entries is padded to 32 bytes.
+        let t3 = Record::Table {
+            first: 0,
+            entries: vec![1, 2, 3],
+        };
+        assert_eq!(t3.encoded_len(), 32);
+        let b = encode_block(1, 0, std::slice::from_ref(&t3));
+        assert_eq!(get_u16(&b, 26), 32);
+        // Declared bytes beyond the counted records are ignored.
+        let mut b = encode_block(1, 0, &[Record::SetBits { first: 0, count: 1 }]);
+        put_u16(&mut b, 26, 48);
+        reseal(&mut b);
+        assert_eq!(decode_block(&b, 1, 0).unwrap().unwrap().records.len(), 1);
+        // Fewer declared bytes than the counted records need: corruption.
+        let mut b = encode_block(1, 0, std::slice::from_ref(&t3));
+        put_u16(&mut b, 26, 28);
+        reseal(&mut b);
+        assert!(decode_block(&b, 1, 0).is_err());
+        // More than a block's payload: corruption.
+        let mut b = encode_block(1, 0, &[]);
+        put_u16(&mut b, 26, PAYLOAD as u16 + 8);
+        reseal(&mut b);
+        assert!(decode_block(&b, 1, 0).is_err());
+    }
+
     #[test]
     fn bad_content_with_valid_crc_is_corruption() {
         let mut b = encode_block(7, 3, &[Record::SetBits { first: 0, count: 1 }]);

@@ -4,7 +4,7 @@ use super::header::{
     Extent, FLAG_CLEAN, HEADER_AREA, Header, INCOMPAT_COMPACT, MAX_BASE_NAME, MAX_BASE_VALIDATOR,
     MAX_VIRTUAL_SIZE, REGION_COUNT, Region, valid_block_size,
 };
-use super::round_up;
+use super::{Format, round_up};
 use crate::error::{Error, Result};
 
 /// Default bitmap size limit that picks the block size.
@@ -37,7 +37,7 @@ pub struct CreateLayout {
     /// Virtual disk size (multiple of 512).
     pub virtual_size: u64,
     /// (name, format, size, validator) of the base, if any.
-    pub base: Option<(String, String, u64, String)>,
+    pub base: Option<(String, Format, u64, String)>,
     /// Bytes per bitmap bit; `None` picks the default.
     pub block_size: Option<u32>,
     /// Journal bytes; `None` picks the default.
@@ -77,7 +77,10 @@ pub fn compute_layout(c: &CreateLayout) -> Result<Header> {
             c.virtual_size
         )));
     }
-    let (base_name, base_format, base_size, base_validator) = c.base.clone().unwrap_or_default();
+    let (base_name, base_format, base_size, base_validator) = match c.base.clone() {
+        Some((name, format, size, validator)) => (name, Some(format), size, validator),
+        None => (String::new(), None, 0, String::new()),
+    };
     if base_name.len() > MAX_BASE_NAME {
         return Err(Error::arg(format!(
             "base name is longer than {MAX_BASE_NAME} bytes"
@@ -186,7 +189,7 @@ mod tests {
     fn one_tib_bitmap_is_four_mib() {
         let h = compute_layout(&CreateLayout {
             virtual_size: 1 << 40,
-            base: Some(("b".into(), "raw".into(), 1 << 40, String::new())),
+            base: Some(("b".into(), Format::Raw, 1 << 40, String::new())),
             block_size: None,
             journal_size: None,
             compact: false,
@@ -201,7 +204,7 @@ mod tests {
     fn one_tib_compact_metadata_is_six_mib() {
         let h = compute_layout(&CreateLayout {
             virtual_size: 1 << 40,
-            base: Some(("b".into(), "raw".into(), 1 << 40, String::new())),
+            base: Some(("b".into(), Format::Raw, 1 << 40, String::new())),
             block_size: None,
             journal_size: None,
             compact: true,

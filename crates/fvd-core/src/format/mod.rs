@@ -1,14 +1,53 @@
 //! Pure encode/decode and validation of every on-disk structure.
 //!
 //! Nothing here does I/O. Every decoder is total: malformed bytes give an
-//! [`Error`](crate::Error), never a panic. docs/FORMAT.md is the
+//! [`Error`], never a panic. docs/FORMAT.md is the
 //! specification these modules implement; keep the two in step.
+
+use crate::error::{Error, ErrorKind, Result};
 
 pub mod bitmap;
 pub mod header;
 pub mod journal;
 pub mod layout;
 pub mod profile;
+
+/// Image formats `fvd` reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// FVD.
+    Fvd,
+    /// A raw disk image.
+    Raw,
+    /// A qcow2 image: read-only, through a base provider (fvd-remote).
+    Qcow2,
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fvd" => Ok(Format::Fvd),
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("unknown format '{other}' (expected fvd, raw or qcow2)"),
+            )),
+        }
+    }
+}
+
+impl Format {
+    /// Name as written in headers and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Fvd => "fvd",
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
 
 pub(crate) fn get_u16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])

@@ -46,21 +46,40 @@ pub(crate) struct Compact {
     pub grow_cmd: String,
     table: Box<[AtomicU32]>,
     pins: Box<[AtomicU32]>,
+    /// Never held across an await; taken under `grow_lock` to record the
+    /// grown capacity.
     alloc: Mutex<Allocator>,
     /// Serialises growth: two concurrent `set_len` calls could complete in
-    /// the wrong order and shrink the storage under a chunk in use.
+    /// the wrong order and shrink the storage under a chunk in use. Lock
+    /// order (docs/ARCHITECTURE.md): taken by an allocation with its span's
+    /// range lock held, before `alloc`; never while holding `Meta::commit`,
+    /// and released before an allocation commits and retries.
     grow_lock: tokio::sync::Mutex<()>,
 }
 
-/// Keeps a physical chunk from being reused while an I/O uses it.
+/// Keeps physical chunks `first..first+count` from being reused while an
+/// I/O uses them.
+#[derive(Debug)]
 pub(crate) struct Pin<'a> {
     pins: &'a [AtomicU32],
-    phys: u32,
+    first: u32,
+    count: u32,
+}
+
+impl Pin<'_> {
+    /// Take over `next`, the pin of the physical chunk right after these.
+    pub fn extend(&mut self, next: Self) {
+        debug_assert_eq!(next.first, self.first + self.count);
+        self.count += next.count;
+        std::mem::forget(next);
+    }
 }
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        self.pins[self.phys as usize].fetch_sub(1, Ordering::SeqCst);
+        for p in self.first..self.first + self.count {
+            self.pins[p as usize].fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -157,7 +176,8 @@ impl Compact {
             self.pins[p as usize].fetch_add(1, Ordering::SeqCst);
             let pin = Pin {
                 pins: &self.pins,
-                phys: p,
+                first: p,
+                count: 1,
             };
             if self.lookup(c) == p {
                 return Some((p, pin));

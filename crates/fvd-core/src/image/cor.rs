@@ -11,17 +11,13 @@
 //! after the guest read has been answered; otherwise it completes before the
 //! read returns.
 
-use std::future::Future;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::Image;
 use crate::error::Result;
-
-/// Runs a future in the background (a tokio `spawn`, or the simulator's).
-pub type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send + 'static>>) + Send + Sync>;
+use crate::executor::Spawner;
 
 pub(crate) struct Background {
     image: Weak<Image>,
@@ -69,7 +65,7 @@ impl Image {
     /// Turn copy-on-read on or off (the image's default comes from its header).
     pub fn set_copy_on_read(&self, on: bool) {
         self.cor.enabled.store(
-            on && !self.read_only && self.meta.is_some(),
+            on && !self.read_only && self.map.meta.is_some(),
             Ordering::Release,
         );
     }
@@ -99,12 +95,12 @@ impl Image {
         if !self.copy_on_read() {
             return self.read_base(offset, out).await;
         }
-        let bs = self.geo.block_size;
-        let blocks = self.blocks_of(offset, out.len() as u64);
+        let bs = self.map.block_size;
+        let blocks = self.map.blocks_of(offset, out.len() as u64);
         if blocks.is_empty() {
             // The base was detached (prefetch done) after the request was
             // mapped: every block is in the image now.
-            return self.read_local(offset, out).await;
+            return self.read_image(offset, out).await;
         }
         let start = blocks.start * bs;
         let end = (blocks.end * bs).min(self.base_range());
@@ -153,20 +149,19 @@ impl Image {
         src: Option<(u64, &[u8])>,
         hard: bool,
     ) -> Result<u64> {
-        let Some(meta) = &self.meta else { return Ok(0) };
-        let bs = self.geo.block_size;
+        if self.map.meta.is_none() {
+            return Ok(0);
+        }
+        let bs = self.map.block_size;
         let mut filled = 0;
-        for (r0, r1, local) in meta.local.runs(blocks) {
-            if local {
-                continue;
-            }
-            let _g = self.lock_span(r0 * bs, (r1 - r0) * bs).await;
-            for (s0, s1, now_local) in meta.local.runs(r0..r1) {
-                if now_local {
-                    continue;
-                }
-                let s = s0 * bs;
-                let e = (s1 * bs).min(self.base_range());
+        for missing in self.map.missing(blocks) {
+            let _g = self
+                .lock_span(missing.start * bs, (missing.end - missing.start) * bs)
+                .await;
+            // Re-check under the lock: a guest write may have got there first.
+            for still in self.map.missing(missing) {
+                let s = still.start * bs;
+                let e = (still.end * bs).min(self.base_range());
                 if s >= e {
                     continue;
                 }
@@ -178,26 +173,47 @@ impl Image {
                         &fetched
                     }
                 };
-                let fresh = self.allocate_chunks(s, e - s).await?;
-                let r = self.write_local(s, data, &fresh).await;
+                let fresh = self.allocate(s, e - s).await?;
+                let r = self.write_image(s, data, &fresh).await;
                 if hard {
-                    self.publish(r, &fresh, s0..s1)?;
+                    self.publish(r, fresh, still)?;
+                } else if let Err(err) = r {
+                    self.map.release(fresh);
+                    return Err(err);
                 } else {
-                    if let Err(err) = r {
-                        if let Some(c) = &self.compact {
-                            c.release(&fresh);
-                        }
-                        return Err(err);
-                    }
-                    if let Some(c) = &self.compact {
-                        c.publish(&fresh);
-                        meta.publish_group(super::table_records(&fresh), 0..0);
-                    }
-                    meta.local.set_range(s0..s1);
+                    self.map.publish_soft(fresh, still);
                 }
                 filled += e - s;
             }
         }
         Ok(filled)
+    }
+}
+
+impl Image {
+    /// Copy the base data of `[offset, offset+len)` into the image (the
+    /// NBD_CMD_CACHE / copy-on-read path). The bits it sets are *soft*: kept in
+    /// memory only and never journaled, so after a crash those blocks are
+    /// simply read from the base again. Never overwrites a guest write: the
+    /// blocks are locked and re-checked before the fill is written. (In
+    /// compact images a chunk the fill allocates is journaled, because a later
+    /// guest write into the same chunk relies on its table entry.)
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        if self.map.meta.is_none() || self.read_only || self.base.is_none() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let blocks = self.map.blocks_of(offset, len);
+        // Bounded work per step: at most this many blocks are filled at once.
+        let step = (crate::format::layout::DEFAULT_MAX_COR_BYTES / self.map.block_size).max(1);
+        let mut b = blocks.start;
+        while b < blocks.end {
+            let end = (b + step).min(blocks.end);
+            let n = self.fill_blocks(b..end, None, false).await?;
+            self.stats.cor_bytes.fetch_add(n, Ordering::Relaxed);
+            b = end;
+        }
+        Ok(())
     }
 }

@@ -10,7 +10,7 @@ use crate::iobuf::IoBuf;
 impl Image {
     /// The chunk table as the engine sees it (compact images; else `None`).
     pub(crate) fn chunk_table(&self) -> Option<Vec<u32>> {
-        self.compact.as_ref().map(|c| c.table_snapshot())
+        self.map.compact().map(|c| c.table_snapshot())
     }
 
     /// Move the data of every physical chunk below `k` to a chunk at or
@@ -21,7 +21,7 @@ impl Image {
     /// The guest's view never changes. Offline only: the image must have no
     /// other user.
     pub(crate) async fn vacate_low_chunks(&self, k: u64) -> Result<()> {
-        let (Some(c), Some(meta)) = (&self.compact, &self.meta) else {
+        let (Some(c), Some(meta)) = (self.map.compact(), &self.map.meta) else {
             return Ok(());
         };
         self.check_writable()?;
@@ -35,8 +35,9 @@ impl Image {
                 continue;
             }
             let _g = self.locks.lock(vc * cs, (vc + 1) * cs).await;
-            let fresh = c
-                .allocate(self.storage.as_ref(), &[vc], meta.rounds_done())
+            let fresh = self
+                .map
+                .allocate_move(self.storage.as_ref(), vc)
                 .await
                 .map_err(|e| {
                     if e.kind() == ErrorKind::NoSpace {
@@ -48,33 +49,27 @@ impl Image {
                         e
                     }
                 })?;
-            let src = c.data_offset + p as u64 * cs;
             let r = async {
                 let buf = self
                     .storage
-                    .read_at(src, IoBuf::for_overwrite(cs as usize))
+                    .read_at(c.host_offset(p, 0), IoBuf::for_overwrite(cs as usize))
                     .await
                     .map_err(self.io_err("read", vc * cs))?;
                 super::expect_len(&buf, cs as usize, &format!("{}: read", self.describe()))?;
-                let dst = c.data_offset + fresh[0].1 as u64 * cs;
+                let dst = c.host_offset(fresh.chunks()[0].1, 0);
                 self.write_host(dst, vc * cs, buf).await
             }
             .await;
             if let Err(e) = r {
-                c.release(&fresh);
+                self.map.release(fresh);
                 return Err(e);
             }
-            c.publish(&fresh);
-            meta.publish_group(super::table_records(&fresh), 0..0);
+            self.map.publish(fresh, 0..0);
             moved.push(p);
         }
         meta.commit(self.storage.as_ref(), &self.stats).await?;
         // Nothing durable points at the old chunks any more, and they are
         // reserved: give their space back.
-        for p in moved {
-            let host = c.data_offset + p as u64 * cs;
-            self.zero_host(host, 0, cs, true).await?;
-        }
-        Ok(())
+        self.punch_chunks(c, &moved, 0).await
     }
 }

@@ -17,7 +17,8 @@
 //!
 //! When every block is local it sets the all-local flag ([`Image::detach_base_if_complete`]),
 //! after which I/O skips the bitmap and the base is never opened again.
-//! Time and randomness come from a [`Clock`], so the simulator can drive it.
+//! Time and randomness come from a [`Clock`] the host supplies (tokio's
+//! timers in `fvd serve`, virtual time in the simulator).
 
 use std::future::Future;
 use std::ops::Range;
@@ -28,16 +29,7 @@ use std::time::Duration;
 
 use super::Image;
 use crate::error::Result;
-
-/// Virtual or real time, and randomness, for background work.
-pub trait Clock: Send + Sync {
-    /// Time since an arbitrary start.
-    fn now(&self) -> Duration;
-    /// Resolve after `d`.
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-    /// A random number.
-    fn random(&self) -> u64;
-}
+use crate::executor::Clock;
 
 /// Which order to prefetch in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,10 +205,10 @@ async fn run(
         clock.sleep(cfg.start_delay).await;
     }
     let range = img.base_range();
-    if range == 0 || img.read_only || img.meta.is_none() {
+    if range == 0 || img.read_only || img.map.meta.is_none() {
         return Ok(());
     }
-    let bs = img.geo.block_size;
+    let bs = img.map.block_size;
     let (local, blocks) = img.local_blocks();
     status
         .total
@@ -439,12 +431,8 @@ impl Steps {
             }
             let step = size.min(off + len - pos);
             self.pos = Some(pos + step);
-            let blocks = img.blocks_of(pos, step);
-            let local = img
-                .meta
-                .as_ref()
-                .is_none_or(|m| m.local.all_set(blocks.clone()));
-            if !local {
+            let blocks = img.map.blocks_of(pos, step);
+            if !img.map.all_local(blocks.clone()) {
                 out.push(blocks);
             }
         }
@@ -477,50 +465,28 @@ pub(crate) async fn join_all<'a, T>(
     out.into_iter().flatten().collect()
 }
 
-/// Real time with sleeps on short-lived threads: works under any executor
-/// (the CLI's `block_on`, tokio, plain threads).
-pub struct ThreadClock {
-    start: std::time::Instant,
-    seed: AtomicU64,
-}
-
-impl Default for ThreadClock {
-    fn default() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9);
-        ThreadClock {
-            start: std::time::Instant::now(),
-            seed: AtomicU64::new(nanos | 1),
+impl Image {
+    /// When every block of the base range is in the image (prefetch done):
+    /// make the data durable, checkpoint with the all-local flag in the new
+    /// header (old bitmap records no longer apply; chunk-table records are
+    /// written in place first), and stop consulting the bitmap and the base.
+    /// A failure poisons the image. Returns whether the image is now
+    /// detached.
+    pub async fn detach_base_if_complete(&self) -> Result<bool> {
+        let meta = match &self.map.meta {
+            Some(m) if !self.read_only => m,
+            _ => return Ok(false),
+        };
+        if self.base_range() == 0 {
+            return Ok(true);
         }
-    }
-}
-
-impl Clock for ThreadClock {
-    fn now(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            std::thread::sleep(d);
-            let _ = tx.send(());
-        });
-        Box::pin(async move {
-            let _ = rx.await;
-        })
-    }
-
-    fn random(&self) -> u64 {
-        // xorshift64*, shared across callers.
-        let mut x = self.seed.load(Ordering::Relaxed);
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.seed.store(x, Ordering::Relaxed);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        if !self.map.all_local(0..self.map.base_blocks) {
+            return Ok(false);
+        }
+        meta.commit(self.storage.as_ref(), &self.stats).await?;
+        meta.detach_base(self.storage.as_ref(), &self.stats).await?;
+        self.map.detach();
+        Ok(true)
     }
 }
 

@@ -54,11 +54,11 @@ impl Image {
         if !self.profile.enabled.load(Ordering::Acquire) {
             return;
         }
-        let bs = self.geo.block_size;
+        let bs = self.map.block_size;
         let cap = self.profile_capacity();
-        let blocks = self.blocks_of(offset, len);
+        let blocks = self.map.blocks_of(offset, len);
         let mut st = self.profile.state.lock().unwrap_or_else(|e| e.into_inner());
-        let words = self.geo.base_blocks.div_ceil(64) as usize;
+        let words = self.map.base_blocks.div_ceil(64) as usize;
         if st.seen.len() < words {
             st.seen.resize(words, 0);
         }
@@ -81,7 +81,7 @@ impl Image {
 
     /// The profile stored in the image, if any.
     pub async fn stored_profile(&self) -> Result<Option<Vec<(u64, u64)>>> {
-        let Some(meta) = &self.meta else {
+        let Some(meta) = &self.map.meta else {
             return Ok(None);
         };
         // The commit state holds the newest header (a profile may have been
@@ -104,7 +104,7 @@ impl Image {
     /// Store `entries` as the image's profile (durably) and set its feature bit.
     pub async fn store_profile(&self, entries: &[(u64, u64)]) -> Result<()> {
         self.check_writable()?;
-        let (Some(meta), Some(h)) = (&self.meta, &self.header) else {
+        let (Some(meta), Some(h)) = (&self.map.meta, &self.header) else {
             return Err(Error::arg("raw images have no prefetch profile"));
         };
         let r = h.region(Region::Profile);

@@ -38,7 +38,7 @@ impl Image {
     /// page: punch every page below the highest chunk in use that holds no
     /// chunk in use.
     pub(super) async fn reclaim_shared_pages(&self) -> Result<()> {
-        let Some(c) = &self.compact else {
+        let Some(c) = self.map.compact() else {
             return Ok(());
         };
         if c.chunk_size >= PAGE {

@@ -11,6 +11,7 @@ use crate::base::Base;
 use crate::error::{Error, Result};
 use crate::format::header::{COMPAT_PREFETCH_PROFILE, FLAG_COPY_ON_READ, MAX_GROW_CMD, Region};
 use crate::image::read_header;
+use crate::open::Opener;
 use crate::storage::Storage;
 
 /// The changes asked for; `None` leaves a field as it is.
@@ -99,14 +100,15 @@ pub async fn amend(
     Ok(())
 }
 
-/// Amend the image file at `path`.
-pub async fn amend_path(path: &Path, a: &Amendments) -> Result<()> {
+/// Amend the image file at `path` (its base, needed only to replay a
+/// journal, is opened through `opener`).
+pub async fn amend_path(opener: &Opener, path: &Path, a: &Amendments) -> Result<()> {
     let storage = super::open_image_storage(path)?;
     let (h, _) = read_header(storage.as_ref()).await?;
     let base = if h.is_clean() {
         None
     } else {
-        super::open_recorded_base(path, &h).await?
+        super::open_recorded_base(opener, path, &h).await?
     };
     amend(storage, base, a)
         .await

@@ -25,14 +25,16 @@ use std::sync::Arc;
 
 use super::{Target, open_engine, read_clean, switch};
 use crate::base::fingerprint::{self, COMMIT_IN_PROGRESS};
-use crate::base::{Base, FvdBase, RawBase};
+use crate::base::{Base, RawBase};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::Format;
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::Region;
 use crate::image::compact::EMPTY;
 use crate::image::{Image, Source, read_header};
 use crate::iobuf::IoBuf;
-use crate::open::{Format, PathOptions, resolve_base};
+use crate::open::FvdBase;
+use crate::open::{Opener, PathOptions};
 use crate::storage::Storage;
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage};
@@ -305,40 +307,41 @@ async fn empty_data(
     Ok(())
 }
 
-/// Commit the image file at `path` into its base (a local raw or FVD image).
-pub async fn commit_path(path: &Path, keep: bool) -> Result<Committed> {
+/// Commit the image file at `path` into its base (a local raw or FVD image;
+/// the bases under it are opened through `opener`).
+pub async fn commit_path(opener: &Opener, path: &Path, keep: bool) -> Result<Committed> {
     let storage = super::open_image_storage(path)?;
     let (h, _) = read_header(storage.as_ref()).await?;
-    if h.base_name.is_empty() {
+    let Some((name, fmt)) = h.base() else {
         return Err(Error::arg(format!(
             "{}: the image has no base image to commit into",
             path.display()
         )));
-    }
-    if crate::base::is_url(&h.base_name) || !matches!(h.base_format.as_str(), "raw" | "fvd") {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "{}: cannot commit into base '{}' ({}): only local raw and fvd bases can be written; a remote or qcow2 base is read-only to fvd (convert the image instead)",
-                path.display(),
-                h.base_name,
-                h.base_format
-            ),
-        ));
-    }
-    let bpath = resolve_base(path, &h.base_name);
-    let fmt: Format = h.base_format.parse()?;
+    };
+    let bpath = match super::local_base_path(opener, path, name) {
+        Some(p) if matches!(fmt, Format::Raw | Format::Fvd) => p,
+        _ => {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: cannot commit into base '{name}' ({}): only local raw and fvd bases can be written; a remote or qcow2 base is read-only to fvd (convert the image instead)",
+                    path.display(),
+                    fmt.name()
+                ),
+            ));
+        }
+    };
     if fmt == Format::Fvd {
         // The FVD base must be resized before it is opened for writing, and
         // the image marked before its base changes size.
-        let view = super::open_recorded_base(path, &h).await?;
+        let view = super::open_recorded_base(opener, path, &h).await?;
         mark(&storage, view).await?;
         let bh = {
             let s = FileStorage::open(&bpath, FileOptions::read_only())?;
             read_header(&s).await?.0
         };
         if bh.virtual_size < h.virtual_size {
-            super::resize::resize_path(&bpath, h.virtual_size, false).await?;
+            super::resize::resize_path(opener, &bpath, h.virtual_size, false).await?;
         }
     }
     let writer = match fmt {
@@ -352,7 +355,9 @@ pub async fn commit_path(path: &Path, keep: bool) -> Result<Committed> {
             BaseWriter::Raw(Arc::new(FileStorage::open(&bpath, fo)?))
         }
         _ => BaseWriter::Fvd(Arc::new(
-            crate::open::open_path(&bpath, Format::Fvd, PathOptions::default()).await?,
+            opener
+                .open(&bpath, Format::Fvd, PathOptions::default())
+                .await?,
         )),
     };
     let r = commit(storage, &writer, keep).await;

@@ -41,7 +41,7 @@ use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{self, FLAG_CLEAN, HEADER_SLOT_SIZE, Header, INCOMPAT_COMPACT, Region};
 use crate::image::{Image, OpenOptions, read_header};
 use crate::iobuf::IoBuf;
-use crate::open::{Format, PathOptions};
+use crate::open::{Location, Opener};
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage, Storage};
 
@@ -291,16 +291,38 @@ pub(crate) fn open_image_storage(path: &Path) -> Result<Arc<dyn Storage>> {
     Ok(Arc::new(FileStorage::open(path, fo)?))
 }
 
-/// Open the base named in `h` (of the image at `path`) read-only.
-pub(crate) async fn open_recorded_base(path: &Path, h: &Header) -> Result<Option<Arc<dyn Base>>> {
-    if h.base_range() == 0 {
+/// Open the base named in `h` (of the image at `path`) read-only through
+/// `opener`, and check it is the base `h` recorded (size, validator,
+/// content fingerprint) as the opener does for every image it opens.
+pub(crate) async fn open_recorded_base(
+    opener: &Opener,
+    path: &Path,
+    h: &Header,
+) -> Result<Option<Arc<dyn Base>>> {
+    let Some((name, format)) = h.base().filter(|_| h.base_range() > 0) else {
         return Ok(None);
-    }
-    let fmt: Format = h.base_format.parse()?;
-    let base = crate::open::open_base_named(path, &h.base_name, fmt, PathOptions::default(), 0)
+    };
+    let here = Location::Path(path.to_path_buf());
+    let base = opener
+        .open_named(&here, name, format, 1)
         .await
         .map_err(|e| e.context(format!("{}: base", path.display())))?;
+    let desc = path.display().to_string();
+    crate::base::fingerprint::verify_identity(&desc, h, base.as_ref())?;
+    crate::base::fingerprint::verify_content(&desc, h, base.as_ref()).await?;
     Ok(Some(base))
+}
+
+/// The local path of the base `name` of the image at `path`, if local.
+pub(crate) fn local_base_path(
+    opener: &Opener,
+    path: &Path,
+    name: &str,
+) -> Option<std::path::PathBuf> {
+    match opener.resolve(&Location::Path(path.to_path_buf()), name) {
+        Ok(Location::Path(p)) => Some(p),
+        _ => None,
+    }
 }
 
 /// Open the image on `storage` through the engine, read-write.

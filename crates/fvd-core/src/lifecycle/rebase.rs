@@ -20,9 +20,10 @@ use std::sync::Arc;
 use super::{Target, open_engine, read_clean, switch};
 use crate::base::Base;
 use crate::error::{Error, Result};
+use crate::format::Format;
 use crate::format::header::{FLAG_ALL_LOCAL, Header};
 use crate::image::{Image, Source, read_header};
-use crate::open::{Format, PathOptions};
+use crate::open::{Location, Opener};
 use crate::storage::Storage;
 
 /// Bytes compared (and copied) at once.
@@ -58,7 +59,7 @@ async fn rebased_header(h: &Header, new: &NewBase) -> Result<Header> {
     match new {
         NewBase::Nothing => {
             n.base_name.clear();
-            n.base_format.clear();
+            n.base_format = None;
             n.base_size = 0;
             n.base_validator.clear();
             n.flags &= !FLAG_ALL_LOCAL;
@@ -70,7 +71,7 @@ async fn rebased_header(h: &Header, new: &NewBase) -> Result<Header> {
             fingerprint,
         } => {
             n.base_name = name.clone();
-            n.base_format = format.name().to_string();
+            n.base_format = Some(*format);
             n.base_size = base.size();
             n.base_validator =
                 crate::base::fingerprint::validator(base.as_ref(), *fingerprint).await?;
@@ -235,8 +236,10 @@ async fn copy_run(img: &Image, s: u64, e: u64, bs: u64, data: &[u8]) -> Result<u
 }
 
 /// Rebase the image file at `path` onto `new` (`None`: flatten), a base
-/// name resolved like `fvd create -b` resolves it. `unsafe_mode` is `-u`.
+/// name resolved like `fvd create -b` resolves it; bases are opened through
+/// `opener`. `unsafe_mode` is `-u`.
 pub async fn rebase_path(
+    opener: &Opener,
     path: &Path,
     new: Option<(&str, Format)>,
     unsafe_mode: bool,
@@ -244,30 +247,31 @@ pub async fn rebase_path(
     let storage = super::open_image_storage(path)?;
     let (h, _) = read_header(storage.as_ref()).await?;
     let old_base = if !unsafe_mode || !h.is_clean() {
-        super::open_recorded_base(path, &h).await?
+        super::open_recorded_base(opener, path, &h).await?
     } else {
         None
     };
     let new = match new {
         None => NewBase::Nothing,
         Some((name, format)) => {
-            let resolved = crate::open::resolve_base(path, name);
-            if !crate::base::is_url(name)
-                && crate::base::chain::reaches(&resolved, path, crate::open::resolve_base)
+            if super::local_base_path(opener, path, name)
+                .is_some_and(|resolved| crate::open::reaches(&resolved, path))
             {
                 return Err(Error::arg(format!(
                     "{}: base '{name}' is (or is over) the image itself: the chain would loop",
                     path.display()
                 )));
             }
-            let base = crate::open::open_base_named(path, name, format, PathOptions::default(), 0)
+            let here = Location::Path(path.to_path_buf());
+            let base = opener
+                .open_named(&here, name, format, 1)
                 .await
                 .map_err(|e| e.context(format!("{}: new base", path.display())))?;
             NewBase::Base {
                 name: name.to_string(),
                 format,
                 base,
-                fingerprint: !crate::base::is_url(name),
+                fingerprint: !crate::open::is_url(name),
             }
         }
     };

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{Header, MAX_VIRTUAL_SIZE, Region};
 use crate::image::compact::EMPTY;
 use crate::image::read_header;
+use crate::open::Opener;
 use crate::storage::Storage;
 
 /// What `resize` did.
@@ -364,11 +365,17 @@ async fn give_back(storage: &dyn Storage, old: &Clean, nh: &Header) {
     let _ = storage.set_len(d + high_water(kept) * cs).await;
 }
 
-/// Resize the image file at `path` (FVD) to `new_size`.
-pub async fn resize_path(path: &Path, new_size: u64, shrink: bool) -> Result<Resized> {
+/// Resize the image file at `path` (FVD) to `new_size`; its base is opened
+/// through `opener`.
+pub async fn resize_path(
+    opener: &Opener,
+    path: &Path,
+    new_size: u64,
+    shrink: bool,
+) -> Result<Resized> {
     let storage = super::open_image_storage(path)?;
     let (h, _) = read_header(storage.as_ref()).await?;
-    let base = super::open_recorded_base(path, &h).await?;
+    let base = super::open_recorded_base(opener, path, &h).await?;
     resize(storage, base, new_size, shrink)
         .await
         .map_err(|e| super::named(path, e))

@@ -151,7 +151,7 @@ mod tests {
     fn header(size: u64, base: Option<u64>, compact: bool, journal: u64) -> Header {
         compute_layout(&CreateLayout {
             virtual_size: size,
-            base: base.map(|b| ("b".into(), "raw".into(), b, String::new())),
+            base: base.map(|b| ("b".into(), crate::format::Format::Raw, b, String::new())),
             block_size: Some(4096),
             journal_size: Some(journal),
             compact,

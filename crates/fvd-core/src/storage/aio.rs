@@ -383,7 +383,7 @@ impl Shared {
         let at = req.offset + req.done as u64;
         let done = req.done;
         let r = match req.op {
-            Op::Read => super::file::read_full(&self.file, at, &mut req.buf[done..]),
+            Op::Read => super::sys::read_full(&self.file, at, &mut req.buf[done..]),
             Op::Write { dsync } => self
                 .file
                 .write_all_at(&req.buf[done..], at)

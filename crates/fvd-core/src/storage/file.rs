@@ -22,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::aio::{self, Aio, InFlight};
 use super::pool::Pool;
+use super::sys::{fallocate, file_len, read_full, seek};
 use super::{AllocRun, IoFuture, Storage, coalesce};
 use crate::error::{Error, ErrorKind, Result};
 use crate::iobuf::IoBuf;
@@ -304,35 +305,6 @@ impl FileStorage {
     }
 }
 
-/// Read all of `buf` at `offset`; bytes past the end of the file read as zeros.
-pub(super) fn read_full(file: &File, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, offset) {
-            Ok(0) => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                offset += n as u64;
-                buf = &mut buf[n..];
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a valid descriptor with integer arguments.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn datasync(file: &File) -> io::Result<()> {
     file.sync_data()
 }
@@ -409,23 +381,6 @@ fn direct_write(file: &File, locks: &SectorLocks, offset: u64, data: &[u8]) -> i
     let skip = (offset - start) as usize;
     bounce[skip..skip + data.len()].copy_from_slice(data);
     file.write_all_at(&bounce, start)
-}
-
-fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on a valid descriptor; we only use positional I/O elsewhere.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    Ok(Some(r as u64))
-}
-
-fn file_len(file: &File) -> io::Result<u64> {
-    Ok(seek(file, 0, libc::SEEK_END)?.unwrap_or(0))
 }
 
 fn allocation_map(file: &File, offset: u64, len: u64) -> io::Result<Vec<AllocRun>> {
@@ -645,15 +600,9 @@ fn write_zero_bytes(
 #[cfg(test)]
 mod tests {
     /// No O_DIRECT in the temporary directory (tmpfs): skip, or fail under
-    /// CI, where every test must run (the rule of the tests' `ci` helper).
+    /// CI ([`fvd_testkit::skip`]), where TMPDIR must be on a disk file system.
     fn skip_without_direct_io(e: &crate::Error) {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-        if ci {
-            panic!(
-                "no O_DIRECT in the temporary directory ({e}); CI needs TMPDIR on a disk file system"
-            );
-        }
-        eprintln!("SKIP: no O_DIRECT here: {e}");
+        fvd_testkit::skip(&format!("no O_DIRECT in the temporary directory: {e}"));
     }
 
     use super::*;

@@ -22,6 +22,7 @@ pub mod file;
 pub mod limit;
 pub mod mem;
 mod pool;
+mod sys;
 
 pub use file::{CacheMode, FileStorage};
 pub use mem::MemStorage;

@@ -11,7 +11,7 @@
 //!   negotiation; other names get `NBD_REP_ERR_UNKNOWN` (or, for
 //!   `EXPORT_NAME`, a closed connection);
 //! * unknown options get `NBD_REP_ERR_UNSUP` and the negotiation goes on;
-//! * option payloads above [`MAX_OPTION_LEN`](crate::handshake::MAX_OPTION_LEN) are read and dropped in
+//! * option payloads above [`MAX_OPTION_LEN`](crate::proto::handshake::MAX_OPTION_LEN) are read and dropped in
 //!   small chunks and answered with `NBD_REP_ERR_TOO_BIG`;
 //! * a client that did not set `NBD_FLAG_C_FIXED_NEWSTYLE` may only send
 //!   `EXPORT_NAME`; anything else closes the connection.
@@ -21,12 +21,13 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Conn, META_CONTEXT_ALLOCATION_DEPTH, Shared};
-use crate::consts::{self, META_CONTEXT_BASE_ALLOCATION};
-use crate::handshake::{
-    self as codec, ClientOption, decode_client_flags, decode_option, decode_option_header,
+use super::{META_CONTEXT_ALLOCATION_DEPTH, Shared};
+use crate::proto::consts::{self, META_CONTEXT_BASE_ALLOCATION};
+use crate::proto::handshake::{
+    self, ClientOption, decode_client_flags, decode_option, decode_option_header,
     encode_error_reply,
 };
+use crate::stream::Stream;
 
 /// Metadata context id of `base:allocation`.
 pub(crate) const META_ID_BASE_ALLOCATION: u32 = 0;
@@ -68,11 +69,12 @@ enum Step {
 /// the session when the client enters transmission, `None` when the
 /// negotiation ended without it (abort, violation, refused export name).
 pub(crate) async fn negotiate(
-    mut conn: Conn,
+    mut conn: Stream,
     shared: &Arc<Shared>,
-) -> io::Result<Option<(Conn, Session)>> {
+) -> io::Result<Option<(Stream, Session)>> {
     let advertised = consts::FLAG_FIXED_NEWSTYLE | consts::FLAG_NO_ZEROES;
-    conn.write_all(&codec::encode_greeting(advertised)).await?;
+    conn.write_all(&handshake::encode_greeting(advertised))
+        .await?;
     conn.flush().await?;
     let mut flags = [0u8; consts::CLIENT_FLAGS_LEN];
     conn.read_exact(&mut flags).await?;
@@ -103,11 +105,12 @@ pub(crate) async fn negotiate(
                     return Ok(None);
                 };
                 let plain = match conn {
-                    Conn::Plain(p) => p,
+                    Stream::Plain(p) => p,
                     // Never reached: STARTTLS is refused once TLS is up.
-                    Conn::Tls(_) => return Ok(None),
+                    Stream::Tls(_) => return Ok(None),
                 };
-                conn = Conn::Tls(Box::new(acceptor.accept(plain).await?));
+                let tls = acceptor.accept(plain).await?;
+                conn = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
                 state.tls_active = true;
                 // Nothing negotiated in clear text carries over.
                 state.session = Session::default();
@@ -157,7 +160,7 @@ impl State<'_> {
         self.shared.tls.is_some() && !self.tls_active
     }
 
-    async fn one_option(&mut self, conn: &mut Conn) -> io::Result<Step> {
+    async fn one_option(&mut self, conn: &mut Stream) -> io::Result<Step> {
         let mut hdr = [0u8; consts::OPTION_HEADER_LEN];
         conn.read_exact(&mut hdr).await?;
         let header = match decode_option_header(&hdr) {
@@ -208,7 +211,12 @@ impl State<'_> {
     }
 
     /// FORCEDTLS: only STARTTLS and ABORT before TLS is up.
-    async fn before_tls(&mut self, conn: &mut Conn, code: u32, payload: &[u8]) -> io::Result<Step> {
+    async fn before_tls(
+        &mut self,
+        conn: &mut Stream,
+        code: u32,
+        payload: &[u8],
+    ) -> io::Result<Step> {
         match code {
             consts::OPT_STARTTLS => {
                 if !payload.is_empty() {
@@ -221,11 +229,11 @@ impl State<'_> {
                     .await?;
                     return Ok(Step::Continue);
                 }
-                send(conn, &codec::encode_ack(code)).await?;
+                send(conn, &handshake::encode_ack(code)).await?;
                 Ok(Step::StartTls)
             }
             consts::OPT_ABORT => {
-                let _ = send(conn, &codec::encode_ack(code)).await;
+                let _ = send(conn, &handshake::encode_ack(code)).await;
                 Ok(Step::Close)
             }
             consts::OPT_EXPORT_NAME => Ok(Step::Close),
@@ -247,7 +255,12 @@ impl State<'_> {
             .export_flags(self.session.structured, self.session.extended)
     }
 
-    async fn handle(&mut self, conn: &mut Conn, code: u32, opt: ClientOption) -> io::Result<Step> {
+    async fn handle(
+        &mut self,
+        conn: &mut Stream,
+        code: u32,
+        opt: ClientOption,
+    ) -> io::Result<Step> {
         let shared = self.shared;
         let cfg = &shared.config;
         match opt {
@@ -257,7 +270,7 @@ impl State<'_> {
                         .log(format_args!("export name '{name}' refused (unknown)"));
                     return Ok(Step::Close);
                 }
-                let reply = codec::encode_export_name_reply(
+                let reply = handshake::encode_export_name_reply(
                     shared.size,
                     self.export_flags(),
                     self.no_zeroes,
@@ -266,14 +279,14 @@ impl State<'_> {
                 Ok(Step::Transmission)
             }
             ClientOption::Abort => {
-                let _ = send(conn, &codec::encode_ack(code)).await;
+                let _ = send(conn, &handshake::encode_ack(code)).await;
                 Ok(Step::Close)
             }
             ClientOption::List => {
-                let server = codec::encode_server(&cfg.export_name)
+                let server = handshake::encode_server(&cfg.export_name)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 conn.write_all(&server).await?;
-                send(conn, &codec::encode_ack(code)).await?;
+                send(conn, &handshake::encode_ack(code)).await?;
                 Ok(Step::Continue)
             }
             ClientOption::StartTls => {
@@ -316,7 +329,7 @@ impl State<'_> {
                     Some((t, msg)) => send_err(conn, code, t, msg).await?,
                     None => {
                         self.session.structured = true;
-                        send(conn, &codec::encode_ack(code)).await?;
+                        send(conn, &handshake::encode_ack(code)).await?;
                     }
                 }
                 Ok(Step::Continue)
@@ -341,7 +354,7 @@ impl State<'_> {
                 } else {
                     self.session.extended = true;
                     self.session.structured = true;
-                    send(conn, &codec::encode_ack(code)).await?;
+                    send(conn, &handshake::encode_ack(code)).await?;
                 }
                 Ok(Step::Continue)
             }
@@ -361,7 +374,7 @@ impl State<'_> {
 
     async fn info_or_go(
         &mut self,
-        conn: &mut Conn,
+        conn: &mut Stream,
         code: u32,
         name: &str,
         info_requests: &[u16],
@@ -385,23 +398,23 @@ impl State<'_> {
             return Ok(Step::Continue);
         }
         let mut out = Vec::with_capacity(128);
-        out.extend_from_slice(&codec::encode_info_export(
+        out.extend_from_slice(&handshake::encode_info_export(
             code,
             shared.size,
             self.export_flags(),
         ));
         if info_requests.contains(&consts::INFO_NAME)
-            && let Ok(b) = codec::encode_info_name(code, &cfg.export_name)
+            && let Ok(b) = handshake::encode_info_name(code, &cfg.export_name)
         {
             out.extend_from_slice(&b);
         }
-        out.extend_from_slice(&codec::encode_info_block_size(
+        out.extend_from_slice(&handshake::encode_info_block_size(
             code,
             cfg.min_block_size,
             cfg.preferred_block_size,
             shared.max_payload(),
         ));
-        out.extend_from_slice(&codec::encode_ack(code));
+        out.extend_from_slice(&handshake::encode_ack(code));
         send(conn, &out).await?;
         Ok(if code == consts::OPT_GO {
             Step::Transmission
@@ -412,7 +425,7 @@ impl State<'_> {
 
     async fn meta_context(
         &mut self,
-        conn: &mut Conn,
+        conn: &mut Stream,
         code: u32,
         export: &str,
         queries: &[String],
@@ -459,7 +472,7 @@ impl State<'_> {
         ] {
             if wanted {
                 let id = if set { id } else { 0 };
-                let rep = codec::encode_meta_context(code, id, name)
+                let rep = handshake::encode_meta_context(code, id, name)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 out.extend_from_slice(&rep);
             }
@@ -468,7 +481,7 @@ impl State<'_> {
             self.session.meta_base = base;
             self.session.meta_depth = depth;
         }
-        out.extend_from_slice(&codec::encode_ack(code));
+        out.extend_from_slice(&handshake::encode_ack(code));
         send(conn, &out).await?;
         Ok(Step::Continue)
     }

@@ -42,19 +42,18 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fvd_core::Image;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use fvd_listen::{Inherited, SocketFile};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::consts;
-use crate::transmission::MAX_PAYLOAD;
+use crate::proto::consts;
+use crate::proto::transmission::MAX_PAYLOAD;
+use crate::stream::Stream;
 
 mod admission;
 mod handshake;
@@ -195,113 +194,6 @@ impl Shared {
     }
 }
 
-/// A plain (not yet encrypted) client connection.
-pub(crate) enum Plain {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-/// A client connection, possibly upgraded to TLS.
-pub(crate) enum Conn {
-    Plain(Plain),
-    Tls(Box<tokio_rustls::server::TlsStream<Plain>>),
-}
-
-macro_rules! delegate_plain {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Plain::Unix($s) => $e,
-            Plain::Tcp($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for Plain {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate_plain!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Plain {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate_plain!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate_plain!(self, s => Pin::new(s).poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate_plain!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        delegate_plain!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// The unix socket's path; the file is removed when dropped if this server
-/// created it (not when it was inherited through socket activation).
-struct SocketFile(PathBuf, bool);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
 enum ListenerKind {
     Unix(UnixListener, SocketFile),
     Tcp(TcpListener),
@@ -334,27 +226,14 @@ impl Listener {
     /// (systemd socket activation): unix or TCP, already bound. A unix
     /// socket's file is left in place at exit (it belongs to the activator).
     pub fn from_inherited(fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
-        // A unix socket reports a unix address; anything else is tried as TCP.
-        let unix = std::os::unix::net::UnixListener::from(fd);
-        let kind = match unix.local_addr() {
-            Ok(addr) => {
-                unix.set_nonblocking(true)?;
-                let path = addr
-                    .as_pathname()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default();
-                ListenerKind::Unix(UnixListener::from_std(unix)?, SocketFile(path, false))
+        let kind = match Inherited::from_fd(fd)? {
+            Inherited::Unix(l, file) => {
+                l.set_nonblocking(true)?;
+                ListenerKind::Unix(UnixListener::from_std(l)?, file)
             }
-            Err(_) => {
-                let tcp = std::net::TcpListener::from(std::os::fd::OwnedFd::from(unix));
-                tcp.local_addr().map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("the inherited descriptor is not a listening socket: {e}"),
-                    )
-                })?;
-                tcp.set_nonblocking(true)?;
-                ListenerKind::Tcp(TcpListener::from_std(tcp)?)
+            Inherited::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                ListenerKind::Tcp(TcpListener::from_std(l)?)
             }
         };
         Ok(Listener { kind })
@@ -364,7 +243,7 @@ impl Listener {
     pub fn uri(&self, export_name: &str) -> String {
         match &self.kind {
             ListenerKind::Unix(_, f) => {
-                format!("nbd+unix:///{export_name}?socket={}", f.0.display())
+                format!("nbd+unix:///{export_name}?socket={}", f.path().display())
             }
             ListenerKind::Tcp(l) => match l.local_addr() {
                 Ok(a) => format!("nbd://{a}/{export_name}"),
@@ -381,47 +260,25 @@ impl Listener {
         }
     }
 
-    async fn accept(&self) -> io::Result<(Plain, String)> {
+    async fn accept(&self) -> io::Result<(Stream, String)> {
         match &self.kind {
             ListenerKind::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                Ok((Plain::Unix(s), "unix client".to_string()))
+                Ok((Stream::unix(s), "unix client".to_string()))
             }
             ListenerKind::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok((Plain::Tcp(s), peer.to_string()))
+                Ok((Stream::tcp(s), peer.to_string()))
             }
         }
     }
 }
 
 fn bind_unix(path: &Path) -> io::Result<Listener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        let in_use = std::os::unix::net::UnixStream::connect(path).is_ok();
-        if !meta.file_type().is_socket() || in_use {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{}: {}",
-                    path.display(),
-                    if in_use {
-                        "a server is already listening on this socket"
-                    } else {
-                        "exists and is not a socket"
-                    }
-                ),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: cannot listen: {e}", path.display())))?;
-    let guard = SocketFile(path.to_path_buf(), true);
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let (l, file) = fvd_listen::bind_unix(path)?;
+    l.set_nonblocking(true)?;
     Ok(Listener {
-        kind: ListenerKind::Unix(l, guard),
+        kind: ListenerKind::Unix(UnixListener::from_std(l)?, file),
     })
 }
 
@@ -500,7 +357,7 @@ impl Server {
                 _ = idle.notified() => break,
                 a = listener.accept() => a,
             };
-            let (plain, peer) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     shared.log(format_args!("accept failed: {e}"));
@@ -521,7 +378,7 @@ impl Server {
             let idle2 = idle.clone();
             tokio::spawn(async move {
                 shared2.log(format_args!("{peer}: connected"));
-                match serve_connection(Conn::Plain(plain), &shared2, stop, admitted).await {
+                match serve_connection(stream, &shared2, stop, admitted).await {
                     Ok(()) => shared2.log(format_args!("{peer}: disconnected")),
                     Err(e) => shared2.log(format_args!("{peer}: closed: {e}")),
                 }
@@ -558,7 +415,7 @@ struct Admitted {
 
 /// One connection, from the greeting to the last reply.
 async fn serve_connection(
-    conn: Conn,
+    conn: Stream,
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     admitted: Admitted,
@@ -596,20 +453,8 @@ async fn serve_connection(
             Err(_) => return Ok(()),
         },
     };
-    match conn {
-        Conn::Plain(Plain::Unix(s)) => {
-            let (r, w) = s.into_split();
-            transmission::run(r, w, shared.clone(), session, stop).await
-        }
-        Conn::Plain(Plain::Tcp(s)) => {
-            let (r, w) = s.into_split();
-            transmission::run(r, w, shared.clone(), session, stop).await
-        }
-        Conn::Tls(s) => {
-            let (r, w) = tokio::io::split(*s);
-            transmission::run(r, w, shared.clone(), session, stop).await
-        }
-    }
+    let (r, w) = conn.into_split();
+    transmission::run(r, w, shared.clone(), session, stop).await
 }
 
 /// Completes on the first SIGINT or SIGTERM.

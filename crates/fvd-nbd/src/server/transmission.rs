@@ -28,7 +28,7 @@
 //! [`ServerConfig::max_buffered`]: super::ServerConfig::max_buffered
 
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -39,13 +39,14 @@ use tokio::task::JoinSet;
 
 use super::Shared;
 use super::handshake::{META_ID_ALLOCATION_DEPTH, META_ID_BASE_ALLOCATION, Session};
-use crate::consts::{self, EINVAL, EIO, EOVERFLOW};
-use crate::error::nbd_error_from_errno;
-use crate::reply::{self, ReplyTo, encode_simple_reply};
-use crate::request::{Command, Request, decode_request};
-use crate::transmission::{
+use crate::proto::consts::{self, EINVAL, EIO, EOVERFLOW};
+use crate::proto::error::nbd_error_from_errno;
+use crate::proto::reply::{self, ReplyTo, encode_simple_reply};
+use crate::proto::request::{Command, Request, decode_request};
+use crate::proto::transmission::{
     TransmissionContext, decode_block_status_payload, validate_range, validate_request,
 };
+use crate::stream::write_all_vectored;
 
 /// Reads at least this long look for zero ranges and send them as
 /// `OFFSET_HOLE` chunks; shorter reads always send their data (a block
@@ -85,21 +86,6 @@ struct Ctx {
     session: Session,
     out: mpsc::UnboundedSender<Msg>,
     broken: Arc<AtomicBool>,
-}
-
-/// Write all of `bufs` with as few vectored writes as the stream allows.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, bufs: &[Vec<u8>]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-    let mut rest: &mut [IoSlice<'_>] = &mut slices;
-    IoSlice::advance_slices(&mut rest, 0);
-    while !rest.is_empty() {
-        let n = w.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(())
 }
 
 /// The writer task: write queued replies in batches until every sender is
