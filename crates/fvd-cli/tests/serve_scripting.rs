@@ -1,7 +1,7 @@
 //! `fvd serve` as scripts and service managers start it: `--pidfile`,
 //! `--fork` (returns only once the socket accepts, as qemu-nbd --fork), and
 //! systemd socket activation (the listening socket as descriptor 3 with
-//! `LISTEN_FDS`/`LISTEN_PID`).
+//! `LISTEN_FDS`/`LISTEN_PID`), over NBD and over vhost-user-blk.
 
 mod common;
 
@@ -220,4 +220,82 @@ fn systemd_socket_activation() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("LISTEN_FDS"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// True if something accepts connections on the unix socket `sock`.
+fn accepting(sock: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(sock).is_ok()
+}
+
+/// The vhost-user-blk export starts the same ways: `--fork` with
+/// `--pidfile`, and socket activation (a unix socket only).
+#[test]
+fn vhost_user_blk_fork_pidfile_and_activation() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    fvd(d, &["create", "-q", "img.fvd", "4M"]).ok("create");
+    let r = fvd(
+        d,
+        &[
+            "serve",
+            "--fork",
+            "--pidfile",
+            "v.pid",
+            "--vhost-user-blk",
+            "v.sock",
+            "img.fvd",
+        ],
+    );
+    r.ok("serve --fork --vhost-user-blk");
+    assert!(r.stderr.contains("over vhost-user-blk"), "{}", r.stderr);
+    assert!(
+        accepting(&d.join("v.sock")),
+        "not accepting when --fork returned"
+    );
+    let pid = pid_in(&d.join("v.pid"));
+    assert!(alive(pid));
+    // SAFETY: signalling the server we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    assert!(!d.join("v.pid").exists() && !d.join("v.sock").exists());
+    fvd(d, &["check", "img.fvd"]).ok("closed cleanly");
+    // Socket activation: the activator's unix socket is served and left.
+    let sock = d.join("act.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let child = activated(
+        d,
+        &l,
+        &[
+            "--vhost-user-blk",
+            "act.sock",
+            "--pidfile",
+            "a.pid",
+            "img.fvd",
+        ],
+    );
+    drop(l);
+    let t0 = Instant::now();
+    while !d.join("a.pid").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no pid file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(accepting(&sock));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&sock.display().to_string()), "{err}");
+    assert!(sock.exists(), "the activator's socket file must stay");
+    fvd(d, &["check", "img.fvd"]).ok("closed cleanly after activation");
+    // vhost-user has no TCP transport.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let child = activated(d, &l, &["--vhost-user-blk", "x.sock", "img.fvd"]);
+    drop(l);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("unix socket"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    fvd(d, &["check", "img.fvd"]).ok("closed cleanly after the refusal");
 }

@@ -243,17 +243,9 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             verbose: a.verbose,
             args: &a.vhost,
         };
-        let pidfile = match accepting(&a, &mut ready) {
-            Ok(p) => p,
-            Err(e) => {
-                drop(listening);
-                let _ = image.close().await;
-                return Err(e);
-            }
-        };
-        let r = super::serve_vhost::run(image, extras, export, listening, signal).await;
-        drop(pidfile);
-        return r;
+        let on_accepting = || accepting(&a, &mut ready);
+        return super::serve_vhost::run(image, extras, export, listening, signal, on_accepting)
+            .await;
     }
     let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
     let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);

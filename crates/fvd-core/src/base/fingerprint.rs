@@ -136,6 +136,13 @@ pub async fn verify_content(desc: &str, h: &Header, base: &dyn Base) -> Result<(
     Ok(())
 }
 
+/// [`verify_identity`], then [`verify_content`]: what the opener checks
+/// of the base of every image it opens (not force-shared).
+pub async fn verify(desc: &str, h: &Header, base: &dyn Base) -> Result<()> {
+    verify_identity(desc, h, base)?;
+    verify_content(desc, h, base).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

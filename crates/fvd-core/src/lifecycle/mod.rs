@@ -307,9 +307,7 @@ pub(crate) async fn open_recorded_base(
         .open_named(&here, name, format, 1)
         .await
         .map_err(|e| e.context(format!("{}: base", path.display())))?;
-    let desc = path.display().to_string();
-    crate::base::fingerprint::verify_identity(&desc, h, base.as_ref())?;
-    crate::base::fingerprint::verify_content(&desc, h, base.as_ref()).await?;
+    crate::base::fingerprint::verify(&path.display().to_string(), h, base.as_ref()).await?;
     Ok(Some(base))
 }
 

@@ -309,8 +309,7 @@ impl Opener {
             // The engine checks the base's size and validator; its content
             // is sampled here, where -U can skip it.
             let desc = path.display().to_string();
-            crate::base::fingerprint::verify_identity(&desc, &h, b.as_ref())?;
-            crate::base::fingerprint::verify_content(&desc, &h, b.as_ref()).await?;
+            crate::base::fingerprint::verify(&desc, &h, b.as_ref()).await?;
         }
         Image::open(
             storage,
