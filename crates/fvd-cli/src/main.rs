@@ -14,6 +14,7 @@ mod clock;
 mod out;
 mod cmd;
 mod common;
+mod secrets;
 mod size;
 
 /// The command line.
@@ -25,12 +26,20 @@ mod size;
     propagate_version = true
 )]
 struct Cli {
-    /// Settings of a remote base store, like qemu-img's --object:
+    /// Objects, like qemu-img's --object. A remote base store:
     /// `s3,endpoint=URL,region=NAME,url-style=path|virtual-host,access-key-id=ID,
     /// secret-access-key-file=PATH,session-token-file=PATH` (each wins over
-    /// the AWS_* variables; secrets only from files)
+    /// the AWS_* variables; secrets only from files). The passphrase of
+    /// encrypted images: `secret,id=ID,file=PATH` (`file=-`: a line of
+    /// standard input; `data=TEXT` for tests; `format=raw|base64`), named by
+    /// `-o encrypt.key-secret=ID` or `--image-opts ...,encrypt.key-secret=ID`
+    /// (the only secret given is used when none is named)
     #[arg(long, global = true, value_name = "TYPE,KEY=VALUE,...")]
     object: Vec<String>,
+    /// Image arguments are qemu-img style option lists:
+    /// `driver=fvd,file.filename=PATH,encrypt.key-secret=ID`
+    #[arg(long = "image-opts", global = true)]
+    image_opts: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +78,9 @@ enum Command {
     Prefetch(cmd::prefetch::Args),
     /// Show, export or import an image's prefetch profile.
     Profile(cmd::profile::Args),
+    /// Manage the key slots of an encrypted image (like cryptsetup
+    /// luksAddKey, luksRemoveKey, luksChangeKey, luksKillSlot).
+    Luks(cmd::luks::Args),
     /// Export the virtual disk as one file over FUSE (like qemu-storage-daemon
     /// --export type=fuse).
     Mount(cmd::mount::MountArgs),
@@ -98,7 +110,15 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("serve") {
         cmd::serve_start::capture_activation();
     }
-    let cli = match Cli::try_parse() {
+    // --image-opts arguments become paths before clap sees them.
+    let (args, image_keys) = match secrets::rewrite_image_opts(std::env::args().collect()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fvd: {}", one_line(&format!("{e:#}")));
+            return ExitCode::from(1);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -126,8 +146,19 @@ fn main() -> ExitCode {
     };
     for spec in &cli.object {
         // The message never repeats the option: it may hold a secret.
-        if let Err(msg) = fvd_remote::s3::configure(spec) {
+        let r = if secrets::is_secret(spec) {
+            secrets::add_object(spec).map_err(|e| format!("{e:#}"))
+        } else {
+            fvd_remote::s3::configure(spec)
+        };
+        if let Err(msg) = r {
             eprintln!("fvd: --object: {}", one_line(&msg));
+            return ExitCode::from(cli.command.error_code());
+        }
+    }
+    for (path, id) in &image_keys {
+        if let Err(e) = secrets::assign(path, id) {
+            eprintln!("fvd: --image-opts: {}", one_line(&format!("{e:#}")));
             return ExitCode::from(cli.command.error_code());
         }
     }
@@ -143,7 +174,7 @@ fn main() -> ExitCode {
     };
     let code = cli.command.error_code();
     // How images name their bases: local files, NBD and HTTP(S) URLs, qcow2.
-    let opener = fvd_remote::opener();
+    let opener = secrets::with_keys(fvd_remote::opener());
     let o = &opener;
     let result = rt.block_on(async move {
         match cli.command {
@@ -163,6 +194,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => cmd::demo::run(a).await,
             Command::Serve(a) => cmd::serve::run(a, o).await,
             Command::Mount(a) => cmd::mount::run(a, o).await,
+            Command::Luks(a) => cmd::luks::run(a, o).await,
         }
     });
     let output = out::finish();

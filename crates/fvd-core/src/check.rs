@@ -178,6 +178,21 @@ async fn load(
         ));
     }
     r.clean = h.is_clean();
+    if h.incompatible & crate::format::header::INCOMPAT_ENCRYPTED != 0 {
+        let keys = h.region(Region::KeySlots);
+        let n = crate::crypt::luks::AREA_BYTES as usize;
+        let luks = storage
+            .read_at(keys.offset, IoBuf::zeroed(n))
+            .await
+            .map_err(|e| Error::io(format!("{desc}: read key slots"), e))?;
+        match crate::crypt::luks::Header::decode(&luks) {
+            Ok(l) if l.active_slots().is_empty() => r
+                .corruptions
+                .push("LUKS header: no key slot is active; the data cannot be decrypted".into()),
+            Ok(_) => {}
+            Err(e) => r.corruptions.push(e.to_string()),
+        }
+    }
     let data = h.region(Region::Data);
     r.image_end_offset = data.end();
     if len < data.end() {

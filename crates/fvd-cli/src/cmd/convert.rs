@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
 use crate::common::{
-    CONVERT_KEYS, STATUS_WINDOW, at, extents, open, parse_format, parse_image_options,
+    CONVERT_KEYS, STATUS_WINDOW, at, create_encryption, extents, open, parse_format,
+    parse_image_options, require_key,
 };
 
 /// Largest piece read and written at once.
@@ -68,7 +69,8 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         || opts.journal_size.is_some()
         || opts.compact.is_some()
         || opts.chunk_size.is_some()
-        || opts.grow_unit.is_some();
+        || opts.grow_unit.is_some()
+        || opts.encrypt_given();
     if a.output_format == Format::Raw && any_option {
         bail!(
             "{}: -o options are not supported for raw output",
@@ -88,6 +90,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         );
     }
     let src = Arc::new(open(opener, &a.source, a.format, true, a.force_share).await?);
+    require_key(&src, &a.source)?;
     let src_size = src.virtual_size();
     let dst_size = match a.output_format {
         Format::Fvd => src_size.div_ceil(512) * 512,
@@ -105,6 +108,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 compact: opts.compact.unwrap_or(false),
                 chunk_size: opts.chunk_size,
                 grow_unit: opts.grow_unit,
+                encryption: create_encryption(&opts, &a.target)?,
                 ..CreateOptions::default()
             };
             opener

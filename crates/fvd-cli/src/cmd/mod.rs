@@ -11,6 +11,7 @@ pub mod demo;
 pub mod demo_nbd;
 pub mod info;
 pub mod io;
+pub mod luks;
 pub mod map;
 pub mod mount;
 pub mod prefetch;

@@ -215,6 +215,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             anyhow!("{path}: {msg}")
         }
     })?;
+    crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
     let extras = match super::serve_extras::start(&image, &a.base, started).await {
         Ok(x) => x,

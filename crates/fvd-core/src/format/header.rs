@@ -533,6 +533,20 @@ impl Header {
         if j.length < 4096 {
             return Err(Error::corrupt("journal region is missing"));
         }
+        let keys = self.region(Region::KeySlots).length;
+        if self.incompatible & INCOMPAT_ENCRYPTED != 0 && keys < crate::crypt::luks::AREA_BYTES {
+            return Err(Error::corrupt(format!(
+                "key-slot region is {keys} bytes, an encrypted image needs {} for its LUKS header",
+                crate::crypt::luks::AREA_BYTES
+            )));
+        }
+        if self.incompatible & INCOMPAT_ENCRYPTED != 0
+            && !self.region(Region::Data).offset.is_multiple_of(512)
+        {
+            return Err(Error::corrupt(
+                "data region of an encrypted image is not sector aligned",
+            ));
+        }
         let data = self.region(Region::Data);
         if self.incompatible & INCOMPAT_COMPACT == 0 && data.length < self.virtual_size {
             return Err(Error::corrupt(format!(
@@ -639,6 +653,7 @@ mod tests {
             journal_size: None,
             compact: false,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap()
     }

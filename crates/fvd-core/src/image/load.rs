@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::compact::{self, Compact};
+use super::encrypt::Encryption;
 use super::map::{Layout, Mapping};
 use super::rangelock::RangeLocks;
 use super::{Image, OpenOptions, cor, expect_len, prefetch, profile};
 use crate::base::Base;
+use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{
@@ -25,17 +27,45 @@ impl Image {
         base: Option<Arc<dyn Base>>,
         opts: OpenOptions,
     ) -> Result<Image> {
+        Self::open_with_key(storage, base, opts, None).await
+    }
+
+    /// Open an FVD image on `storage`; `key` is the passphrase of an
+    /// encrypted image. Without it an encrypted image opens for metadata
+    /// work only (data I/O fails with [`ErrorKind::KeyRequired`]); a key
+    /// that opens no key slot fails before anything is written.
+    pub async fn open_with_key(
+        storage: Arc<dyn Storage>,
+        base: Option<Arc<dyn Base>>,
+        opts: OpenOptions,
+        key: Option<&Secret>,
+    ) -> Result<Image> {
         let desc = storage.describe();
         let (h, slot) = read_header(storage.as_ref()).await?;
-        let unsupported = h.incompatible & (INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS);
+        let unsupported = h.incompatible & INCOMPAT_SNAPSHOTS;
         if unsupported != 0 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{desc}: image uses features {unsupported:#x} (encrypted/snapshots) not supported by this build"
+                    "{desc}: image uses features {unsupported:#x} (snapshots) not supported by this build"
                 ),
             ));
         }
+        // Keys first: a wrong passphrase must fail before a replay writes.
+        let crypt = if h.incompatible & INCOMPAT_ENCRYPTED != 0 {
+            Some(
+                Encryption::open(
+                    storage.as_ref(),
+                    h.region(Region::KeySlots),
+                    h.region(Region::Data).offset,
+                    key,
+                    &desc,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let is_compact = h.incompatible & INCOMPAT_COMPACT != 0;
         let data = h.region(Region::Data);
         let file_len = storage
@@ -122,6 +152,7 @@ impl Image {
             latency: prefetch::LatencyWatch::default(),
             header: Some(h),
             replayed_blocks: replay_blocks,
+            crypt,
         })
     }
 
@@ -146,6 +177,7 @@ impl Image {
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
             latency: prefetch::LatencyWatch::default(),
+            crypt: None,
         })
     }
 }

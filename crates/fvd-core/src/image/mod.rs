@@ -31,6 +31,7 @@ use crate::storage::Storage;
 pub(crate) mod compact;
 mod cor;
 mod create;
+mod encrypt;
 mod lifecycle;
 mod load;
 pub mod map;
@@ -43,7 +44,8 @@ mod status;
 mod write;
 mod zero;
 
-pub use create::{CreateOptions, create};
+pub use create::{CreateEncryption, CreateOptions, create};
+pub use encrypt::KeySlotChange;
 pub use load::read_header;
 pub(crate) use load::read_table;
 
@@ -118,6 +120,8 @@ pub struct Image {
     foreground_ops: AtomicU64,
     /// Latency of guest requests, timed once a prefetch watches it.
     latency: prefetch::LatencyWatch,
+    /// Keys and sector locks of an encrypted image (`encrypt.rs`).
+    crypt: Option<encrypt::Encryption>,
 }
 
 fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {

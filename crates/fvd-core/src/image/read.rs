@@ -61,20 +61,30 @@ impl Image {
         Ok(out)
     }
 
-    /// Read image bytes at host offset `host` (virtual offset `virt`, for messages).
+    /// Read image bytes at host offset `host` (virtual offset `virt`, for
+    /// messages), decrypted in an encrypted image.
     pub(super) async fn read_host(&self, host: u64, virt: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(c) = &self.crypt {
+            return self.read_encrypted(c, host, virt, out).await;
+        }
+        let buf = self.read_storage(host, out.len(), virt).await?;
+        out.copy_from_slice(&buf);
+        Ok(())
+    }
+
+    /// `len` bytes of the storage at host offset `host`, as stored.
+    pub(super) async fn read_storage(&self, host: u64, len: usize, virt: u64) -> Result<IoBuf> {
         let buf = self
             .storage
-            .read_at(host, IoBuf::for_overwrite(out.len()))
+            .read_at(host, IoBuf::for_overwrite(len))
             .await
             .map_err(self.io_err("read", virt))?;
         expect_len(
             &buf,
-            out.len(),
+            len,
             &format!("{}: read at offset {virt}", self.describe()),
         )?;
-        out.copy_from_slice(&buf);
-        Ok(())
+        Ok(buf)
     }
 
     /// Read base bytes at `offset`.

@@ -64,8 +64,17 @@ impl Image {
         Ok(())
     }
 
-    /// Write image bytes at host offset `host` (virtual offset `virt`, for messages).
+    /// Write image bytes at host offset `host` (virtual offset `virt`, for
+    /// messages), encrypted in an encrypted image.
     pub(super) async fn write_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
+        match &self.crypt {
+            Some(c) => self.write_encrypted(c, host, virt, buf).await,
+            None => self.write_storage(host, virt, buf).await,
+        }
+    }
+
+    /// Write `buf` to the storage at host offset `host`, as it is.
+    pub(super) async fn write_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
         let n = buf.len() as u64;
         self.storage
             .write_at(host, buf, false)

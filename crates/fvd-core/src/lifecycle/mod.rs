@@ -86,6 +86,19 @@ pub(crate) async fn read_clean(storage: &dyn Storage) -> Result<Clean> {
     })
 }
 
+/// Refuse `op` on an encrypted image: its sectors are encrypted with tweaks
+/// of where they lie in the data region (docs/FORMAT.md §9), and the
+/// operations that move or copy data do not carry keys yet.
+pub(crate) fn refuse_encrypted(h: &Header, desc: &str, op: &str) -> Result<()> {
+    if h.incompatible & header::INCOMPAT_ENCRYPTED == 0 {
+        return Ok(());
+    }
+    Err(Error::new(
+        crate::error::ErrorKind::Unsupported,
+        format!("{desc}: {op} of an encrypted image is not supported yet"),
+    ))
+}
+
 /// The metadata an operation wants in force after its switch.
 pub(crate) struct Target {
     /// The new header: size, base fields, flags, data region, options. Its

@@ -90,6 +90,9 @@ pub async fn rebase(
     unsafe_mode: bool,
 ) -> Result<Rebased> {
     let (h, _) = read_header(storage.as_ref()).await?;
+    if !unsafe_mode {
+        super::refuse_encrypted(&h, &storage.describe(), "a safe rebase or flatten")?;
+    }
     let mut done = Rebased::default();
     if !unsafe_mode || !h.is_clean() {
         let img = open_engine(&storage, old_base).await?;

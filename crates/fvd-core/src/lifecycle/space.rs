@@ -156,6 +156,7 @@ mod tests {
             journal_size: Some(journal),
             compact,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap()
     }

@@ -28,8 +28,10 @@ use std::sync::Arc;
 use super::PathOptions;
 use super::fvd_base::FvdBase;
 use crate::base::{Base, RawBase};
+use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
+use crate::format::header::INCOMPAT_ENCRYPTED;
 use crate::image::{Image, OpenOptions, read_header};
 use crate::storage::file::FileOptions;
 use crate::storage::{FileStorage, Storage};
@@ -101,13 +103,19 @@ pub trait BaseProvider: Send + Sync {
     fn join_url(&self, parent: &str, name: &str) -> Option<Result<String>>;
 }
 
+/// The passphrase of the encrypted FVD image at a path, if the program has
+/// one (asked for the image opened and for every FVD base of its chain).
+pub type KeyLookup = Arc<dyn Fn(&Path) -> Option<Secret> + Send + Sync>;
+
 /// Opens images and their bases: providers, chain depth limit, resolution
-/// of recorded base names, and how base files are opened. Cheap to clone.
+/// of recorded base names, how base files are opened, and the keys of
+/// encrypted images. Cheap to clone.
 #[derive(Clone)]
 pub struct Opener {
     providers: Vec<Arc<dyn BaseProvider>>,
     max_depth: usize,
     files: PathOptions,
+    keys: Option<KeyLookup>,
 }
 
 impl Default for Opener {
@@ -126,7 +134,19 @@ impl Opener {
                 read_only: true,
                 ..PathOptions::default()
             },
+            keys: None,
         }
+    }
+
+    /// Ask `keys` for the passphrase of every encrypted FVD image opened.
+    pub fn with_keys(mut self, keys: KeyLookup) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The passphrase known for the image at `path`.
+    pub fn key_for(&self, path: &Path) -> Option<Secret> {
+        self.keys.as_ref().and_then(|k| k(path))
     }
 
     /// Ask `p` too (after the providers added before it).
@@ -311,12 +331,17 @@ impl Opener {
             let desc = path.display().to_string();
             crate::base::fingerprint::verify(&desc, &h, b.as_ref()).await?;
         }
-        Image::open(
+        let key = match h.incompatible & INCOMPAT_ENCRYPTED {
+            0 => None,
+            _ => self.key_for(path),
+        };
+        Image::open_with_key(
             storage,
             base,
             OpenOptions {
                 read_only: opts.read_only,
             },
+            key.as_ref(),
         )
         .await
     }
