@@ -67,13 +67,16 @@ enum Command {
     Rebase(cmd::rebase::Args),
     /// Change image options in place (like qemu-img amend).
     Amend(cmd::amend::Args),
+    /// List, create, apply or delete internal snapshots (like qemu-img
+    /// snapshot), also of an image `fvd serve` exports (--server).
+    Snapshot(cmd::snapshot::Args),
     /// Run qemu-io style commands on an image (like qemu-io).
     Io(cmd::io::Args),
     /// Show copy-on-write and free writes on a built-in example.
     Demo(cmd::demo::Args),
     /// Export an image over NBD (like qemu-nbd) or vhost-user-blk (like
     /// qemu-storage-daemon --export type=vhost-user-blk).
-    Serve(cmd::serve::ServeArgs),
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Copy everything from the base into the image, then detach the base.
     Prefetch(cmd::prefetch::Args),
     /// Show, export or import an image's prefetch profile.
@@ -188,11 +191,12 @@ fn main() -> ExitCode {
             Command::Commit(a) => cmd::commit::run(a, o).await,
             Command::Rebase(a) => cmd::rebase::run(a, o).await,
             Command::Amend(a) => cmd::amend::run(a, o).await,
+            Command::Snapshot(a) => cmd::snapshot::run(a, o).await,
             Command::Io(a) => cmd::io::run(a, o).await,
             Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
             Command::Profile(a) => cmd::profile::run(a, o).await,
             Command::Demo(a) => cmd::demo::run(a).await,
-            Command::Serve(a) => cmd::serve::run(a, o).await,
+            Command::Serve(a) => cmd::serve::run(*a, o).await,
             Command::Mount(a) => cmd::mount::run(a, o).await,
             Command::Luks(a) => cmd::luks::run(a, o).await,
         }

@@ -12,6 +12,7 @@ use fvd_core::format::header::{
 use fvd_core::{Format, Image, Location, Opener};
 use serde::Serialize;
 
+use crate::cmd::snapshot::{SnapshotJson, table};
 use crate::common::{open, parse_format, print_json};
 use crate::size::human;
 
@@ -68,6 +69,8 @@ struct InfoJson {
         skip_serializing_if = "Option::is_none"
     )]
     full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    snapshots: Vec<SnapshotJson>,
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     format_specific: Option<FormatSpecific>,
 }
@@ -246,6 +249,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         (name.to_string(), format.name().to_string(), full)
     });
     let data = h.as_ref().map(|h| fvd_data(&img, h));
+    let snapshots: Vec<SnapshotJson> = img.snapshots().iter().map(SnapshotJson::from).collect();
     match a.output {
         Output::Json => {
             let j = InfoJson {
@@ -259,6 +263,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 backing_filename: backing.as_ref().map(|b| b.0.clone()),
                 backing_filename_format: backing.as_ref().map(|b| b.1.clone()),
                 full_backing_filename: backing.as_ref().map(|b| b.2.clone()),
+                snapshots,
                 format_specific: data.map(|data| FormatSpecific { kind: "fvd", data }),
             };
             print_json(&j)?;
@@ -285,6 +290,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                     }
                     outln!("backing file format: {fmt}");
                 }
+                out!("{}", table(&snapshots));
                 outln!("Format specific information:");
                 outln!("    version: {}", d.version);
                 if d.base_blocks == 0 {

@@ -221,7 +221,18 @@ impl Header {
     /// unaligned base end is backed by the base as a whole (zeros past the
     /// base's end), so its bit governs all of it.
     pub fn base_range(&self) -> u64 {
-        if self.base_name.is_empty() || self.flags & FLAG_ALL_LOCAL != 0 {
+        if self.flags & FLAG_ALL_LOCAL != 0 {
+            0
+        } else {
+            self.recorded_base_range()
+        }
+    }
+
+    /// The base range the recorded base defines, whether or not `ALL_LOCAL`
+    /// is set (a snapshot taken before the base was detached still reads
+    /// from it).
+    pub fn recorded_base_range(&self) -> u64 {
+        if self.base_name.is_empty() {
             0
         } else {
             self.base_size
@@ -229,6 +240,11 @@ impl Header {
                 .div_ceil(512)
                 .saturating_mul(512)
         }
+    }
+
+    /// Bits of the bitmap over [`Header::recorded_base_range`].
+    pub fn recorded_base_blocks(&self) -> u64 {
+        self.recorded_base_range().div_ceil(self.block_size as u64)
     }
 
     /// A region's extent.

@@ -21,6 +21,7 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        let _gate = self.enter().await;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         for run in self.map.request(offset, len) {
             let part = &mut buf[(run.start - offset) as usize..(run.end() - offset) as usize];

@@ -41,7 +41,10 @@ impl Image {
         let Some(c) = self.map.compact() else {
             return Ok(());
         };
-        if c.chunk_size >= PAGE {
+        // Chunks only snapshots hold are not in the table: leave images
+        // with snapshots alone.
+        let held = (0..c.high_water()).any(|p| c.refcount(p as u32) > 0);
+        if c.chunk_size >= PAGE || held {
             return Ok(());
         }
         let table = c.table_snapshot();

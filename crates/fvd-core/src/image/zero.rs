@@ -28,6 +28,7 @@ impl Image {
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, len)?;
         if len > 0 {
+            let _gate = self.enter().await;
             if self.map.direct_zero(offset, len, unmap) {
                 self.zero_image(offset, len, unmap, &Allocation::none())
                     .await?;

@@ -142,7 +142,7 @@ pub struct Committed {
 /// used only when the journal needs a replay first.
 pub async fn mark(storage: &Arc<dyn Storage>, view: Option<Arc<dyn Base>>) -> Result<()> {
     let (h, _) = read_header(storage.as_ref()).await?;
-    super::refuse_encrypted(&h, &storage.describe(), "commit")?;
+    super::refuse_unsupported(&h, &storage.describe(), "commit")?;
     if h.base_validator == COMMIT_IN_PROGRESS {
         return Ok(());
     }
@@ -161,7 +161,7 @@ pub async fn mark(storage: &Arc<dyn Storage>, view: Option<Arc<dyn Base>>) -> Re
 /// data; else it is emptied.
 pub async fn commit(storage: Arc<dyn Storage>, base: &BaseWriter, keep: bool) -> Result<Committed> {
     let (h, _) = read_header(storage.as_ref()).await?;
-    super::refuse_encrypted(&h, &storage.describe(), "commit")?;
+    super::refuse_unsupported(&h, &storage.describe(), "commit")?;
     if h.base_name.is_empty() {
         return Err(Error::arg(format!(
             "{}: the image has no base image to commit into",
@@ -314,7 +314,7 @@ async fn empty_data(
 pub async fn commit_path(opener: &Opener, path: &Path, keep: bool) -> Result<Committed> {
     let storage = super::open_image_storage(path)?;
     let (h, _) = read_header(storage.as_ref()).await?;
-    super::refuse_encrypted(&h, &storage.describe(), "commit")?;
+    super::refuse_unsupported(&h, &storage.describe(), "commit")?;
     let Some((name, fmt)) = h.base() else {
         return Err(Error::arg(format!(
             "{}: the image has no base image to commit into",

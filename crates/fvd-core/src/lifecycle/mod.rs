@@ -86,16 +86,22 @@ pub(crate) async fn read_clean(storage: &dyn Storage) -> Result<Clean> {
     })
 }
 
-/// Refuse `op` on an encrypted image: its sectors are encrypted with tweaks
-/// of where they lie in the data region (docs/FORMAT.md §9), and the
-/// operations that move or copy data do not carry keys yet.
-pub(crate) fn refuse_encrypted(h: &Header, desc: &str, op: &str) -> Result<()> {
-    if h.incompatible & header::INCOMPAT_ENCRYPTED == 0 {
+/// Refuse `op` on an image the lifecycle operations do not handle yet: an
+/// encrypted one (its sectors are encrypted with tweaks of where they lie
+/// in the data region, docs/FORMAT.md §9, and the operations that move or
+/// copy data do not carry keys), or one with internal snapshots (their
+/// tables and chunks are not carried over, §10).
+pub(crate) fn refuse_unsupported(h: &Header, desc: &str, op: &str) -> Result<()> {
+    let what = if h.incompatible & header::INCOMPAT_ENCRYPTED != 0 {
+        "an encrypted image"
+    } else if h.incompatible & header::INCOMPAT_SNAPSHOTS != 0 {
+        "an image with internal snapshots"
+    } else {
         return Ok(());
-    }
+    };
     Err(Error::new(
         crate::error::ErrorKind::Unsupported,
-        format!("{desc}: {op} of an encrypted image is not supported yet"),
+        format!("{desc}: {op} of {what} is not supported yet"),
     ))
 }
 

@@ -91,7 +91,9 @@ pub async fn rebase(
 ) -> Result<Rebased> {
     let (h, _) = read_header(storage.as_ref()).await?;
     if !unsafe_mode {
-        super::refuse_encrypted(&h, &storage.describe(), "a safe rebase or flatten")?;
+        super::refuse_unsupported(&h, &storage.describe(), "a safe rebase or flatten")?;
+    } else if h.incompatible & crate::format::header::INCOMPAT_SNAPSHOTS != 0 {
+        super::refuse_unsupported(&h, &storage.describe(), "rebase")?;
     }
     let mut done = Rebased::default();
     if !unsafe_mode || !h.is_clean() {

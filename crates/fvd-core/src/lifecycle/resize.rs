@@ -79,7 +79,7 @@ pub async fn resize(
     shrink: bool,
 ) -> Result<Resized> {
     let (h, _) = read_header(storage.as_ref()).await?;
-    super::refuse_encrypted(&h, &storage.describe(), "resize")?;
+    super::refuse_unsupported(&h, &storage.describe(), "resize")?;
     let old_size = h.virtual_size;
     check_size(old_size, new_size, shrink)?;
     let mut done = Resized {

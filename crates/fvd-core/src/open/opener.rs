@@ -31,7 +31,8 @@ use crate::base::{Base, RawBase};
 use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
-use crate::format::header::INCOMPAT_ENCRYPTED;
+use crate::format::header::{Header, INCOMPAT_ENCRYPTED};
+use crate::image::snapshot::{SnapshotSel, snapshot_needs_base};
 use crate::image::{Image, OpenOptions, read_header};
 use crate::storage::file::FileOptions;
 use crate::storage::{FileStorage, Storage};
@@ -310,31 +311,10 @@ impl Opener {
         depth: usize,
     ) -> Result<Image> {
         let (h, _) = read_header(storage.as_ref()).await?;
-        let base = match h.base() {
-            Some((name, format)) if h.base_range() > 0 => {
-                let here = Location::Path(path.to_path_buf());
-                let bases = self.with_file_options(opts);
-                Some(
-                    bases
-                        .open_named(&here, name, format, depth + 1)
-                        .await
-                        .map_err(|e| e.context(format!("{}: base", path.display())))?,
-                )
-            }
-            _ => None,
-        };
-        if let Some(b) = &base
-            && !opts.force_share
-        {
-            // The engine checks the base's size and validator; its content
-            // is sampled here, where -U can skip it.
-            let desc = path.display().to_string();
-            crate::base::fingerprint::verify(&desc, &h, b.as_ref()).await?;
-        }
-        let key = match h.incompatible & INCOMPAT_ENCRYPTED {
-            0 => None,
-            _ => self.key_for(path),
-        };
+        let base = self
+            .fvd_base(path, storage.as_ref(), opts, depth, None)
+            .await?;
+        let key = self.key_of(path, &h);
         Image::open_with_key(
             storage,
             base,
@@ -345,9 +325,70 @@ impl Opener {
         )
         .await
     }
+
+    /// The base an FVD image (or its snapshot `sel`) reads from, opened;
+    /// `None` when it reads nothing from one.
+    async fn fvd_base(
+        &self,
+        path: &Path,
+        storage: &dyn Storage,
+        opts: PathOptions,
+        depth: usize,
+        sel: Option<&SnapshotSel>,
+    ) -> Result<Option<Arc<dyn Base>>> {
+        let (h, _) = read_header(storage).await?;
+        let Some((name, format)) = h.base() else {
+            return Ok(None);
+        };
+        if !snapshot_needs_base(storage, &h, sel).await? {
+            return Ok(None);
+        }
+        let here = Location::Path(path.to_path_buf());
+        let bases = self.with_file_options(opts);
+        let base = bases
+            .open_named(&here, name, format, depth + 1)
+            .await
+            .map_err(|e| e.context(format!("{}: base", path.display())))?;
+        if !opts.force_share {
+            // The engine checks the base's size and validator; its content
+            // is sampled here, where -U can skip it.
+            let desc = path.display().to_string();
+            crate::base::fingerprint::verify(&desc, &h, base.as_ref()).await?;
+        }
+        Ok(Some(base))
+    }
+
+    /// Open snapshot `sel` of the FVD image at `path`, read-only (like
+    /// `qemu-img convert -l` and `qemu-nbd -l`).
+    pub async fn open_snapshot(
+        &self,
+        path: &Path,
+        opts: PathOptions,
+        sel: &SnapshotSel,
+    ) -> Result<Image> {
+        let opts = PathOptions {
+            read_only: true,
+            ..opts
+        };
+        let storage = open_storage(path, opts)?;
+        let (h, _) = read_header(storage.as_ref()).await?;
+        let base = self
+            .fvd_base(path, storage.as_ref(), opts, 0, Some(sel))
+            .await?;
+        let key = self.key_of(path, &h);
+        Image::open_snapshot_with_key(storage, base, sel, key.as_ref()).await
+    }
+
+    /// The passphrase of the image at `path` when its header says it is
+    /// encrypted.
+    fn key_of(&self, path: &Path, h: &Header) -> Option<Secret> {
+        match h.incompatible & INCOMPAT_ENCRYPTED {
+            0 => None,
+            _ => self.key_for(path),
+        }
+    }
 }
 
-/// Open a file as storage, locked unless force-shared.
 pub(super) fn open_storage(path: &Path, opts: PathOptions) -> Result<Arc<dyn Storage>> {
     let fo = FileOptions {
         write: !opts.read_only,
