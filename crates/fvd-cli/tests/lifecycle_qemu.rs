@@ -423,3 +423,56 @@ fn bad_lifecycle_input_leaves_the_image_alone() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Images the lifecycle operations do not handle yet (encrypted, with
+/// internal snapshots) are refused with one line naming them, unchanged;
+/// amend still works on both.
+#[test]
+fn encrypted_and_snapshotted_images_are_refused_unchanged() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    fvd(d, &["create", "-q", "-f", "raw", "base.raw", "4M"]).ok("base");
+    let obj = "secret,id=s0,data=pw";
+    fvd(
+        d,
+        &[
+            "--object",
+            obj,
+            "create",
+            "-q",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "enc.fvd",
+            "4M",
+        ],
+    )
+    .ok("encrypted image");
+    fvd(
+        d,
+        &[
+            "create", "-q", "-o", "compact=on", "-b", "base.raw", "-F", "raw", "snap.fvd", "4M",
+        ],
+    )
+    .ok("compact image");
+    fvd(d, &["io", "-c", "write -P 3 0 64k", "snap.fvd"]).ok("write");
+    fvd(d, &["snapshot", "-c", "s1", "snap.fvd"]).ok("snapshot");
+    for (file, what) in [
+        ("enc.fvd", "an encrypted image"),
+        ("snap.fvd", "an image with internal snapshots"),
+    ] {
+        let cases: [&[&str]; 3] = [
+            &["--object", obj, "resize", file, "8M"],
+            &["--object", obj, "commit", file],
+            &["--object", obj, "rebase", "-b", "", file],
+        ];
+        for args in cases {
+            fails_cleanly(d, args, file, what);
+        }
+        fvd(d, &["amend", "-o", "copy_on_read=on", file]).ok("amend");
+    }
+    fvd(d, &["check", "snap.fvd"]).ok("check");
+}
