@@ -454,7 +454,16 @@ fn encrypted_and_snapshotted_images_are_refused_unchanged() {
     fvd(
         d,
         &[
-            "create", "-q", "-o", "compact=on", "-b", "base.raw", "-F", "raw", "snap.fvd", "4M",
+            "create",
+            "-q",
+            "-o",
+            "compact=on",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "snap.fvd",
+            "4M",
         ],
     )
     .ok("compact image");

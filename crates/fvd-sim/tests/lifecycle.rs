@@ -15,7 +15,7 @@ use fvd_core::lifecycle::commit::{BaseWriter, commit};
 use fvd_core::lifecycle::rebase::{NewBase, rebase};
 use fvd_core::lifecycle::resize::resize;
 use fvd_core::storage::{MemStorage, Storage};
-use fvd_core::{CreateOptions, Format, Image, OpenOptions};
+use fvd_core::{CreateOptions, Format, Image, IoBuf, OpenOptions};
 use fvd_sim::Rng;
 
 /// A raw base in memory and what it holds.
@@ -94,9 +94,8 @@ impl World {
         ))
         .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
         assert_eq!(img.virtual_size(), self.model.len() as u64, "{what}: size");
-        let mut got = vec![0u8; self.model.len()];
-        block_on(img.read(0, &mut got)).unwrap();
-        if got != self.model {
+        let got = block_on(img.read(0, IoBuf::zeroed(self.model.len()))).unwrap();
+        if got[..] != self.model[..] {
             let at = got
                 .iter()
                 .zip(&self.model)
@@ -182,7 +181,7 @@ fn run_case(seed: u64, compact: Option<u32>, block_size: u32) {
                     } else {
                         let b = rng.next_u64() as u8;
                         let data = vec![b; len as usize];
-                        block_on(img.write(off, &data, false)).unwrap();
+                        block_on(img.write(off, IoBuf::from_slice(&data), false)).unwrap();
                         w.model[off as usize..(off + len) as usize].fill(b);
                     }
                 }
@@ -304,7 +303,7 @@ fn compact_table_growth_moves_the_data_region() {
     // Fill the whole disk, so the first physical chunks hold data.
     for i in 0..(2u64 << 20) / 4096 {
         let data = vec![(i % 251) as u8 + 1; 4096];
-        block_on(img.write(i * 4096, &data, false)).unwrap();
+        block_on(img.write(i * 4096, IoBuf::from_slice(&data), false)).unwrap();
         w.model[(i * 4096) as usize..((i + 1) * 4096) as usize].copy_from_slice(&data);
     }
     block_on(img.close()).unwrap();
@@ -329,7 +328,7 @@ fn compact_table_growth_moves_the_data_region() {
     w.model.resize(3 << 20, 0);
     w.verify("after shrinking");
     let img = w.open();
-    block_on(img.write(5000, &[9u8; 70000], false)).unwrap();
+    block_on(img.write(5000, IoBuf::from_slice(&[9u8; 70000]), false)).unwrap();
     w.model[5000..75000].fill(9);
     block_on(img.close()).unwrap();
     w.verify("writes after");
@@ -423,7 +422,7 @@ fn commit_punches_the_chunks_of_a_compact_image_on_a_device() {
     let mut model = base.bytes.clone();
     for i in 0..6u64 {
         let off = i * 150_000;
-        block_on(img.write(off, &[i as u8 + 3; 70_000], false)).unwrap();
+        block_on(img.write(off, IoBuf::from_slice(&[i as u8 + 3; 70_000]), false)).unwrap();
         model[off as usize..off as usize + 70_000].fill(i as u8 + 3);
     }
     block_on(img.close()).unwrap();
@@ -451,9 +450,8 @@ fn commit_punches_the_chunks_of_a_compact_image_on_a_device() {
         OpenOptions::default(),
     ))
     .unwrap();
-    let mut got = vec![0u8; 1 << 20];
-    block_on(img.read(0, &mut got)).unwrap();
-    assert!(got == model, "image after commit");
+    let got = block_on(img.read(0, IoBuf::zeroed(1 << 20))).unwrap();
+    assert!(got[..] == model[..], "image after commit");
     block_on(img.close()).unwrap();
     let r = block_on(fvd_core::check::check_storage(dev.as_ref(), None)).unwrap();
     assert_eq!(r.exit_code(), 0, "{:?} {:?}", r.leaks, r.corruptions);

@@ -137,7 +137,7 @@ fn setup(exec: &Executor, op: Op, seed: u64) -> Disks {
             let len = (rng.below(64) + 1) * 512;
             let len = len.min(size - off);
             let byte = rng.below(255) as u8 + 1;
-            img.write(off, &vec![byte; len as usize], false)
+            img.write(off, IoBuf::from_slice(&vec![byte; len as usize]), false)
                 .await
                 .unwrap();
         }
@@ -146,7 +146,7 @@ fn setup(exec: &Executor, op: Op, seed: u64) -> Disks {
             // table to grow first.
             for off in (0..size).step_by(4096) {
                 let n = 4096.min(size - off);
-                img.write(off, &vec![0x5a; n as usize], false)
+                img.write(off, IoBuf::from_slice(&vec![0x5a; n as usize]), false)
                     .await
                     .unwrap();
             }
@@ -201,9 +201,10 @@ async fn view(d: &Disks, base: Option<usize>) -> fvd_core::Result<Vec<u8>> {
         },
     )
     .await?;
-    let mut v = vec![0u8; img.virtual_size() as usize];
-    img.read(0, &mut v).await?;
-    Ok(v)
+    let v = img
+        .read(0, IoBuf::zeroed(img.virtual_size() as usize))
+        .await?;
+    Ok(v.to_vec())
 }
 
 /// Which base the (crashed) image names: 0, 1 or none.

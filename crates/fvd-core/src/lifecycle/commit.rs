@@ -69,14 +69,14 @@ impl BaseWriter {
         }
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+    async fn write(&self, offset: u64, data: IoBuf) -> Result<()> {
         match self {
             BaseWriter::Raw(s) => s
-                .write_at(offset, IoBuf::from_slice(&data), false)
+                .write_at(offset, data, false)
                 .await
                 .map(|_| ())
                 .map_err(|e| Error::io(format!("{}: write at offset {offset}", s.describe()), e)),
-            BaseWriter::Fvd(i) => i.write(offset, &data, false).await,
+            BaseWriter::Fvd(i) => i.write(offset, data, false).await.map(|_| ()),
         }
     }
 
@@ -250,8 +250,7 @@ async fn copy_local_data(img: &Image, base: &BaseWriter, view: &dyn Base) -> Res
                 .iter()
                 .map(|&(off, n)| {
                     Box::pin(async move {
-                        let mut buf = vec![0u8; n as usize];
-                        img.read(off, &mut buf).await?;
+                        let buf = img.read(off, IoBuf::for_overwrite(n as usize)).await?;
                         base.write(off, buf).await
                     })
                         as std::pin::Pin<

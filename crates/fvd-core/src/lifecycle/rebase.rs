@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::format::header::{FLAG_ALL_LOCAL, Header};
 use crate::image::{Image, Source, read_header};
+use crate::iobuf::IoBuf;
 use crate::open::{Location, Opener};
 use crate::storage::Storage;
 
@@ -173,19 +174,15 @@ async fn copy_window(
     new_base: Option<&dyn Base>,
 ) -> Result<u64> {
     // Both reads at once.
-    type Read<'a> =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>>> + Send + 'a>>;
+    type Read<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<IoBuf>> + Send + 'a>>;
     let len = (e - s) as usize;
     let mut reads: Vec<Read<'_>> = vec![Box::pin(async move {
-        let mut old = vec![0u8; len];
-        img.read(s, &mut old).await?;
-        Ok(old)
+        img.read(s, IoBuf::for_overwrite(len)).await
     })];
     if let Some(b) = new_base {
         reads.push(Box::pin(async move {
-            b.read_at(s, crate::iobuf::IoBuf::zeroed(len))
+            b.read_at(s, IoBuf::zeroed(len))
                 .await
-                .map(|buf| buf.to_vec())
                 .map_err(|er| Error::io(format!("{}: read at offset {s}", b.describe()), er))
         }));
     }
@@ -236,8 +233,12 @@ async fn copy_run(img: &Image, s: u64, e: u64, bs: u64, data: &[u8]) -> Result<u
         img.write_zeroes(s, e - s, true, false).await?;
         return Ok(0);
     }
-    img.fill_blocks(s / bs..e.div_ceil(bs), Some((s, data)), true)
-        .await
+    img.fill_blocks(
+        s / bs..e.div_ceil(bs),
+        Some((s, IoBuf::from_slice(data))),
+        true,
+    )
+    .await
 }
 
 /// Rebase the image file at `path` onto `new` (`None`: flatten), a base
