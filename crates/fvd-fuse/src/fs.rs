@@ -466,14 +466,7 @@ mod tests {
 
     fn file(read_only: bool) -> (DiskFile, Arc<MemStorage>) {
         let mem = Arc::new(MemStorage::from_bytes("mem", &vec![0xee; SIZE as usize]));
-        let image = Image::open_raw(
-            mem.clone(),
-            OpenOptions {
-                read_only,
-                ..Default::default()
-            },
-        )
-        .expect("open raw");
+        let image = Image::open_raw(mem.clone(), OpenOptions { read_only }).expect("open raw");
         let opts = FileOptions {
             read_only,
             ..FileOptions::default()

@@ -253,10 +253,7 @@ pub fn image_as_is(data: &[u8]) -> Reached {
             if let Ok(ro) = block_on(Image::open(
                 Arc::new(storage.clone()),
                 base.clone(),
-                OpenOptions {
-                    read_only: true,
-                    ..Default::default()
-                },
+                OpenOptions { read_only: true },
             )) {
                 exercise_reads(&ro);
                 return Reached::ReadOnly;

@@ -87,10 +87,7 @@ impl World {
         let img = block_on(Image::open(
             Arc::new(self.image.clone()),
             self.base(),
-            OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
+            OpenOptions { read_only: true },
         ))
         .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
         assert_eq!(img.virtual_size(), self.model.len() as u64, "{what}: size");

@@ -195,10 +195,7 @@ async fn view(d: &Disks, base: Option<usize>) -> fvd_core::Result<Vec<u8>> {
     let img = Image::open(
         Arc::new(d.image.clone()),
         base.map(|i| d.base(i)),
-        OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
+        OpenOptions { read_only: true },
     )
     .await?;
     let v = img
