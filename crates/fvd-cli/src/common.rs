@@ -95,6 +95,10 @@ pub struct ImageOptions {
     pub grow_cmd: Option<String>,
     /// `preallocation=off|metadata|falloc|full`
     pub preallocation: Option<fvd_core::Preallocation>,
+    /// `max_cor_bytes=` (amend)
+    pub max_cor_bytes: Option<u64>,
+    /// `prefetch_profile=on|off` (amend: off drops the stored profile)
+    pub prefetch_profile: Option<bool>,
     /// `encrypt.format=luks`
     pub encrypt_format: Option<String>,
     /// `encrypt.key-secret=ID`
@@ -306,6 +310,8 @@ pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOp
                             .map_err(|e: fvd_core::Error| anyhow!("option {key}: {e}"))?,
                     )
                 }
+                "max_cor_bytes" => o.max_cor_bytes = Some(size(val)?),
+                "prefetch_profile" => o.prefetch_profile = Some(parse_bool(key, val)?),
                 "encrypt.format" => o.encrypt_format = Some(val.to_string()),
                 "encrypt.key-secret" => o.encrypt_key_secret = Some(val.to_string()),
                 "encrypt.iter-time" => {
@@ -333,10 +339,7 @@ pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
     value.serialize(&mut ser)?;
     out.push(b'\n');
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&out)?;
-    stdout.flush()?;
+    crate::out::write_bytes(&out);
     Ok(())
 }
 

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod clock;
+#[macro_use]
+mod out;
 mod cmd;
 mod common;
 mod secrets;
@@ -58,6 +60,14 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Check the metadata of an image (like qemu-img check).
     Check(cmd::check::Args),
+    /// Change the virtual size of an image (like qemu-img resize).
+    Resize(cmd::resize::Args),
+    /// Write an image's data into its base (like qemu-img commit).
+    Commit(cmd::commit::Args),
+    /// Put an image over another base, or none (like qemu-img rebase).
+    Rebase(cmd::rebase::Args),
+    /// Change image options in place (like qemu-img amend).
+    Amend(cmd::amend::Args),
     /// List, create, apply or delete internal snapshots (like qemu-img
     /// snapshot), also of an image `fvd serve` exports (--server).
     Snapshot(cmd::snapshot::Args),
@@ -100,6 +110,10 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists (it edits the environment).
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        cmd::serve_start::capture_activation();
+    }
     // --image-opts arguments become paths before clap sees them.
     let (args, image_keys) = match secrets::rewrite_image_opts(std::env::args().collect()) {
         Ok(r) => r,
@@ -174,6 +188,10 @@ fn main() -> ExitCode {
             Command::Convert(a) => cmd::convert::run(a, o).await,
             Command::Compare(a) => cmd::compare::run(a, o).await,
             Command::Check(a) => cmd::check::run(a, o).await,
+            Command::Resize(a) => cmd::resize::run(a, o).await,
+            Command::Commit(a) => cmd::commit::run(a, o).await,
+            Command::Rebase(a) => cmd::rebase::run(a, o).await,
+            Command::Amend(a) => cmd::amend::run(a, o).await,
             Command::Snapshot(a) => cmd::snapshot::run(a, o).await,
             Command::Io(a) => cmd::io::run(a, o).await,
             Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
@@ -184,11 +202,22 @@ fn main() -> ExitCode {
             Command::Luks(a) => cmd::luks::run(a, o).await,
         }
     });
-    match result {
-        Ok(status) => ExitCode::from(status),
-        Err(e) => {
-            eprintln!("fvd: {}", one_line(&format!("{e:#}")));
+    let output = out::finish();
+    match (result, output) {
+        (Ok(status), Ok(())) => ExitCode::from(status),
+        (Err(e), _) => {
+            report(&one_line(&format!("{e:#}")));
+            ExitCode::from(code)
+        }
+        (Ok(_), Err(msg)) => {
+            report(&msg);
             ExitCode::from(code)
         }
     }
+}
+
+/// Print `fvd: <msg>` on standard error (never panicking if it is closed).
+fn report(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "fvd: {msg}");
 }

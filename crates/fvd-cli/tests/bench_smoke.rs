@@ -39,12 +39,12 @@ fn have(tool: &str) -> bool {
 fn usable() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: bench/run needs root (FUSE mounts, loop devices)");
+        fvd_testkit::skip("bench/run needs root (FUSE mounts, loop devices)");
         return false;
     }
     for dev in ["/dev/fuse", "/dev/loop-control"] {
         if !Path::new(dev).exists() {
-            eprintln!("SKIP: {dev} is missing");
+            fvd_testkit::skip(&format!("{dev} is missing"));
             return false;
         }
     }
@@ -64,9 +64,9 @@ fn usable() -> bool {
     ];
     for t in tools {
         if !have(t) {
-            eprintln!(
-                "SKIP: {t} is not installed (apt-get install -y fio postmark libnbd-bin fuse3)"
-            );
+            fvd_testkit::skip(&format!(
+                "{t} is not installed (apt-get install -y fio postmark libnbd-bin fuse3)"
+            ));
             return false;
         }
     }
@@ -76,7 +76,7 @@ fn usable() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("uri"))
         .unwrap_or(false);
     if !nbd_engine {
-        eprintln!("SKIP: this fio has no nbd ioengine");
+        fvd_testkit::skip("this fio has no nbd ioengine");
         return false;
     }
     true

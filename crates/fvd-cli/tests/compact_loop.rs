@@ -9,7 +9,7 @@ const FVD: &str = env!("CARGO_BIN_EXE_fvd");
 fn usable() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: loop devices need root");
+        fvd_testkit::skip("loop devices need root");
         return false;
     }
     fvd_testkit::have_tools(&["losetup"])

@@ -5,41 +5,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{Run, file_hash, fvd};
+use common::{fails_cleanly, fvd};
 
 /// Header slot size and the offset of its CRC.
 const SLOT: usize = 4096;
 const CRC_AT: usize = 4092;
-
-/// Run `args` in `dir` and check the failure contract against `file`.
-fn fails_cleanly(dir: &Path, args: &[&str], file: &str, needle: &str) -> Run {
-    let path = dir.join(file);
-    let before = path.exists().then(|| file_hash(&path));
-    let r = fvd(dir, args);
-    assert_ne!(r.code, 0, "{args:?} succeeded\nstdout:\n{}", r.stdout);
-    let lines: Vec<&str> = r.stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: not one line on stderr:\n{}",
-        r.stderr
-    );
-    assert!(lines[0].starts_with("fvd: "), "{args:?}: {}", lines[0]);
-    assert!(
-        lines[0].contains(file),
-        "{args:?}: message does not name {file}: {}",
-        lines[0]
-    );
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: message does not say '{needle}': {}",
-        lines[0]
-    );
-    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-    let after = path.exists().then(|| file_hash(&path));
-    assert_eq!(before, after, "{args:?} changed {file}");
-    r
-}
 
 /// The usual operations on an image; each must fail the same way.
 fn every_opener(dir: &Path, file: &str, needle: &str) {

@@ -78,7 +78,7 @@ fn loop_usable() -> bool {
         return false;
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("SKIP: /dev/loop-control is missing (no loop devices)");
+        fvd_testkit::skip("/dev/loop-control is missing (no loop devices)");
         return false;
     }
     true

@@ -459,6 +459,16 @@ fn check_base(h: &Header, path: Option<&Path>, r: &mut CheckReport) {
     let (Some(path), Some((name, format))) = (path, h.base()) else {
         return;
     };
+    if let Err(e) = crate::open::check_no_loop(path) {
+        r.check_errors.push(e.to_string());
+        return;
+    }
+    if h.base_validator == crate::base::fingerprint::COMMIT_IN_PROGRESS {
+        r.notes.push(
+            "a commit into the base was interrupted: run 'fvd commit' again to finish it".into(),
+        );
+        return;
+    }
     let here = Location::Path(path.to_path_buf());
     let bpath = match Opener::local().resolve(&here, name) {
         Ok(Location::Path(p)) if format != Format::Qcow2 => p,
@@ -636,7 +646,7 @@ async fn repair_image(
             }
             _ => None,
         };
-        let img = Image::open(storage.clone(), base, OpenOptions { read_only: false }).await?;
+        let img = Image::open(storage.clone(), base, OpenOptions::default()).await?;
         img.close().await?;
         if !report.clean {
             done.push(format!(

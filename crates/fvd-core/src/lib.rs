@@ -12,7 +12,9 @@
 //!   I/O of read/write/flush/discard/write_zeroes/block_status/cache;
 //! * [`open`] — the [`Opener`]: images and base chains by path or URL, an
 //!   FVD image as a base;
-//! * [`check`] — consistency checks and repair.
+//! * [`check`] — consistency checks and repair;
+//! * [`lifecycle`] — resize, commit, rebase and amend (offline, through the
+//!   engine and the opener; one header switch as each step's commit point).
 //!
 //! docs/FORMAT.md specifies the on-disk format; docs/ARCHITECTURE.md the
 //! ownership, lock order and flush ordering.
@@ -25,6 +27,7 @@ pub mod executor;
 pub mod format;
 pub mod image;
 pub mod iobuf;
+pub mod lifecycle;
 mod meta;
 pub mod open;
 pub mod storage;

@@ -93,6 +93,9 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
         chunk_size: case.compact,
         grow_unit: Some(256 << 10),
         grow_cmd: None,
+        // Recorded as the opener records it (the engine checks the base's
+        // size and validator at every reopen; the opener the fingerprint).
+        fingerprint_base: true,
         encryption: case.encrypted.then(|| fvd_core::CreateEncryption {
             secret: key(),
             iterations: 1000,

@@ -384,3 +384,49 @@ fn scripted_servers() {
         "{e}"
     );
 }
+
+/// Servers the tests start are stopped with everything they forked: nginx's
+/// workers must not outlive the test (they used to, holding their ports).
+#[test]
+fn nginx_workers_stop_with_the_server() {
+    let t = "nginx_workers_stop_with_the_server";
+    if !have("nginx", t) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let www = d.join("www");
+    std::fs::create_dir(&www).unwrap();
+    let port = free_port();
+    let server = nginx(d, &www, port, "");
+    let t0 = std::time::Instant::now();
+    let mut workers = server.group_members();
+    while workers.is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        workers = server.group_members();
+    }
+    assert!(!workers.is_empty(), "nginx started no worker");
+    drop(server);
+    let alive = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while workers.iter().any(alive) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<&i32> = workers.iter().filter(|p| alive(p)).collect();
+    assert!(
+        left.is_empty(),
+        "nginx workers {left:?} outlived the server"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} still accepts connections"
+    );
+}

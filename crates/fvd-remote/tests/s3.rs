@@ -72,7 +72,7 @@ fn check_reads(base: &dyn Base, bytes: &[u8]) {
 #[test]
 fn seaweedfs_signed_reads_cli_serve_and_qcow2() {
     let t = "seaweedfs_signed_reads_cli_serve_and_qcow2";
-    if !need("weed", t) || !have("qemu-img", t) || !have("qemu-io", t) {
+    if !have("weed", t) || !have("qemu-img", t) || !have("qemu-io", t) {
         return;
     }
     let Some(fvd) = fvd_bin(t) else { return };
@@ -198,7 +198,7 @@ fn seaweedfs_signed_reads_cli_serve_and_qcow2() {
 #[test]
 fn seaweedfs_errors_are_clear_and_a_replaced_object_is_refused() {
     let t = "seaweedfs_errors_are_clear_and_a_replaced_object_is_refused";
-    if !need("weed", t) {
+    if !have("weed", t) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -291,7 +291,7 @@ fn seaweedfs_errors_are_clear_and_a_replaced_object_is_refused() {
 #[test]
 fn seaweedfs_restarted_mid_read_is_retried() {
     let t = "seaweedfs_restarted_mid_read_is_retried";
-    if !need("weed", t) {
+    if !have("weed", t) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -372,7 +372,7 @@ fn seaweedfs_restarted_mid_read_is_retried() {
 #[test]
 fn seaweedfs_presigned_and_signed_over_https() {
     let t = "seaweedfs_presigned_and_signed_over_https";
-    if !need("weed", t) || !have("openssl", t) || !have("qemu-img", t) {
+    if !have("weed", t) || !have("openssl", t) || !have("qemu-img", t) {
         return;
     }
     let Some(fvd) = fvd_bin(t) else { return };

@@ -2,9 +2,14 @@
 //! only.
 //!
 //! Tests that drive real peers (qemu-img, qemu-nbd, nbdkit, nginx, fio...)
-//! skip, with a line saying why, where a tool is missing; `.ci/run`
-//! installs them all, so in CI nothing is skipped. This is the one probe
-//! for those tools.
+//! or need root, a device (/dev/fuse, /dev/kvm, loop devices) or a file
+//! system feature skip, with a line saying why, where it is missing — so a
+//! developer without the tool still runs the rest. Under CI (`CI` set to
+//! anything but `0` or `false`; `.ci/run` exports `CI=1` after installing
+//! every tool) a missing tool, device or privilege fails the test instead:
+//! a green CI means every test ran. [`skip`] is that rule, and
+//! [`have_tools`] the one probe for tools; every skip site goes through
+//! them.
 
 use std::path::{Path, PathBuf};
 
@@ -24,12 +29,26 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// True if every tool of `tools` is installed; otherwise prints which one
-/// is missing (the calling test skips itself).
+/// True when running under CI.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// The calling test cannot run because of `why` (a missing tool, device or
+/// privilege): print it (the test then returns early), or, under CI, fail.
+pub fn skip(why: &str) {
+    if under_ci() {
+        panic!("{why} (CI is set: a missing tool fails the test; .ci/run installs them all)");
+    }
+    eprintln!("SKIP: {why}");
+}
+
+/// True if every tool of `tools` is installed; otherwise [`skip`]s naming
+/// the one missing (the calling test returns early).
 pub fn have_tools(tools: &[&str]) -> bool {
     match tools.iter().find(|t| find_tool(t).is_none()) {
         Some(t) => {
-            eprintln!("SKIP: {t} is not installed; this test needs it");
+            skip(&format!("{t} is not installed; this test needs it"));
             false
         }
         None => true,
@@ -47,6 +66,5 @@ mod tests {
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
         assert!(have_tools(&["sh"]));
         assert!(find_tool("fvd-no-such-tool").is_none());
-        assert!(!have_tools(&["sh", "fvd-no-such-tool"]));
     }
 }

@@ -20,4 +20,4 @@ pub mod server;
 
 pub use backend::BlkBackend;
 pub use config::DeviceConfig;
-pub use server::{ExportConfig, ServeSummary, serve};
+pub use server::{ExportConfig, ServeSummary, Socket, serve, serve_on};

@@ -11,6 +11,10 @@
 //! map), and the image is committed. Then the next front end is accepted,
 //! unless the export runs `once` or a shutdown was asked for; at the end the
 //! image is flushed and closed cleanly.
+//!
+//! The socket is bound by `fvd-listen`, the implementation the NBD server
+//! uses too ([`Socket`]: bound here, or inherited through socket
+//! activation).
 
 use std::future::Future;
 use std::io;
@@ -24,6 +28,8 @@ use tokio::io::unix::AsyncFd;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use fvd_listen::{Inherited, SocketFile};
 
 use crate::backend::BlkBackend;
 use crate::config::DeviceConfig;
@@ -72,44 +78,6 @@ pub struct ServeSummary {
     pub connections: u64,
 }
 
-/// Removes the socket file when dropped.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Bind `path` with mode 0600. A stale socket (nobody accepting) is
-/// replaced; a live one, or anything that is not a socket, is an error.
-fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        let live = std::os::unix::net::UnixStream::connect(path).is_ok();
-        if live || !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{}: {}",
-                    path.display(),
-                    if live {
-                        "a server is already listening on this socket"
-                    } else {
-                        "exists and is not a socket"
-                    }
-                ),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: cannot listen: {e}", path.display())))?;
-    let guard = SocketFile(path.to_path_buf());
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok((l, guard))
-}
-
 /// True if a connection is waiting on `fd` (so that accepting cannot block
 /// or spin).
 fn pending(fd: &impl AsRawFd) -> bool {
@@ -147,6 +115,46 @@ pub fn device_config(image: &Image, cfg: &ExportConfig) -> io::Result<DeviceConf
     })
 }
 
+/// A listening vhost-user socket: bound by [`Socket::bind`] (mode 0600,
+/// removed on exit) or inherited (systemd socket activation; its file is
+/// left to the activator).
+pub struct Socket {
+    listener: UnixListener,
+    _file: SocketFile,
+}
+
+impl Socket {
+    /// Listen on `path` (a stale socket file is replaced, a live one is an
+    /// error).
+    pub fn bind(path: &Path) -> io::Result<Socket> {
+        let (listener, file) = fvd_listen::bind_unix(path)?;
+        Ok(Socket {
+            listener,
+            _file: file,
+        })
+    }
+
+    /// The socket's path (an inherited socket's own, possibly empty).
+    pub fn path(&self) -> &Path {
+        self._file.path()
+    }
+
+    /// A listening socket passed in by the program that started us; it
+    /// must be a unix socket (vhost-user has no other transport).
+    pub fn inherited(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
+        match Inherited::from_fd(fd)? {
+            Inherited::Unix(listener, file) => Ok(Socket {
+                listener,
+                _file: file,
+            }),
+            Inherited::Tcp(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the inherited socket is a TCP socket; vhost-user needs a unix socket",
+            )),
+        }
+    }
+}
+
 /// Serve `image` over vhost-user-blk on `cfg.socket` until `shutdown`
 /// completes (or, with `once`, the first front end leaves); then finish the
 /// requests in flight, flush and close the image, and remove the socket.
@@ -154,8 +162,27 @@ pub async fn serve<F>(image: Arc<Image>, cfg: ExportConfig, shutdown: F) -> io::
 where
     F: Future<Output = ()> + Send,
 {
+    device_config(&image, &cfg)?;
+    let socket = Socket::bind(&cfg.socket)?;
+    serve_on(image, cfg, socket, shutdown).await
+}
+
+/// [`serve`] on a socket already listening (`cfg.socket` is then only
+/// named in messages).
+pub async fn serve_on<F>(
+    image: Arc<Image>,
+    cfg: ExportConfig,
+    socket: Socket,
+    shutdown: F,
+) -> io::Result<ServeSummary>
+where
+    F: Future<Output = ()> + Send,
+{
     let device = device_config(&image, &cfg)?;
-    let (listener, _socket_file) = bind(&cfg.socket)?;
+    let Socket {
+        listener,
+        _file: _socket_file,
+    } = socket;
     listener.set_nonblocking(true)?;
     let mut vlistener = Listener::from(listener.try_clone()?);
     // SAFETY: the AsyncFd owns `listener`, whose descriptor stays open and

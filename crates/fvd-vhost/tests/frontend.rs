@@ -22,16 +22,7 @@ use frontend_support::{Desc, Driver, IOERR, OK, UNSUPP};
 const DISK: u64 = 64 << 20;
 
 fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIP: {tool} is not installed; this test needs it");
-    }
-    ok
+    fvd_testkit::have_tools(&[tool])
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {

@@ -63,57 +63,58 @@ struct CheckJson {
 
 fn print_human(a: &Args, r: &CheckReport) {
     for c in &r.corruptions {
-        println!("ERROR {c}");
+        outln!("ERROR {c}");
     }
     for l in &r.leaks {
-        println!("Leaked {l}");
+        outln!("Leaked {l}");
     }
     if !a.quiet {
         for n in &r.notes {
-            println!("Note: {n}");
+            outln!("Note: {n}");
         }
     }
     if !r.repaired.is_empty() {
-        println!("The following inconsistencies were found and repaired:");
-        println!();
+        outln!("The following inconsistencies were found and repaired:");
+        outln!();
         for x in &r.repaired {
-            println!("    {x}");
+            outln!("    {x}");
         }
-        println!();
-        println!("Double checking the fixed image now...");
+        outln!();
+        outln!("Double checking the fixed image now...");
     }
     let (nc, nl) = (r.corruptions.len(), r.leaks.len());
     if nc == 0 && nl == 0 {
         if !a.quiet {
-            println!("No errors were found on the image.");
+            outln!("No errors were found on the image.");
         }
     } else {
         if nc > 0 {
-            println!();
-            println!("{nc} errors were found on the image.");
-            println!("Data may be corrupted, or further writes to the image may corrupt it.");
+            outln!();
+            outln!("{nc} errors were found on the image.");
+            outln!("Data may be corrupted, or further writes to the image may corrupt it.");
         }
         if nl > 0 {
-            println!();
-            println!("{nl} leaked clusters were found on the image.");
-            println!("This means waste of disk space, but no harm to data.");
+            outln!();
+            outln!("{nl} leaked clusters were found on the image.");
+            outln!("This means waste of disk space, but no harm to data.");
         }
     }
     if !a.quiet {
         let (local, total) = r.local_blocks;
         if total > 0 {
-            println!(
+            outln!(
                 "{local}/{total} = {:.2}% of the base range is in the image",
                 local as f64 * 100.0 / total as f64
             );
         }
         if !r.clean {
-            println!(
+            outln!(
                 "The image is not clean: its journal holds {} records in {} blocks to replay.",
-                r.journal_records, r.journal_blocks
+                r.journal_records,
+                r.journal_blocks
             );
         }
-        println!("Image end offset: {}", r.image_end_offset);
+        outln!("Image end offset: {}", r.image_end_offset);
     }
 }
 

@@ -174,7 +174,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     require_key(&ib, &a.image_b)?;
     let say = |s: &str| {
         if !a.quiet {
-            println!("{s}");
+            outln!("{s}");
         }
     };
     let (sa, sb) = (ia.virtual_size(), ib.virtual_size());

@@ -81,12 +81,12 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let opts = parse_image_options(&a.options, &CONVERT_KEYS)
         .map_err(|e| anyhow!("{}: {e}", a.target.display()))?;
     if opts.help {
-        println!("Supported options:");
+        outln!("Supported options:");
         for (k, d) in crate::common::CREATE_KEYS
             .iter()
             .filter(|(k, _)| CONVERT_KEYS.contains(k))
         {
-            println!("  {k:<16} - {d}");
+            outln!("  {k:<16} - {d}");
         }
         return Ok(0);
     }

@@ -40,9 +40,9 @@ pub struct Args {
 
 /// Print the `-o help` list.
 fn print_option_help() {
-    println!("Supported options:");
+    outln!("Supported options:");
     for (k, d) in CREATE_KEYS {
-        println!("  {k:<16} - {d}");
+        outln!("  {k:<16} - {d}");
     }
 }
 
@@ -126,7 +126,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 if prealloc != fvd_core::Preallocation::Off {
                     line.push_str(&format!(" preallocation={}", prealloc.name()));
                 }
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(0)
         }
@@ -189,7 +189,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 if h.incompatible & fvd_core::format::header::INCOMPAT_ENCRYPTED != 0 {
                     line.push_str(" encrypt.format=luks");
                 }
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(0)
         }

@@ -191,27 +191,46 @@ pub async fn run(a: Args) -> Result<u8> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let (base, image) = result?;
-    println!();
-    if keep {
-        println!("Files:");
-        println!("  base:  {} (raw, {})", base.display(), human(BASE_SIZE));
-        println!("  image: {} (fvd, {})", image.display(), human(IMAGE_SIZE));
+    outln!();
+    // Suggestions that work as printed: the files themselves when kept,
+    // otherwise a rerun that keeps them in a new directory of the current one.
+    let (base, image) = if keep {
+        outln!("Files:");
+        outln!("  base:  {} (raw, {})", base.display(), human(BASE_SIZE));
+        outln!("  image: {} (fvd, {})", image.display(), human(IMAGE_SIZE));
+        outln!("Try next:");
+        (base, image)
     } else {
-        println!(
-            "The demo files in {} were removed; run 'fvd demo --keep' (or --dir DIR) to keep them.",
+        let fresh = unused_dir_name();
+        outln!(
+            "The demo files in {} were removed. To keep a copy to look at, run the demo again in a directory of your own.",
             dir.display()
         );
-    }
-    println!("Try next:");
-    println!("  fvd info {}", image.display());
-    println!("  fvd map {}", image.display());
-    println!("  fvd check {}", image.display());
-    println!(
+        outln!("Try next:");
+        outln!("  fvd demo --dir {}", fresh.display());
+        (fresh.join("base.raw"), fresh.join("demo.fvd"))
+    };
+    outln!("  fvd info {}", image.display());
+    outln!("  fvd map {}", image.display());
+    outln!("  fvd check {}", image.display());
+    outln!(
         "  fvd compare -F raw {} {}",
         image.display(),
         base.display()
     );
     Ok(0)
+}
+
+/// `fvd-demo` (or `fvd-demo-N`): a name in the current directory that is
+/// not taken yet, for the suggested rerun.
+fn unused_dir_name() -> PathBuf {
+    (0..1000u32)
+        .map(|n| match n {
+            0 => PathBuf::from("fvd-demo"),
+            n => PathBuf::from(format!("fvd-demo-{n}")),
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from("fvd-demo"))
 }
 
 async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -224,7 +243,7 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         );
     }
     let mut model = make_base(&base)?;
-    println!(
+    outln!(
         "Base {}: {} raw; data at 0-8M, 16-24M, 32-48M; zeros elsewhere (24-32M written as zeros)",
         base.display(),
         human(BASE_SIZE)
@@ -244,14 +263,14 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .await
         .map_err(|e| at(&image, e))?;
     let (local, total) = img.local_blocks();
-    println!(
+    outln!(
         "Image {}: {} fvd over base.raw, block size {}, detect_zeroes=on: {local} of {total} base blocks are zero and already local",
         image.display(),
         human(IMAGE_SIZE),
         img.block_size()
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<5} {:<36} {:>10} {:>10} {:>8} {:>7} {:>7}",
         "step",
         "kind of write (each + flush)",
@@ -271,12 +290,18 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         img.flush().await.map_err(|e| at(&image, e))?;
         let d = Snap::of(img.stats()).minus(before);
         model[s.offset as usize..(s.offset + s.len) as usize].fill(s.pattern);
-        println!(
+        outln!(
             "{:<5} {:<36} {:>10} {:>10} {:>8} {:>7} {:>7}",
-            s.tag, s.what, d.data_bytes, d.base_read, d.journal, d.header, d.fsyncs
+            s.tag,
+            s.what,
+            d.data_bytes,
+            d.base_read,
+            d.journal,
+            d.header,
+            d.fsyncs
         );
     }
-    println!();
+    outln!();
     for line in [
         "(a) and (e) copy on write: their flush journals the new bits. (e) is the common case: the",
         "    journal block (the bit with a CRC-32C of the block's data) and the data share ONE fsync.",
@@ -287,12 +312,12 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         "(f) rewrites a block whose record still waits for a confirmation: a journal block confirming",
         "    it is made durable before the rewrite (1 fsync), then the flush (1 fsync).",
     ] {
-        println!("{line}");
+        outln!("{line}");
     }
     verify(&img, &image, &model).await?;
-    println!("Verified: all {} read back as expected.", human(IMAGE_SIZE));
+    outln!("Verified: all {} read back as expected.", human(IMAGE_SIZE));
     img.close().await.map_err(|e| at(&image, e))?;
-    println!("Closed cleanly (bitmap checkpointed, clean flag set).");
+    outln!("Closed cleanly (bitmap checkpointed, clean flag set).");
     Ok((base, image))
 }
 

@@ -51,23 +51,23 @@ pub fn serve_and_drive(dir: &Path, image: &Path, expect: impl Fn(u64) -> u8) -> 
         bail!("fvd serve exited with {status}");
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    println!();
-    println!("To serve the image and attach it yourself:");
-    println!(
+    outln!();
+    outln!("To serve the image and attach it yourself:");
+    outln!(
         "  fvd serve --socket {} {}",
         sock.display(),
         image.display()
     );
-    println!("  qemu-system-x86_64 -m 1G \\");
-    println!(
+    outln!("  qemu-system-x86_64 -m 1G \\");
+    outln!(
         "    -blockdev driver=nbd,server.type=unix,server.path={},node-name=disk0 \\",
         sock.display()
     );
-    println!("    -device virtio-blk-pci,drive=disk0");
-    println!("  (or: -drive file={uri},format=raw,if=virtio)");
-    println!("  qemu-img info '{uri}'");
-    println!("  qemu-img map --output=json '{uri}'");
-    println!("  nbdinfo --map '{uri}'");
+    outln!("    -device virtio-blk-pci,drive=disk0");
+    outln!("  (or: -drive file={uri},format=raw,if=virtio)");
+    outln!("  qemu-img info '{uri}'");
+    outln!("  qemu-img map --output=json '{uri}'");
+    outln!("  nbdinfo --map '{uri}'");
     Ok(())
 }
 
@@ -80,8 +80,8 @@ fn drive(sock: &Path, child: &mut Child, expect: &dyn Fn(u64) -> u8) -> Result<(
     };
     // The client's futures complete under any executor; the CLI's own.
     let c = block_on(Client::connect(target, Config::default()))?;
-    println!();
-    println!(
+    outln!();
+    outln!(
         "Served over NBD by 'fvd serve' on {} ({} bytes); through the socket:",
         sock.display(),
         c.info().size
@@ -94,7 +94,7 @@ fn drive(sock: &Path, child: &mut Child, expect: &dyn Fn(u64) -> u8) -> Result<(
     if back != data {
         bail!("data read back through NBD differs from what was written");
     }
-    println!("  wrote 64 KiB at offset {off}, flushed, read it back: identical");
+    outln!("  wrote 64 KiB at offset {off}, flushed, read it back: identical");
     let base_off = 4 << 20;
     let base = block_on(c.read(base_off, 4096))?;
     if base
@@ -104,9 +104,9 @@ fn drive(sock: &Path, child: &mut Child, expect: &dyn Fn(u64) -> u8) -> Result<(
     {
         bail!("base data read through NBD is wrong");
     }
-    println!("  read 4 KiB of base data at offset {base_off}: served from the base");
+    outln!("  read 4 KiB of base data at offset {base_off}: served from the base");
     // Dropping the client sends NBD_CMD_DISC.
     drop(c);
-    println!("  disconnected; the server flushed and closed the image cleanly");
+    outln!("  disconnected; the server flushed and closed the image cleanly");
     Ok(())
 }

@@ -264,51 +264,53 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
             print_json(&j)?;
         }
         Output::Human => {
-            println!("image: {path}");
-            println!("file format: {}", a.format.name());
-            println!(
+            outln!("image: {path}");
+            outln!("file format: {}", a.format.name());
+            outln!(
                 "virtual size: {} ({} bytes)",
                 human(img.virtual_size()),
                 img.virtual_size()
             );
-            println!("disk size: {}", human(actual));
+            outln!("disk size: {}", human(actual));
             if img.is_encrypted() {
-                println!("encrypted: yes");
+                outln!("encrypted: yes");
             }
             if let (Some(h), Some(d)) = (&h, &data) {
-                println!("block size: {}", h.block_size);
+                outln!("block size: {}", h.block_size);
                 if let Some((name, fmt, full)) = &backing {
                     if *full != *name {
-                        println!("backing file: {name} (actual path: {full})");
+                        outln!("backing file: {name} (actual path: {full})");
                     } else {
-                        println!("backing file: {name}");
+                        outln!("backing file: {name}");
                     }
-                    println!("backing file format: {fmt}");
+                    outln!("backing file format: {fmt}");
                 }
-                print!("{}", table(&snapshots));
-                println!("Format specific information:");
-                println!("    version: {}", d.version);
+                out!("{}", table(&snapshots));
+                outln!("Format specific information:");
+                outln!("    version: {}", d.version);
                 if d.base_blocks == 0 {
                     let why = if d.all_local {
                         "all data is in the image; the base is no longer read"
                     } else {
                         "no base range"
                     };
-                    println!("    local: 100% ({why})");
+                    outln!("    local: 100% ({why})");
                 } else {
-                    println!(
+                    outln!(
                         "    local: {}% of base range ({} of {} blocks)",
                         percent(d.local_fraction),
                         d.local_blocks,
                         d.base_blocks
                     );
                 }
-                println!(
+                outln!(
                     "    metadata bytes: {} (bitmap {}, chunk table {})",
-                    d.metadata_bytes, d.bitmap_bytes, d.table_bytes
+                    d.metadata_bytes,
+                    d.bitmap_bytes,
+                    d.table_bytes
                 );
                 if let Some(c) = &d.compact {
-                    println!(
+                    outln!(
                         "    chunks: {} allocated of {} ({}, chunk size {}), fragmentation {}%",
                         c.allocated_chunks,
                         c.chunks,
@@ -317,16 +319,16 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                         percent(c.fragmentation)
                     );
                 }
-                println!(
+                outln!(
                     "    journal size: {} ({} bytes)",
                     human(d.journal_size),
                     d.journal_size
                 );
-                println!("    journal epoch: {}", d.journal_epoch);
+                outln!("    journal epoch: {}", d.journal_epoch);
                 if d.clean {
-                    println!("    clean: true");
+                    outln!("    clean: true");
                 } else {
-                    println!(
+                    outln!(
                         "    clean: false (journal replayed in memory: {} blocks)",
                         d.replayed_journal_blocks
                     );
@@ -336,36 +338,39 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                     println!("    header: {n}");
                 }
                 if let Some(e) = &d.encrypt {
-                    println!("    encrypt:");
-                    println!("        format: {}", e.format);
-                    println!(
+                    outln!("    encrypt:");
+                    outln!("        format: {}", e.format);
+                    outln!(
                         "        cipher: {}-{}-{}, hash {}",
-                        e.cipher_alg, e.cipher_mode, e.ivgen_alg, e.hash_alg
+                        e.cipher_alg,
+                        e.cipher_mode,
+                        e.ivgen_alg,
+                        e.hash_alg
                     );
-                    println!("        uuid: {}", e.uuid);
-                    println!("        master key iters: {}", e.master_key_iters);
+                    outln!("        uuid: {}", e.uuid);
+                    outln!("        master key iters: {}", e.master_key_iters);
                     for (i, s) in e.slots.iter().enumerate().filter(|(_, s)| s.active) {
-                        println!(
+                        outln!(
                             "        key slot {i}: active, iters {}, key offset {}",
                             s.iters.unwrap_or(0),
                             s.key_offset
                         );
                     }
                 }
-                println!("    copy-on-read: {}", d.copy_on_read);
-                println!("    zero detected: {}", d.zero_detected);
-                println!("    all local: {}", d.all_local);
-                println!(
+                outln!("    copy-on-read: {}", d.copy_on_read);
+                outln!("    zero detected: {}", d.zero_detected);
+                outln!("    all local: {}", d.all_local);
+                outln!(
                     "    incompatible features: {:#x} ({})",
                     h.incompatible,
                     feature_names(h.incompatible, &INCOMPAT_NAMES)
                 );
-                println!(
+                outln!(
                     "    compatible features: {:#x} ({})",
                     h.compatible,
                     feature_names(h.compatible, &COMPAT_NAMES)
                 );
-                println!(
+                outln!(
                     "    autoclear features: {:#x} ({})",
                     h.autoclear,
                     feature_names(h.autoclear, &AUTOCLEAR_NAMES)

@@ -8,7 +8,7 @@
 //! reported the way qemu-io reports it. The image is flushed and closed
 //! cleanly at the end; the exit status is 1 if any command failed.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -151,8 +151,8 @@ fn timestr(t: Duration) -> String {
 /// Print the two lines qemu-io prints after a transfer.
 fn report(verb: &str, len: u64, off: u64, t: Duration) {
     let secs = t.as_secs_f64().max(1e-9);
-    println!("{verb} {len}/{len} bytes at offset {off}");
-    println!(
+    outln!("{verb} {len}/{len} bytes at offset {off}");
+    outln!(
         "{}, 1 ops; {} sec ({}/sec and {:.4} ops/sec)",
         io_units(len as f64),
         timestr(t),
@@ -163,7 +163,6 @@ fn report(verb: &str, len: u64, off: u64, t: Duration) {
 
 /// qemu-io's hex dump of `buf` read at `off`.
 fn hexdump(off: u64, buf: &[u8]) {
-    let mut out = std::io::stdout().lock();
     for (i, line) in buf.chunks(16).enumerate() {
         let mut s = format!("{:08x}:  ", off + 16 * i as u64);
         for b in line {
@@ -177,7 +176,7 @@ fn hexdump(off: u64, buf: &[u8]) {
                 '.'
             }
         }));
-        let _ = writeln!(out, "{s}");
+        outln!("{s}");
     }
 }
 
@@ -233,11 +232,11 @@ impl Session<'_> {
             "map" => self.map().await,
             "alloc" => self.alloc(args).await,
             "length" => {
-                println!("{}", io_units(self.img.virtual_size() as f64));
+                outln!("{}", io_units(self.img.virtual_size() as f64));
                 Ok(Outcome::Ok)
             }
             "info" => {
-                println!(
+                outln!(
                     "format name: {}",
                     if self.img.header().is_some() {
                         "fvd"
@@ -245,12 +244,12 @@ impl Session<'_> {
                         "raw"
                     }
                 );
-                println!("cluster size: {}", io_units(self.img.block_size() as f64));
-                println!("virtual size: {}", io_units(self.img.virtual_size() as f64));
+                outln!("cluster size: {}", io_units(self.img.block_size() as f64));
+                outln!("virtual size: {}", io_units(self.img.virtual_size() as f64));
                 Ok(Outcome::Ok)
             }
             "help" => {
-                println!("{HELP}");
+                outln!("{HELP}");
                 Ok(Outcome::Ok)
             }
             "quit" | "q" | "exit" => Ok(Outcome::Quit),
@@ -311,7 +310,7 @@ impl Session<'_> {
         if let Some(pat) = pattern
             && buf.iter().any(|&b| b != pat)
         {
-            println!("Pattern verification failed at offset {off}, {len} bytes");
+            outln!("Pattern verification failed at offset {off}, {len} bytes");
             outcome = Outcome::Failed;
         }
         if p.has('v') {
@@ -354,7 +353,7 @@ impl Session<'_> {
 
     async fn map(&self) -> Result<Outcome, String> {
         for (s, l, alloc) in self.allocation(0, self.img.virtual_size()).await? {
-            println!(
+            outln!(
                 "{} ({l:#x}) bytes {} allocated at offset {} ({s:#x})",
                 io_units(l as f64),
                 if alloc { "   " } else { "not" },
@@ -389,7 +388,7 @@ impl Session<'_> {
             .filter(|r| r.2)
             .map(|r| r.1)
             .sum();
-        println!(
+        outln!(
             "{sum}/{len} bytes allocated at offset {}",
             io_units(off as f64)
         );
@@ -412,8 +411,8 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         let mut lines = stdin.lock().lines();
         loop {
             if interactive {
-                print!("fvd-io> ");
-                let _ = std::io::stdout().flush();
+                out!("fvd-io> ");
+                crate::out::flush();
             }
             let Some(line) = lines.next() else { break };
             let line = line.map_err(|e| anyhow::anyhow!("standard input: {e}"))?;

@@ -211,17 +211,17 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     match a.output {
         Output::Json => {
             if map.is_empty() {
-                println!("[]");
+                outln!("[]");
             }
             let n = map.len();
             for (i, e) in map.iter().enumerate() {
                 let open = if i == 0 { "[" } else { "" };
                 let close = if i + 1 == n { "]" } else { "," };
-                println!("{open}{}{close}", json_entry(e));
+                outln!("{open}{}{close}", json_entry(e));
             }
         }
         Output::Human => {
-            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             // Data extents only, merged across layers when they continue each other.
             let mut rows: Vec<(u64, u64, u64, &str)> = Vec::new();
             for e in map.iter().filter(|e| e.data) {
@@ -234,7 +234,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 }
             }
             for (s, l, o, f) in rows {
-                println!("{}{}{}{f}", alt_hex(s), alt_hex(l), alt_hex(o));
+                outln!("{}{}{}{f}", alt_hex(s), alt_hex(l), alt_hex(o));
             }
         }
     }

@@ -1,7 +1,9 @@
 //! One module per subcommand; each has an `Args` (clap) and an async `run`
 //! returning the exit status.
 
+pub mod amend;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod control;
 pub mod convert;
@@ -15,7 +17,10 @@ pub mod map;
 pub mod mount;
 pub mod prefetch;
 pub mod profile;
+pub mod rebase;
+pub mod resize;
 pub mod serve;
 pub mod serve_extras;
+pub mod serve_start;
 pub mod serve_vhost;
 pub mod snapshot;

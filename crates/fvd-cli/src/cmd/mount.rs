@@ -7,8 +7,7 @@
 //! status 0 when the file is unmounted (`umount FILE`, `fusermount3 -u
 //! FILE`) or on SIGINT/SIGTERM/SIGHUP, after closing the image cleanly.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -60,11 +59,6 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
 }
 
-fn write_pidfile(path: &Path) -> Result<()> {
-    std::fs::write(path, format!("{}\n", std::process::id()))
-        .with_context(|| format!("{}: cannot write the pid file", path.display()))
-}
-
 /// Run `fvd mount`.
 pub async fn run(a: MountArgs, opener: &Opener) -> Result<u8> {
     if let Err(e) = fvd_fuse::mount::check_mountpoint(&a.mountpoint) {
@@ -95,20 +89,19 @@ pub async fn run(a: MountArgs, opener: &Opener) -> Result<u8> {
     // Serving blocks: it runs on a thread of its own, off the runtime.
     let served = tokio::task::spawn_blocking(move || {
         let mut ready_err = None;
+        let mut written = None;
         let r = fvd_fuse::serve(image, &mountpoint, &mount_opts, || {
-            if let Some(p) = &pidfile
-                && let Err(e) = write_pidfile(p)
-            {
-                ready_err = Some(e);
+            match pidfile.as_deref().map(super::serve_start::PidFile::write) {
+                Some(Ok(p)) => written = Some(p),
+                Some(Err(e)) => ready_err = Some(e),
+                None => {}
             }
             // The ready line: scripts wait for it before using the file.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", mountpoint.display());
-            let _ = out.flush();
+            outln!("{}", mountpoint.display());
+            crate::out::flush();
         });
-        if let Some(p) = &pidfile {
-            let _ = std::fs::remove_file(p);
-        }
+        // Removes the pid file.
+        drop(written);
         (r, ready_err)
     })
     .await

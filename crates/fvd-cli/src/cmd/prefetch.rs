@@ -38,7 +38,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let img = Arc::new(open(opener, &a.image, Format::Fvd, false, false).await?);
     require_key(&img, &a.image)?;
     if img.base_range() == 0 {
-        println!(
+        outln!(
             "{}: all data is already in the image; no base to fetch from",
             a.image.display()
         );
@@ -96,7 +96,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     }
     r.map_err(|e| at(&a.image, e))?;
     img.close().await.map_err(|e| at(&a.image, e))?;
-    println!(
+    outln!(
         "{}: copied {} bytes from the base; the image no longer needs it",
         a.image.display(),
         status.done.load(Ordering::Relaxed)

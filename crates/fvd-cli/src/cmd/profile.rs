@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use fvd_core::Format;
 use fvd_core::Opener;
 
@@ -49,11 +49,11 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         Action::Show { verbose, image } => {
             let img = open(opener, &image, Format::Fvd, true, true).await?;
             let Some(p) = img.stored_profile().await.map_err(|e| at(&image, e))? else {
-                println!("{}: no prefetch profile", image.display());
+                outln!("{}: no prefetch profile", image.display());
                 return Ok(0);
             };
             let bytes: u64 = p.iter().map(|e| e.1).sum();
-            println!(
+            outln!(
                 "{}: prefetch profile of {} ranges, {} bytes",
                 image.display(),
                 p.len(),
@@ -61,7 +61,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
             );
             if verbose {
                 for (i, (off, len)) in p.iter().enumerate() {
-                    println!("{i:>6}  offset {off:#014x}  length {len}");
+                    outln!("{i:>6}  offset {off:#014x}  length {len}");
                 }
             }
             Ok(0)
@@ -75,21 +75,27 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 .ok_or_else(|| anyhow!("{}: the image has no prefetch profile", image.display()))?;
             std::fs::write(&file, fvd_core::format::profile::encode(&p))
                 .map_err(|e| anyhow!("{}: {e}", file.display()))?;
-            println!("{}: wrote {} ranges", file.display(), p.len());
+            outln!("{}: wrote {} ranges", file.display(), p.len());
             Ok(0)
         }
         Action::Import { image, file } => {
             let bytes = std::fs::read(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
             let img = open(opener, &image, Format::Fvd, false, false).await?;
-            let limit = img
-                .header()
-                .map(|h| h.base_size.max(h.virtual_size))
-                .unwrap_or(0);
+            // Ranges are bytes of the base (docs/FORMAT.md §7).
+            let limit = match img.header() {
+                Some(h) if !h.base_name.is_empty() => {
+                    fvd_core::format::profile::base_limit(h.base_size)
+                }
+                _ => bail!(
+                    "{}: has no base image; a prefetch profile lists ranges of the base",
+                    image.display()
+                ),
+            };
             let p = fvd_core::format::profile::decode(&bytes, limit)
                 .map_err(|e| anyhow!("{}: {e}", file.display()))?;
             img.store_profile(&p).await.map_err(|e| at(&image, e))?;
             img.close().await.map_err(|e| at(&image, e))?;
-            println!(
+            outln!(
                 "{}: stored a profile of {} ranges",
                 image.display(),
                 p.len()

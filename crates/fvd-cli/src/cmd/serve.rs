@@ -5,8 +5,12 @@
 //! TCP (`--bind`, default 127.0.0.1:10809). One export, named by
 //! `--export-name` (default: the empty name); clients asking for another
 //! name are refused. Up to `--shared` clients are served at once (default
-//! 16; more wait in the listen backlog); all of them share one open image,
-//! so the export advertises multi-connection consistency.
+//! 16; one more that finished its handshake waits until one leaves); all
+//! of them share one open image, so the export advertises
+//! multi-connection consistency. Connections still negotiating do not
+//! count: every connection is greeted at once and has 10 s to negotiate,
+//! and at most 32 negotiate at once (one more drops the one negotiating
+//! longest), so idle connections never lock other clients out.
 //!
 //! Runs until SIGINT or SIGTERM (or, with `--once`, until the last client
 //! has left): it then stops accepting, lets the requests in flight finish,
@@ -50,7 +54,8 @@ pub struct ServeArgs {
     /// the running image, statistics (see `fvd snapshot --server`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
-    /// Most clients served at once; more wait until one leaves.
+    /// Most clients served at once; one more waits after its handshake
+    /// until one leaves (connections still negotiating do not count).
     #[arg(short = 'e', long, value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS)]
     pub shared: usize,
     /// Image format: fvd (default) or raw.
@@ -82,6 +87,17 @@ pub struct ServeArgs {
     /// Report connections and failed requests on standard error.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Write the process id to this file once the socket accepts
+    /// connections; removed at exit.
+    #[arg(long, visible_alias = "pid-file", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Run in the background: return once the socket accepts connections
+    /// (as qemu-nbd --fork); the server's messages after that are dropped.
+    #[arg(long)]
+    pub fork: bool,
+    /// Descriptor on which a --fork parent waits for readiness (internal).
+    #[arg(long, hide = true, value_name = "FD")]
+    pub ready_fd: Option<i32>,
     /// Refuse NBD_OPT_STRUCTURED_REPLY (and extended headers): for tests.
     #[arg(long, hide = true)]
     pub no_structured_replies: bool,
@@ -118,10 +134,29 @@ fn parse_bind(s: &str) -> Result<SocketAddr> {
     bail!("--bind {s}: expected ADDR:PORT, ADDR or :PORT (ADDR an IP address)")
 }
 
+/// The socket accepts connections: write the pid file, then tell a
+/// waiting `--fork` parent (in that order: once the parent returns, the pid
+/// file is there). The pid file is removed when the guard is dropped.
+fn accepting(
+    a: &ServeArgs,
+    ready: &mut super::serve_start::Ready,
+) -> Result<Option<super::serve_start::PidFile>> {
+    let pidfile = a
+        .pidfile
+        .as_deref()
+        .map(super::serve_start::PidFile::write)
+        .transpose()?;
+    ready.notify();
+    Ok(pidfile)
+}
+
 /// Run `fvd serve` on a runtime of its own (`--threads` workers).
 pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
+    }
+    if a.fork {
+        return super::serve_start::fork_and_wait();
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let opener = opener.clone();
@@ -150,6 +185,14 @@ pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
 }
 
 async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
+    let started = std::time::Instant::now();
+    let mut ready = super::serve_start::Ready::from_fd(a.ready_fd);
+    let activated = super::serve_start::take_activated();
+    if activated.is_some() && (a.socket.is_some() || a.bind.is_some()) {
+        bail!(
+            "socket activation (LISTEN_FDS) passes the listening socket: do not give --socket or --bind"
+        );
+    }
     let addr = match (&a.socket, &a.bind) {
         (Some(p), _) => ListenAddr::Unix(p.clone()),
         (None, Some(b)) => ListenAddr::Tcp(parse_bind(b)?),
@@ -194,7 +237,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     })?;
     crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
-    let extras = match super::serve_extras::start(&image, &a.base).await {
+    let extras = match super::serve_extras::start(&image, &a.base, started).await {
         Ok(x) => x,
         Err(e) => {
             let _ = image.close().await;
@@ -212,6 +255,17 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         None => None,
     };
     if let Some(socket) = a.vhost.vhost_user_blk.clone() {
+        let bound = match activated {
+            Some(fd) => fvd_vhost::Socket::inherited(fd),
+            None => fvd_vhost::Socket::bind(&socket),
+        };
+        let listening = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = image.close().await;
+                return Err(anyhow!(e));
+            }
+        };
         let export = super::serve_vhost::Export {
             path: &a.image,
             socket,
@@ -220,7 +274,9 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             verbose: a.verbose,
             args: &a.vhost,
         };
-        return super::serve_vhost::run(image, extras, export, signal).await;
+        let on_accepting = || accepting(&a, &mut ready);
+        return super::serve_vhost::run(image, extras, export, listening, signal, on_accepting)
+            .await;
     }
     let min_block_size = if a.cache == CacheMode::None { 512 } else { 1 };
     let preferred = u32::try_from(image.block_size().clamp(4096, 1 << 20)).unwrap_or(4096);
@@ -246,7 +302,10 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     };
     let started = async {
         let server = Server::new(image.clone(), config)?;
-        let listener = Listener::bind(&addr).await?;
+        let listener = match activated {
+            Some(fd) => Listener::from_inherited(fd)?,
+            None => Listener::bind(&addr).await?,
+        };
         Ok::<_, std::io::Error>((server, listener))
     }
     .await;
@@ -266,11 +325,20 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         listener.uri(&a.export_name),
         if read_only { " (read-only)" } else { "" }
     );
+    let pidfile = match accepting(&a, &mut ready) {
+        Ok(p) => p,
+        Err(e) => {
+            drop(listener);
+            let _ = image.close().await;
+            return Err(e);
+        }
+    };
     let summary = server
         .serve(listener, signal)
         .await
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
     extras.finish(&image);
+    drop(pidfile);
     if summary.abandoned > 0 {
         eprintln!(
             "fvd serve: {} connection(s) did not finish in time",

@@ -68,7 +68,8 @@ pub struct Extras {
 }
 
 /// Apply the options to `image` and start prefetch and the stats socket.
-pub async fn start(image: &Arc<Image>, a: &BaseArgs) -> Result<Extras> {
+/// `started` is when the server started (its uptime counts from there).
+pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result<Extras> {
     let h = tokio::runtime::Handle::current();
     image.enable_background(Arc::new(move |f| {
         h.spawn(f);
@@ -104,7 +105,7 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs) -> Result<Extras> {
     }
     let extras = Extras {
         status,
-        started: Instant::now(),
+        started,
         stats_socket: a.stats_socket.clone(),
         record_profile: a.record_profile,
     };

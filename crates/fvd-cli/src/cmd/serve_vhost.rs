@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::{Result, anyhow};
 use fvd_core::Image;
 use fvd_vhost::server::DEFAULT_QUEUE_SIZE;
-use fvd_vhost::{ExportConfig, serve};
+use fvd_vhost::server::device_config;
+use fvd_vhost::{ExportConfig, Socket, serve_on};
 
 use super::serve_extras::Extras;
 
@@ -55,12 +56,26 @@ pub struct Export<'a> {
 }
 
 /// Serve `image` (already open, copy-on-read and prefetch applied) over
-/// vhost-user-blk until a signal, or with `--once` the first disconnect.
-pub async fn run<F>(image: Arc<Image>, extras: Extras, a: Export<'_>, signal: F) -> Result<u8>
+/// vhost-user-blk on `listening` (bound on `a.socket`, or inherited through
+/// socket activation) until a signal, or with `--once` the first
+/// disconnect. `accepting` runs once the export is announced (the pid file,
+/// the `--fork` parent); what it returns is kept until the end.
+pub async fn run<F, G>(
+    image: Arc<Image>,
+    extras: Extras,
+    a: Export<'_>,
+    listening: Socket,
+    signal: F,
+    accepting: impl FnOnce() -> Result<G>,
+) -> Result<u8>
 where
     F: std::future::Future<Output = ()> + Send,
 {
-    let socket = a.socket.clone();
+    // An inherited socket is named by its own path.
+    let socket = match listening.path() {
+        p if p.as_os_str().is_empty() => a.socket.clone(),
+        p => p.to_path_buf(),
+    };
     let path = a.path.display().to_string();
     let serial: String = a
         .path
@@ -75,12 +90,25 @@ where
         once: a.once,
         verbose: a.verbose,
     };
-    eprintln!(
-        "fvd serve: serving {path} over vhost-user-blk at {}{}",
-        socket.display(),
-        if a.read_only { " (read-only)" } else { "" }
-    );
-    let summary = match serve(image.clone(), cfg, signal).await {
+    let announced = device_config(&image, &cfg)
+        .map_err(|e| anyhow!("{path}: {e}"))
+        .and_then(|_| {
+            eprintln!(
+                "fvd serve: serving {path} over vhost-user-blk at {}{}",
+                socket.display(),
+                if a.read_only { " (read-only)" } else { "" }
+            );
+            accepting()
+        });
+    let guard = match announced {
+        Ok(g) => g,
+        Err(e) => {
+            drop(listening);
+            let _ = image.close().await;
+            return Err(e);
+        }
+    };
+    let summary = match serve_on(image.clone(), cfg, listening, signal).await {
         Ok(s) => s,
         Err(e) => {
             let _ = image.close().await;
@@ -88,6 +116,7 @@ where
         }
     };
     extras.finish(&image);
+    drop(guard);
     if a.verbose {
         eprintln!(
             "fvd serve: stopped after {} front-end connection(s); {path} closed cleanly",

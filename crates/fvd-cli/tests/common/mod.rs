@@ -6,6 +6,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+#[allow(unused_imports)]
+pub use fvd_testkit::{have_tools, skip};
+
 /// What a finished process printed and how it exited.
 #[derive(Debug)]
 pub struct Run {
@@ -107,4 +110,34 @@ pub fn data_ranges(map: &serde_json::Value) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// Run `args` in `dir` and check the failure contract against `file`.
+pub fn fails_cleanly(dir: &Path, args: &[&str], file: &str, needle: &str) -> Run {
+    let path = dir.join(file);
+    let before = path.exists().then(|| file_hash(&path));
+    let r = fvd(dir, args);
+    assert_ne!(r.code, 0, "{args:?} succeeded\nstdout:\n{}", r.stdout);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: not one line on stderr:\n{}",
+        r.stderr
+    );
+    assert!(lines[0].starts_with("fvd: "), "{args:?}: {}", lines[0]);
+    assert!(
+        lines[0].contains(file),
+        "{args:?}: message does not name {file}: {}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: message does not say '{needle}': {}",
+        lines[0]
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    let after = path.exists().then(|| file_hash(&path));
+    assert_eq!(before, after, "{args:?} changed {file}");
+    r
 }

@@ -10,6 +10,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fvd_testkit::skip;
+
 /// How long a mount may take to become ready, and an unmount to finish.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -18,11 +20,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 pub fn fuse_usable(tools: &[&str]) -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: FUSE tests need root (mount(2) over a regular file)");
+        skip("FUSE tests need root (mount(2) over a regular file)");
         return false;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP: /dev/fuse is missing");
+        skip("/dev/fuse is missing");
         return false;
     }
     fvd_testkit::have_tools(tools)

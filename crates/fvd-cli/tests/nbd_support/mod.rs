@@ -523,6 +523,23 @@ impl Client {
         let next = self.replies.pop_front().expect("a request in flight");
         self.rt.block_on(next).unwrap()
     }
+
+    /// [`Client::reply`] if it comes within `limit`; else `None`, and the
+    /// request stays the oldest one in flight.
+    #[allow(dead_code)]
+    pub fn reply_within(&mut self, limit: Duration) -> Option<Reply> {
+        let mut next = self.replies.pop_front().expect("a request in flight");
+        let got = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, &mut next).await });
+        match got {
+            Ok(r) => Some(r.unwrap()),
+            Err(_) => {
+                self.replies.push_front(next);
+                None
+            }
+        }
+    }
 }
 
 impl Drop for Client {

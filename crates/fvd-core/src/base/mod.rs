@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+pub mod fingerprint;
+
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::iobuf::IoBuf;

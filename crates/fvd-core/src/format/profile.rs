@@ -30,7 +30,15 @@ pub fn encode(entries: &[(u64, u64)]) -> Vec<u8> {
     b
 }
 
-/// Decode a profile; `limit` bounds the byte ranges (the base size).
+/// The bound of profile ranges for a base of `base_size` bytes: its size
+/// rounded up to a whole 512-byte sector (the sector holding an unaligned
+/// end belongs to the base, docs/FORMAT.md §2.5).
+pub fn base_limit(base_size: u64) -> u64 {
+    base_size.div_ceil(512).saturating_mul(512)
+}
+
+/// Decode a profile; `limit` bounds the byte ranges: the size of the base
+/// (docs/FORMAT.md §7), whatever the size of the image.
 pub fn decode(b: &[u8], limit: u64) -> Result<Vec<(u64, u64)>> {
     if b.len() < HEADER || get_u32(b, 0) != MAGIC {
         return Err(Error::invalid("not an FVD prefetch profile (bad magic)"));
@@ -59,9 +67,14 @@ pub fn decode(b: &[u8], limit: u64) -> Result<Vec<(u64, u64)>> {
     for i in 0..n as usize {
         let off = get_u64(body, i * ENTRY);
         let len = get_u64(body, i * ENTRY + 8);
-        if len == 0 || off.checked_add(len).is_none_or(|e| e > limit) {
+        if len == 0 {
             return Err(Error::corrupt(format!(
-                "prefetch profile entry {i} ({off}+{len}) lies outside the base"
+                "prefetch profile entry {i} (offset {off}) has length 0"
+            )));
+        }
+        if off.checked_add(len).is_none_or(|e| e > limit) {
+            return Err(Error::corrupt(format!(
+                "prefetch profile entry {i} ({off}+{len}) lies outside the base ({limit} bytes)"
             )));
         }
         out.push((off, len));

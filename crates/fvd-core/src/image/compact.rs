@@ -524,6 +524,16 @@ impl Compact {
         !self.lock().pending_free.is_empty()
     }
 
+    /// Keep physical chunks `0..k` out of every later allocation: a
+    /// lifecycle operation moves their data away and then the data region's
+    /// start past them.
+    pub fn reserve_below(&self, k: u32) {
+        let mut a = self.lock();
+        a.free.retain(|&p| p >= k);
+        a.pending_free.retain(|&(p, _)| p >= k);
+        a.next = a.next.max(k);
+    }
+
     /// Set the commit round of pending frees.
     pub fn set_pending_round(&self, phys: &[u32], round: u64) {
         let mut a = self.lock();
@@ -636,7 +646,7 @@ impl Compact {
 }
 
 /// Run the grow command (`{path}` and `{bytes}` substituted) on a thread.
-async fn run_grow_cmd(cmd: &str, path: &str, bytes: u64) -> Result<()> {
+pub(crate) async fn run_grow_cmd(cmd: &str, path: &str, bytes: u64) -> Result<()> {
     let line = cmd
         .replace("{path}", path)
         .replace("{bytes}", &bytes.to_string());

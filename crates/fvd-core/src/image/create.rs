@@ -34,8 +34,8 @@ pub struct CreateOptions {
     pub grow_unit: Option<u64>,
     /// Command growing a block device: `{path}` and `{bytes}` are substituted.
     pub grow_cmd: Option<String>,
-    /// What to allocate ahead of the data (`-o preallocation=`).
-    pub preallocation: Preallocation,
+    let want = data.offset + data_len;
+    if len < want && opts.compact {
     /// Encrypt the data (LUKS1 key slots, AES-256-XTS).
     pub encryption: Option<CreateEncryption>,
 }
@@ -69,7 +69,11 @@ pub async fn create(
     let layout = CreateLayout {
         virtual_size: size,
         base: match (&opts.base, base) {
-            (Some((name, fmt)), Some(b)) => Some((name.clone(), *fmt, base_size, b.validator())),
+            (Some((name, fmt)), Some(b)) => {
+                let validator =
+                    crate::base::fingerprint::validator(b, opts.fingerprint_base).await?;
+                Some((name.clone(), *fmt, base_size, validator))
+            }
             (Some(_), None) => return Err(Error::arg("base named but not opened")),
             _ => None,
         },
@@ -111,8 +115,10 @@ pub async fn create(
     };
     let len = storage.len().map_err(io("size"))?;
     let want = data.offset + data_len;
-    if len < want {
+    if len < want && opts.compact {
         storage.set_len(want).await.map_err(io("set size"))?;
+    } else if len < want {
+        crate::storage::limit::grow_sparse_file(storage, want, size).await?;
     }
     // Reserved regions start out as holes (zeros).
     for r in [

@@ -319,22 +319,7 @@ fn check_base(
             format!("{desc}: base image '{}' was not opened", h.base_name),
         )
     })?;
-    if b.size() != h.base_size {
-        return Err(Error::invalid(format!(
-            "{desc}: base image '{}' changed: it was {} bytes at create time and is {} now",
-            b.describe(),
-            h.base_size,
-            b.size()
-        )));
-    }
-    let now = b.validator();
-    if !h.base_validator.is_empty() && now != h.base_validator {
-        return Err(Error::invalid(format!(
-            "{desc}: base image '{}' changed: it was '{}' at create time and is '{now}' now",
-            b.describe(),
-            h.base_validator
-        )));
-    }
+    crate::base::fingerprint::verify_identity(desc, h, b.as_ref())?;
     Ok(Some(b))
 }
 

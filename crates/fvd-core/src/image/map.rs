@@ -175,13 +175,12 @@ impl Allocation {
 /// What a slow-path zeroing does with one piece of its range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ZeroPiece {
-    /// A whole chunk given back (compact images, unmap allowed): punch its
-    /// storage if it has any, then unmap it.
+    /// A whole chunk given back (compact images, unmap allowed): unmap it;
+    /// its storage, if any, is punched with the other frees of the request
+    /// ([`Frees::physical`]).
     Free {
         /// Virtual chunk.
         chunk: u64,
-        /// Host offset and length of its storage, if allocated.
-        storage: Option<(u64, u64)>,
     },
     /// Every block is already in the image: zero what has storage there.
     InImage,
@@ -195,6 +194,14 @@ pub(crate) struct Frees {
     unmapped: Vec<Chunk>,
     physical: Vec<u32>,
     blocks: Option<Range<u64>>,
+}
+
+impl Frees {
+    /// The physical chunks freed so far (not reusable before their free is
+    /// durable, so their storage may be punched meanwhile).
+    pub fn physical(&self) -> &[u32] {
+        &self.physical
+    }
 }
 
 impl Mapping {
@@ -466,6 +473,21 @@ impl Mapping {
         Ok(Allocation { chunks, replaced })
     }
 
+    /// A fresh physical chunk for the mapped chunk `chunk` of a compact
+    /// image (a lifecycle operation moving its data): the caller copies the
+    /// data there, then [`Mapping::publish`] moves the entry, or
+    /// [`Mapping::release`] gives it back.
+    pub async fn allocate_move(&self, storage: &dyn Storage, chunk: u64) -> Result<Allocation> {
+        let (Layout::Chunked(c), Some(m)) = (&self.layout, &self.meta) else {
+            return Ok(Allocation::none());
+        };
+        let chunks = c.allocate(storage, &[chunk], m.rounds_done()).await?;
+        Ok(Allocation {
+            chunks,
+            replaced: Vec::new(),
+        })
+    }
+
     /// What the chunks of `a` need besides the request's own bytes
     /// `[offset, offset+len)`, before they are published, in order: a fresh
     /// chunk the request does not cover wholly is zeroed unless it is known
@@ -659,12 +681,8 @@ impl Mapping {
             .map(|ch| {
                 let (s, e) = ((ch * cs).max(offset), ((ch + 1) * cs).min(end));
                 if unmap && s == ch * cs && ch < self.full_chunk_end(c, end) {
-                    let p = c.lookup(ch);
-                    // A snapshot's chunk is unmapped, never punched.
-                    let storage =
-                        (p != EMPTY && !c.is_shared(ch)).then(|| (c.host_offset(p, 0), cs));
                     let blocks = self.blocks_of(s, e - s);
-                    (s, e, blocks, ZeroPiece::Free { chunk: ch, storage })
+                    (s, e, blocks, ZeroPiece::Free { chunk: ch })
                 } else {
                     piece(s, e)
                 }
@@ -672,8 +690,8 @@ impl Mapping {
             .collect()
     }
 
-    /// Unmap chunk `chunk` of a zeroing (its storage already punched); its
-    /// `blocks` read as zeros from now on.
+    /// Unmap chunk `chunk` of a zeroing (its storage is punched after the
+    /// last piece); its `blocks` read as zeros from now on.
     pub fn free_chunk(&self, frees: &mut Frees, chunk: u64, blocks: Range<u64>) {
         let Layout::Chunked(c) = &self.layout else {
             return;

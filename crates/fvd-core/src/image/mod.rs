@@ -40,6 +40,7 @@ pub(crate) mod compact;
 mod cor;
 mod create;
 mod encrypt;
+mod lifecycle;
 mod load;
 pub mod map;
 mod physarray;
@@ -47,6 +48,7 @@ pub mod prefetch;
 mod profile;
 pub mod rangelock;
 mod read;
+pub(crate) mod reclaim;
 pub mod snapshot;
 mod status;
 mod write;
@@ -331,7 +333,10 @@ impl Image {
             return Ok(());
         }
         match &self.map.meta {
-            Some(m) => m.close(self.storage.as_ref(), &self.stats).await,
+            Some(m) => {
+                m.close(self.storage.as_ref(), &self.stats).await?;
+                self.reclaim_shared_pages().await
+            }
             None => self.flush_raw().await,
         }
     }

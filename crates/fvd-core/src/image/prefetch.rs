@@ -443,7 +443,9 @@ impl Steps {
 }
 
 /// Run futures concurrently on the current task; results in input order.
-async fn join_all<'a, T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>) -> Vec<T> {
+pub(crate) async fn join_all<'a, T>(
+    mut futs: Vec<Pin<Box<dyn Future<Output = T> + Send + 'a>>>,
+) -> Vec<T> {
     let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;

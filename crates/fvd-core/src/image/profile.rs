@@ -96,7 +96,7 @@ impl Image {
             .read_at(r.offset, IoBuf::zeroed(r.length as usize))
             .await
             .map_err(|e| Error::io(format!("{}: read prefetch profile", self.describe()), e))?;
-        profile::decode(&buf, h.base_size.max(h.virtual_size))
+        profile::decode(&buf, profile::base_limit(h.base_size))
             .map(Some)
             .map_err(|e| e.context(self.describe()))
     }

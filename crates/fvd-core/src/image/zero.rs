@@ -61,18 +61,9 @@ impl Image {
         let mut failed = None;
         for (s, e, blocks, piece) in self.map.zero_pieces(offset, len, unmap) {
             let r = match piece {
-                ZeroPiece::Free { chunk, storage } => {
-                    // Give the space back now: nothing can reuse the chunk
-                    // before its free is durable, and zeros are what a
-                    // discard reads.
-                    let r = match storage {
-                        Some((host, n)) => self.zero_host(host, s, n, true).await,
-                        None => Ok(()),
-                    };
-                    if r.is_ok() {
-                        self.map.free_chunk(&mut frees, chunk, blocks);
-                    }
-                    r
+                ZeroPiece::Free { chunk } => {
+                    self.map.free_chunk(&mut frees, chunk, blocks);
+                    Ok(())
                 }
                 ZeroPiece::InImage => {
                     let r = self.zero_image(s, e - s, unmap, &Allocation::none()).await;
@@ -88,6 +79,15 @@ impl Image {
                 failed = Some(err);
                 break;
             }
+        }
+        // Give the space back now, in runs of physically adjacent chunks (so
+        // small chunks sharing a file-system block free it): nothing can
+        // reuse them before their free is durable, and zeros are what a
+        // discard reads.
+        if let Some(c) = self.map.compact()
+            && let Err(e) = self.punch_chunks(c, frees.physical(), offset).await
+        {
+            failed.get_or_insert(e);
         }
         // Publish the frees done so far even after an error: the chunks are
         // unmapped in memory, so their free must reach the journal, and they

@@ -3,7 +3,10 @@
 //! The layer above the engine: [`Opener`] (`opener.rs`) decides where a base
 //! named inside an image is and opens it — local raw and FVD files itself,
 //! URLs and other formats through the providers the program gives it — and
-//! `fvd_base.rs` adapts an FVD image to serve as a base. The free functions
+//! `fvd_base.rs` adapts an FVD image to serve as a base; `chain.rs` names a
+//! chain of FVD bases that loops before anything is opened. The opener
+//! also checks each base's content fingerprint (`base::fingerprint`) when
+//! it opens the image above it, unless force-shared. The free functions
 //! [`open_path`] and [`create_path`] use [`Opener::local`]: local bases
 //! only.
 
@@ -17,8 +20,11 @@ use crate::image::{CreateOptions, Image, OpenOptions, create};
 use crate::storage::file::FileOptions;
 use crate::storage::{CacheMode, FileStorage, Storage};
 
+mod chain;
 mod fvd_base;
 mod opener;
+
+pub(crate) use chain::{check_no_loop, reaches};
 
 pub use fvd_base::FvdBase;
 pub use opener::{BaseProvider, KeyLookup, Location, MAX_CHAIN_DEPTH, OpenFuture, Opener, is_url};
@@ -87,6 +93,9 @@ impl Opener {
             let storage: Arc<dyn Storage> = Arc::new(crate::base::BaseStorage::new(base));
             return Image::open_raw(storage, OpenOptions { read_only: true });
         }
+        if format == Format::Fvd {
+            check_no_loop(path)?;
+        }
         let storage = opener::open_storage(path, opts)?;
         match format {
             Format::Raw => Image::open_raw(
@@ -117,6 +126,7 @@ impl Opener {
                     .await
                     .map_err(|e| e.context(format!("{}: cannot open base", path.display())))?;
                 opts.base = Some((b.name.clone(), b.format));
+                opts.fingerprint_base = !is_url(&b.name);
                 Some(img)
             }
             None => None,

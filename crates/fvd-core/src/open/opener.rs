@@ -345,12 +345,17 @@ impl Opener {
         }
         let here = Location::Path(path.to_path_buf());
         let bases = self.with_file_options(opts);
-        Ok(Some(
-            bases
-                .open_named(&here, name, format, depth + 1)
-                .await
-                .map_err(|e| e.context(format!("{}: base", path.display())))?,
-        ))
+        let base = bases
+            .open_named(&here, name, format, depth + 1)
+            .await
+            .map_err(|e| e.context(format!("{}: base", path.display())))?;
+        if !opts.force_share {
+            // The engine checks the base's size and validator; its content
+            // is sampled here, where -U can skip it.
+            let desc = path.display().to_string();
+            crate::base::fingerprint::verify(&desc, &h, base.as_ref()).await?;
+        }
+        Ok(Some(base))
     }
 
     /// Open snapshot `sel` of the FVD image at `path`, read-only (like

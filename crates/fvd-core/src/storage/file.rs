@@ -134,6 +134,49 @@ fn aio_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("FVD_AIO").map_or(true, |v| v.trim() != "0"))
 }
 
+/// Refuse what is neither a regular file nor a block device (a directory,
+/// a FIFO, a socket, a character device), then clear `O_NONBLOCK` again.
+fn check_file_type(file: &File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("{}: stat", path.display()), e))?;
+    let t = meta.file_type();
+    if t.is_dir() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{}: is a directory", path.display()),
+        ));
+    }
+    if !t.is_file() && !t.is_block_device() {
+        let kind = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a character device"
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{}: is not a regular file or block device (it is {kind})",
+                path.display()
+            ),
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; only the status flags change.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) } < 0 {
+        return Err(Error::io(
+            format!("{}: fcntl", path.display()),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 impl FileStorage {
     /// Open `path` as storage.
     pub fn open(path: &Path, opts: FileOptions) -> Result<Self> {
@@ -147,10 +190,20 @@ impl FileStorage {
         if opts.create {
             oo.create_new(true);
         }
+        // O_NONBLOCK: opening a FIFO must not wait for a peer; anything
+        // but a regular file or block device is refused just below.
+        let mut flags = libc::O_NONBLOCK;
         if opts.cache == CacheMode::None {
-            oo.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        oo.custom_flags(flags);
         let file = oo.open(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EISDIR) {
+                return Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{}: is a directory", path.display()),
+                );
+            }
             let what = if opts.create {
                 "cannot create"
             } else {
@@ -158,6 +211,7 @@ impl FileStorage {
             };
             Error::io(format!("{}: {what}", path.display()), e)
         })?;
+        check_file_type(&file, path)?;
         if opts.lock {
             let how = if opts.write {
                 libc::LOCK_EX
@@ -575,6 +629,12 @@ fn write_zero_bytes(
 
 #[cfg(test)]
 mod tests {
+    /// No O_DIRECT in the temporary directory (tmpfs): skip, or fail under
+    /// CI ([`fvd_testkit::skip`]), where TMPDIR must be on a disk file system.
+    fn skip_without_direct_io(e: &crate::Error) {
+        fvd_testkit::skip(&format!("no O_DIRECT in the temporary directory: {e}"));
+    }
+
     use super::*;
     use crate::executor::block_on;
 
@@ -595,7 +655,7 @@ mod tests {
         let storage = match FileStorage::open(&path, opts) {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                eprintln!("SKIP: no O_DIRECT here: {e}");
+                skip_without_direct_io(&e);
                 return;
             }
         };
@@ -648,7 +708,7 @@ mod tests {
                 Some(s)
             }
             Err(e) => {
-                eprintln!("SKIP: no O_DIRECT here: {e}");
+                skip_without_direct_io(&e);
                 None
             }
         }

@@ -19,6 +19,7 @@ use crate::iobuf::IoBuf;
 
 mod aio;
 pub mod file;
+pub mod limit;
 pub mod mem;
 mod pool;
 mod sys;

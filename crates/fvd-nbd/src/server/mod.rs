@@ -21,6 +21,14 @@
 //! and close the image (which sets its clean flag) and remove the unix
 //! socket.
 //!
+//! Admission (`admission`): a connection is greeted as soon as it is
+//! accepted and has [`ServerConfig::handshake_timeout`] (10 s) to
+//! negotiate; at most [`ServerConfig::max_handshakes`] (32) negotiate at
+//! once, one more dropping the one negotiating longest. Only negotiated
+//! connections take one of the [`ServerConfig::max_clients`] transmission
+//! slots (`--shared`), waiting for one if all are taken. So clients that
+//! connect and say nothing never keep others from being greeted.
+//!
 //! Robustness rules: a protocol violation that leaves the byte stream in
 //! an unknown state (bad magic, a write payload larger than
 //! [`MAX_PAYLOAD`]) closes that connection only — the payload is not read
@@ -35,10 +43,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fvd_core::Image;
+use fvd_listen::{Inherited, SocketFile};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -47,6 +55,7 @@ use crate::proto::consts;
 use crate::proto::transmission::MAX_PAYLOAD;
 use crate::stream::Stream;
 
+mod admission;
 mod handshake;
 mod tls;
 mod transmission;
@@ -59,6 +68,13 @@ pub const META_CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// Default number of clients served at once.
 pub const DEFAULT_MAX_CLIENTS: usize = 16;
+
+/// Default number of connections negotiating at once (see `admission`).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 32;
+
+/// Default time a connection has to finish its negotiation (qemu-nbd's
+/// handshake limit).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default TCP address: loopback only, the IANA NBD port.
 pub const DEFAULT_TCP_ADDR: &str = "127.0.0.1:10809";
@@ -78,8 +94,13 @@ pub struct ServerConfig {
     /// The export's name; clients asking for another name get
     /// `NBD_REP_ERR_UNKNOWN`.
     pub export_name: String,
-    /// Clients served at once; more wait in the listen backlog.
+    /// Clients in the transmission phase at once (`--shared`); one more
+    /// that finished its handshake waits for a slot. Connections still
+    /// negotiating do not count.
     pub max_clients: usize,
+    /// Connections negotiating at once; when one more is accepted, the one
+    /// negotiating longest is dropped.
+    pub max_handshakes: usize,
     /// Smallest request granularity advertised (1, or 512 for
     /// `O_DIRECT` images); requests not aligned to it fail with `EINVAL`.
     pub min_block_size: u32,
@@ -112,6 +133,7 @@ impl Default for ServerConfig {
         ServerConfig {
             export_name: String::new(),
             max_clients: DEFAULT_MAX_CLIENTS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             min_block_size: 1,
             preferred_block_size: 4096,
             structured_replies: true,
@@ -119,7 +141,7 @@ impl Default for ServerConfig {
             tls: None,
             once: false,
             verbose: false,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_inflight: 64,
             max_buffered: 64 << 20,
             drain_timeout: Duration::from_secs(30),
@@ -172,15 +194,6 @@ impl Shared {
     }
 }
 
-/// Removes the unix socket file when dropped.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 enum ListenerKind {
     Unix(UnixListener, SocketFile),
     Tcp(TcpListener),
@@ -209,11 +222,28 @@ impl Listener {
         }
     }
 
+    /// A listening socket inherited from the process that started us
+    /// (systemd socket activation): unix or TCP, already bound. A unix
+    /// socket's file is left in place at exit (it belongs to the activator).
+    pub fn from_inherited(fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        let kind = match Inherited::from_fd(fd)? {
+            Inherited::Unix(l, file) => {
+                l.set_nonblocking(true)?;
+                ListenerKind::Unix(UnixListener::from_std(l)?, file)
+            }
+            Inherited::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                ListenerKind::Tcp(TcpListener::from_std(l)?)
+            }
+        };
+        Ok(Listener { kind })
+    }
+
     /// Where clients connect, as an NBD URI for `export_name`.
     pub fn uri(&self, export_name: &str) -> String {
         match &self.kind {
             ListenerKind::Unix(_, f) => {
-                format!("nbd+unix:///{export_name}?socket={}", f.0.display())
+                format!("nbd+unix:///{export_name}?socket={}", f.path().display())
             }
             ListenerKind::Tcp(l) => match l.local_addr() {
                 Ok(a) => format!("nbd://{a}/{export_name}"),
@@ -245,31 +275,10 @@ impl Listener {
 }
 
 fn bind_unix(path: &Path) -> io::Result<Listener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        let in_use = std::os::unix::net::UnixStream::connect(path).is_ok();
-        if !meta.file_type().is_socket() || in_use {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{}: {}",
-                    path.display(),
-                    if in_use {
-                        "a server is already listening on this socket"
-                    } else {
-                        "exists and is not a socket"
-                    }
-                ),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: cannot listen: {e}", path.display())))?;
-    let guard = SocketFile(path.to_path_buf());
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let (l, file) = fvd_listen::bind_unix(path)?;
+    l.set_nonblocking(true)?;
     Ok(Listener {
-        kind: ListenerKind::Unix(l, guard),
+        kind: ListenerKind::Unix(UnixListener::from_std(l)?, file),
     })
 }
 
@@ -334,20 +343,14 @@ impl Server {
         let cfg = &shared.config;
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(cfg.max_clients));
-        let active = Arc::new(AtomicUsize::new(0));
+        let handshakes = admission::Handshakes::new(cfg.max_handshakes);
+        let conns = Arc::new(admission::Connections::default());
         let idle = Arc::new(Notify::new());
         let mut summary = ServeSummary::default();
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                _ = idle.notified() => break,
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
+            // Never waits for a slot: a connection is greeted at once, and
+            // the limits apply to it afterwards (see `admission`).
             let accepted = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -364,19 +367,22 @@ impl Server {
                 }
             };
             summary.connections = summary.connections.saturating_add(1);
-            active.fetch_add(1, Ordering::AcqRel);
+            conns.opened();
+            let admitted = Admitted {
+                ticket: handshakes.enter(),
+                slots: slots.clone(),
+            };
             let shared2 = shared.clone();
             let stop = stop_rx.clone();
-            let active2 = active.clone();
+            let conns2 = conns.clone();
             let idle2 = idle.clone();
             tokio::spawn(async move {
                 shared2.log(format_args!("{peer}: connected"));
-                match serve_connection(stream, &shared2, stop).await {
+                match serve_connection(stream, &shared2, stop, admitted).await {
                     Ok(()) => shared2.log(format_args!("{peer}: disconnected")),
                     Err(e) => shared2.log(format_args!("{peer}: closed: {e}")),
                 }
-                drop(permit);
-                if active2.fetch_sub(1, Ordering::AcqRel) == 1 && shared2.config.once {
+                if conns2.closed() && shared2.config.once {
                     idle2.notify_one();
                 }
             });
@@ -385,14 +391,13 @@ impl Server {
         // them to finish what they have in flight.
         let _ = stop_tx.send(true);
         drop(listener);
-        let all = u32::try_from(cfg.max_clients).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(
             cfg.drain_timeout.saturating_add(Duration::from_secs(1)),
-            slots.acquire_many(all),
+            conns.all_closed(),
         )
         .await;
         if drained.is_err() {
-            summary.abandoned = active.load(Ordering::Acquire);
+            summary.abandoned = conns.open();
         }
         shared.image.flush().await.map_err(io::Error::from)?;
         shared.image.close().await.map_err(io::Error::from)?;
@@ -400,26 +405,53 @@ impl Server {
     }
 }
 
+/// What a new connection was given by the accept loop: its place among the
+/// negotiating connections (and the signal that drops it), and the
+/// transmission slots it must take one of once negotiated.
+struct Admitted {
+    ticket: (admission::Ticket, tokio::sync::oneshot::Receiver<()>),
+    slots: Arc<Semaphore>,
+}
+
 /// One connection, from the greeting to the last reply.
 async fn serve_connection(
     conn: Stream,
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    admitted: Admitted,
 ) -> io::Result<()> {
+    let (ticket, evicted) = admitted.ticket;
     let negotiation = tokio::time::timeout(
         shared.config.handshake_timeout,
         handshake::negotiate(conn, shared),
     );
-    // A server shutting down drops clients still negotiating.
+    // A server shutting down drops clients still negotiating; so does one
+    // with too many connections negotiating, the oldest first.
     let negotiated = tokio::select! {
         biased;
         _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+        _ = evicted => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "dropped while negotiating: too many connections negotiating at once",
+            ));
+        }
         n = negotiation => n,
     };
+    drop(ticket);
     let negotiated = negotiated
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "negotiation timed out"))??;
     let Some((conn, session)) = negotiated else {
         return Ok(());
+    };
+    // A transmission slot (`--shared`): wait for one if all are taken.
+    let _permit = tokio::select! {
+        biased;
+        _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+        p = admitted.slots.acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return Ok(()),
+        },
     };
     let (r, w) = conn.into_split();
     transmission::run(r, w, shared.clone(), session, stop).await

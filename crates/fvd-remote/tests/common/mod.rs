@@ -11,26 +11,16 @@ use std::time::{Duration, Instant};
 
 use fvd_core::base::Base;
 
-/// True if `tool` is installed; prints a note naming the test otherwise.
+/// True if `tool` is installed; otherwise the test `test` is skipped, or
+/// fails under CI ([`fvd_testkit::skip`]: `.ci/run` installs every tool).
 pub fn have(tool: &str, test: &str) -> bool {
-    let found = fvd_testkit::have_tools(&[tool]);
+    let found = fvd_testkit::find_tool(tool).is_some();
     if !found {
-        eprintln!("note: {test}: skipped");
+        fvd_testkit::skip(&format!(
+            "{test}: '{tool}' is not installed; this test needs it"
+        ));
     }
     found
-}
-
-/// [`have`] for a tool `.ci/run` installs: when the `CI` variable is set, a
-/// missing tool fails the test instead of skipping it, so a broken install
-/// step cannot pass for green.
-pub fn need(tool: &str, test: &str) -> bool {
-    if have(tool, test) {
-        return true;
-    }
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("{test}: '{tool}' is not installed, and CI is set (.ci/run must install it)");
-    }
-    false
 }
 
 /// The tool's path (nginx lives in /usr/sbin).
@@ -46,9 +36,9 @@ pub fn fvd_bin(test: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!(
-            "note: {test}: skipped, the fvd binary is not built (cargo build -p fvd-cli, or cargo test --workspace)"
-        );
+        fvd_testkit::skip(&format!(
+            "{test}: the fvd binary is not built (cargo build -p fvd-cli, or cargo test --workspace)"
+        ));
         None
     }
 }
@@ -174,6 +164,22 @@ impl Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Process ids of the server's group other than the server itself.
+    pub fn group_members(&self) -> Vec<i32> {
+        let pgid = self.child.id() as i32;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // SAFETY: getpgid only reads.
+            if pid != pgid && unsafe { libc::getpgid(pid) } == pgid {
+                out.push(pid);
+            }
+        }
+        out
     }
 
     /// Panic if the server has exited.
