@@ -15,4 +15,5 @@ pub mod prefetch;
 pub mod profile;
 pub mod serve;
 pub mod serve_extras;
+pub mod serve_metrics;
 pub mod serve_vhost;

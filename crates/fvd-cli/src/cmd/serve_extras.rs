@@ -49,6 +49,14 @@ pub struct BaseArgs {
     /// Answer JSON statistics on this unix socket (one object per connection).
     #[arg(long, value_name = "PATH")]
     pub stats_socket: Option<PathBuf>,
+    /// Serve the statistics for Prometheus at http://ADDR:PORT/metrics
+    /// (text format; `:PORT` listens on 127.0.0.1).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_metrics_addr(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+    super::serve_metrics::parse_addr(s).map_err(|e| e.to_string())
 }
 
 fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
@@ -108,6 +116,11 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs) -> Result<Extras> {
         stats_socket: a.stats_socket.clone(),
         record_profile: a.record_profile,
     };
+    if let Some(addr) = a.metrics {
+        let bound =
+            super::serve_metrics::start(addr, image, &extras.status, extras.started).await?;
+        eprintln!("fvd serve: metrics at http://{bound}/metrics");
+    }
     if let Some(path) = &a.stats_socket {
         let _ = std::fs::remove_file(path);
         let listener =
@@ -127,16 +140,14 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs) -> Result<Extras> {
 fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json::Value {
     let s = img.stats();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
-    let state =
-        if st.state() == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
-            "done"
-        } else {
-            st.state().name()
-        };
+    let state = prefetch_state(img, st).name();
     let prefetch_bytes = s.prefetch_bytes.load(Ordering::Relaxed);
     let (local, blocks) = img.local_blocks();
     json!({
         "base-bytes-read": s.base_read_bytes.load(Ordering::Relaxed),
+        "base-reads": s.base_reads.load(Ordering::Relaxed),
+        "base-reads-in-flight": s.base_reads_in_flight.load(Ordering::Relaxed),
+        "requests-in-flight": s.requests_in_flight.load(Ordering::Relaxed),
         "copy-on-read-bytes": s.cor_bytes.load(Ordering::Relaxed),
         "copy-on-read": img.copy_on_read(),
         "prefetch": {
@@ -154,6 +165,16 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
         "foreground-write-bytes": s.data_write_bytes.load(Ordering::Relaxed).saturating_sub(prefetch_bytes + s.cor_bytes.load(Ordering::Relaxed)),
         "uptime-seconds": secs,
     })
+}
+
+/// The prefetch state to report: an image that no longer needs its base
+/// counts as done even when no prefetch ran in this server.
+pub fn prefetch_state(img: &Image, st: &PrefetchStatus) -> PrefetchState {
+    if st.state() == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
+        PrefetchState::Done
+    } else {
+        st.state()
+    }
 }
 
 impl Extras {

@@ -9,6 +9,7 @@ use crate::iobuf::IoBuf;
 impl Image {
     /// Read `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _req = self.stats.request();
         let t0 = self.latency.start();
         let r = self.read_untimed(offset, buf).await;
         self.latency.finish(t0);
@@ -83,6 +84,7 @@ impl Image {
             .base
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Io, "base image is not open"))?;
+        let timer = self.stats.base_read();
         let buf = base
             .read_at(offset, IoBuf::for_overwrite(out.len()))
             .await
@@ -92,6 +94,7 @@ impl Image {
                     e,
                 )
             })?;
+        drop(timer);
         expect_len(
             &buf,
             out.len(),

@@ -11,6 +11,7 @@ use crate::iobuf::IoBuf;
 impl Image {
     /// Write `data` at `offset`; with `fua` it is durable on return.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let _req = self.stats.request();
         let t0 = self.latency.start();
         let r = self.write_untimed(offset, data, fua).await;
         self.latency.finish(t0);
