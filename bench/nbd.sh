@@ -5,6 +5,12 @@
 #   qsd-raw    qemu-storage-daemon exporting a raw file
 #   qsd-qcow2  qemu-storage-daemon exporting a qcow2 image
 #   qsd-qcow2b qemu-storage-daemon exporting a qcow2 image over the same raw base
+#   fvd-enc    `fvd serve` on an encrypted FVD image (LUKS1, AES-256-XTS) over
+#              the base; its 4K random reads read encrypted data in the image
+#              (converted from the base), not the plain base
+#   qsd-qcow2b-luks  qemu-storage-daemon on a qcow2 image with LUKS encryption
+#              (encrypt.format=luks) over the same base
+#   (the last two only when named with --systems)
 # Workloads: 4 KiB random first writes across the whole disk (fresh image for
 # every run), 4 KiB random reads of the base range, 1 MiB sequential writes
 # (fresh image); at queue depth 1 and 32; cache writeback and none (O_DIRECT;
@@ -65,6 +71,8 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 TSV="$ROOT/bench/results/nbd-$MODE-$STAMP.tsv"
 JSON="$ROOT/bench/results/nbd-$MODE-$STAMP.json"
 SOCK="$WORK/s.sock"
+PW="$WORK/passphrase"
+printf 'bench passphrase' > "$PW"
 SERVER_PID=
 
 cleanup() {
@@ -85,7 +93,8 @@ prepare() {
     case "$sys" in
         fvd) img="$WORK/$wl.fvd" ;;
         fvd-raw|qsd-raw) img="$WORK/$wl-$sys.raw" ;;
-        qsd-qcow2|qsd-qcow2b) img="$WORK/$wl-$sys.qcow2" ;;
+        qsd-qcow2|qsd-qcow2b|qsd-qcow2b-luks) img="$WORK/$wl-$sys.qcow2" ;;
+        fvd-enc) img="$WORK/$wl-enc.fvd" ;;
     esac
     if [ "$wl" = randread ] && [ -f "$img" ]; then echo "$img"; return; fi
     rm -f "$img"
@@ -101,6 +110,17 @@ prepare() {
                 qemu-img create -q -f qcow2 "$img" "$DISK_SIZE"
             fi ;;
         qsd-qcow2b) qemu-img create -q -f qcow2 -b "$BASE" -F raw "$img" "$DISK_SIZE" ;;
+        fvd-enc)
+            local enc="encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10"
+            if [ "$wl" = randread ]; then
+                "$FVD" --object "secret,id=k,file=$PW" convert -f raw -O fvd -o "$enc" "$BASE" "$img"
+            else
+                "$FVD" --object "secret,id=k,file=$PW" create -q -o "$enc" -b "$BASE" -F raw "$img" "$DISK_SIZE"
+            fi ;;
+        qsd-qcow2b-luks)
+            qemu-img create -q -f qcow2 --object "secret,id=k,file=$PW" \
+                -o encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10 \
+                -b "$BASE" -F raw "$img" "$DISK_SIZE" ;;
     esac
     echo "$img"
 }
@@ -112,12 +132,14 @@ start_server() {
     case "$sys" in
         fvd) "$FVD" serve -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
         fvd-raw) "$FVD" serve -f raw -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
+        fvd-enc) "$FVD" --object "secret,id=k,file=$PW" serve -x disk --cache="$cache" --socket "$SOCK" "$img" 2>>"$WORK/server.log" & ;;
         qsd-*)
-            local fmt=raw
+            local fmt=raw extra=""
             case "$sys" in qsd-qcow2*) fmt=qcow2 ;; esac
-            qemu-storage-daemon \
+            case "$sys" in *-luks) extra=",encrypt.format=luks,encrypt.key-secret=k" ;; esac
+            qemu-storage-daemon --object "secret,id=k,file=$PW" \
                 --blockdev "driver=file,filename=$img,node-name=f,cache.direct=$direct,aio=$aio,discard=unmap" \
-                --blockdev "driver=$fmt,file=f,node-name=d,discard=unmap" \
+                --blockdev "driver=$fmt,file=f,node-name=d,discard=unmap$extra" \
                 --nbd-server "addr.type=unix,addr.path=$SOCK" \
                 --export type=nbd,id=e,node-name=d,name=disk,writable=on 2>>"$WORK/server.log" & ;;
     esac
@@ -200,7 +222,10 @@ for r in rows:
 labels = {"randwrite": "4K rand first write", "randread": "4K rand read", "seqwrite": "1M seq write"}
 results = []
 print(f"\n### NBD through fio's nbd engine ({mode}: {runtime} s runs, median of {reps})\n")
-head = "| cache | workload | QD | " + " | ".join(systems) + " | fvd/fvd-raw | fvd-raw/qsd-raw | fvd/qsd-qcow2 | fvd/qsd-qcow2b |"
+pairs = [("fvd", "fvd-raw"), ("fvd-raw", "qsd-raw"), ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b"),
+         ("fvd-enc", "fvd"), ("fvd-enc", "qsd-qcow2b-luks")]
+pairs = [p for p in pairs if p[0] in systems and p[1] in systems]
+head = "| cache | workload | QD | " + " | ".join(systems) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |"
 print(head)
 print("|" + "---|" * (head.count("|") - 1))
 cases = sorted({(k[0], k[1], k[2]) for k in med}, key=lambda c: (c[0] != "writeback", list(labels).index(c[1]), c[2]))
@@ -211,7 +236,7 @@ for cache, wl, qd in cases:
         return f"{vals[a] / vals[b]:.2f}x" if a in vals and b in vals and vals[b] > 0 else "-"
     cells = [f"{vals[s]:,.0f}" if s in vals else "-" for s in systems]
     name = labels[wl] + (" MiB/s" if unit else " IOPS")
-    print(f"| {cache} | {name} | {qd} | " + " | ".join(cells) + f" | {ratio('fvd', 'fvd-raw')} | {ratio('fvd-raw', 'qsd-raw')} | {ratio('fvd', 'qsd-qcow2')} | {ratio('fvd', 'qsd-qcow2b')} |")
+    print(f"| {cache} | {name} | {qd} | " + " | ".join(cells) + " | " + " | ".join(ratio(a, b) for a, b in pairs) + " |")
     for s in systems:
         if (cache, wl, qd, s) in med:
             i, m, n = med[(cache, wl, qd, s)]

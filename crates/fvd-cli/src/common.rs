@@ -78,12 +78,74 @@ pub struct ImageOptions {
     pub grow_unit: Option<u64>,
     /// `grow_cmd=` (a literal comma is written `,,` as in qemu-img)
     pub grow_cmd: Option<String>,
+    /// `encrypt.format=luks`
+    pub encrypt_format: Option<String>,
+    /// `encrypt.key-secret=ID`
+    pub encrypt_key_secret: Option<String>,
+    /// `encrypt.iter-time=MS`
+    pub encrypt_iter_time: Option<u64>,
     /// `-o help` was given: list the options instead of acting.
     pub help: bool,
 }
 
+impl ImageOptions {
+    /// True if any `encrypt.*` option was given.
+    pub fn encrypt_given(&self) -> bool {
+        self.encrypt_format.is_some()
+            || self.encrypt_key_secret.is_some()
+            || self.encrypt_iter_time.is_some()
+    }
+}
+
+/// The encryption of a new image at `img` from its `encrypt.*` options;
+/// the image's key is remembered so that it can be opened right away.
+pub fn create_encryption(
+    o: &ImageOptions,
+    img: &Path,
+) -> Result<Option<fvd_core::CreateEncryption>> {
+    if !o.encrypt_given() {
+        return Ok(None);
+    }
+    match o.encrypt_format.as_deref() {
+        Some("luks") => {}
+        Some(f) => bail!(
+            "{}: encrypt.format '{f}' is not supported (luks)",
+            img.display()
+        ),
+        None => bail!(
+            "{}: encrypt.format=luks is required with encrypt.* options",
+            img.display()
+        ),
+    }
+    let id = o.encrypt_key_secret.as_deref().ok_or_else(|| {
+        anyhow!(
+            "{}: encrypt.key-secret=ID is required (with --object secret,id=ID,file=PATH)",
+            img.display()
+        )
+    })?;
+    let secret = crate::secrets::secret(id).map_err(|e| anyhow!("{}: {e}", img.display()))?;
+    crate::secrets::assign(img, id)?;
+    let ms = o.encrypt_iter_time.unwrap_or(2000);
+    Ok(Some(fvd_core::CreateEncryption {
+        secret,
+        iterations: fvd_core::crypt::luks::iterations_for(ms),
+    }))
+}
+
+/// Refuse data work on an encrypted image opened without its key, with
+/// one line saying how to give it.
+pub fn require_key(img: &Image, path: &Path) -> Result<()> {
+    if img.has_key() {
+        return Ok(());
+    }
+    bail!(
+        "{}: the image is encrypted; give its passphrase with --object secret,id=ID,file=PATH (and encrypt.key-secret=ID in --image-opts when several secrets are given)",
+        path.display()
+    )
+}
+
 /// Every `-o` key `fvd create` knows, with a description for `-o help`.
-pub const CREATE_KEYS: [(&str, &str); 11] = [
+pub const CREATE_KEYS: [(&str, &str); 14] = [
     (
         "block_size",
         "bytes per bitmap block: a power of two from 512 to 1M (default: 4K, larger for huge bases)",
@@ -119,15 +181,30 @@ pub const CREATE_KEYS: [(&str, &str); 11] = [
         "grow_cmd",
         "command run when a compact image on a block device is full; {path} and {bytes} are substituted (write ,, for a comma)",
     ),
+    (
+        "encrypt.format",
+        "luks: encrypt the data (AES-256-XTS, LUKS1 key slots, as qcow2's encrypt.format=luks)",
+    ),
+    (
+        "encrypt.key-secret",
+        "ID of the --object secret holding the passphrase of key slot 0",
+    ),
+    (
+        "encrypt.iter-time",
+        "milliseconds of PBKDF2 work to open a key slot (default 2000)",
+    ),
 ];
 
 /// The `-o` keys `fvd convert` accepts for its output.
-pub const CONVERT_KEYS: [&str; 5] = [
+pub const CONVERT_KEYS: [&str; 8] = [
     "block_size",
     "journal_size",
     "compact",
     "chunk_size",
     "grow_unit",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.iter-time",
 ];
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -201,6 +278,13 @@ pub fn parse_image_options(lists: &[String], allowed: &[&str]) -> Result<ImageOp
                 }
                 "grow_unit" => o.grow_unit = Some(size(val)?),
                 "grow_cmd" => o.grow_cmd = Some(val.to_string()),
+                "encrypt.format" => o.encrypt_format = Some(val.to_string()),
+                "encrypt.key-secret" => o.encrypt_key_secret = Some(val.to_string()),
+                "encrypt.iter-time" => {
+                    o.encrypt_iter_time = Some(val.parse().map_err(|_| {
+                        anyhow!("option encrypt.iter-time: '{val}' is not a number of milliseconds")
+                    })?)
+                }
                 "copy_on_read" => o.copy_on_read = Some(parse_bool(key, val)?),
                 "backing_file" => o.backing_file = Some(val.to_string()),
                 "backing_fmt" => {

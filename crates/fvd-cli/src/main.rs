@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod clock;
 mod cmd;
 mod common;
+mod secrets;
 mod size;
 
 /// The command line.
@@ -23,12 +24,20 @@ mod size;
     propagate_version = true
 )]
 struct Cli {
-    /// Settings of a remote base store, like qemu-img's --object:
+    /// Objects, like qemu-img's --object. A remote base store:
     /// `s3,endpoint=URL,region=NAME,url-style=path|virtual-host,access-key-id=ID,
     /// secret-access-key-file=PATH,session-token-file=PATH` (each wins over
-    /// the AWS_* variables; secrets only from files)
+    /// the AWS_* variables; secrets only from files). The passphrase of
+    /// encrypted images: `secret,id=ID,file=PATH` (`file=-`: a line of
+    /// standard input; `data=TEXT` for tests; `format=raw|base64`), named by
+    /// `-o encrypt.key-secret=ID` or `--image-opts ...,encrypt.key-secret=ID`
+    /// (the only secret given is used when none is named)
     #[arg(long, global = true, value_name = "TYPE,KEY=VALUE,...")]
     object: Vec<String>,
+    /// Image arguments are qemu-img style option lists:
+    /// `driver=fvd,file.filename=PATH,encrypt.key-secret=ID`
+    #[arg(long = "image-opts", global = true)]
+    image_opts: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,17 +57,23 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Check the metadata of an image (like qemu-img check).
     Check(cmd::check::Args),
+    /// List, create, apply or delete internal snapshots (like qemu-img
+    /// snapshot), also of an image `fvd serve` exports (--server).
+    Snapshot(cmd::snapshot::Args),
     /// Run qemu-io style commands on an image (like qemu-io).
     Io(cmd::io::Args),
     /// Show copy-on-write and free writes on a built-in example.
     Demo(cmd::demo::Args),
     /// Export an image over NBD (like qemu-nbd) or vhost-user-blk (like
     /// qemu-storage-daemon --export type=vhost-user-blk).
-    Serve(cmd::serve::ServeArgs),
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Copy everything from the base into the image, then detach the base.
     Prefetch(cmd::prefetch::Args),
     /// Show, export or import an image's prefetch profile.
     Profile(cmd::profile::Args),
+    /// Manage the key slots of an encrypted image (like cryptsetup
+    /// luksAddKey, luksRemoveKey, luksChangeKey, luksKillSlot).
+    Luks(cmd::luks::Args),
     /// Export the virtual disk as one file over FUSE (like qemu-storage-daemon
     /// --export type=fuse).
     Mount(cmd::mount::MountArgs),
@@ -84,7 +99,15 @@ fn one_line(msg: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // --image-opts arguments become paths before clap sees them.
+    let (args, image_keys) = match secrets::rewrite_image_opts(std::env::args().collect()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fvd: {}", one_line(&format!("{e:#}")));
+            return ExitCode::from(1);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -112,8 +135,19 @@ fn main() -> ExitCode {
     };
     for spec in &cli.object {
         // The message never repeats the option: it may hold a secret.
-        if let Err(msg) = fvd_remote::s3::configure(spec) {
+        let r = if secrets::is_secret(spec) {
+            secrets::add_object(spec).map_err(|e| format!("{e:#}"))
+        } else {
+            fvd_remote::s3::configure(spec)
+        };
+        if let Err(msg) = r {
             eprintln!("fvd: --object: {}", one_line(&msg));
+            return ExitCode::from(cli.command.error_code());
+        }
+    }
+    for (path, id) in &image_keys {
+        if let Err(e) = secrets::assign(path, id) {
+            eprintln!("fvd: --image-opts: {}", one_line(&format!("{e:#}")));
             return ExitCode::from(cli.command.error_code());
         }
     }
@@ -129,7 +163,7 @@ fn main() -> ExitCode {
     };
     let code = cli.command.error_code();
     // How images name their bases: local files, NBD and HTTP(S) URLs, qcow2.
-    let opener = fvd_remote::opener();
+    let opener = secrets::with_keys(fvd_remote::opener());
     let o = &opener;
     let result = rt.block_on(async move {
         match cli.command {
@@ -139,12 +173,14 @@ fn main() -> ExitCode {
             Command::Convert(a) => cmd::convert::run(a, o).await,
             Command::Compare(a) => cmd::compare::run(a, o).await,
             Command::Check(a) => cmd::check::run(a, o).await,
+            Command::Snapshot(a) => cmd::snapshot::run(a, o).await,
             Command::Io(a) => cmd::io::run(a, o).await,
             Command::Prefetch(a) => cmd::prefetch::run(a, o).await,
             Command::Profile(a) => cmd::profile::run(a, o).await,
             Command::Demo(a) => cmd::demo::run(a).await,
-            Command::Serve(a) => cmd::serve::run(a, o).await,
+            Command::Serve(a) => cmd::serve::run(*a, o).await,
             Command::Mount(a) => cmd::mount::run(a, o).await,
+            Command::Luks(a) => cmd::luks::run(a, o).await,
         }
     });
     match result {

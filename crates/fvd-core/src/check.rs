@@ -8,6 +8,12 @@
 //!   that crashed before their journal record was durable), and in compact
 //!   images physical chunks no table entry references (exit code 3);
 //! * check errors — the check itself could not run (exit code 1).
+//!
+//! With internal snapshots the refcounts are recomputed from every
+//! snapshot's table: a stored count higher than that is a leak (a create
+//! or delete a crash interrupted; `-r leaks` writes the right count), a
+//! lower one corruption. A chunk any snapshot uses is never a leak, so a
+//! repair never punches it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -60,6 +66,11 @@ pub struct CheckReport {
     pub local_blocks: (u64, u64),
     /// Allocated chunks and all chunks (compact images).
     pub chunks: Option<(u64, u64)>,
+    /// Internal snapshots.
+    pub snapshots: u64,
+    /// Chunks whose stored refcount is higher than the snapshots using
+    /// them (a leak `-r leaks` repairs).
+    pub refcounts_too_high: u64,
 }
 
 impl CheckReport {
@@ -131,6 +142,20 @@ struct Loaded {
     header: Header,
     durable: Durable,
     capacity: u64,
+    /// Snapshots: what their tables use.
+    snaps: Option<Snaps>,
+}
+
+/// What the snapshots of a compact image use.
+struct Snaps {
+    /// Snapshot refcount of each physical chunk, recomputed.
+    counts: Vec<u16>,
+    /// Every physical chunk a snapshot's table uses.
+    tables: Vec<u32>,
+    /// Runs of snapshot metadata.
+    metadata: Vec<std::ops::Range<u64>>,
+    /// Where the stored refcounts are, and how many.
+    refcounts: crate::format::snapshot::RefcountLocation,
 }
 
 /// Check an image on any storage. `path` (if known) locates the base.
@@ -178,6 +203,21 @@ async fn load(
         ));
     }
     r.clean = h.is_clean();
+    if h.incompatible & crate::format::header::INCOMPAT_ENCRYPTED != 0 {
+        let keys = h.region(Region::KeySlots);
+        let n = crate::crypt::luks::AREA_BYTES as usize;
+        let luks = storage
+            .read_at(keys.offset, IoBuf::zeroed(n))
+            .await
+            .map_err(|e| Error::io(format!("{desc}: read key slots"), e))?;
+        match crate::crypt::luks::Header::decode(&luks) {
+            Ok(l) if l.active_slots().is_empty() => r
+                .corruptions
+                .push("LUKS header: no key slot is active; the data cannot be decrypted".into()),
+            Ok(_) => {}
+            Err(e) => r.corruptions.push(e.to_string()),
+        }
+    }
     let data = h.region(Region::Data);
     r.image_end_offset = data.end();
     if len < data.end() {
@@ -261,7 +301,9 @@ async fn load(
     r.local_blocks = (durable.bitmap.count_ones(), bits);
     let cs = h.chunk_size as u64;
     let capacity = len.saturating_sub(data.offset) / cs;
+    let mut snaps = None;
     if compact {
+        snaps = check_snapshots(storage, &h, capacity, &mut durable, r).await?;
         check_table(&durable.table, capacity, r);
         r.image_end_offset = len;
     }
@@ -269,27 +311,129 @@ async fn load(
         header: h,
         durable,
         capacity,
+        snaps,
+    }))
+}
+
+/// Check the snapshot directory, every snapshot's table and bitmap, and the
+/// refcounts against the counts recomputed from the tables. With an apply
+/// pending, `durable` becomes the snapshot being applied (what the image is).
+async fn check_snapshots(
+    storage: &dyn Storage,
+    h: &Header,
+    capacity: u64,
+    durable: &mut Durable,
+    r: &mut CheckReport,
+) -> Result<Option<Snaps>> {
+    use crate::image::snapshot;
+    let loaded = match snapshot::load(storage, h, capacity).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == ErrorKind::Io => return Err(e),
+        Err(e) => {
+            r.corruptions
+                .push(format!("snapshot directory: {}", e.message()));
+            return Ok(None);
+        }
+    };
+    let dir = loaded.state.dir().clone();
+    if dir.entries.is_empty() {
+        return Ok(None);
+    }
+    r.snapshots = dir.entries.len() as u64;
+    if let Some(p) = &loaded.pending {
+        r.notes.push(format!(
+            "an apply of snapshot {} was interrupted; opening the image read-write finishes it",
+            p.entry.id
+        ));
+        *durable = p.durable();
+    }
+    let mut counts: Vec<u16> = Vec::new();
+    let mut tables = Vec::new();
+    for e in &dir.entries {
+        let view = match snapshot::read_view(storage, h, capacity, e).await {
+            Ok(v) => v,
+            Err(er) if er.kind() == ErrorKind::Io => return Err(er),
+            Err(er) => {
+                r.corruptions.push(er.message().to_string());
+                continue;
+            }
+        };
+        for &p in view.durable().table.iter().filter(|&&p| p != EMPTY) {
+            if counts.len() <= p as usize {
+                counts.resize(p as usize + 1, 0);
+            }
+            counts[p as usize] = counts[p as usize].saturating_add(1);
+            tables.push(p);
+        }
+    }
+    let stored = loaded.usage.refcounts;
+    let len = counts.len().max(stored.len());
+    for p in 0..len {
+        let want = counts.get(p).copied().unwrap_or(0);
+        let have = stored.get(p).copied().unwrap_or(0);
+        if have < want {
+            r.corruptions.push(format!(
+                "physical chunk {p} has refcount {have} but {want} snapshots use it"
+            ));
+        } else if have > want {
+            r.refcounts_too_high += 1;
+        }
+    }
+    if r.refcounts_too_high > 0 {
+        r.leaks.push(format!(
+            "{} chunks have a refcount higher than the snapshots using them",
+            r.refcounts_too_high
+        ));
+    }
+    let metadata: Vec<_> = snapshot::metadata_runs(h, &dir)
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    // Data chunks (live or a snapshot's) inside snapshot metadata.
+    for run in &metadata {
+        let hit = durable
+            .table
+            .iter()
+            .chain(tables.iter())
+            .find(|&&p| p != EMPTY && run.contains(&(p as u64)));
+        if let Some(p) = hit {
+            r.corruptions.push(format!(
+                "physical chunk {p} holds data but lies in snapshot metadata (chunks {}..{})",
+                run.start, run.end
+            ));
+        }
+    }
+    tables.sort_unstable();
+    tables.dedup();
+    Ok(Some(Snaps {
+        counts,
+        tables,
+        metadata,
+        refcounts: dir.refcounts,
     }))
 }
 
 /// Entries must point inside the data region and no chunk may be used twice.
 fn check_table(table: &[u32], capacity: u64, r: &mut CheckReport) {
-    let mut owner: Vec<Option<usize>> = vec![None; table.len()];
+    let mut owner: Vec<(u32, usize)> = Vec::new();
     let mut allocated = 0;
     for (c, &p) in table.iter().enumerate() {
         if p == EMPTY {
             continue;
         }
         allocated += 1;
-        if p as u64 >= capacity || p as usize >= table.len() {
+        if p as u64 >= capacity {
             r.corruptions.push(format!("chunk table entry {c} points at chunk {p}, past the data region ({capacity} chunks)"));
             continue;
         }
-        if let Some(first) = owner[p as usize].replace(c) {
-            r.corruptions.push(format!(
-                "physical chunk {p} is referenced by entries {first} and {c}"
-            ));
-        }
+        owner.push((p, c));
+    }
+    owner.sort_unstable();
+    for w in owner.windows(2).filter(|w| w[0].0 == w[1].0) {
+        r.corruptions.push(format!(
+            "physical chunk {} is referenced by entries {} and {}",
+            w[0].0, w[0].1, w[1].1
+        ));
     }
     r.chunks = Some((allocated, table.len() as u64));
 }
@@ -345,7 +489,12 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
             let c = pos / cs;
             let ce = ((c + 1) * cs).min(e);
             let p = l.durable.table.get(c as usize).copied().unwrap_or(EMPTY);
-            if p != EMPTY {
+            // A chunk a snapshot uses may hold data its bitmap needs.
+            let held = l
+                .snaps
+                .as_ref()
+                .is_some_and(|s| s.counts.get(p as usize).is_some_and(|&n| n > 0));
+            if p != EMPTY && !held {
                 let host = data_off + p as u64 * cs + pos % cs;
                 candidates.push((host, host + (ce - pos)));
             }
@@ -355,18 +504,25 @@ async fn leaked_ranges(storage: &dyn Storage, l: &Loaded) -> Result<Vec<(u64, u6
     // Physical chunks no entry references, below the highest one in use
     // (past it lies free capacity, not leaked space).
     if compact {
-        let high = l
+        // In use: the live table, every snapshot's table, snapshot metadata.
+        let mut in_use: Vec<std::ops::Range<u64>> = l
             .durable
             .table
             .iter()
             .filter(|&&p| p != EMPTY)
-            .map(|&p| p as u64 + 1)
-            .max()
-            .unwrap_or(0);
+            .map(|&p| p as u64..p as u64 + 1)
+            .collect();
+        if let Some(s) = &l.snaps {
+            in_use.extend(s.tables.iter().map(|&p| p as u64..p as u64 + 1));
+            in_use.extend(s.metadata.iter().cloned());
+        }
+        let high = in_use.iter().map(|r| r.end).max().unwrap_or(0);
         let mut used = vec![false; high.min(l.capacity) as usize];
-        for &p in &l.durable.table {
-            if let Some(u) = used.get_mut(p as usize) {
-                *u = true;
+        for r in &in_use {
+            for p in r.clone() {
+                if let Some(u) = used.get_mut(p as usize) {
+                    *u = true;
+                }
             }
         }
         let mut p = 0;
@@ -420,8 +576,10 @@ async fn repair_image(
         }
         // Opening read-write replays the journal and checkpoints; closing
         // sets the clean flag.
+        let needs_base =
+            crate::image::snapshot::snapshot_needs_base(storage.as_ref(), &h, None).await?;
         let base = match h.base() {
-            Some((name, format)) if h.base_range() > 0 => {
+            Some((name, format)) if needs_base => {
                 let here = Location::Path(path.to_path_buf());
                 Some(opener.open_named(&here, name, format, 1).await?)
             }
@@ -436,7 +594,7 @@ async fn repair_image(
             ));
         }
     }
-    if report.leaked_bytes > 0 {
+    if report.leaked_bytes > 0 || report.refcounts_too_high > 0 {
         let mut r = CheckReport::default();
         let Some(loaded) = load(storage.as_ref(), Some(path), &mut r).await? else {
             return Ok(done);
@@ -451,6 +609,25 @@ async fn repair_image(
             done.push("leaks not repaired: fix the corruption first (use -r all)".to_string());
             return Ok(done);
         }
+        if let Some(s) = &loaded.snaps
+            && r.refcounts_too_high > 0
+        {
+            // Exact counts: never lower than the truth, so safe in place.
+            let bytes = crate::format::snapshot::refcount_bytes(
+                |p| s.counts.get(p as usize).copied().unwrap_or(0),
+                s.refcounts.entries,
+                0,
+                s.refcounts.bytes(),
+            );
+            storage
+                .write_at(s.refcounts.offset, IoBuf::from_slice(&bytes), false)
+                .await
+                .map_err(|er| Error::io("write refcount table", er))?;
+            done.push(format!(
+                "lowered the refcounts of {} chunks to the snapshots using them",
+                r.refcounts_too_high
+            ));
+        }
         let mut freed = 0;
         for (host, len) in leaked_ranges(storage.as_ref(), &loaded).await? {
             storage
@@ -460,7 +637,9 @@ async fn repair_image(
             freed += len;
         }
         storage.flush().await.map_err(|e| Error::io("flush", e))?;
-        done.push(format!("freed {freed} bytes of leaked data"));
+        if freed > 0 {
+            done.push(format!("freed {freed} bytes of leaked data"));
+        }
     }
     Ok(done)
 }

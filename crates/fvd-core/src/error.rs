@@ -30,6 +30,9 @@ pub enum ErrorKind {
     NoSpace,
     /// A caller passed an argument that makes no sense (size not a multiple of 512...).
     InvalidArgument,
+    /// An encrypted image was opened without its key, or with a key that
+    /// opens none of its key slots.
+    KeyRequired,
 }
 
 /// An engine error: kind, a human message and an optional underlying I/O error.
@@ -116,6 +119,7 @@ impl Error {
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::ReadOnly => libc::EPERM,
             ErrorKind::NoSpace => libc::ENOSPC,
+            ErrorKind::KeyRequired => libc::EACCES,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! latency) and [`executor`], the runtime interface, sit under all):
 //! * [`storage`] — positional async byte I/O (file, memory);
 //! * [`format`](mod@format) — pure encode/decode of every on-disk structure;
+//! * [`crypt`] — pure transforms of encrypted images: AES-XTS data sectors,
+//!   the LUKS1 key slots;
 //! * `meta` — bitmaps in memory, journal writer (group commit), recovery;
 //! * [`base`] — what the engine reads base data through, and raw bases;
 //! * [`image`] — the engine: the mapping layer ([`image::map`]) and the
@@ -18,6 +20,7 @@
 
 pub mod base;
 pub mod check;
+pub mod crypt;
 pub mod error;
 pub mod executor;
 pub mod format;
@@ -30,7 +33,12 @@ pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
-pub use image::{CreateOptions, Extent, Image, OpenOptions, RequestMap, Run, Source, Target};
+pub use image::{
+    CreateEncryption, CreateOptions, Extent, Image, KeySlotChange, OpenOptions, RequestMap, Run,
+    Source, Target,
+};
 pub use iobuf::IoBuf;
 pub use meta::Stats;
-pub use open::{BaseSpec, Location, Opener, PathOptions, create_path, create_raw, open_path};
+pub use open::{
+    BaseSpec, KeyLookup, Location, Opener, PathOptions, create_path, create_raw, open_path,
+};

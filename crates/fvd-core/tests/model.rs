@@ -30,6 +30,13 @@ struct Case {
     detect_zeroes: bool,
     /// Chunk size of a compact image; None for the sparse layout.
     compact: Option<u32>,
+    /// Encrypted (LUKS1, AES-XTS): byte-granular writes then decrypt,
+    /// patch and encrypt partial sectors.
+    encrypted: bool,
+}
+
+fn key() -> fvd_core::crypt::Secret {
+    fvd_core::crypt::Secret::new(b"model".to_vec())
 }
 
 fn base_bytes(size: u64, rng: &mut Rng) -> Vec<u8> {
@@ -50,10 +57,11 @@ fn base_bytes(size: u64, rng: &mut Rng) -> Vec<u8> {
 }
 
 fn open(disk: &MemStorage, base: &Option<Arc<dyn Base>>) -> Image {
-    block_on(Image::open(
+    block_on(Image::open_with_key(
         Arc::new(disk.clone()),
         base.clone(),
         OpenOptions::default(),
+        Some(&key()),
     ))
     .expect("open")
 }
@@ -85,6 +93,10 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
         chunk_size: case.compact,
         grow_unit: Some(256 << 10),
         grow_cmd: None,
+        encryption: case.encrypted.then(|| fvd_core::CreateEncryption {
+            secret: key(),
+            iterations: 1000,
+        }),
     };
     block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).expect("create");
     let mut img = open(&disk, &base);
@@ -172,6 +184,7 @@ fn model_without_base() {
                     block_size: bs,
                     detect_zeroes: false,
                     compact: None,
+                    encrypted: false,
                 },
                 seed,
                 400,
@@ -191,6 +204,7 @@ fn model_with_base_every_block_size() {
                 block_size: bs,
                 detect_zeroes: seed % 2 == 0,
                 compact: None,
+                encrypted: false,
             };
             run_case(&case, seed ^ bs as u64, 500);
         }
@@ -206,6 +220,7 @@ fn model_base_larger_than_image() {
             block_size: 4096,
             detect_zeroes: true,
             compact: None,
+            encrypted: false,
         };
         run_case(&case, seed, 300);
     }
@@ -221,8 +236,31 @@ fn model_compact_without_base() {
                 block_size: bs,
                 detect_zeroes: false,
                 compact: Some(cs),
+                encrypted: false,
             };
             run_case(&case, seed ^ cs as u64, 400);
+        }
+    }
+}
+
+#[test]
+fn model_encrypted() {
+    for (base_size, compact) in [
+        (None, None),
+        (Some((3 << 20) + 1536), None),
+        (None, Some(65536u32)),
+        (Some((3 << 20) + 1536), Some(65536)),
+    ] {
+        for seed in seeds().into_iter().take(4) {
+            let case = Case {
+                virtual_size: 4 << 20,
+                base_size,
+                block_size: 4096,
+                detect_zeroes: seed % 2 == 0,
+                compact,
+                encrypted: true,
+            };
+            run_case(&case, seed ^ 0xe4c, 400);
         }
     }
 }
@@ -237,6 +275,7 @@ fn model_compact_with_base() {
                 block_size: bs,
                 detect_zeroes: seed % 2 == 0,
                 compact: Some(cs),
+                encrypted: false,
             };
             run_case(&case, seed ^ bs as u64 ^ cs as u64, 500);
         }

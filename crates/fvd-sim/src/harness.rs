@@ -110,13 +110,22 @@ pub struct SimConfig {
     /// the base is detached or the request budget is spent), and once more
     /// without faults at the end.
     pub prefetch: Option<PrefetchConfig>,
+    /// Encrypted image (LUKS1 key slots, AES-XTS data, [`sim_key`]).
+    pub encrypted: bool,
+}
+
+/// The passphrase of encrypted simulated images (every open of the
+/// harness gives it; images that are not encrypted ignore it).
+pub fn sim_key() -> fvd_core::crypt::Secret {
+    fvd_core::crypt::Secret::new(b"fvd-sim passphrase".to_vec())
 }
 
 impl SimConfig {
     /// A configuration drawn from `seed`: block size 512/4096/65536, no
     /// base, a base smaller than the image (unaligned end), as large, or
     /// larger; sparse or (a quarter of the seeds) compact layout;
-    /// copy-on-read in a third; 1 to 64 testers; faults in about a third.
+    /// copy-on-read in a third; 1 to 64 testers; faults in about a third;
+    /// encrypted in a quarter.
     /// Background seeds ([`background_seed`]) then get a base and background
     /// work (see [`SimConfig::add_background_work`]).
     pub fn from_seed(seed: u64) -> Self {
@@ -201,6 +210,8 @@ impl SimConfig {
             copy_on_read: r.below(3) == 0,
             background_cor: false,
             prefetch: None,
+            // Drawn last, so the other fields of a seed stay as they were.
+            encrypted: r.below(4) == 0,
         }
     }
 
@@ -761,9 +772,14 @@ pub async fn check_consistency(
             report.corruptions, report.check_errors
         ));
     }
-    Image::open(storage, base, OpenOptions { read_only: true })
-        .await
-        .map_err(|e| format!("read-only open failed: {e}"))
+    Image::open_with_key(
+        storage,
+        base,
+        OpenOptions { read_only: true },
+        Some(&sim_key()),
+    )
+    .await
+    .map_err(|e| format!("read-only open failed: {e}"))
 }
 
 struct Run {
@@ -918,10 +934,11 @@ impl Run {
                 self.exec.set_deadline(Some(self.exec.now() + d));
             }
             let storage: Arc<dyn Storage> = Arc::new(disk.clone());
-            let opened = self.exec.block_on(Image::open(
+            let opened = self.exec.block_on(Image::open_with_key(
                 storage,
                 self.base_dyn(),
                 OpenOptions::default(),
+                Some(&sim_key()),
             ));
             self.exec.set_deadline(None);
             match opened {
@@ -1036,6 +1053,10 @@ impl Run {
             chunk_size: cfg.compact_chunk,
             grow_unit: cfg.compact_chunk.map(|c| c as u64 * 4),
             copy_on_read: cfg.copy_on_read,
+            encryption: cfg.encrypted.then(|| fvd_core::CreateEncryption {
+                secret: sim_key(),
+                iterations: 1000,
+            }),
             ..CreateOptions::default()
         };
         let base_ref = self.base.clone();
@@ -1048,10 +1069,11 @@ impl Run {
             self.violation(format!("create failed: {created:?}"));
             return;
         }
-        let opened = self.exec.block_on(Image::open(
+        let opened = self.exec.block_on(Image::open_with_key(
             Arc::new(disk.clone()),
             self.base_dyn(),
             OpenOptions::default(),
+            Some(&sim_key()),
         ));
         let mut img = match opened {
             Ok(Ok(i)) => self.share(i),

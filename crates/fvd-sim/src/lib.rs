@@ -28,6 +28,7 @@ pub mod harness;
 pub mod model;
 pub mod rng;
 pub mod runtime;
+pub mod snapshots;
 pub mod storage;
 
 pub use harness::{

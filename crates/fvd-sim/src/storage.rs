@@ -309,6 +309,9 @@ struct Disk {
     latency: Latency,
     stats: IoStats,
     dead: bool,
+    /// Writes, zeroings and flushes that may still start; the next one
+    /// after that never completes (a crash point at an exact I/O).
+    halt_after: Option<u64>,
 }
 
 impl Disk {
@@ -325,6 +328,7 @@ impl Disk {
             latency,
             stats: IoStats::default(),
             dead: false,
+            halt_after: None,
         }
     }
 
@@ -444,6 +448,20 @@ impl SimStorage {
         self.lock().len
     }
 
+    /// Let `n` more writes, zeroings and flushes start, then freeze the
+    /// next one forever (it stays in flight: a crash may keep it or not).
+    /// `None` lifts the limit. The run stops there: a crash point at an
+    /// exact I/O.
+    pub fn halt_after(&self, n: Option<u64>) {
+        self.lock().halt_after = n;
+    }
+
+    /// Writes, zeroings and flushes started so far.
+    pub fn mutating_ops(&self) -> u64 {
+        let s = self.lock().stats;
+        s.writes + s.flushes + s.zeroes
+    }
+
     /// Writes completed but not yet durable, and writes in flight.
     pub fn unflushed(&self) -> (usize, usize) {
         let d = self.lock();
@@ -536,6 +554,23 @@ impl SimStorage {
         }
     }
 
+    /// True (and the operation must never complete) when `halt_after`
+    /// stops this operation.
+    fn halts(&self, kind: Kind) -> bool {
+        let mut d = self.lock();
+        if kind == Kind::Read {
+            return false;
+        }
+        match &mut d.halt_after {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Decide the latency and whether the operation fails; count it.
     fn begin(&self, kind: Kind) -> (u64, bool) {
         let mut d = self.lock();
@@ -564,6 +599,7 @@ impl SimStorage {
     }
 
     async fn write_like(&self, rec: Rec, kind: Kind, fua: bool) -> io::Result<()> {
+        let halt = self.halts(kind);
         let (lat, fail) = self.begin(kind);
         let id = {
             let mut d = self.lock();
@@ -572,6 +608,9 @@ impl SimStorage {
             d.inflight.insert(id, rec);
             id
         };
+        if halt {
+            std::future::pending::<()>().await;
+        }
         self.sim.sleep_ns(lat).await;
         let mut d = self.lock();
         let Some(mut rec) = d.inflight.remove(&id) else {
@@ -660,7 +699,11 @@ impl Storage for SimStorage {
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            let halt = self.halts(Kind::Flush);
             let (lat, fail) = self.begin(Kind::Flush);
+            if halt {
+                std::future::pending::<()>().await;
+            }
             let upto = self.lock().cseq;
             self.sim.sleep_ns(lat).await;
             let mut d = self.lock();

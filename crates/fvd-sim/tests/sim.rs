@@ -193,6 +193,14 @@ fn default_seeds_cover_every_shape() {
             "bs {bs}: compact"
         );
         assert!(of_bs().any(|c| c.testers >= 32), "bs {bs}: many testers");
+        assert!(
+            of_bs().any(|c| c.encrypted && c.base_size.is_some()),
+            "bs {bs}: encrypted over a base"
+        );
+        assert!(
+            of_bs().any(|c| c.encrypted && c.compact_chunk.is_some()),
+            "bs {bs}: encrypted compact"
+        );
     }
     assert!(cfgs.iter().any(|c| c.image_faults.flush_error > 0.0));
     assert!(cfgs.iter().any(|c| c.base_faults.short_read > 0.0));

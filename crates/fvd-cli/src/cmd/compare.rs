@@ -12,7 +12,7 @@ use anyhow::Result;
 use fvd_core::Opener;
 use fvd_core::{Format, Image};
 
-use crate::common::{STATUS_WINDOW, at, extents, open, overlay, parse_format};
+use crate::common::{STATUS_WINDOW, at, extents, open, overlay, parse_format, require_key};
 
 /// Bytes compared per read.
 pub const COMPARE_CHUNK: u64 = 1 << 20;
@@ -168,6 +168,8 @@ async fn tail_is_zero(side: &mut Side<'_>, from: u64) -> Result<Option<u64>> {
 pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let ia = open(opener, &a.image_a, a.format_a, true, a.force_share).await?;
     let ib = open(opener, &a.image_b, a.format_b, true, a.force_share).await?;
+    require_key(&ia, &a.image_a)?;
+    require_key(&ib, &a.image_b)?;
     let say = |s: &str| {
         if !a.quiet {
             println!("{s}");

@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
 use crate::common::{
-    CONVERT_KEYS, STATUS_WINDOW, at, extents, open, parse_format, parse_image_options,
+    CONVERT_KEYS, STATUS_WINDOW, at, create_encryption, extents, open, parse_format,
+    parse_image_options, require_key,
 };
 
 /// Largest piece read and written at once.
@@ -41,9 +42,21 @@ pub struct Args {
     /// Show a progress bar.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Give the new image this base (qemu-img's backing file), recorded as
+    /// given: only what the source holds over its own base is copied, so
+    /// the source's base must read the same as BASE (e.g. the same file).
+    #[arg(short = 'B', value_name = "BASE", requires = "base_format")]
+    pub base: Option<String>,
+    /// Format of -B's base: raw, fvd or qcow2.
+    #[arg(short = 'F', value_name = "BASE_FMT", value_parser = parse_format, requires = "base")]
+    pub base_format: Option<Format>,
     /// Open the source without taking the shared lock.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Copy the source's internal snapshot SNAPSHOT_PARAM instead of its
+    /// live disk: snapshot.id=ID, snapshot.name=NAME, or an id or name.
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
     /// Source image.
     pub source: PathBuf,
     /// New image (must not exist).
@@ -68,7 +81,14 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         || opts.journal_size.is_some()
         || opts.compact.is_some()
         || opts.chunk_size.is_some()
-        || opts.grow_unit.is_some();
+        || opts.grow_unit.is_some()
+        || opts.encrypt_given();
+    if a.output_format != Format::Fvd && a.base.is_some() {
+        bail!(
+            "{}: -B needs fvd output (a raw image has no base)",
+            a.target.display()
+        );
+    }
     if a.output_format == Format::Raw && any_option {
         bail!(
             "{}: -o options are not supported for raw output",
@@ -87,7 +107,27 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
             a.target.display()
         );
     }
-    let src = Arc::new(open(opener, &a.source, a.format, true, a.force_share).await?);
+    let src = match &a.snapshot {
+        Some(param) => {
+            if a.format != Format::Fvd {
+                bail!("{}: -l needs an fvd source", a.source.display());
+            }
+            let sel = fvd_core::image::snapshot::SnapshotSel::parse_param(param)
+                .map_err(|e| anyhow!("-l {param}: {e}"))?;
+            let opts = fvd_core::PathOptions {
+                read_only: true,
+                force_share: a.force_share,
+                ..Default::default()
+            };
+            opener
+                .open_snapshot(&a.source, opts, &sel)
+                .await
+                .map_err(|e| at(&a.source, e))?
+        }
+        None => open(opener, &a.source, a.format, true, a.force_share).await?,
+    };
+    let src = Arc::new(src);
+    require_key(&src, &a.source)?;
     let src_size = src.virtual_size();
     let dst_size = match a.output_format {
         Format::Fvd => src_size.div_ceil(512) * 512,
@@ -105,10 +145,18 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 compact: opts.compact.unwrap_or(false),
                 chunk_size: opts.chunk_size,
                 grow_unit: opts.grow_unit,
+                encryption: create_encryption(&opts, &a.target)?,
                 ..CreateOptions::default()
             };
+            let base = a
+                .base
+                .clone()
+                .zip(a.base_format)
+                .map(|(name, format)| fvd_core::BaseSpec { name, format });
+            // Every block the source holds is written: no zero scan.
+            let detect = base.as_ref().map(|_| false);
             opener
-                .create(&a.target, None, co, None)
+                .create(&a.target, base.as_ref(), co, detect)
                 .await
                 .map_err(|e| at(&a.target, e))?;
         }
@@ -116,7 +164,17 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let result = async {
         let dst = Arc::new(open(opener, &a.target, a.output_format, false, false).await?);
         let bar = a.progress.then(|| progress_bar(src_size));
-        copy(&src, &a.source, &dst, &a.target, src_size, bar.as_ref()).await?;
+        let over_base = a.base.is_some();
+        copy(
+            &src,
+            &a.source,
+            &dst,
+            &a.target,
+            src_size,
+            over_base,
+            bar.as_ref(),
+        )
+        .await?;
         dst.close().await.map_err(|e| at(&a.target, e))?;
         if let Some(b) = bar {
             b.finish();
@@ -141,13 +199,17 @@ fn progress_bar(len: u64) -> ProgressBar {
     bar
 }
 
-/// Copy the first `size` bytes of `src` into `dst`.
+/// Copy the first `size` bytes of `src` into `dst`. With `over_base`,
+/// `dst` has a base that reads like `src`'s: what `src` reads from its base
+/// is not copied, and its zeros are written (the base may hold data there).
+#[allow(clippy::too_many_arguments)]
 pub async fn copy(
     src: &Arc<Image>,
     src_path: &Path,
     dst: &Arc<Image>,
     dst_path: &Path,
     size: u64,
+    over_base: bool,
     bar: Option<&ProgressBar>,
 ) -> Result<()> {
     let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
@@ -157,7 +219,13 @@ pub async fn copy(
     while pos < size {
         let win = STATUS_WINDOW.min(size - pos);
         for e in extents(src, src_path, pos, win).await? {
-            if e.zero {
+            let from_base = over_base && e.source == fvd_core::Source::Base;
+            if e.zero || from_base {
+                if e.zero && !from_base && over_base {
+                    dst.write_zeroes(e.start, e.length, true, false)
+                        .await
+                        .map_err(|er| at(dst_path, er))?;
+                }
                 if let Some(b) = bar {
                     b.inc(e.length);
                 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 use fvd_core::{BaseSpec, CreateOptions, Format, Opener};
 
-use crate::common::{CREATE_KEYS, at, parse_format, parse_image_options};
+use crate::common::{CREATE_KEYS, at, create_encryption, parse_format, parse_image_options};
 use crate::size::parse_size;
 
 /// Arguments of `fvd create`.
@@ -103,6 +103,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 ("chunk_size", opts.chunk_size.is_some()),
                 ("grow_unit", opts.grow_unit.is_some()),
                 ("grow_cmd", opts.grow_cmd.is_some()),
+                ("encrypt.*", opts.encrypt_given()),
             ];
             if let Some((k, _)) = used.iter().find(|(_, set)| *set) {
                 bail!(
@@ -151,6 +152,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 chunk_size: opts.chunk_size,
                 grow_unit: opts.grow_unit,
                 grow_cmd: opts.grow_cmd.clone(),
+                encryption: create_encryption(&opts, img)?,
                 ..CreateOptions::default()
             };
             let h = opener
@@ -172,6 +174,9 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 line.push_str(&format!(" block_size={}", h.block_size));
                 if h.is_compact() {
                     line.push_str(&format!(" compact=on chunk_size={}", h.chunk_size));
+                }
+                if h.incompatible & fvd_core::format::header::INCOMPAT_ENCRYPTED != 0 {
+                    line.push_str(" encrypt.format=luks");
                 }
                 println!("{line}");
             }

@@ -12,6 +12,7 @@ use fvd_core::format::header::{
 use fvd_core::{Format, Image, Location, Opener};
 use serde::Serialize;
 
+use crate::cmd::snapshot::{SnapshotJson, table};
 use crate::common::{open, parse_format, print_json};
 use crate::size::human;
 
@@ -52,6 +53,8 @@ struct InfoJson {
     actual_size: u64,
     #[serde(rename = "dirty-flag")]
     dirty_flag: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    encrypted: bool,
     #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
     cluster_size: Option<u64>,
     #[serde(rename = "backing-filename", skip_serializing_if = "Option::is_none")]
@@ -66,6 +69,8 @@ struct InfoJson {
         skip_serializing_if = "Option::is_none"
     )]
     full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    snapshots: Vec<SnapshotJson>,
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     format_specific: Option<FormatSpecific>,
 }
@@ -101,6 +106,58 @@ struct FvdData {
     replayed_journal_blocks: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     compact: Option<CompactData>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encrypt: Option<EncryptData>,
+}
+
+/// The LUKS header, in the shape of qemu-img info's `encrypt` object.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
+struct EncryptData {
+    format: &'static str,
+    cipher_alg: &'static str,
+    cipher_mode: &'static str,
+    ivgen_alg: &'static str,
+    hash_alg: &'static str,
+    payload_offset: u64,
+    master_key_iters: u32,
+    uuid: String,
+    slots: Vec<SlotData>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
+struct SlotData {
+    active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iters: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stripes: Option<u32>,
+    key_offset: u64,
+}
+
+fn encrypt_data(img: &Image, h: &Header) -> Option<EncryptData> {
+    let l = img.luks_header()?;
+    Some(EncryptData {
+        format: "luks",
+        cipher_alg: "aes-256",
+        cipher_mode: "xts",
+        ivgen_alg: "plain64",
+        hash_alg: "sha256",
+        payload_offset: h.region(Region::Data).offset,
+        master_key_iters: l.mk_digest_iterations,
+        uuid: l.uuid.clone(),
+        slots: l
+            .slots
+            .iter()
+            .map(|s| SlotData {
+                active: s.active,
+                iters: s.active.then_some(s.iterations),
+                stripes: s.active.then_some(s.stripes),
+                key_offset: s.material_sector as u64 * 512,
+            })
+            .collect(),
+    })
 }
 
 /// Chunk usage of a compact image.
@@ -161,6 +218,7 @@ fn fvd_data(img: &Image, h: &Header) -> FvdData {
         autoclear_features: h.autoclear,
         journal_epoch: h.journal_epoch,
         replayed_journal_blocks: img.replayed_blocks(),
+        encrypt: encrypt_data(img, h),
         compact: img.chunk_usage().map(|u| CompactData {
             chunks: u.chunks,
             allocated_chunks: u.allocated,
@@ -191,6 +249,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
         (name.to_string(), format.name().to_string(), full)
     });
     let data = h.as_ref().map(|h| fvd_data(&img, h));
+    let snapshots: Vec<SnapshotJson> = img.snapshots().iter().map(SnapshotJson::from).collect();
     match a.output {
         Output::Json => {
             let j = InfoJson {
@@ -199,10 +258,12 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 virtual_size: img.virtual_size(),
                 actual_size: actual,
                 dirty_flag: h.as_ref().is_some_and(|h| !h.is_clean()),
+                encrypted: img.is_encrypted(),
                 cluster_size: h.as_ref().map(|h| h.block_size as u64),
                 backing_filename: backing.as_ref().map(|b| b.0.clone()),
                 backing_filename_format: backing.as_ref().map(|b| b.1.clone()),
                 full_backing_filename: backing.as_ref().map(|b| b.2.clone()),
+                snapshots,
                 format_specific: data.map(|data| FormatSpecific { kind: "fvd", data }),
             };
             print_json(&j)?;
@@ -216,6 +277,9 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                 img.virtual_size()
             );
             println!("disk size: {}", human(actual));
+            if img.is_encrypted() {
+                println!("encrypted: yes");
+            }
             if let (Some(h), Some(d)) = (&h, &data) {
                 println!("block size: {}", h.block_size);
                 if let Some((name, fmt, full)) = &backing {
@@ -226,6 +290,7 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                     }
                     println!("backing file format: {fmt}");
                 }
+                print!("{}", table(&snapshots));
                 println!("Format specific information:");
                 println!("    version: {}", d.version);
                 if d.base_blocks == 0 {
@@ -270,6 +335,23 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
                         "    clean: false (journal replayed in memory: {} blocks)",
                         d.replayed_journal_blocks
                     );
+                }
+                if let Some(e) = &d.encrypt {
+                    println!("    encrypt:");
+                    println!("        format: {}", e.format);
+                    println!(
+                        "        cipher: {}-{}-{}, hash {}",
+                        e.cipher_alg, e.cipher_mode, e.ivgen_alg, e.hash_alg
+                    );
+                    println!("        uuid: {}", e.uuid);
+                    println!("        master key iters: {}", e.master_key_iters);
+                    for (i, s) in e.slots.iter().enumerate().filter(|(_, s)| s.active) {
+                        println!(
+                            "        key slot {i}: active, iters {}, key offset {}",
+                            s.iters.unwrap_or(0),
+                            s.key_offset
+                        );
+                    }
                 }
                 println!("    copy-on-read: {}", d.copy_on_read);
                 println!("    zero detected: {}", d.zero_detected);

@@ -16,7 +16,7 @@ use anyhow::Result;
 use fvd_core::Opener;
 use fvd_core::{Format, Image, Source};
 
-use crate::common::{at, extents, open, parse_format};
+use crate::common::{at, extents, open, parse_format, require_key};
 use crate::size::{io_units, parse_size};
 
 /// Longest single read or write, as in qemu-io.
@@ -399,6 +399,7 @@ impl Session<'_> {
 /// Run `fvd io`.
 pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let img = open(opener, &a.image, a.format, a.read_only, a.force_share).await?;
+    require_key(&img, &a.image)?;
     let s = Session {
         img: &img,
         path: &a.image,

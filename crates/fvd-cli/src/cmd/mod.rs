@@ -3,12 +3,14 @@
 
 pub mod check;
 pub mod compare;
+pub mod control;
 pub mod convert;
 pub mod create;
 pub mod demo;
 pub mod demo_nbd;
 pub mod info;
 pub mod io;
+pub mod luks;
 pub mod map;
 pub mod mount;
 pub mod prefetch;
@@ -17,3 +19,4 @@ pub mod serve;
 pub mod serve_extras;
 pub mod serve_metrics;
 pub mod serve_vhost;
+pub mod snapshot;

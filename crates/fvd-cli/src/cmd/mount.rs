@@ -17,7 +17,7 @@ use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
 use fvd_fuse::{Ending, FileOptions, MountOptions};
 
-use crate::common::{at, parse_format};
+use crate::common::{at, parse_format, require_key};
 
 fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
     s.parse::<CacheMode>()
@@ -79,6 +79,7 @@ pub async fn run(a: MountArgs, opener: &Opener) -> Result<u8> {
         .open(&a.image, a.format, opts)
         .await
         .map_err(|e| at(&a.image, e))?;
+    require_key(&image, &a.image)?;
     let image = Arc::new(image);
     let mount_opts = MountOptions {
         file: FileOptions {

@@ -14,7 +14,7 @@ use fvd_core::Opener;
 use fvd_core::image::prefetch::{PrefetchConfig, PrefetchMode, PrefetchStatus, prefetch};
 
 use crate::clock::TokioClock;
-use crate::common::{at, open};
+use crate::common::{at, open, require_key};
 use crate::size::parse_size;
 
 /// Arguments of `fvd prefetch`.
@@ -36,6 +36,7 @@ pub struct Args {
 /// Run `fvd prefetch`.
 pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     let img = Arc::new(open(opener, &a.image, Format::Fvd, false, false).await?);
+    require_key(&img, &a.image)?;
     if img.base_range() == 0 {
         println!(
             "{}: all data is already in the image; no base to fetch from",

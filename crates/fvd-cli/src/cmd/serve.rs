@@ -40,6 +40,14 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(short = 'r', long)]
     pub read_only: bool,
+    /// Export internal snapshot SNAPSHOT_PARAM read-only (like qemu-nbd
+    /// -l): snapshot.id=ID, snapshot.name=NAME, or an id or name.
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
+    pub load_snapshot: Option<String>,
+    /// Answer JSON requests on this unix socket (mode 0600): snapshots of
+    /// the running image, statistics (see `fvd snapshot --server`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Most clients served at once; more wait until one leaves.
     #[arg(short = 'e', long, value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS)]
     pub shared: usize,
@@ -158,13 +166,26 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     let signal = shutdown_signal()
         .await
         .context("cannot install signal handlers")?;
+    // A snapshot is exported read-only, as qemu-nbd -l does.
+    let read_only = a.read_only || a.load_snapshot.is_some();
     let opts = PathOptions {
-        read_only: a.read_only,
+        read_only,
         cache: a.cache,
         force_share: false,
     };
     let path = a.image.display().to_string();
-    let image = opener.open(&a.image, a.format, opts).await.map_err(|e| {
+    let opened = match &a.load_snapshot {
+        Some(param) => {
+            let sel = fvd_core::image::snapshot::SnapshotSel::parse_param(param)
+                .map_err(|e| anyhow!("-l {param}: {e}"))?;
+            if a.format != Format::Fvd {
+                bail!("{path}: -l needs an fvd image");
+            }
+            opener.open_snapshot(&a.image, opts, &sel).await
+        }
+        None => opener.open(&a.image, a.format, opts).await,
+    };
+    let image = opened.map_err(|e| {
         let msg = e.to_string();
         if msg.contains(&path) {
             anyhow!(msg)
@@ -172,6 +193,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             anyhow!("{path}: {msg}")
         }
     })?;
+    crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
     let extras = match super::serve_extras::start(&image, &a.base).await {
         Ok(x) => x,
@@ -180,11 +202,21 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             return Err(e);
         }
     };
+    let _control = match &a.control_socket {
+        Some(p) => match super::control::start(image.clone(), p, extras.stats_fn(&image)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = image.close().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     if let Some(socket) = a.vhost.vhost_user_blk.clone() {
         let export = super::serve_vhost::Export {
             path: &a.image,
             socket,
-            read_only: a.read_only,
+            read_only,
             once: a.once,
             verbose: a.verbose,
             args: &a.vhost,
@@ -227,9 +259,13 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         }
     };
     eprintln!(
-        "fvd serve: serving {path} at {}{}",
+        "fvd serve: serving {path}{} at {}{}",
+        a.load_snapshot
+            .as_deref()
+            .map(|s| format!(" (snapshot {s})"))
+            .unwrap_or_default(),
         listener.uri(&a.export_name),
-        if a.read_only { " (read-only)" } else { "" }
+        if read_only { " (read-only)" } else { "" }
     );
     let summary = server
         .serve(listener, signal)

@@ -202,6 +202,7 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "throughput": prefetch_bytes as f64 / secs,
         },
         "local-blocks": local,
+        "snapshot-chunks-copied": s.chunks_copied.load(Ordering::Relaxed),
         "base-blocks": blocks,
         "foreground-ops": img.foreground_ops(),
         "foreground-write-bytes": s.data_write_bytes.load(Ordering::Relaxed).saturating_sub(prefetch_bytes + s.cor_bytes.load(Ordering::Relaxed)),
@@ -220,6 +221,12 @@ pub fn prefetch_state(img: &Image, st: &PrefetchStatus) -> PrefetchState {
 }
 
 impl Extras {
+    /// What answers `query-stats` on the control socket.
+    pub fn stats_fn(&self, image: &Arc<Image>) -> super::control::StatsFn {
+        let (img, st, started) = (image.clone(), self.status.clone(), self.started);
+        Arc::new(move || stats_json(&img, &st, started))
+    }
+
     /// After the server stopped (the image is closed, and a recorded profile
     /// stored in it): log the figures and remove the stats socket.
     pub fn finish(&self, image: &Image) {

@@ -221,7 +221,18 @@ impl Header {
     /// unaligned base end is backed by the base as a whole (zeros past the
     /// base's end), so its bit governs all of it.
     pub fn base_range(&self) -> u64 {
-        if self.base_name.is_empty() || self.flags & FLAG_ALL_LOCAL != 0 {
+        if self.flags & FLAG_ALL_LOCAL != 0 {
+            0
+        } else {
+            self.recorded_base_range()
+        }
+    }
+
+    /// The base range the recorded base defines, whether or not `ALL_LOCAL`
+    /// is set (a snapshot taken before the base was detached still reads
+    /// from it).
+    pub fn recorded_base_range(&self) -> u64 {
+        if self.base_name.is_empty() {
             0
         } else {
             self.base_size
@@ -229,6 +240,11 @@ impl Header {
                 .div_ceil(512)
                 .saturating_mul(512)
         }
+    }
+
+    /// Bits of the bitmap over [`Header::recorded_base_range`].
+    pub fn recorded_base_blocks(&self) -> u64 {
+        self.recorded_base_range().div_ceil(self.block_size as u64)
     }
 
     /// A region's extent.
@@ -533,6 +549,20 @@ impl Header {
         if j.length < 4096 {
             return Err(Error::corrupt("journal region is missing"));
         }
+        let keys = self.region(Region::KeySlots).length;
+        if self.incompatible & INCOMPAT_ENCRYPTED != 0 && keys < crate::crypt::luks::AREA_BYTES {
+            return Err(Error::corrupt(format!(
+                "key-slot region is {keys} bytes, an encrypted image needs {} for its LUKS header",
+                crate::crypt::luks::AREA_BYTES
+            )));
+        }
+        if self.incompatible & INCOMPAT_ENCRYPTED != 0
+            && !self.region(Region::Data).offset.is_multiple_of(512)
+        {
+            return Err(Error::corrupt(
+                "data region of an encrypted image is not sector aligned",
+            ));
+        }
         let data = self.region(Region::Data);
         if self.incompatible & INCOMPAT_COMPACT == 0 && data.length < self.virtual_size {
             return Err(Error::corrupt(format!(
@@ -639,6 +669,7 @@ mod tests {
             journal_size: None,
             compact: false,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap()
     }

@@ -1,8 +1,8 @@
 //! Where each region goes in a new image.
 
 use super::header::{
-    Extent, FLAG_CLEAN, HEADER_AREA, Header, INCOMPAT_COMPACT, MAX_BASE_NAME, MAX_BASE_VALIDATOR,
-    MAX_VIRTUAL_SIZE, REGION_COUNT, Region, valid_block_size,
+    Extent, FLAG_CLEAN, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, MAX_BASE_NAME,
+    MAX_BASE_VALIDATOR, MAX_VIRTUAL_SIZE, REGION_COUNT, Region, valid_block_size,
 };
 use super::{Format, round_up};
 use crate::error::{Error, Result};
@@ -20,8 +20,11 @@ pub const DEFAULT_JOURNAL_SIZE: u64 = 8 << 20;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// Reserved size of the snapshot directory.
 pub const SNAPSHOT_DIR_SIZE: u64 = 64 << 10;
-/// Reserved size of the key-slot area.
+/// Reserved size of the key-slot area of an image that is not encrypted.
 pub const KEY_SLOTS_SIZE: u64 = 256 << 10;
+/// Size of the key-slot area of an encrypted image: its LUKS1 header and
+/// eight slots of key material (2,068,480 bytes), rounded up to 4 KiB.
+pub const ENCRYPTED_KEY_SLOTS_SIZE: u64 = crate::crypt::luks::AREA_BYTES.next_multiple_of(4096);
 /// Reserved size of the prefetch profile.
 pub const PROFILE_SIZE: u64 = 1 << 20;
 /// Alignment of the data region.
@@ -46,6 +49,9 @@ pub struct CreateLayout {
     pub compact: bool,
     /// Bytes per chunk; `None` picks the default.
     pub chunk_size: Option<u32>,
+    /// Encrypted (feature `ENCRYPTED`): a key-slot region large enough for
+    /// a LUKS1 header.
+    pub encrypted: bool,
 }
 
 /// The default block size for a base range: the smallest power of two
@@ -141,7 +147,14 @@ pub fn compute_layout(c: &CreateLayout) -> Result<Header> {
     place(Region::Journal, journal_size);
     place(Region::Snapshots, SNAPSHOT_DIR_SIZE);
     place(Region::Refcounts, refcount_len);
-    place(Region::KeySlots, KEY_SLOTS_SIZE);
+    place(
+        Region::KeySlots,
+        if c.encrypted {
+            ENCRYPTED_KEY_SLOTS_SIZE
+        } else {
+            KEY_SLOTS_SIZE
+        },
+    );
     place(Region::Profile, PROFILE_SIZE);
     let data_offset = round_up(pos, DATA_ALIGN);
     regions[Region::Data as usize] = Extent {
@@ -151,7 +164,8 @@ pub fn compute_layout(c: &CreateLayout) -> Result<Header> {
 
     let h = Header {
         generation: 1,
-        incompatible: if c.compact { INCOMPAT_COMPACT } else { 0 },
+        incompatible: if c.compact { INCOMPAT_COMPACT } else { 0 }
+            | if c.encrypted { INCOMPAT_ENCRYPTED } else { 0 },
         compatible: 0,
         autoclear: 0,
         flags: FLAG_CLEAN,
@@ -194,6 +208,7 @@ mod tests {
             journal_size: None,
             compact: false,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap();
         assert_eq!(h.region(Region::Bitmap).length, 4 << 20);
@@ -209,6 +224,7 @@ mod tests {
             journal_size: None,
             compact: true,
             chunk_size: None,
+            encrypted: false,
         })
         .unwrap();
         assert_eq!(h.block_size, 64 << 10);
@@ -227,6 +243,7 @@ mod tests {
             journal_size: None,
             compact: false,
             chunk_size: None,
+            encrypted: false,
         };
         assert!(compute_layout(&c).is_err());
         c.virtual_size = 1 << 20;

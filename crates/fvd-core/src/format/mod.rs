@@ -11,6 +11,7 @@ pub mod header;
 pub mod journal;
 pub mod layout;
 pub mod profile;
+pub mod snapshot;
 
 /// Image formats `fvd` reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,16 +16,41 @@
 //! unpins and looks up again. With sequentially consistent operations, an
 //! allocator that sees a zero pin count after the free can never race an
 //! I/O that still uses the old mapping.
+//!
+//! Internal snapshots (`image::snapshot`) keep chunks alive that the live
+//! table no longer references: a per-physical-chunk **refcount** counts the
+//! snapshots holding a chunk. A chunk the live table shares with a snapshot
+//! (refcount > 0) is never written in place, never punched and never
+//! returned to the allocator by a discard; the mapping layer gives a write
+//! into it a replacement chunk. Refcounts change only while every request
+//! is held at the image's gate (snapshot create, delete, apply), so the
+//! request paths read them without a lock. Snapshot metadata (table and
+//! bitmap copies, a grown refcount table) occupies runs of physical chunks
+//! taken from the end of the data region. "Free" is: not in the live
+//! table, refcount 0, and not snapshot metadata.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 
+use super::physarray::PhysArray;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 
 /// Table entry of an unallocated chunk.
 pub const EMPTY: u32 = u32::MAX;
+/// Physical chunk numbers stay below this (`EMPTY` is not one).
+pub const MAX_PHYS: u64 = u32::MAX as u64;
+
+/// What snapshots hold of the data region, as read at open.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SnapshotUse {
+    /// Snapshot refcount of each physical chunk (past the end: 0).
+    pub refcounts: Vec<u16>,
+    /// Runs of physical chunks holding snapshot metadata.
+    pub metadata: Vec<Range<u64>>,
+}
 
 struct Allocator {
     /// Next never-used physical chunk.
@@ -45,7 +70,12 @@ pub(crate) struct Compact {
     pub grow_unit: u64,
     pub grow_cmd: String,
     table: Box<[AtomicU32]>,
-    pins: Box<[AtomicU32]>,
+    pins: PhysArray<AtomicU32>,
+    /// Snapshots holding each physical chunk (changed only with the
+    /// image's gate held exclusively).
+    refs: PhysArray<AtomicU16>,
+    /// Mutation check only: write shared chunks in place.
+    skip_shared_copy: AtomicBool,
     /// Never held across an await; taken under `grow_lock` to record the
     /// grown capacity.
     alloc: Mutex<Allocator>,
@@ -61,7 +91,7 @@ pub(crate) struct Compact {
 /// I/O uses them.
 #[derive(Debug)]
 pub(crate) struct Pin<'a> {
-    pins: &'a [AtomicU32],
+    pins: &'a PhysArray<AtomicU32>,
     first: u32,
     count: u32,
 }
@@ -78,30 +108,84 @@ impl Pin<'_> {
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
         for p in self.first..self.first + self.count {
-            self.pins[p as usize].fetch_sub(1, Ordering::SeqCst);
+            self.pins.get(p as u64).fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
 /// Validate a table read from disk: entries inside the storage and unique.
 pub(crate) fn validate_table(table: &[u32], capacity: u64) -> Result<()> {
-    let mut seen = vec![false; table.len()];
+    let mut seen = ChunkSet::default();
     for (c, &p) in table.iter().enumerate() {
         if p == EMPTY {
             continue;
         }
-        if p as usize >= table.len() || p as u64 >= capacity {
+        if p as u64 >= capacity {
             return Err(Error::corrupt(format!(
                 "chunk table entry {c} points at chunk {p}, past the end of the data region ({capacity} chunks)"
             )));
         }
-        if std::mem::replace(&mut seen[p as usize], true) {
+        if seen.insert(p) {
             return Err(Error::corrupt(format!(
                 "physical chunk {p} is referenced twice (entry {c})"
             )));
         }
     }
     Ok(())
+}
+
+/// A set of physical chunk numbers: one bit each (open-time bookkeeping of
+/// tables with millions of entries).
+#[derive(Default)]
+struct ChunkSet {
+    words: Vec<u64>,
+}
+
+impl ChunkSet {
+    /// Add `p`; true if it was there already.
+    fn insert(&mut self, p: u32) -> bool {
+        let w = p as usize / 64;
+        if w >= self.words.len() {
+            self.words.resize((w + 1).next_power_of_two(), 0);
+        }
+        let bit = 1u64 << (p % 64);
+        let was = self.words[w] & bit != 0;
+        self.words[w] |= bit;
+        was
+    }
+
+    fn contains(&self, p: u32) -> bool {
+        self.words
+            .get(p as usize / 64)
+            .is_some_and(|w| w & (1u64 << (p % 64)) != 0)
+    }
+
+    /// One past the highest member (0 when empty).
+    fn end(&self) -> u32 {
+        match self.words.iter().rposition(|&w| w != 0) {
+            Some(i) => (i * 64 + 64 - self.words[i].leading_zeros() as usize) as u32,
+            None => 0,
+        }
+    }
+}
+
+/// Physical chunks in use by `table` or `snaps`.
+fn in_use(table: &[u32], snaps: &SnapshotUse) -> ChunkSet {
+    let mut used = ChunkSet::default();
+    for &p in table.iter().filter(|&&p| p != EMPTY) {
+        used.insert(p);
+    }
+    for (p, &n) in snaps.refcounts.iter().enumerate() {
+        if n > 0 {
+            used.insert(p as u32);
+        }
+    }
+    for r in &snaps.metadata {
+        for p in r.start as u32..r.end as u32 {
+            used.insert(p);
+        }
+    }
+    used
 }
 
 impl Compact {
@@ -112,24 +196,29 @@ impl Compact {
         capacity: u64,
         grow_unit: u64,
         grow_cmd: String,
+        snaps: &SnapshotUse,
     ) -> Self {
-        let next = table
-            .iter()
-            .filter(|&&p| p != EMPTY)
-            .map(|&p| p + 1)
-            .max()
-            .unwrap_or(0);
-        let used: BTreeSet<u32> = table.iter().copied().filter(|&p| p != EMPTY).collect();
-        // Chunks below the high-water mark that no entry references were
-        // allocated by writes that never reached the journal: free again.
-        let free = (0..next).filter(|p| !used.contains(p)).collect();
+        let used = in_use(table, snaps);
+        let next = used.end();
+        // Chunks below the high-water mark that nothing uses were allocated
+        // by writes that never reached the journal (or freed by snapshot
+        // operations a crash interrupted): free again.
+        let free = (0..next).filter(|&p| !used.contains(p)).collect();
+        let refs: PhysArray<AtomicU16> = PhysArray::new(table.len() as u64);
+        for (p, &n) in snaps.refcounts.iter().enumerate() {
+            if n > 0 {
+                refs.get(p as u64).store(n, Ordering::Relaxed);
+            }
+        }
         Compact {
             chunk_size,
             data_offset,
             grow_unit,
             grow_cmd,
             table: table.iter().map(|&p| AtomicU32::new(p)).collect(),
-            pins: (0..table.len()).map(|_| AtomicU32::new(0)).collect(),
+            pins: PhysArray::new(table.len() as u64),
+            refs,
+            skip_shared_copy: AtomicBool::new(false),
             alloc: Mutex::new(Allocator {
                 next,
                 free,
@@ -154,9 +243,45 @@ impl Compact {
         self.table[c as usize].load(Ordering::SeqCst)
     }
 
-    /// True if every chunk of `r` is allocated.
-    pub fn all_allocated(&self, r: std::ops::Range<u64>) -> bool {
-        r.into_iter().all(|c| self.lookup(c) != EMPTY)
+    /// Snapshots holding physical chunk `p`.
+    #[inline]
+    pub fn refcount(&self, p: u32) -> u16 {
+        self.refs
+            .peek(p as u64)
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+
+    /// Set the snapshot refcount of physical chunk `p` (image gate held
+    /// exclusively).
+    pub fn set_refcount(&self, p: u32, n: u16) {
+        self.refs.get(p as u64).store(n, Ordering::Release);
+    }
+
+    /// True if virtual chunk `c` is allocated and a snapshot holds its
+    /// chunk: it must not be written in place.
+    #[inline]
+    pub fn is_shared(&self, c: u64) -> bool {
+        let p = self.lookup(c);
+        p != EMPTY && self.refcount(p) > 0
+    }
+
+    /// True if a write into virtual chunk `c` must go to a copy of it (a
+    /// snapshot shares it).
+    #[inline]
+    pub fn needs_copy(&self, c: u64) -> bool {
+        self.is_shared(c) && !self.skip_shared_copy.load(Ordering::Relaxed)
+    }
+
+    /// True if every chunk of `r` is allocated and no write into it needs a
+    /// copy: a write may go to it in place.
+    pub fn all_owned(&self, r: Range<u64>) -> bool {
+        r.into_iter()
+            .all(|c| self.lookup(c) != EMPTY && !self.needs_copy(c))
+    }
+
+    /// Mutation check only: let writes into shared chunks go in place.
+    pub fn set_skip_shared_copy(&self) {
+        self.skip_shared_copy.store(true, Ordering::Relaxed);
     }
 
     /// Pin the physical chunk of `c` for an I/O; `None` if unallocated.
@@ -166,7 +291,7 @@ impl Compact {
             if p == EMPTY {
                 return None;
             }
-            self.pins[p as usize].fetch_add(1, Ordering::SeqCst);
+            self.pins.get(p as u64).fetch_add(1, Ordering::SeqCst);
             let pin = Pin {
                 pins: &self.pins,
                 first: p,
@@ -220,30 +345,19 @@ impl Compact {
     ) -> Result<Vec<(u64, u32)>> {
         let (out, need) = {
             let mut a = self.lock();
-            let pins = &self.pins;
-            let mut still_pending = Vec::new();
-            for (p, round) in std::mem::take(&mut a.pending_free) {
-                if round <= rounds_done && pins[p as usize].load(Ordering::SeqCst) == 0 {
-                    a.free.insert(p);
-                } else {
-                    still_pending.push((p, round));
-                }
-            }
-            a.pending_free = still_pending;
+            self.collect_frees(&mut a, rounds_done);
             let mut out = Vec::with_capacity(virt.len());
             for &c in virt {
                 let p = match a.free.pop_first() {
                     Some(p) => p,
                     None => {
-                        if a.next as usize >= self.table.len() {
-                            // More physical chunks than virtual ones means a leak;
-                            // refuse rather than overflow the pin array.
+                        if a.next as u64 >= MAX_PHYS {
                             for (_, p) in out.drain(..) {
                                 a.free.insert(p);
                             }
                             return Err(Error::new(
                                 ErrorKind::NoSpace,
-                                "no free chunk left in the chunk table",
+                                "no free chunk number left (2^32 - 1 chunks in use)",
                             ));
                         }
                         a.next += 1;
@@ -264,6 +378,53 @@ impl Compact {
         Ok(out)
     }
 
+    /// Move pending frees whose free is durable and whose chunk no I/O
+    /// pins into the free set.
+    fn collect_frees(&self, a: &mut Allocator, rounds_done: u64) {
+        let mut still_pending = Vec::new();
+        for (p, round) in std::mem::take(&mut a.pending_free) {
+            if round <= rounds_done && self.pins.get(p as u64).load(Ordering::SeqCst) == 0 {
+                a.free.insert(p);
+            } else {
+                still_pending.push((p, round));
+            }
+        }
+        a.pending_free = still_pending;
+    }
+
+    /// Allocate `n` physically contiguous chunks past every chunk in use
+    /// (snapshot metadata), growing the storage. Not published anywhere:
+    /// give them back with [`Compact::free_chunks`] if unused.
+    pub async fn allocate_run(&self, storage: &dyn Storage, n: u64) -> Result<Range<u64>> {
+        let run = {
+            let mut a = self.lock();
+            let start = a.next as u64;
+            if start + n >= MAX_PHYS {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "no free chunk number left (2^32 - 1 chunks in use)",
+                ));
+            }
+            a.next = (start + n) as u32;
+            start..start + n
+        };
+        if run.end > self.lock().capacity
+            && let Err(e) = self.grow(storage, run.end).await
+        {
+            self.free_chunks(run.clone().map(|p| p as u32), 0);
+            return Err(e);
+        }
+        Ok(run)
+    }
+
+    /// Give physical chunks nothing refers to any more (durably, as of
+    /// commit round `round`) back to the allocator; each is reused only
+    /// once no I/O pins it.
+    pub fn free_chunks(&self, phys: impl IntoIterator<Item = u32>, round: u64) {
+        let mut a = self.lock();
+        a.pending_free.extend(phys.into_iter().map(|p| (p, round)));
+    }
+
     /// Return chunks that were allocated but never published.
     pub fn release(&self, chunks: &[(u64, u32)]) {
         let mut a = self.lock();
@@ -280,13 +441,20 @@ impl Compact {
     }
 
     /// Unmap virtual chunk `c`; its physical chunk is reusable after commit
-    /// round `round` completed and no pinned I/O uses it. Returns the old entry.
+    /// round `round` completed and no pinned I/O uses it — unless a
+    /// snapshot holds it, which keeps it. Returns the old entry.
     pub fn free(&self, c: u64, round: u64) -> u32 {
         let p = self.table[c as usize].swap(EMPTY, Ordering::SeqCst);
-        if p != EMPTY {
+        if p != EMPTY && self.refcount(p) == 0 {
             self.lock().pending_free.push((p, round));
         }
         p
+    }
+
+    /// The allocator's high-water mark: one past the highest physical chunk
+    /// in use or handed out.
+    pub fn high_water(&self) -> u64 {
+        self.lock().next as u64
     }
 
     /// True while some freed chunk waits for its free to become durable.
@@ -313,7 +481,13 @@ impl Compact {
             // Grown by another allocation while this one waited.
             return Ok(());
         }
-        let target = (need_chunks.max(have + step)).min(self.chunks());
+        // Without snapshots the data region never needs more chunks than the
+        // virtual disk has; with them it may, and then grows step by step.
+        let target = if need_chunks <= self.chunks() {
+            need_chunks.max(have + step).min(self.chunks())
+        } else {
+            need_chunks.max(have + step)
+        };
         let target_len = self.data_offset + target * cs;
         let needed_len = self.data_offset + need_chunks * cs;
         let mut r = storage.set_len(target_len).await;

@@ -123,6 +123,7 @@ impl Image {
             .and_then(|b| b.image.upgrade().map(|img| (img, b.spawn.clone())))
         {
             Some((img, spawn)) => spawn(Box::pin(async move {
+                let _gate = img.enter().await;
                 img.finish_cor(blocks, start, &data).await;
             })),
             None => self.finish_cor(blocks, start, &data).await,
@@ -204,6 +205,7 @@ impl Image {
             return Ok(());
         }
         self.check_writable()?;
+        let _gate = self.enter().await;
         let blocks = self.map.blocks_of(offset, len);
         // Bounded work per step: at most this many blocks are filled at once.
         let step = (crate::format::layout::DEFAULT_MAX_COR_BYTES / self.map.block_size).max(1);

@@ -2,6 +2,7 @@
 //! base, and the empty metadata written before the header.
 
 use crate::base::Base;
+use crate::crypt::{MasterKey, Secret, luks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
 use crate::format::bitmap::AtomicBitmap;
@@ -33,6 +34,17 @@ pub struct CreateOptions {
     pub grow_unit: Option<u64>,
     /// Command growing a block device: `{path}` and `{bytes}` are substituted.
     pub grow_cmd: Option<String>,
+    /// Encrypt the data (LUKS1 key slots, AES-256-XTS).
+    pub encryption: Option<CreateEncryption>,
+}
+
+/// How a new encrypted image's first key slot is made.
+#[derive(Debug, Clone)]
+pub struct CreateEncryption {
+    /// The passphrase of key slot 0.
+    pub secret: Secret,
+    /// PBKDF2 iterations of the slot (see `crypt::luks::iterations_for`).
+    pub iterations: u32,
 }
 
 /// Create an image on empty `storage`. `base` must be the opened base when
@@ -63,6 +75,7 @@ pub async fn create(
         journal_size: opts.journal_size,
         compact: opts.compact,
         chunk_size: opts.chunk_size,
+        encrypted: opts.encryption.is_some(),
     };
     let mut h = compute_layout(&layout)?;
     if opts.copy_on_read {
@@ -114,6 +127,21 @@ pub async fn create(
             .write_at(bm.offset, IoBuf::from_slice(&bytes), false)
             .await
             .map_err(io("write bitmap"))?;
+    }
+    if let Some(enc) = &opts.encryption {
+        // A fresh master key in slot 0 of a LUKS1 header (key material
+        // is random to anyone without the passphrase; the rest of the
+        // region stays a hole).
+        let mk = MasterKey::generate()?;
+        let area = luks::format(&mk, enc.secret.expose(), enc.iterations)?;
+        storage
+            .write_at(
+                h.region(Region::KeySlots).offset,
+                IoBuf::from_slice(&area),
+                false,
+            )
+            .await
+            .map_err(io("write key slots"))?;
     }
     let t = h.region(Region::Table);
     if t.length > 0 {

@@ -1,18 +1,21 @@
-//! Opening an image: the header, the bitmap and chunk table, and the
-//! replay of a journal left by a crash.
+//! Opening an image: the header, the bitmap and chunk table, the snapshot
+//! directory, the replay of a journal left by a crash (and the end of a
+//! snapshot apply a crash interrupted); read-only views of a snapshot.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::compact::{self, Compact};
+use super::compact::{self, Compact, SnapshotUse};
+use super::encrypt::Encryption;
 use super::map::{Layout, Mapping};
 use super::rangelock::RangeLocks;
-use super::{Image, OpenOptions, cor, expect_len, prefetch, profile};
+use super::{Image, OpenOptions, cor, expect_len, prefetch, profile, snapshot};
 use crate::base::Base;
+use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{
-    self, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, INCOMPAT_SNAPSHOTS, Region,
+    self, HEADER_AREA, Header, INCOMPAT_COMPACT, INCOMPAT_ENCRYPTED, Region,
 };
 use crate::iobuf::IoBuf;
 use crate::meta::{self, Durable, Meta, Stats};
@@ -25,116 +28,175 @@ impl Image {
         base: Option<Arc<dyn Base>>,
         opts: OpenOptions,
     ) -> Result<Image> {
+        Self::open_with_key(storage, base, opts, None).await
+    }
+
+    /// Open an FVD image on `storage`; `key` is the passphrase of an
+    /// encrypted image. Without it an encrypted image opens for metadata
+    /// work only (data I/O fails with [`ErrorKind::KeyRequired`]); a key
+    /// that opens no key slot fails before anything is written.
+    pub async fn open_with_key(
+        storage: Arc<dyn Storage>,
+        base: Option<Arc<dyn Base>>,
+        opts: OpenOptions,
+        key: Option<&Secret>,
+    ) -> Result<Image> {
         let desc = storage.describe();
         let (h, slot) = read_header(storage.as_ref()).await?;
-        let unsupported = h.incompatible & (INCOMPAT_ENCRYPTED | INCOMPAT_SNAPSHOTS);
-        if unsupported != 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{desc}: image uses features {unsupported:#x} (encrypted/snapshots) not supported by this build"
-                ),
-            ));
-        }
-        let is_compact = h.incompatible & INCOMPAT_COMPACT != 0;
-        let data = h.region(Region::Data);
-        let file_len = storage
-            .len()
-            .map_err(|e| Error::io(format!("{desc}: size"), e))?;
-        let needed = data.offset + data.length;
-        if file_len < needed {
-            return Err(Error::corrupt(format!(
-                "{desc}: image is truncated: file is {file_len} bytes, the header needs {needed}"
-            )));
-        }
-        let base_range = h.base_range();
-        let base = if base_range > 0 {
-            let b = base.ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("{desc}: base image '{}' was not opened", h.base_name),
-                )
-            })?;
-            if b.size() != h.base_size {
-                return Err(Error::invalid(format!(
-                    "{desc}: base image '{}' changed: it was {} bytes at create time and is {} now",
-                    b.describe(),
-                    h.base_size,
-                    b.size()
-                )));
-            }
-            let now = b.validator();
-            if !h.base_validator.is_empty() && now != h.base_validator {
-                return Err(Error::invalid(format!(
-                    "{desc}: base image '{}' changed: it was '{}' at create time and is '{now}' now",
-                    b.describe(),
-                    h.base_validator
-                )));
-            }
-            Some(b)
-        } else {
-            None
-        };
-        let (mut durable, replay_blocks, replay_records) = load_metadata(storage.as_ref(), &h)
+        // Keys first: a wrong passphrase must fail before a replay writes.
+        let crypt = open_crypt(storage.as_ref(), &h, key, &desc).await?;
+        let file_len = storage_len(storage.as_ref())?;
+        check_length(&desc, &h, file_len)?;
+        let capacity = capacity_of(&h, file_len);
+        let snaps = snapshot::load(storage.as_ref(), &h, capacity)
             .await
             .map_err(|e| e.context(&desc))?;
+        // An apply a crash interrupted: the image is the snapshot.
+        let pending = snaps.pending;
+        let base_range = match &pending {
+            Some(p) if p.entry.has_bitmap() => h.recorded_base_range(),
+            Some(_) => 0,
+            None => h.base_range(),
+        };
+        let base = check_base(&desc, &h, base, base_range)?;
+        let (durable, replay_blocks, replay_records) = match &pending {
+            Some(p) => (p.durable(), 0, 0),
+            None => load_metadata(storage.as_ref(), &h)
+                .await
+                .map_err(|e| e.context(&desc))?,
+        };
         let stats = Stats::default();
         stats
             .replayed_records
             .store(replay_records, Ordering::Relaxed);
-        let layout = if is_compact {
-            let cs = h.chunk_size as u64;
-            let capacity = file_len.saturating_sub(data.offset) / cs;
-            compact::validate_table(&durable.table, capacity).map_err(|e| e.context(&desc))?;
-            Layout::Chunked(Compact::new(
-                &durable.table,
-                cs,
-                data.offset,
-                capacity,
-                h.grow_unit,
-                h.grow_cmd.clone(),
-            ))
-        } else {
-            durable.table.clear();
-            Layout::Linear {
-                data_offset: data.offset,
-            }
-        };
+        let layout =
+            layout_of(&h, &durable.table, capacity, &snaps.usage).map_err(|e| e.context(&desc))?;
         let dirty = !h.is_clean();
+        let base_blocks = durable.bitmap.len();
         let meta = Meta::new(h.clone(), slot, durable);
-        if dirty && !opts.read_only {
+        let mut dir = snaps.state;
+        let mut header = h;
+        if !opts.read_only {
             let mut st = meta.commit.lock().await;
-            meta::checkpoint(&mut st, storage.as_ref(), &stats, true)
-                .await
-                .map_err(|e| e.context(&desc))?;
+            let r = match &pending {
+                Some(p) => {
+                    snapshot::finish_apply(storage.as_ref(), &stats, &mut st, &mut dir, p).await
+                }
+                None if dirty => meta::checkpoint(&mut st, storage.as_ref(), &stats, true).await,
+                None => Ok(()),
+            };
+            r.map_err(|e| e.context(&desc))?;
+            header = st.header.clone();
         }
-        Ok(Image {
+        Ok(Image::assemble(Parts {
             storage,
             base,
+            header,
+            meta,
+            layout,
+            base_blocks,
+            base_range,
+            read_only: opts.read_only,
+            stats,
+            replayed_blocks: replay_blocks,
+            snapshots: snapshot::SnapshotState::new(dir),
+            crypt,
+        }))
+    }
+
+    /// Open snapshot `sel` of the FVD image on `storage` as a read-only
+    /// image (`qemu-img convert -l`, `qemu-nbd -l`). `base` is needed when
+    /// the snapshot reads from it ([`snapshot::snapshot_needs_base`]).
+    pub async fn open_snapshot(
+        storage: Arc<dyn Storage>,
+        base: Option<Arc<dyn Base>>,
+        sel: &snapshot::SnapshotSel,
+    ) -> Result<Image> {
+        Self::open_snapshot_with_key(storage, base, sel, None).await
+    }
+
+    /// [`Image::open_snapshot`] of an encrypted image: `key` is its
+    /// passphrase (as [`Image::open_with_key`]).
+    pub async fn open_snapshot_with_key(
+        storage: Arc<dyn Storage>,
+        base: Option<Arc<dyn Base>>,
+        sel: &snapshot::SnapshotSel,
+        key: Option<&Secret>,
+    ) -> Result<Image> {
+        let desc = storage.describe();
+        let (h, slot) = read_header(storage.as_ref()).await?;
+        let crypt = open_crypt(storage.as_ref(), &h, key, &desc).await?;
+        let file_len = storage_len(storage.as_ref())?;
+        check_length(&desc, &h, file_len)?;
+        let capacity = capacity_of(&h, file_len);
+        let snaps = snapshot::load(storage.as_ref(), &h, capacity)
+            .await
+            .map_err(|e| e.context(&desc))?;
+        let entry = sel
+            .find(&snaps.state.dir().entries)
+            .ok_or_else(|| sel.not_found(&desc))?
+            .clone();
+        let view = snapshot::read_view(storage.as_ref(), &h, capacity, &entry)
+            .await
+            .map_err(|e| e.context(&desc))?;
+        let base_range = if entry.has_bitmap() {
+            h.recorded_base_range()
+        } else {
+            0
+        };
+        let base = check_base(&desc, &h, base, base_range)?;
+        let durable = view.durable();
+        let layout = layout_of(&h, &durable.table, capacity, &Default::default())
+            .map_err(|e| e.context(&desc))?;
+        let base_blocks = durable.bitmap.len();
+        let meta = Meta::new(h.clone(), slot, durable);
+        Ok(Image::assemble(Parts {
+            storage,
+            base,
+            header: h,
+            meta,
+            layout,
+            base_blocks,
+            base_range,
+            read_only: true,
+            stats: Stats::default(),
+            replayed_blocks: 0,
+            snapshots: snapshot::SnapshotState::new(snaps.state),
+            crypt,
+        }))
+    }
+
+    fn assemble(p: Parts) -> Image {
+        Image {
+            storage: p.storage,
+            base: p.base,
             map: Mapping::new(
-                h.virtual_size,
-                h.block_size as u64,
-                h.base_blocks(),
-                base_range,
-                Some(meta),
-                layout,
+                p.header.virtual_size,
+                p.header.block_size as u64,
+                p.base_blocks,
+                p.base_range,
+                Some(p.meta),
+                p.layout,
             ),
             locks: RangeLocks::default(),
-            read_only: opts.read_only,
+            read_only: p.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
-            stats,
+            stats: p.stats,
             cor: cor::CorState::new(
-                h.flags & header::FLAG_COPY_ON_READ != 0 && !opts.read_only,
-                h.max_cor_bytes,
+                p.header.flags & header::FLAG_COPY_ON_READ != 0 && !p.read_only,
+                p.header.max_cor_bytes,
             ),
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
             latency: prefetch::LatencyWatch::default(),
-            header: Some(h),
-            replayed_blocks: replay_blocks,
-        })
+            gate: tokio::sync::RwLock::new(()),
+            snapshots: p.snapshots,
+            header: Some(p.header),
+            replayed_blocks: p.replayed_blocks,
+            crypt: p.crypt,
+        }
     }
 
     /// Serve a raw file through the same interface (no metadata at all).
@@ -158,8 +220,129 @@ impl Image {
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
             latency: prefetch::LatencyWatch::default(),
+            gate: tokio::sync::RwLock::new(()),
+            snapshots: snapshot::SnapshotState::default(),
+            crypt: None,
         })
     }
+}
+
+/// What an open image is assembled from.
+struct Parts {
+    storage: Arc<dyn Storage>,
+    base: Option<Arc<dyn Base>>,
+    header: Header,
+    meta: Meta,
+    layout: Layout,
+    base_blocks: u64,
+    base_range: u64,
+    read_only: bool,
+    stats: Stats,
+    replayed_blocks: u64,
+    snapshots: snapshot::SnapshotState,
+    crypt: Option<Encryption>,
+}
+
+/// The keys of an encrypted image (`None` for a plain one).
+async fn open_crypt(
+    storage: &dyn Storage,
+    h: &Header,
+    key: Option<&Secret>,
+    desc: &str,
+) -> Result<Option<Encryption>> {
+    if h.incompatible & INCOMPAT_ENCRYPTED == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        Encryption::open(
+            storage,
+            h.region(Region::KeySlots),
+            h.region(Region::Data).offset,
+            key,
+            desc,
+        )
+        .await?,
+    ))
+}
+
+fn storage_len(storage: &dyn Storage) -> Result<u64> {
+    storage
+        .len()
+        .map_err(|e| Error::io(format!("{}: size", storage.describe()), e))
+}
+
+/// A file shorter than its data region (sparse layout) is truncated.
+fn check_length(desc: &str, h: &Header, file_len: u64) -> Result<()> {
+    let data = h.region(Region::Data);
+    let needed = data.offset + data.length;
+    if file_len < needed {
+        return Err(Error::corrupt(format!(
+            "{desc}: image is truncated: file is {file_len} bytes, the header needs {needed}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whole chunks between the data region's start and the end of the storage.
+fn capacity_of(h: &Header, file_len: u64) -> u64 {
+    file_len.saturating_sub(h.region(Region::Data).offset) / h.chunk_size as u64
+}
+
+/// The base, checked against what the image recorded, when `base_range`
+/// needs one.
+fn check_base(
+    desc: &str,
+    h: &Header,
+    base: Option<Arc<dyn Base>>,
+    base_range: u64,
+) -> Result<Option<Arc<dyn Base>>> {
+    if base_range == 0 {
+        return Ok(None);
+    }
+    let b = base.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{desc}: base image '{}' was not opened", h.base_name),
+        )
+    })?;
+    if b.size() != h.base_size {
+        return Err(Error::invalid(format!(
+            "{desc}: base image '{}' changed: it was {} bytes at create time and is {} now",
+            b.describe(),
+            h.base_size,
+            b.size()
+        )));
+    }
+    let now = b.validator();
+    if !h.base_validator.is_empty() && now != h.base_validator {
+        return Err(Error::invalid(format!(
+            "{desc}: base image '{}' changed: it was '{}' at create time and is '{now}' now",
+            b.describe(),
+            h.base_validator
+        )));
+    }
+    Ok(Some(b))
+}
+
+/// The layout of image-resident bytes: the chunk table (validated) of a
+/// compact image, else the linear data region.
+fn layout_of(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> Result<Layout> {
+    let data = h.region(Region::Data);
+    if !h.is_compact() {
+        return Ok(Layout::Linear {
+            data_offset: data.offset,
+        });
+    }
+    compact::validate_table(table, capacity)?;
+    Ok(Layout::Chunked(Box::new(Compact::new(
+        table,
+        h.chunk_size as u64,
+        data.offset,
+        capacity,
+        h.grow_unit,
+        h.grow_cmd.clone(),
+        snaps,
+    ))))
 }
 
 /// Read the bitmap (and table) and replay the journal if the image is dirty.

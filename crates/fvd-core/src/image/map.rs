@@ -25,17 +25,20 @@
 //! without allocating: a bitmap scan a word at a time (`AtomicBitmap::run_at`)
 //! and, in compact images, one table lookup and pin per chunk.
 //!
-//! How later features fit this shape:
-//! * internal snapshots (a chunk table and bitmap per snapshot, chunks
-//!   shared between them): the layout's chunk lookup reads the live table;
-//!   a chunk shared with a snapshot maps to [`Target::Host`] for reads but
-//!   makes `Mapping::direct_write` false, like an unallocated chunk, and
-//!   `Mapping::allocate` gives it a replacement whose parts the write does
-//!   not cover are filled from the old chunk where a fresh chunk's are
-//!   zeroed (`Mapping::partial_chunks`);
-//! * encryption: every data byte of the image goes through the access
-//!   layer's `read_host` / `write_host` / `zero_host` with its host offset,
-//!   the sector tweak; the mapping itself does not change.
+//! Internal snapshots (`image::snapshot`: a chunk table and bitmap per
+//! snapshot, chunks shared between them and the live disk): the chunk
+//! lookup reads the live table; a chunk shared with a snapshot maps to
+//! [`Target::Host`] for reads but makes `Mapping::direct_write` false, like
+//! an unallocated chunk, and `Mapping::allocate` gives it a replacement
+//! whose parts the request does not cover are copied from the old chunk
+//! where a fresh chunk's are zeroed (`Mapping::fills`: the one place a
+//! chunk's data is copied, which the access layer carries out with
+//! `copy_host`). A zeroing never punches or frees a shared chunk; it
+//! unmaps it, or copies it like a write.
+//!
+//! Encryption: every data byte of the image goes through the access
+//! layer's `read_host` / `write_host` / `zero_host` with its host offset,
+//! the sector tweak; the mapping itself does not change.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,7 +90,7 @@ pub(crate) enum Layout {
         data_offset: u64,
     },
     /// Through the chunk table (compact images).
-    Chunked(Compact),
+    Chunked(Box<Compact>),
 }
 
 /// The mapping of one open image: its geometry, the metadata that says
@@ -119,12 +122,35 @@ pub(crate) struct Mapping {
 #[must_use]
 pub(crate) struct Allocation {
     chunks: Vec<(u64, u32)>,
+    /// Virtual chunks of `chunks` that replace a chunk shared with a
+    /// snapshot, and that chunk.
+    replaced: Vec<(u64, u32)>,
+}
+
+/// How a chunk of an allocation gets the bytes the request does not write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// A fresh chunk: zero `len` bytes at host offset `host` (virtual
+    /// offset `virt`).
+    Zero { host: u64, virt: u64, len: u64 },
+    /// A replacement for a shared chunk (zeroed first): copy `len` bytes
+    /// from host offset `from` in the old chunk to `to` in the new one
+    /// (virtual offset `virt`).
+    Copy {
+        from: u64,
+        to: u64,
+        virt: u64,
+        len: u64,
+    },
 }
 
 impl Allocation {
     /// Nothing allocated.
     pub fn none() -> Self {
-        Allocation { chunks: Vec::new() }
+        Allocation {
+            chunks: Vec::new(),
+            replaced: Vec::new(),
+        }
     }
 
     /// (virtual chunk, physical chunk) pairs.
@@ -304,7 +330,7 @@ impl Mapping {
             return false;
         }
         match &self.layout {
-            Layout::Chunked(c) => c.all_allocated(chunks_of(c, offset, len)),
+            Layout::Chunked(c) => c.all_owned(chunks_of(c, offset, len)),
             Layout::Linear { .. } => true,
         }
     }
@@ -378,10 +404,11 @@ impl Mapping {
         (head, tail)
     }
 
-    /// Allocate the unallocated chunks of `[offset, offset+len)` (span
-    /// locked), growing the storage when it is full. Chunks freed by
-    /// discards become reusable only once their free is durable, so on
-    /// ENOSPC with frees pending this commits and tries again.
+    /// Allocate the unallocated chunks of `[offset, offset+len)`, and
+    /// replacements for the chunks a snapshot shares (span locked), growing
+    /// the storage when it is full. Chunks freed by discards become
+    /// reusable only once their free is durable, so on ENOSPC with frees
+    /// pending this commits and tries again.
     pub async fn allocate(
         &self,
         storage: &dyn Storage,
@@ -392,8 +419,16 @@ impl Mapping {
         let (Layout::Chunked(c), Some(m)) = (&self.layout, &self.meta) else {
             return Ok(Allocation::none());
         };
+        let mut replaced = Vec::new();
         let missing: Vec<u64> = chunks_of(c, offset, len)
-            .filter(|&ch| c.lookup(ch) == EMPTY)
+            .filter(|&ch| {
+                let p = c.lookup(ch);
+                let copy = p != EMPTY && c.needs_copy(ch);
+                if copy {
+                    replaced.push((ch, p));
+                }
+                p == EMPTY || copy
+            })
             .collect();
         if missing.is_empty() {
             return Ok(Allocation::none());
@@ -412,22 +447,82 @@ impl Mapping {
         stats
             .chunks_allocated
             .fetch_add(chunks.len() as u64, Ordering::Relaxed);
-        Ok(Allocation { chunks })
+        stats
+            .chunks_copied
+            .fetch_add(replaced.len() as u64, Ordering::Relaxed);
+        Ok(Allocation { chunks, replaced })
     }
 
-    /// Host ranges (host, virtual offset, length) of the chunks of `a` that
-    /// `[offset, offset+len)` does not cover wholly: whatever the storage
-    /// held there must read as zeros before the chunk is published.
-    pub fn partial_chunks(&self, a: &Allocation, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
+    /// What the chunks of `a` need besides the request's own bytes
+    /// `[offset, offset+len)`, before they are published, in order: a fresh
+    /// chunk the request does not cover wholly is zeroed (whatever the
+    /// storage held there must read as zeros); a replacement of a shared
+    /// chunk is zeroed too, then gets the old chunk's bytes around the
+    /// request copied over — only those of blocks in the image: what the
+    /// bitmap sends to the base stays zeros, as in a fresh chunk.
+    pub fn fills(&self, a: &Allocation, offset: u64, len: u64) -> Vec<Fill> {
         let Layout::Chunked(c) = &self.layout else {
             return Vec::new();
         };
         let cs = c.chunk_size;
-        a.chunks
-            .iter()
-            .filter(|&&(ch, _)| !(offset <= ch * cs && (ch + 1) * cs <= offset + len))
-            .map(|&(ch, p)| (c.host_offset(p, 0), ch * cs, cs))
-            .collect()
+        let end = offset + len;
+        let mut out = Vec::new();
+        for &(ch, p) in &a.chunks {
+            let (s, e) = (ch * cs, (ch + 1) * cs);
+            if offset <= s && e <= end {
+                continue;
+            }
+            let to = c.host_offset(p, 0);
+            out.push(Fill::Zero {
+                host: to,
+                virt: s,
+                len: cs,
+            });
+            if let Some(&(_, old)) = a.replaced.iter().find(|&&(v, _)| v == ch) {
+                let from = c.host_offset(old, 0);
+                // The parts of the chunk before and after the request.
+                for (a0, a1) in [(s, offset.clamp(s, e)), (end.clamp(s, e), e)] {
+                    for (r0, r1) in self.local_runs(a0, a1) {
+                        out.push(Fill::Copy {
+                            from: from + (r0 - s),
+                            to: to + (r0 - s),
+                            virt: r0,
+                            len: r1 - r0,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The runs of `[start, end)` whose blocks are in the image (everything
+    /// past the base range is).
+    fn local_runs(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        if start >= end {
+            return Vec::new();
+        }
+        let Some(m) = &self.meta else {
+            return vec![(start, end)];
+        };
+        let base_range = self.base_range();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |s: u64, e: u64| match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        };
+        let blocks = self.blocks_of(start, end - start);
+        for (b0, b1, local) in m.local.runs(blocks) {
+            let s = (b0 * self.block_size).max(start);
+            let e = (b1 * self.block_size).min(end).min(base_range);
+            if local && s < e {
+                push(s, e);
+            }
+        }
+        if end > base_range {
+            push(start.max(base_range), end);
+        }
+        out
     }
 
     /// Give back chunks whose data write failed.
@@ -481,9 +576,14 @@ impl Mapping {
         unmap: bool,
     ) -> Vec<(u64, u64, Range<u64>, ZeroPiece)> {
         let end = offset + len;
+        let shared = |s: u64, e: u64| match &self.layout {
+            Layout::Chunked(c) => chunks_of(c, s, e - s).any(|ch| c.needs_copy(ch)),
+            Layout::Linear { .. } => false,
+        };
         let piece = |s: u64, e: u64| {
             let blocks = self.blocks_of(s, e - s);
-            let kind = if self.all_local(blocks.clone()) {
+            // Zeros in a chunk a snapshot shares go to a copy of it.
+            let kind = if self.all_local(blocks.clone()) && !shared(s, e) {
                 ZeroPiece::InImage
             } else {
                 ZeroPiece::CopyOnWrite
@@ -499,7 +599,9 @@ impl Mapping {
                 let (s, e) = ((ch * cs).max(offset), ((ch + 1) * cs).min(end));
                 if unmap && s == ch * cs && ch < self.full_chunk_end(c, end) {
                     let p = c.lookup(ch);
-                    let storage = (p != EMPTY).then(|| (c.host_offset(p, 0), cs));
+                    // A snapshot's chunk is unmapped, never punched.
+                    let storage =
+                        (p != EMPTY && !c.is_shared(ch)).then(|| (c.host_offset(p, 0), cs));
                     let blocks = self.blocks_of(s, e - s);
                     (s, e, blocks, ZeroPiece::Free { chunk: ch, storage })
                 } else {
@@ -516,10 +618,14 @@ impl Mapping {
             return;
         };
         // Not reusable before the round that journals the free is known:
-        // its record is queued only at the end (see `publish_frees`).
+        // its record is queued only at the end (see `publish_frees`). A
+        // chunk a snapshot holds stays allocated (`Compact::free`).
+        let shared = c.is_shared(chunk);
         let p = c.free(chunk, u64::MAX);
         if p != EMPTY {
-            frees.physical.push(p);
+            if !shared {
+                frees.physical.push(p);
+            }
             frees.unmapped.push((chunk, EMPTY));
         }
         if !blocks.is_empty() {

@@ -17,6 +17,14 @@
 //!   tail of partial blocks from the base, write, then publish the table
 //!   entries and bits (publish after write). The records reach the journal
 //!   at the next flush.
+//!
+//! The **gate**: every request (read, write, zeroing, cache, block status,
+//! a copy-on-read or prefetch fill) holds it shared while it runs; a
+//! snapshot operation (`snapshot.rs`) holds it exclusively, so it starts
+//! once the requests in flight are done and new ones wait until it is over
+//! (quiesce, commit, snapshot, resume). It is the first lock of the lock
+//! order (docs/ARCHITECTURE.md); a request takes it once, at its entry
+//! point, never again inside (a fill run by a read uses the read's).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,17 +39,21 @@ use crate::storage::Storage;
 pub(crate) mod compact;
 mod cor;
 mod create;
+mod encrypt;
 mod load;
 pub mod map;
+mod physarray;
 pub mod prefetch;
 mod profile;
 pub mod rangelock;
 mod read;
+pub mod snapshot;
 mod status;
 mod write;
 mod zero;
 
-pub use create::{CreateOptions, create};
+pub use create::{CreateEncryption, CreateOptions, create};
+pub use encrypt::KeySlotChange;
 pub use load::read_header;
 pub(crate) use load::read_table;
 
@@ -116,6 +128,12 @@ pub struct Image {
     foreground_ops: AtomicU64,
     /// Latency of guest requests, timed once a prefetch watches it.
     latency: prefetch::LatencyWatch,
+    /// Requests hold it shared, snapshot operations exclusively.
+    gate: tokio::sync::RwLock<()>,
+    /// The snapshot directory (compact images).
+    snapshots: snapshot::SnapshotState,
+    /// Keys and sector locks of an encrypted image (`encrypt.rs`).
+    crypt: Option<encrypt::Encryption>,
 }
 
 fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {
@@ -236,6 +254,11 @@ impl Image {
     #[inline]
     pub fn map_request(&self, offset: u64, len: u64) -> RequestMap<'_> {
         self.map.request(offset, len)
+    }
+
+    /// Hold the gate for one request.
+    async fn enter(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
     }
 
     /// Lock the span a slow-path request must own ([`Mapping::lock_span`]).

@@ -261,6 +261,7 @@ async fn run(
         }
         let t0 = clock.now();
         let lat0 = img.latency.snapshot();
+        let gate = img.enter().await;
         let fills = batch
             .into_iter()
             .map(|blocks| {
@@ -272,6 +273,7 @@ async fn run(
         for r in join_all(fills).await {
             n += r?;
         }
+        drop(gate);
         let took = clock.now() - t0;
         if n > 0 {
             img.stats.prefetch_bytes.fetch_add(n, Ordering::Relaxed);
@@ -492,6 +494,7 @@ impl Image {
         if self.base_range() == 0 {
             return Ok(true);
         }
+        let _gate = self.enter().await;
         if !self.map.all_local(0..self.map.base_blocks) {
             return Ok(false);
         }

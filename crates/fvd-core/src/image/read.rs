@@ -22,6 +22,7 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        let _gate = self.enter().await;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         for run in self.map.request(offset, len) {
             let part = &mut buf[(run.start - offset) as usize..(run.end() - offset) as usize];
@@ -62,20 +63,30 @@ impl Image {
         Ok(out)
     }
 
-    /// Read image bytes at host offset `host` (virtual offset `virt`, for messages).
+    /// Read image bytes at host offset `host` (virtual offset `virt`, for
+    /// messages), decrypted in an encrypted image.
     pub(super) async fn read_host(&self, host: u64, virt: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(c) = &self.crypt {
+            return self.read_encrypted(c, host, virt, out).await;
+        }
+        let buf = self.read_storage(host, out.len(), virt).await?;
+        out.copy_from_slice(&buf);
+        Ok(())
+    }
+
+    /// `len` bytes of the storage at host offset `host`, as stored.
+    pub(super) async fn read_storage(&self, host: u64, len: usize, virt: u64) -> Result<IoBuf> {
         let buf = self
             .storage
-            .read_at(host, IoBuf::for_overwrite(out.len()))
+            .read_at(host, IoBuf::for_overwrite(len))
             .await
             .map_err(self.io_err("read", virt))?;
         expect_len(
             &buf,
-            out.len(),
+            len,
             &format!("{}: read at offset {virt}", self.describe()),
         )?;
-        out.copy_from_slice(&buf);
-        Ok(())
+        Ok(buf)
     }
 
     /// Read base bytes at `offset`.

@@ -8,6 +8,7 @@ impl Image {
     /// Where the data of `[offset, offset+len)` is and whether it reads as zeros.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
+        let _gate = self.enter().await;
         let mut out: Vec<Extent> = Vec::new();
         for run in self.map.request(offset, len) {
             let (s, e) = (run.start, run.end());

@@ -29,6 +29,7 @@ impl Image {
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, len)?;
         if len > 0 {
+            let _gate = self.enter().await;
             if self.map.direct_zero(offset, len, unmap) {
                 self.zero_image(offset, len, unmap, &Allocation::none())
                     .await?;
@@ -134,8 +135,24 @@ impl Image {
     }
 
     /// Zero image bytes at host offset `host` (virtual offset `virt`, for
-    /// messages): punched with `unmap`, else zeroed in place.
+    /// messages): punched with `unmap`, else zeroed in place (partial
+    /// sectors of an encrypted image are patched).
     pub(super) async fn zero_host(
+        &self,
+        host: u64,
+        virt: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
+        match &self.crypt {
+            Some(c) => self.zero_encrypted(c, host, virt, len, unmap).await,
+            None => self.zero_storage(host, virt, len, unmap).await,
+        }
+    }
+
+    /// Zero the storage at host offset `host`, as [`Image::zero_host`]
+    /// without encryption.
+    pub(super) async fn zero_storage(
         &self,
         host: u64,
         virt: u64,

@@ -77,6 +77,9 @@ pub struct Stats {
     pub chunks_allocated: AtomicU64,
     /// Chunks freed by discard (compact images).
     pub chunks_freed: AtomicU64,
+    /// Chunks shared with a snapshot that a write or fill copied to a new
+    /// chunk (compact images).
+    pub chunks_copied: AtomicU64,
     /// Bytes copied from the base into the image by copy-on-read and NBD_CMD_CACHE.
     pub cor_bytes: AtomicU64,
     /// Bytes copied from the base into the image by prefetch.
@@ -290,6 +293,29 @@ impl Meta {
             }
         }
         self.mark_data_dirty();
+    }
+
+    /// Make the soft bits (copy-on-read and prefetch fills, in memory only)
+    /// hard, queuing their records: the next commit round makes the fills'
+    /// data durable (its first fdatasync) before their bits. A snapshot is
+    /// taken after such a round, so it never holds a bit whose data a crash
+    /// could lose, and the live image's durable bits cover the snapshot's.
+    pub fn harden_soft(&self) {
+        let mut soft = Vec::new();
+        for (s, e, local) in self.local.runs(0..self.local.len()) {
+            if local {
+                soft.extend(
+                    self.hard
+                        .runs(s..e)
+                        .into_iter()
+                        .filter(|r| !r.2)
+                        .map(|r| r.0..r.1),
+                );
+            }
+        }
+        for r in soft {
+            self.publish_hard(r);
+        }
     }
 
     /// Queue `table` records together with the bits of `blocks`, as one group

@@ -21,7 +21,7 @@ mod fvd_base;
 mod opener;
 
 pub use fvd_base::FvdBase;
-pub use opener::{BaseProvider, Location, MAX_CHAIN_DEPTH, OpenFuture, Opener, is_url};
+pub use opener::{BaseProvider, KeyLookup, Location, MAX_CHAIN_DEPTH, OpenFuture, Opener, is_url};
 
 /// How to open an image by path.
 #[derive(Debug, Clone, Copy)]

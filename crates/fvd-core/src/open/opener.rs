@@ -28,8 +28,11 @@ use std::sync::Arc;
 use super::PathOptions;
 use super::fvd_base::FvdBase;
 use crate::base::{Base, RawBase};
+use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Format;
+use crate::format::header::{Header, INCOMPAT_ENCRYPTED};
+use crate::image::snapshot::{SnapshotSel, snapshot_needs_base};
 use crate::image::{Image, OpenOptions, read_header};
 use crate::storage::file::FileOptions;
 use crate::storage::{FileStorage, Storage};
@@ -101,13 +104,19 @@ pub trait BaseProvider: Send + Sync {
     fn join_url(&self, parent: &str, name: &str) -> Option<Result<String>>;
 }
 
+/// The passphrase of the encrypted FVD image at a path, if the program has
+/// one (asked for the image opened and for every FVD base of its chain).
+pub type KeyLookup = Arc<dyn Fn(&Path) -> Option<Secret> + Send + Sync>;
+
 /// Opens images and their bases: providers, chain depth limit, resolution
-/// of recorded base names, and how base files are opened. Cheap to clone.
+/// of recorded base names, how base files are opened, and the keys of
+/// encrypted images. Cheap to clone.
 #[derive(Clone)]
 pub struct Opener {
     providers: Vec<Arc<dyn BaseProvider>>,
     max_depth: usize,
     files: PathOptions,
+    keys: Option<KeyLookup>,
 }
 
 impl Default for Opener {
@@ -126,7 +135,19 @@ impl Opener {
                 read_only: true,
                 ..PathOptions::default()
             },
+            keys: None,
         }
+    }
+
+    /// Ask `keys` for the passphrase of every encrypted FVD image opened.
+    pub fn with_keys(mut self, keys: KeyLookup) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The passphrase known for the image at `path`.
+    pub fn key_for(&self, path: &Path) -> Option<Secret> {
+        self.keys.as_ref().and_then(|k| k(path))
     }
 
     /// Ask `p` too (after the providers added before it).
@@ -290,31 +311,79 @@ impl Opener {
         depth: usize,
     ) -> Result<Image> {
         let (h, _) = read_header(storage.as_ref()).await?;
-        let base = match h.base() {
-            Some((name, format)) if h.base_range() > 0 => {
-                let here = Location::Path(path.to_path_buf());
-                let bases = self.with_file_options(opts);
-                Some(
-                    bases
-                        .open_named(&here, name, format, depth + 1)
-                        .await
-                        .map_err(|e| e.context(format!("{}: base", path.display())))?,
-                )
-            }
-            _ => None,
-        };
-        Image::open(
+        let base = self
+            .fvd_base(path, storage.as_ref(), opts, depth, None)
+            .await?;
+        let key = self.key_of(path, &h);
+        Image::open_with_key(
             storage,
             base,
             OpenOptions {
                 read_only: opts.read_only,
             },
+            key.as_ref(),
         )
         .await
     }
+
+    /// The base an FVD image (or its snapshot `sel`) reads from, opened;
+    /// `None` when it reads nothing from one.
+    async fn fvd_base(
+        &self,
+        path: &Path,
+        storage: &dyn Storage,
+        opts: PathOptions,
+        depth: usize,
+        sel: Option<&SnapshotSel>,
+    ) -> Result<Option<Arc<dyn Base>>> {
+        let (h, _) = read_header(storage).await?;
+        let Some((name, format)) = h.base() else {
+            return Ok(None);
+        };
+        if !snapshot_needs_base(storage, &h, sel).await? {
+            return Ok(None);
+        }
+        let here = Location::Path(path.to_path_buf());
+        let bases = self.with_file_options(opts);
+        Ok(Some(
+            bases
+                .open_named(&here, name, format, depth + 1)
+                .await
+                .map_err(|e| e.context(format!("{}: base", path.display())))?,
+        ))
+    }
+
+    /// Open snapshot `sel` of the FVD image at `path`, read-only (like
+    /// `qemu-img convert -l` and `qemu-nbd -l`).
+    pub async fn open_snapshot(
+        &self,
+        path: &Path,
+        opts: PathOptions,
+        sel: &SnapshotSel,
+    ) -> Result<Image> {
+        let opts = PathOptions {
+            read_only: true,
+            ..opts
+        };
+        let storage = open_storage(path, opts)?;
+        let (h, _) = read_header(storage.as_ref()).await?;
+        let base = self
+            .fvd_base(path, storage.as_ref(), opts, 0, Some(sel))
+            .await?;
+        let key = self.key_of(path, &h);
+        Image::open_snapshot_with_key(storage, base, sel, key.as_ref()).await
+    }
+
+    /// The passphrase of the image at `path` when its header says it is
+    /// encrypted.
+    fn key_of(&self, path: &Path, h: &Header) -> Option<Secret> {
+        match h.incompatible & INCOMPAT_ENCRYPTED {
+            0 => None,
+            _ => self.key_for(path),
+        }
+    }
 }
 
-/// Open a file as storage, locked unless force-shared.
 pub(super) fn open_storage(path: &Path, opts: PathOptions) -> Result<Arc<dyn Storage>> {
     let fo = FileOptions {
         write: !opts.read_only,
