@@ -13,16 +13,23 @@
 #   (the last two only when named with --systems)
 # Workloads: 4 KiB random first writes across the whole disk (fresh image for
 # every run), 4 KiB random reads of the base range, 1 MiB sequential writes
-# (fresh image); at queue depth 1 and 32; cache writeback and none (O_DIRECT;
+# (fresh image), 1 MiB sequential reads (`seqread`, not in the default set:
+# fvd reads an FVD image holding the data itself, made by `fvd convert`;
+# the others a copy of the base); at queue depth 1 and 32 (seqread: pass
+# e.g. --qd "1 8"); cache writeback and none (O_DIRECT;
 # qemu-storage-daemon cache.direct=off/on). Runs are interleaved (every
-# system once per round, order rotated), medians over the rounds.
+# system once per round, order rotated), medians over the rounds, and
+# paired ratios (A/B per round, median over rounds) of fvd, fvd-raw against
+# qsd-raw and of each build against the other (FVD_B).
 #
 # Usage: bench/nbd.sh [--quick] [--runtime S] [--reps N] [--cache writeback|none|both]
-#                     [--systems "fvd fvd-raw ..."] [--workloads "randwrite randread seqwrite"]
+#                     [--systems "fvd fvd-raw ..."] [--workloads "randwrite randread seqwrite seqread"]
 #                     [--qd "1 32"]
 #   --quick: 256 MiB base, 1 GiB disk, 2 s runs, 1 round, writeback only (< 2 min).
 #   Default: 2 GiB base, 8 GiB disk, 10 s runs, 3 rounds, both cache modes.
 # Environment: FVD=path to a release fvd binary (else built with cargo),
+#   FVD_B=path to a second fvd binary (an A/B of two builds: the systems
+#   fvd-b and fvd-raw-b run it, on images of their own),
 #   BENCH_DIR=scratch directory (default /tmp/fvd-nbd-bench).
 # Output: bench/results/nbd-<mode>-<date>.tsv (every run) and .json (medians),
 #   and a Markdown table on stdout.
@@ -87,24 +94,34 @@ if [ ! -f "$BASE" ]; then
     head -c "$BASE_SIZE" /dev/urandom > "$BASE.tmp" && mv "$BASE.tmp" "$BASE"
 fi
 
+is_read() { [ "$1" = randread ] || [ "$1" = seqread ]; }
+
 # Image for (system, workload): fresh for writes, prepared once for reads.
 prepare() {
-    local sys=$1 wl=$2 img
+    local sys=$1 wl=$2 img FVD=$FVD wl_tag=
+    # The second build writes images of its own; read images are shared.
+    case "$sys" in *-b) FVD=$FVD_B; sys=${sys%-b}; is_read "$wl" || wl_tag=-b ;; esac
     case "$sys" in
-        fvd) img="$WORK/$wl.fvd" ;;
-        fvd-raw|qsd-raw) img="$WORK/$wl-$sys.raw" ;;
+        fvd) img="$WORK/$wl$wl_tag.fvd" ;;
+        fvd-raw|qsd-raw) img="$WORK/$wl-$sys$wl_tag.raw" ;;
         qsd-qcow2|qsd-qcow2b|qsd-qcow2b-luks) img="$WORK/$wl-$sys.qcow2" ;;
-        fvd-enc) img="$WORK/$wl-enc.fvd" ;;
+        fvd-enc) img="$WORK/$wl-enc$wl_tag.fvd" ;;
     esac
-    if [ "$wl" = randread ] && [ -f "$img" ]; then echo "$img"; return; fi
+    if is_read "$wl" && [ -f "$img" ]; then echo "$img"; return; fi
     rm -f "$img"
     case "$sys" in
-        fvd) "$FVD" create -q -b "$BASE" -F raw "$img" "$DISK_SIZE" ;;
+        fvd)
+            if [ "$wl" = seqread ]; then
+                # The data in the image itself (fully local), READ_SIZE long.
+                "$FVD" convert -f raw -O fvd "$BASE" "$img" >/dev/null
+            else
+                "$FVD" create -q -b "$BASE" -F raw "$img" "$DISK_SIZE"
+            fi ;;
         fvd-raw|qsd-raw)
-            if [ "$wl" = randread ]; then cp --sparse=always "$BASE" "$img"; fi
+            if is_read "$wl"; then cp --sparse=always "$BASE" "$img"; fi
             truncate -s "$DISK_SIZE" "$img" ;;
         qsd-qcow2)
-            if [ "$wl" = randread ]; then
+            if is_read "$wl"; then
                 qemu-img convert -q -f raw -O qcow2 "$BASE" "$img" && qemu-img resize -q "$img" "$DISK_SIZE"
             else
                 qemu-img create -q -f qcow2 "$img" "$DISK_SIZE"
@@ -126,7 +143,8 @@ prepare() {
 }
 
 start_server() {
-    local sys=$1 img=$2 cache=$3 direct aio
+    local sys=$1 img=$2 cache=$3 direct aio FVD=$FVD
+    case "$sys" in *-b) FVD=$FVD_B; sys=${sys%-b} ;; esac
     rm -f "$SOCK"
     if [ "$cache" = none ]; then direct=on; aio=native; else direct=off; aio=threads; fi
     case "$sys" in
@@ -164,6 +182,7 @@ run_fio() {
         randwrite) rw=randwrite; bs=4k; size=$DISK_SIZE ;;
         randread) rw=randread; bs=4k; size=$READ_SIZE ;;
         seqwrite) rw=write; bs=1M; size=$DISK_SIZE ;;
+        seqread) rw=read; bs=1M; size=$READ_SIZE ;;
     esac
     fio --name=nbd --ioengine=nbd --uri="nbd+unix:///disk?socket=$SOCK" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$size" \
@@ -188,17 +207,17 @@ for rep in $(seq "$REPS"); do
                     start_server "$sys" "$img" "$cache"
                     out="$WORK/fio.json"
                     run_fio "$wl" "$qd" "$out"
-                    if [ "$wl" = randread ]; then stop_server TERM; else stop_server KILL; fi
+                    if is_read "$wl"; then stop_server TERM; else stop_server KILL; fi
                     read -r iops mibs < <(python3 - "$out" "$wl" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-side = j["read"] if sys.argv[2] == "randread" else j["write"]
+side = j["read"] if sys.argv[2] in ("randread", "seqread") else j["write"]
 print(f'{side["iops"]:.0f} {side["bw"] / 1024:.1f}')
 PY
 )
                     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$cache" "$wl" "$qd" "$sys" "$iops" "$mibs" >> "$TSV"
                     echo "# round $rep $cache $wl qd$qd $sys: $iops IOPS, $mibs MiB/s" >&2
-                    if [ "$wl" != randread ]; then rm -f "$img"; sync; fi
+                    if ! is_read "$wl"; then rm -f "$img"; sync; fi
                 done
             done
         done
@@ -219,7 +238,8 @@ systems = []
 for r in rows:
     if r["system"] not in systems:
         systems.append(r["system"])
-labels = {"randwrite": "4K rand first write", "randread": "4K rand read", "seqwrite": "1M seq write"}
+labels = {"randwrite": "4K rand first write", "randread": "4K rand read", "seqwrite": "1M seq write",
+          "seqread": "1M seq read"}
 results = []
 print(f"\n### NBD through fio's nbd engine ({mode}: {runtime} s runs, median of {reps})\n")
 pairs = [("fvd", "fvd-raw"), ("fvd-raw", "qsd-raw"), ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b"),
@@ -230,7 +250,7 @@ print(head)
 print("|" + "---|" * (head.count("|") - 1))
 cases = sorted({(k[0], k[1], k[2]) for k in med}, key=lambda c: (c[0] != "writeback", list(labels).index(c[1]), c[2]))
 for cache, wl, qd in cases:
-    unit = 1 if wl == "seqwrite" else 0  # MiB/s for sequential, IOPS otherwise
+    unit = 1 if wl.startswith("seq") else 0  # MiB/s for sequential, IOPS otherwise
     vals = {s: med[(cache, wl, qd, s)][unit] for s in systems if (cache, wl, qd, s) in med}
     def ratio(a, b):
         return f"{vals[a] / vals[b]:.2f}x" if a in vals and b in vals and vals[b] > 0 else "-"
@@ -244,5 +264,37 @@ for cache, wl, qd in cases:
                             "iops_median": i, "mib_s_median": m, "runs": n})
 json.dump({"mode": mode, "runtime_s": int(runtime), "rounds": int(reps), "results": results},
           open(out, "w"), indent=1)
+# Paired ratios: A/B within each round (the two ran minutes apart at most),
+# then the median over rounds; steadier than a ratio of medians when the
+# machine's speed drifts between rounds.
+pairs = [("fvd", "qsd-raw"), ("fvd-raw", "qsd-raw"), ("fvd", "fvd-b"), ("fvd-raw", "fvd-raw-b"),
+         ("fvd", "qsd-qcow2"), ("fvd", "qsd-qcow2b")]
+pairs = [p for p in pairs if p[0] in systems and p[1] in systems]
+paired = []
+if pairs:
+    per = {}
+    for r in rows:
+        unit = "mib_s" if r["workload"].startswith("seq") else "iops"
+        per[(r["round"], r["cache"], r["workload"], int(r["qd"]), r["system"])] = float(r[unit])
+    print(f"\n### Paired ratios (median of the per-round ratios; min-max in brackets)\n")
+    head = "| cache | workload | QD | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for cache, wl, qd in cases:
+        cells = []
+        for a, b in pairs:
+            rs = [per[(rd, cache, wl, qd, a)] / per[(rd, cache, wl, qd, b)]
+                  for rd in sorted({r["round"] for r in rows})
+                  if (rd, cache, wl, qd, a) in per and per.get((rd, cache, wl, qd, b), 0) > 0]
+            if rs:
+                cells.append(f"{statistics.median(rs):.2f}x [{min(rs):.2f}-{max(rs):.2f}]")
+                paired.append({"cache": cache, "workload": wl, "qd": qd, "a": a, "b": b,
+                               "ratio_median": statistics.median(rs), "ratios": rs})
+            else:
+                cells.append("-")
+        print(f"| {cache} | {labels[wl]} | {qd} | " + " | ".join(cells) + " |")
+    j = json.load(open(out))
+    j["paired_ratios"] = paired
+    json.dump(j, open(out, "w"), indent=1)
 print(f"\nper-run figures: {tsv}\nmedians: {out}")
 PY

@@ -42,8 +42,18 @@ pub async fn open(
         force_share: force_share && read_only,
         ..PathOptions::default()
     };
+    open_with(opener, path, format, opts).await
+}
+
+/// [`open`] with every option of [`PathOptions`] (e.g. a cache mode).
+pub async fn open_with(
+    opener: &Opener,
+    path: &Path,
+    format: Format,
+    opts: PathOptions,
+) -> Result<Image> {
     opener.open(path, format, opts).await.map_err(|e| {
-        let read_only_file = !read_only && e.kind() == fvd_core::ErrorKind::ReadOnly;
+        let read_only_file = !opts.read_only && e.kind() == fvd_core::ErrorKind::ReadOnly;
         let err = at(path, e);
         if read_only_file {
             anyhow!("{err} (the file cannot be written; open it read-only)")
@@ -51,6 +61,11 @@ pub async fn open(
             err
         }
     })
+}
+
+/// A `--cache`/`-t` value: writeback, none or unsafe.
+pub fn parse_cache(s: &str) -> std::result::Result<fvd_core::storage::CacheMode, String> {
+    s.parse()
 }
 
 /// Options given with `-o key=value,...` (create and convert).

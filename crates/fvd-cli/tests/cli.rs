@@ -195,7 +195,7 @@ fn info_of_a_crashed_image_replays_in_memory_only() {
             fvd_core::PathOptions::default(),
         ))
         .expect("open");
-        fvd_core::executor::block_on(img.write(4096, &[9u8; 4096], false)).expect("write");
+        fvd_core::executor::block_on(img.write_slice(4096, &[9u8; 4096], false)).expect("write");
         fvd_core::executor::block_on(img.flush()).expect("flush");
     }
     let before = common::file_hash(&d.join("img.fvd"));

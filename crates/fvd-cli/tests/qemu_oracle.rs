@@ -69,6 +69,36 @@ fn convert_round_trip_matches_qemu() {
     ours.ok("fvd compare");
     assert_eq!(ours.stdout.trim(), "Images are identical.");
 
+    // The destination cache modes (qemu-img's -t) copy the same bytes:
+    // O_DIRECT, and unsafe (no fdatasync) into FVD and raw.
+    for (mode, fmt, out) in [
+        ("none", "fvd", "t-none.fvd"),
+        ("unsafe", "fvd", "t-unsafe.fvd"),
+        ("unsafe", "raw", "t-unsafe.raw"),
+    ] {
+        fvd(
+            d,
+            &[
+                "convert", "-t", mode, "-f", "raw", "-O", fmt, "raw.img", out,
+            ],
+        )
+        .ok("convert -t");
+        let c = fvd(d, &["compare", "-f", fmt, "-F", "raw", out, "raw.img"]);
+        c.ok("fvd compare after convert -t");
+        assert_eq!(
+            c.stdout.trim(),
+            "Images are identical.",
+            "-t {mode} -O {fmt}"
+        );
+    }
+    let bad = fvd(d, &["convert", "-t", "bogus", "raw.img", "t-bad.fvd"]);
+    assert!(
+        bad.stderr.contains("unknown cache mode 'bogus'"),
+        "{}",
+        bad.stderr
+    );
+    assert!(!d.join("t-bad.fvd").exists());
+
     // The map of the FVD image has the same data ranges as QEMU's map of the raw file.
     let q = run_in(
         d,

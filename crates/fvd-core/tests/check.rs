@@ -40,7 +40,7 @@ fn crash_before_flush_leaks_and_repair_frees_it() {
     let img = setup(dir.path());
     {
         let i = block_on(open_path(&img, Format::Fvd, PathOptions::default())).unwrap();
-        block_on(i.write(8192, &[7u8; 4096], false)).unwrap();
+        block_on(i.write_slice(8192, &[7u8; 4096], false)).unwrap();
         // Dropped without flush or close: the data reached the file, the
         // bitmap record did not.
     }
@@ -61,7 +61,7 @@ fn crash_before_flush_leaks_and_repair_frees_it() {
     ))
     .unwrap();
     let mut b = vec![0u8; 4096];
-    block_on(i.read(8192, &mut b)).unwrap();
+    block_on(i.read_slice(8192, &mut b)).unwrap();
     assert_eq!(b[0], (8192u32 % 253) as u8 | 1);
 }
 
@@ -71,7 +71,7 @@ fn dirty_journal_is_reported_and_replayed_by_repair_all() {
     let img = setup(dir.path());
     {
         let i = block_on(open_path(&img, Format::Fvd, PathOptions::default())).unwrap();
-        block_on(i.write(0, &[9u8; 4096], false)).unwrap();
+        block_on(i.write_slice(0, &[9u8; 4096], false)).unwrap();
         block_on(i.flush()).unwrap();
     }
     let r = block_on(check_path(&img, Format::Fvd, None)).unwrap();

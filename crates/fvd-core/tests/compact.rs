@@ -44,7 +44,7 @@ fn host_of(img: &Image, v: u64) -> Option<u64> {
 
 fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
-    block_on(img.read(off, &mut b)).unwrap();
+    block_on(img.read_slice(off, &mut b)).unwrap();
     b
 }
 
@@ -53,7 +53,7 @@ fn chunks_are_allocated_in_first_write_order() {
     let disk = MemStorage::new("img");
     let img = new_image(&disk, 64 * MIB);
     for (i, v) in [40u64, 3, 17].iter().enumerate() {
-        block_on(img.write(v * MIB, &[i as u8 + 1; 4096], false)).unwrap();
+        block_on(img.write_slice(v * MIB, &[i as u8 + 1; 4096], false)).unwrap();
     }
     let data = host_of(&img, 40 * MIB).unwrap();
     assert_eq!(host_of(&img, 3 * MIB), Some(data + MIB));
@@ -67,17 +67,17 @@ fn chunks_are_allocated_in_first_write_order() {
 fn freed_chunk_is_reused_only_after_the_free_is_durable() {
     let disk = MemStorage::new("img");
     let img = new_image(&disk, 64 * MIB);
-    block_on(img.write(0, &vec![0xaa; MIB as usize], false)).unwrap();
+    block_on(img.write_slice(0, &vec![0xaa; MIB as usize], false)).unwrap();
     block_on(img.flush()).unwrap();
     let p0 = host_of(&img, 0).unwrap();
     block_on(img.discard(0, MIB)).unwrap();
     assert_eq!(host_of(&img, 0), None);
     // The free is not durable yet: a new allocation must not take p0.
-    block_on(img.write(5 * MIB, &[0xbb; 4096], false)).unwrap();
+    block_on(img.write_slice(5 * MIB, &[0xbb; 4096], false)).unwrap();
     assert_ne!(host_of(&img, 5 * MIB), Some(p0));
     block_on(img.flush()).unwrap();
     // Now it may.
-    block_on(img.write(9 * MIB, &[0xcc; 4096], false)).unwrap();
+    block_on(img.write_slice(9 * MIB, &[0xcc; 4096], false)).unwrap();
     assert_eq!(host_of(&img, 9 * MIB), Some(p0));
     assert!(read(&img, 0, 4096).iter().all(|&b| b == 0));
     assert!(
@@ -91,7 +91,7 @@ fn crash_after_discard_and_reuse_never_shows_another_ranges_data() {
     for flush_discard in [false, true] {
         let disk = MemStorage::new("img");
         let img = new_image(&disk, 64 * MIB);
-        block_on(img.write(0, &vec![0xaa; MIB as usize], false)).unwrap();
+        block_on(img.write_slice(0, &vec![0xaa; MIB as usize], false)).unwrap();
         block_on(img.flush()).unwrap();
         block_on(img.discard(0, MIB)).unwrap();
         if flush_discard {
@@ -99,7 +99,7 @@ fn crash_after_discard_and_reuse_never_shows_another_ranges_data() {
         }
         // Memory storage makes every data write durable at once, so the crash
         // below keeps the new chunk's data even though nothing was flushed.
-        block_on(img.write(7 * MIB, &vec![0xdd; MIB as usize], false)).unwrap();
+        block_on(img.write_slice(7 * MIB, &vec![0xdd; MIB as usize], false)).unwrap();
         drop(img); // crash: no flush, no close
         let img = reopen(&disk);
         let c0 = read(&img, 0, MIB as usize);
@@ -131,12 +131,12 @@ fn crash_after_discard_and_reuse_never_shows_another_ranges_data() {
 fn unflushed_allocation_is_forgotten_after_a_crash() {
     let disk = MemStorage::new("img");
     let img = new_image(&disk, 64 * MIB);
-    block_on(img.write(3 * MIB, &[0x77; 4096], false)).unwrap();
+    block_on(img.write_slice(3 * MIB, &[0x77; 4096], false)).unwrap();
     drop(img);
     let img = reopen(&disk);
     assert_eq!(host_of(&img, 3 * MIB), None);
     // The chunk is free again and reused by the next write.
-    block_on(img.write(8 * MIB, &[0x78; 4096], false)).unwrap();
+    block_on(img.write_slice(8 * MIB, &[0x78; 4096], false)).unwrap();
     assert!(read(&img, 8 * MIB + 4096, 4096).iter().all(|&b| b == 0));
     block_on(img.close()).unwrap();
 }
@@ -210,9 +210,9 @@ fn out_of_space_fails_the_write_and_keeps_the_image_consistent() {
     });
     let img = block_on(Image::open(disk.clone(), None, OpenOptions::default())).unwrap();
     for i in 0..4 {
-        block_on(img.write(i * 10 * MIB, &[i as u8 + 1; 4096], false)).unwrap();
+        block_on(img.write_slice(i * 10 * MIB, &[i as u8 + 1; 4096], false)).unwrap();
     }
-    let e = block_on(img.write(100 * MIB, &[9; 4096], false)).unwrap_err();
+    let e = block_on(img.write_slice(100 * MIB, &[9; 4096], false)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
     block_on(img.flush()).unwrap();
     // The earlier writes survive; the failed one left nothing behind.
@@ -227,7 +227,7 @@ fn out_of_space_fails_the_write_and_keeps_the_image_consistent() {
     // Space freed by a discard (once durable) makes room again.
     block_on(img.discard(0, MIB)).unwrap();
     block_on(img.flush()).unwrap();
-    block_on(img.write(100 * MIB, &[9; 4096], false)).unwrap();
+    block_on(img.write_slice(100 * MIB, &[9; 4096], false)).unwrap();
     block_on(img.close()).unwrap();
     let r = block_on(fvd_core::check::check_storage(disk.as_ref(), None)).unwrap();
     assert_eq!(r.exit_code(), 0, "{r:?}");

@@ -45,7 +45,7 @@ fn open(
 
 fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
-    block_on(img.read(off, &mut b)).unwrap();
+    block_on(img.read_slice(off, &mut b)).unwrap();
     b
 }
 
@@ -80,14 +80,14 @@ fn data_is_encrypted_and_reads_back() {
         let img = open(&disk, None, Some("correct horse")).unwrap();
         assert!(img.is_encrypted() && img.has_key());
         let a = pattern(64 << 10, 1);
-        block_on(img.write(MIB, &a, false)).unwrap();
+        block_on(img.write_slice(MIB, &a, false)).unwrap();
         // Unaligned writes: inside one sector, across sector boundaries.
         let b = pattern(1000, 2);
-        block_on(img.write(3 * MIB + 300, &b, false)).unwrap();
+        block_on(img.write_slice(3 * MIB + 300, &b, false)).unwrap();
         // (Long enough that random ciphertext never holds it by chance: a
         // 3-byte needle was found in ~3% of runs.)
         let small = b"xyz-inside-one-sector";
-        block_on(img.write(3 * MIB + 5, small, false)).unwrap();
+        block_on(img.write_slice(3 * MIB + 5, small, false)).unwrap();
         block_on(img.flush()).unwrap();
         assert_eq!(read(&img, MIB, a.len()), a);
         let got = read(&img, 3 * MIB, 1400);
@@ -123,7 +123,7 @@ fn zeroing_and_discard_read_as_zeros() {
         .unwrap();
         let img = open(&disk, None, Some("correct horse")).unwrap();
         let a = pattern(2 * MIB as usize, 3);
-        block_on(img.write(0, &a, false)).unwrap();
+        block_on(img.write_slice(0, &a, false)).unwrap();
         // Unaligned write_zeroes: partial sectors at both ends.
         block_on(img.write_zeroes(1000, 3000, false, false)).unwrap();
         // Unaligned discard.
@@ -155,7 +155,7 @@ fn copy_on_write_from_a_plain_base_encrypts_the_copy() {
         let img = open(&disk, Some(base.clone()), Some("correct horse")).unwrap();
         img.set_copy_on_read(true);
         // A partial-block write copies the rest of the block from the base.
-        block_on(img.write(70_000, b"guest", false)).unwrap();
+        block_on(img.write_slice(70_000, b"guest", false)).unwrap();
         // A read copies base blocks into the image.
         let _ = read(&img, 2 * MIB, 128 << 10);
         let mut want = base_bytes.clone();
@@ -183,7 +183,7 @@ fn wrong_or_missing_key() {
     let disk = MemStorage::new("img");
     block_on(fvd_core::image::create(&disk, &opts(4 * MIB, false), None)).unwrap();
     let img = open(&disk, None, Some("correct horse")).unwrap();
-    block_on(img.write(0, &pattern(4096, 0), false)).unwrap();
+    block_on(img.write_slice(0, &pattern(4096, 0), false)).unwrap();
     // Leave the journal dirty: a wrong key must fail before a replay writes.
     block_on(img.flush()).unwrap();
     std::mem::forget(img);
@@ -206,7 +206,7 @@ fn wrong_or_missing_key() {
     assert!(img.is_encrypted() && !img.has_key());
     assert!(!block_on(img.block_status(0, 4 * MIB)).unwrap().is_empty());
     let mut b = [0u8; 512];
-    let e = block_on(img.read(0, &mut b)).unwrap_err();
+    let e = block_on(img.read_slice(0, &mut b)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::KeyRequired);
     assert!(disk.to_vec() == before);
 }
@@ -216,7 +216,7 @@ fn key_slots_add_change_remove() {
     let disk = MemStorage::new("img");
     block_on(fvd_core::image::create(&disk, &opts(4 * MIB, false), None)).unwrap();
     let img = open(&disk, None, Some("correct horse")).unwrap();
-    block_on(img.write(0, &pattern(4096, 5), false)).unwrap();
+    block_on(img.write_slice(0, &pattern(4096, 5), false)).unwrap();
     let add = KeySlotChange::Add {
         secret: pass("second"),
         iterations: 1000,
@@ -264,7 +264,7 @@ fn concurrent_partial_sector_writes_keep_every_writer_bytes() {
         for w in 0..128u64 {
             let img = img.clone();
             tasks.push(tokio::spawn(async move {
-                img.write(MIB + w * 8, &[w as u8 + 1; 8], false)
+                img.write_slice(MIB + w * 8, &[w as u8 + 1; 8], false)
                     .await
                     .unwrap();
             }));
@@ -303,13 +303,13 @@ fn snapshots_of_an_encrypted_image_move_chunks_under_new_tweaks() {
     block_on(fvd_core::image::create(&disk, &opts(8 * MIB, true), None)).unwrap();
     let img = open(&disk, None, Some("correct horse")).unwrap();
     let old = pattern(2 * MIB as usize, 1);
-    block_on(img.write(0, &old, false)).unwrap();
+    block_on(img.write_slice(0, &old, false)).unwrap();
     block_on(img.create_snapshot("before")).unwrap();
     // A 4 KiB write into each shared chunk: the rest of the chunk moves to
     // a new physical chunk, decrypted and encrypted again.
     let new = pattern(4096, 9);
-    block_on(img.write(MIB / 2, &new, false)).unwrap();
-    block_on(img.write(MIB + 8192, &new, false)).unwrap();
+    block_on(img.write_slice(MIB / 2, &new, false)).unwrap();
+    block_on(img.write_slice(MIB + 8192, &new, false)).unwrap();
     block_on(img.close()).unwrap();
     let mut want = old.clone();
     want[(MIB / 2) as usize..(MIB / 2) as usize + 4096].copy_from_slice(&new);

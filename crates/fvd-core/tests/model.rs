@@ -115,12 +115,12 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
                 let data: Vec<u8> = (0..len)
                     .map(|i| fill.wrapping_add((i / 512) as u8) ^ 0x5a)
                     .collect();
-                block_on(img.write(off, &data, rng.below(10) == 0)).expect(&ctx);
+                block_on(img.write_slice(off, &data, rng.below(10) == 0)).expect(&ctx);
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             40..=69 => {
                 let mut buf = vec![0u8; len as usize];
-                block_on(img.read(off, &mut buf)).expect(&ctx);
+                block_on(img.read_slice(off, &mut buf)).expect(&ctx);
                 assert!(
                     buf == model[off as usize..(off + len) as usize],
                     "read mismatch: {ctx}"
@@ -155,7 +155,7 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
     drop(img);
     let img = open(&disk, &base);
     let mut all = vec![0u8; size as usize];
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     let first_bad = all.iter().zip(model.iter()).position(|(a, b)| a != b);
     assert_eq!(
         first_bad, None,
@@ -322,7 +322,7 @@ fn concurrent_partial_writes_to_shared_blocks_are_serialised() {
             tasks.push(tokio::spawn(async move {
                 let mut s = k;
                 while s < 2048 {
-                    img.write(s * 512, &[0xc0 | k as u8; 512], false)
+                    img.write_slice(s * 512, &[0xc0 | k as u8; 512], false)
                         .await
                         .unwrap();
                     s += 8;
@@ -334,7 +334,7 @@ fn concurrent_partial_writes_to_shared_blocks_are_serialised() {
         }
         img.flush().await.unwrap();
         let mut all = vec![0u8; 1 << 20];
-        img.read(0, &mut all).await.unwrap();
+        img.read_slice(0, &mut all).await.unwrap();
         for s in 0..2048usize {
             let want = 0xc0 | (s % 8) as u8;
             assert!(
@@ -361,7 +361,7 @@ fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
     };
     block_on(fvd_core::image::create(&disk, &opts, base.as_deref())).unwrap();
     let img = open(&disk, &base);
-    block_on(img.write(8192, &[0xee; 100], false)).unwrap();
+    block_on(img.write_slice(8192, &[0xee; 100], false)).unwrap();
     block_on(img.cache(0, 1 << 20)).unwrap();
     assert_eq!(img.local_blocks(), (256, 256));
     let base_before = img
@@ -369,7 +369,7 @@ fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
         .base_read_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
     let mut all = vec![0u8; 1 << 20];
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     // Served from the image now: no base reads.
     assert_eq!(
         img.stats()
@@ -385,7 +385,7 @@ fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
     drop(img);
     let img = open(&disk, &base);
     assert_eq!(img.local_blocks(), (1, 256));
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     assert!(all == want);
     // A clean close makes copy-on-read fills permanent.
     block_on(img.cache(0, 1 << 20)).unwrap();
@@ -393,7 +393,7 @@ fn cache_fills_are_soft_and_never_overwrite_guest_writes() {
     drop(img);
     let img = open(&disk, &base);
     assert_eq!(img.local_blocks(), (256, 256));
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     assert!(all == want);
 }
 
@@ -426,7 +426,7 @@ fn zero_detection_over_a_sparse_base_marks_holes_and_zero_data_only() {
             "block size {bs}: {local} of {total} local"
         );
         let mut all = vec![0u8; size as usize];
-        block_on(img.read(0, &mut all)).unwrap();
+        block_on(img.read_slice(0, &mut all)).unwrap();
         assert!(
             all == want,
             "block size {bs}: content differs after zero detection"

@@ -125,7 +125,7 @@ fn copy_on_read_fetches_each_byte_once() {
     for pass in 0..2 {
         for &o in &offs {
             let mut b = vec![0u8; 4096];
-            block_on(img.read(o, &mut b)).unwrap();
+            block_on(img.read_slice(o, &mut b)).unwrap();
             assert!(
                 b == data[o as usize..o as usize + 4096],
                 "pass {pass} offset {o}"
@@ -171,20 +171,20 @@ fn copy_on_read_never_overwrites_a_newer_guest_write() {
                 let img = img.clone();
                 tokio::spawn(async move {
                     let mut b = vec![0u8; 4096];
-                    img.read(8192, &mut b).await.unwrap();
+                    img.read_slice(8192, &mut b).await.unwrap();
                 })
             };
             if order == 1 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             spawn_img
-                .write(8192 + 100, &[0xee; 200], false)
+                .write_slice(8192 + 100, &[0xee; 200], false)
                 .await
                 .unwrap();
             reader.await.unwrap();
             tokio::time::sleep(Duration::from_millis(150)).await; // let the fill finish
             let mut b = vec![0u8; 4096];
-            img.read(8192, &mut b).await.unwrap();
+            img.read_slice(8192, &mut b).await.unwrap();
             assert!(
                 b[100..300].iter().all(|&x| x == 0xee),
                 "order {order}: the fill overwrote the guest write"
@@ -197,7 +197,7 @@ fn copy_on_read_never_overwrites_a_newer_guest_write() {
 fn prefetch_makes_everything_local_and_detaches_the_base() {
     let (disk, base, data) = setup(8 * MIB, false);
     let img = Arc::new(open(&disk, &base));
-    block_on(img.write(MIB + 5, &[7; 100], false)).unwrap();
+    block_on(img.write_slice(MIB + 5, &[7; 100], false)).unwrap();
     let status = Arc::new(PrefetchStatus::default());
     let cfg = PrefetchConfig {
         step_bytes: 256 << 10,
@@ -223,7 +223,7 @@ fn prefetch_makes_everything_local_and_detaches_the_base() {
     .unwrap();
     assert!(img.header().unwrap().flags & fvd_core::format::header::FLAG_ALL_LOCAL != 0);
     let mut all = vec![0u8; 8 * MIB as usize];
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     let mut want = data.clone();
     want[MIB as usize + 5..MIB as usize + 105].fill(7);
     assert!(all == want);
@@ -239,7 +239,7 @@ fn profile_is_recorded_stored_and_prefetched_first() {
     let order = [5 * MIB, 2 * MIB, 7 * MIB];
     for &o in &order {
         let mut b = vec![0u8; 64 << 10];
-        block_on(img.read(o, &mut b)).unwrap();
+        block_on(img.read_slice(o, &mut b)).unwrap();
     }
     assert_eq!(
         img.recorded_profile(),
@@ -311,7 +311,7 @@ fn offline_prefetch_is_resumable_after_interruption() {
         "resumed prefetch fetched everything again"
     );
     let mut all = vec![0u8; 8 * MIB as usize];
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     assert!(all == data);
     block_on(img.close()).unwrap();
 }

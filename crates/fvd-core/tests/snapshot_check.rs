@@ -37,7 +37,7 @@ fn snapshot_bytes(p: &Path, name: &str, len: usize) -> Vec<u8> {
     ))
     .unwrap();
     let mut v = vec![0u8; len];
-    block_on(img.read(0, &mut v)).unwrap();
+    block_on(img.read_slice(0, &mut v)).unwrap();
     v
 }
 
@@ -53,14 +53,14 @@ fn refcounts_and_leaks_are_checked_and_repaired_without_touching_snapshot_data()
     };
     block_on(create_path(&p, None, opts, None)).unwrap();
     let img = open(&p);
-    block_on(img.write(0, &vec![0xaa; 1 << 20], false)).unwrap();
+    block_on(img.write_slice(0, &vec![0xaa; 1 << 20], false)).unwrap();
     block_on(img.create_snapshot("keep")).unwrap();
     // Chunks 0..3 get new chunks; the old ones only "keep" holds now.
-    block_on(img.write(0, &vec![0xbb; 256 << 10], false)).unwrap();
+    block_on(img.write_slice(0, &vec![0xbb; 256 << 10], false)).unwrap();
     let s = block_on(img.create_snapshot("gone")).unwrap();
     // A copy past the snapshot's table copy: the latter is below the
     // highest chunk in use once the snapshot is gone.
-    block_on(img.write(512 << 10, &[0xcc; 4096], false)).unwrap();
+    block_on(img.write_slice(512 << 10, &[0xcc; 4096], false)).unwrap();
     block_on(img.delete_snapshot(&SnapshotSel::Name("gone".into()))).unwrap();
     block_on(img.close()).unwrap();
     drop(img);
@@ -124,7 +124,7 @@ fn a_damaged_directory_is_reported_and_refused_in_one_line() {
     };
     block_on(create_path(&p, None, opts, None)).unwrap();
     let img = open(&p);
-    block_on(img.write(0, &[1u8; 4096], false)).unwrap();
+    block_on(img.write_slice(0, &[1u8; 4096], false)).unwrap();
     block_on(img.create_snapshot("a")).unwrap();
     block_on(img.close()).unwrap();
     drop(img);

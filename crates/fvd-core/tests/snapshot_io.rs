@@ -127,10 +127,10 @@ fn open(disk: &Arc<Recording>) -> Image {
 fn guest_io(img: &Image, round: u8) {
     for c in 0..24u64 {
         let off = c * CHUNK + (c % 3) * 4096;
-        block_on(img.write(off, &[round ^ c as u8; 8192], false)).unwrap();
+        block_on(img.write_slice(off, &[round ^ c as u8; 8192], false)).unwrap();
     }
     block_on(img.flush()).unwrap();
-    block_on(img.write(30 * CHUNK, &vec![round; 3 * CHUNK as usize], true)).unwrap();
+    block_on(img.write_slice(30 * CHUNK, &vec![round; 3 * CHUNK as usize], true)).unwrap();
     block_on(img.write_zeroes(2 * CHUNK, CHUNK, false, false)).unwrap();
     block_on(img.write_zeroes(9 * CHUNK + 4096, 4096, true, false)).unwrap();
     block_on(img.discard(5 * CHUNK, 2 * CHUNK)).unwrap();
@@ -221,6 +221,6 @@ fn normal_io_never_touches_refcounts_directory_or_snapshot_tables() {
     ))
     .unwrap();
     let mut got = vec![0u8; 8192];
-    block_on(view.read(7 * CHUNK + 4096, &mut got)).unwrap();
+    block_on(view.read_slice(7 * CHUNK + 4096, &mut got)).unwrap();
     assert!(got.iter().all(|&b| b == 2 ^ 7), "snapshot b changed");
 }

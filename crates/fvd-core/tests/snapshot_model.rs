@@ -69,7 +69,7 @@ impl World {
         ))
         .unwrap_or_else(|e| panic!("{ctx}: open snapshot {}: {e}", s.id));
         let mut all = vec![0u8; self.live.len()];
-        block_on(v.read(0, &mut all)).unwrap();
+        block_on(v.read_slice(0, &mut all)).unwrap();
         let bad = all.iter().zip(&s.bytes).position(|(a, b)| a != b);
         assert_eq!(bad, None, "{ctx}: snapshot {} '{}' differs", s.id, s.name);
     }
@@ -137,12 +137,12 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
                 let data: Vec<u8> = (0..len)
                     .map(|i| fill.wrapping_add((i / 512) as u8) | 1)
                     .collect();
-                block_on(img.write(off, &data, rng.below(8) == 0)).expect(&ctx);
+                block_on(img.write_slice(off, &data, rng.below(8) == 0)).expect(&ctx);
                 w.live[range].copy_from_slice(&data);
             }
             35..=49 => {
                 let mut buf = vec![0u8; len as usize];
-                block_on(img.read(off, &mut buf)).expect(&ctx);
+                block_on(img.read_slice(off, &mut buf)).expect(&ctx);
                 assert!(buf == w.live[range], "read mismatch: {ctx}");
             }
             50..=54 => {
@@ -225,7 +225,7 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
     drop(img);
     let img = w.open();
     let mut all = vec![0u8; size as usize];
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     let bad = all.iter().zip(&w.live).position(|(a, b)| a != b);
     assert_eq!(bad, None, "seed {seed}: the live disk differs at the end");
     for s in &w.snaps {
@@ -247,7 +247,7 @@ fn run_case(case: &Case, seed: u64, steps: usize) {
     assert!(r.corruptions.is_empty(), "{r:?}");
     assert!(r.leaks.is_empty() || dropped, "seed {seed}: {r:?}");
     let img = w.open();
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     assert!(
         all == w.live,
         "seed {seed}: content after deleting every snapshot"

@@ -21,8 +21,8 @@ use fuser::{
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
-use fvd_core::Image;
 use fvd_core::executor::block_on;
+use fvd_core::{Image, IoBuf};
 
 /// Inode number of the root, which is the exported file.
 const ROOT: INodeNo = INodeNo(1);
@@ -329,10 +329,9 @@ impl Filesystem for DiskFile {
             return reply.data(&[]);
         }
         let len = (self.size - offset).min(u64::from(size)) as usize;
-        // A buffer of this request's own.
-        let mut buf = vec![0u8; len];
-        match block_on(self.image.read(offset, &mut buf)) {
-            Ok(()) => reply.data(&buf),
+        // The reply sends the buffer the engine read into.
+        match block_on(self.image.read(offset, IoBuf::for_overwrite(len))) {
+            Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(self.fail("read", offset, len as u64, e)),
         }
     }
@@ -367,10 +366,10 @@ impl Filesystem for DiskFile {
         let data = &data[..len];
         // O_SYNC includes the O_DSYNC bit.
         let fua = flags.0 & libc::O_DSYNC != 0;
-        // `data` is this thread's request buffer; the engine is done with it
-        // when the write returns, and only then is the buffer reused.
-        match block_on(self.image.write(offset, data, fua)) {
-            Ok(()) => reply.written(len as u32),
+        // `data` is fuser's request buffer, reused for the next request: the
+        // engine gets a copy it owns.
+        match block_on(self.image.write(offset, IoBuf::from_slice(data), fua)) {
+            Ok(_) => reply.written(len as u32),
             Err(e) => reply.error(self.fail("write", offset, len as u64, e)),
         }
     }

@@ -162,14 +162,15 @@ impl AsyncWrite for Stream {
 
 /// Write all of `bufs` with as few vectored writes as the stream allows
 /// (one system call for a whole batch of requests or replies).
-pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
+pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized, B: AsRef<[u8]>>(
     w: &mut W,
-    bufs: &[Vec<u8>],
+    bufs: &[B],
 ) -> io::Result<()> {
     let mut slices: Vec<io::IoSlice<'_>> = bufs
         .iter()
+        .map(|b| b.as_ref())
         .filter(|b| !b.is_empty())
-        .map(|b| io::IoSlice::new(b))
+        .map(io::IoSlice::new)
         .collect();
     let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
     while !rest.is_empty() {

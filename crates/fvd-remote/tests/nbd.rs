@@ -389,23 +389,23 @@ fn server_killed_mid_run() {
     ))
     .unwrap();
     let local = vec![0x77u8; 256 << 10];
-    block_on(img.write(1 << 20, &local, false)).unwrap();
+    block_on(img.write_slice(1 << 20, &local, false)).unwrap();
     block_on(img.flush()).unwrap();
     let mut buf = vec![0u8; 64 << 10];
-    block_on(img.read(4 << 20, &mut buf)).unwrap();
+    block_on(img.read_slice(4 << 20, &mut buf)).unwrap();
     assert_eq!(&buf[..], &bytes[4 << 20..(4 << 20) + (64 << 10)]);
 
     srv.kill();
     let t0 = Instant::now();
-    let e =
-        block_on(img.read(5 << 20, &mut buf)).expect_err("read of base data with the server gone");
+    let e = block_on(img.read_slice(5 << 20, &mut buf))
+        .expect_err("read of base data with the server gone");
     assert_eq!(e.errno(), libc::EIO, "{e}");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     // Local data still reads; whole-block writes still work.
     let mut got = vec![0u8; local.len()];
-    block_on(img.read(1 << 20, &mut got)).unwrap();
+    block_on(img.read_slice(1 << 20, &mut got)).unwrap();
     assert_eq!(got, local);
-    block_on(img.write(2 << 20, &vec![0x99u8; 64 << 10], false)).unwrap();
+    block_on(img.write_slice(2 << 20, &vec![0x99u8; 64 << 10], false)).unwrap();
     block_on(img.flush()).unwrap();
     block_on(img.close()).unwrap();
     drop(img);
@@ -425,7 +425,7 @@ fn server_killed_mid_run() {
         block_on(fvd_remote::opener().open(&img_path, fvd_core::Format::Fvd, Default::default()))
             .unwrap();
     let mut all = vec![0u8; SIZE];
-    block_on(img.read(0, &mut all)).unwrap();
+    block_on(img.read_slice(0, &mut all)).unwrap();
     let mut expect = bytes.clone();
     expect[1 << 20..(1 << 20) + local.len()].copy_from_slice(&local);
     expect[2 << 20..(2 << 20) + (64 << 10)].fill(0x99);

@@ -277,7 +277,7 @@ pub fn image_as_is(data: &[u8]) -> Reached {
         let r = if i == 2 {
             block_on(img.discard(*off, d.len() as u64))
         } else {
-            block_on(img.write(*off, d, i == 1))
+            block_on(img.write(*off, IoBuf::from_slice(d), i == 1)).map(drop)
         };
         ok &= r.is_ok();
     }
@@ -305,9 +305,8 @@ pub fn image_as_is(data: &[u8]) -> Reached {
 fn exercise_reads(img: &Image) {
     let size = img.virtual_size();
     let n = size.min(64 << 10);
-    let mut buf = vec![0u8; n as usize];
-    let _ = block_on(img.read(0, &mut buf));
-    let _ = block_on(img.read(size - n, &mut buf));
+    let _ = block_on(img.read(0, IoBuf::for_overwrite(n as usize)));
+    let _ = block_on(img.read(size - n, IoBuf::for_overwrite(n as usize)));
     if let Ok(ext) = block_on(img.block_status(0, size.min(4 << 20))) {
         let mut pos = 0;
         for e in &ext {
@@ -320,10 +319,10 @@ fn exercise_reads(img: &Image) {
 
 fn check_written(img: &Image, written: &[(u64, Vec<u8>)], when: &str) {
     for (off, d) in written {
-        let mut got = vec![0u8; d.len()];
-        block_on(img.read(*off, &mut got)).unwrap_or_else(|e| panic!("{when}: read failed: {e}"));
+        let got = block_on(img.read(*off, IoBuf::for_overwrite(d.len())))
+            .unwrap_or_else(|e| panic!("{when}: read failed: {e}"));
         assert!(
-            got == *d,
+            got[..] == d[..],
             "{when}: data written at {off} does not read back"
         );
     }
@@ -383,7 +382,7 @@ fn build_image(base_size: Option<u64>, bs: u32, compact: bool, state: &str) -> O
         .ok()?;
         for k in 0..12u64 {
             let off = (k * 5 * 1024 + 300) % (size - 2000);
-            block_on(img.write(off, &[k as u8 + 1; 1500], false)).ok()?;
+            block_on(img.write(off, IoBuf::from_slice(&[k as u8 + 1; 1500]), false)).ok()?;
             if k % 4 == 3 {
                 block_on(img.flush()).ok()?;
             }

@@ -44,6 +44,7 @@ use fvd_core::image::prefetch::{
     PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
 use fvd_core::image::{CreateOptions, Image, OpenOptions, Source};
+use fvd_core::iobuf::IoBuf;
 use fvd_core::storage::Storage;
 
 /// Top 16 bits of every background seed (see [`background_seed`]).
@@ -584,11 +585,10 @@ async fn tester(id: usize, img: Arc<Image>, w: Rc<RefCell<World>>, sim: SimHandl
         let faults0 = sim.faults_injected();
         match op {
             Op::Read => {
-                let mut buf = vec![0u8; len as usize];
-                let r = img.read(off, &mut buf).await;
+                let r = img.read(off, IoBuf::for_overwrite(len as usize)).await;
                 let mut wb = w.borrow_mut();
                 match r {
-                    Ok(()) => {
+                    Ok(buf) => {
                         wb.verify(first, &buf, false, &format!("read {off}+{len}"));
                     }
                     Err(e) => wb.failed(&format!("read {off}+{len}"), &e, faults0, false),
@@ -597,7 +597,7 @@ async fn tester(id: usize, img: Arc<Image>, w: Rc<RefCell<World>>, sim: SimHandl
             Op::Write { tag, fua } => {
                 let data = sector_data(tag, first, count);
                 let t = w.borrow_mut().model.begin_write(first, count, tag);
-                let r = img.write(off, &data, fua).await;
+                let r = img.write(off, IoBuf::from_slice(&data), fua).await;
                 let mut wb = w.borrow_mut();
                 wb.model.end_write(t, r.is_ok(), fua);
                 if let Err(e) = r {
@@ -873,9 +873,11 @@ impl Run {
         let mut pos = 0;
         while pos < size {
             let n = CHUNK.min(size - pos);
-            let part = &mut all[pos as usize..(pos + n) as usize];
-            match self.exec.block_on(img.read(pos, part)) {
-                Ok(Ok(())) => {}
+            match self
+                .exec
+                .block_on(img.read(pos, IoBuf::for_overwrite(n as usize)))
+            {
+                Ok(Ok(buf)) => all[pos as usize..(pos + n) as usize].copy_from_slice(&buf),
                 Ok(Err(e)) => {
                     self.violation(format!("{what}: read {pos}+{n} failed: {e}"));
                     return None;

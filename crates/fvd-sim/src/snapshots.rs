@@ -150,7 +150,7 @@ fn setup(exec: &Executor, shape: Shape, seed: u64) -> Disks {
                     1 => img.cache(off, len).await.expect("cache"),
                     _ => {
                         let data = pattern(&mut rng, len as usize);
-                        img.write(off, &data, false).await.expect("write");
+                        img.write_slice(off, &data, false).await.expect("write");
                     }
                 }
             }
@@ -174,7 +174,7 @@ async fn content(disks: &Disks) -> fvd_core::Result<Content> {
     )
     .await?;
     let mut live = vec![0u8; img.virtual_size() as usize];
-    img.read(0, &mut live).await?;
+    img.read_slice(0, &mut live).await?;
     let mut snaps = BTreeMap::new();
     for s in img.snapshots() {
         let v = Image::open_snapshot(
@@ -184,7 +184,7 @@ async fn content(disks: &Disks) -> fvd_core::Result<Content> {
         )
         .await?;
         let mut bytes = vec![0u8; v.virtual_size() as usize];
-        v.read(0, &mut bytes).await?;
+        v.read_slice(0, &mut bytes).await?;
         snaps.insert(s.id, (s.name.clone(), bytes));
     }
     img.close().await?;
@@ -497,7 +497,7 @@ async fn tester(img: Arc<Image>, w: Rc<RefCell<World>>, sim: SimHandle) {
                     model::fill_sector(tag, first + i as u64, s);
                 }
                 let t = w.borrow_mut().model.begin_write(first, count, tag);
-                let r = img.write(first * 512, &data, false).await;
+                let r = img.write_slice(first * 512, &data, false).await;
                 let mut wb = w.borrow_mut();
                 wb.model.end_write(t, r.is_ok(), false);
                 if let Err(e) = r {
@@ -515,7 +515,7 @@ async fn tester(img: Arc<Image>, w: Rc<RefCell<World>>, sim: SimHandle) {
             }
             (70..=89, Some((first, count))) => {
                 let mut buf = vec![0u8; (count as usize) * SECTOR];
-                let r = img.read(first * 512, &mut buf).await;
+                let r = img.read_slice(first * 512, &mut buf).await;
                 let mut wb = w.borrow_mut();
                 match r {
                     Ok(()) => {
@@ -769,7 +769,7 @@ fn check_world(
     };
     let sectors = w.borrow().model.len();
     let mut live = vec![0u8; (sectors as usize) * SECTOR];
-    if !matches!(exec.block_on(img.read(0, &mut live)), Ok(Ok(()))) {
+    if !matches!(exec.block_on(img.read_slice(0, &mut live)), Ok(Ok(()))) {
         w.borrow_mut()
             .violation("reading the recovered disk failed".into());
         return;
@@ -853,7 +853,7 @@ fn check_world(
             }
         };
         let mut bytes = vec![0u8; (sectors as usize) * SECTOR];
-        if !matches!(exec.block_on(v.read(0, &mut bytes)), Ok(Ok(()))) {
+        if !matches!(exec.block_on(v.read_slice(0, &mut bytes)), Ok(Ok(()))) {
             w.borrow_mut()
                 .violation(format!("reading snapshot {id} failed"));
             return;

@@ -376,7 +376,7 @@ impl Fixture {
 
     fn read(&self, img: &Image, off: u64, len: usize) -> fvd_core::Result<Vec<u8>> {
         let mut v = vec![0u8; len];
-        self.exec.block_on(img.read(off, &mut v)).unwrap()?;
+        self.exec.block_on(img.read_slice(off, &mut v)).unwrap()?;
         Ok(v)
     }
 
@@ -412,7 +412,7 @@ fn base_read_error_reaches_the_caller_and_image_stays_consistent() {
         });
         let e = fx
             .exec
-            .block_on(img.write(1034, &[0xab; 100], false))
+            .block_on(img.write_slice(1034, &[0xab; 100], false))
             .unwrap()
             .unwrap_err();
         assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -443,7 +443,7 @@ fn short_base_read_is_an_error_never_wrong_data() {
         // A copy-on-write merging a short base read must fail, not write garbage.
         let r = fx
             .exec
-            .block_on(img.write(512 * 3, &sector_of(9, 3), false))
+            .block_on(img.write_slice(512 * 3, &sector_of(9, 3), false))
             .unwrap();
         fx.base.set_faults(Faults::default());
         let got = fx.read(&img, 0, 4096).unwrap();
@@ -464,7 +464,7 @@ fn enospc_fails_the_write_and_publishes_no_metadata() {
         fx.disk.update_faults(|f| f.capacity = Some(used));
         let e = fx
             .exec
-            .block_on(img.write(8192, &sector_of(7, 16), false))
+            .block_on(img.write_slice(8192, &sector_of(7, 16), false))
             .unwrap()
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
@@ -482,7 +482,7 @@ fn enospc_fails_the_write_and_publishes_no_metadata() {
         fx.disk.update_faults(|f| f.capacity = Some(used));
         let e = fx
             .exec
-            .block_on(img.write(BSIZE + 4096, &sector_of(8, 0), true))
+            .block_on(img.write_slice(BSIZE + 4096, &sector_of(8, 0), true))
             .unwrap()
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
@@ -516,23 +516,25 @@ fn failed_flush_is_not_durable_and_poisons_the_image() {
         let img = fx.open();
         // A durable write first.
         fx.exec
-            .block_on(img.write(0, &sector_of(1, 0), true))
+            .block_on(img.write_slice(0, &sector_of(1, 0), true))
             .unwrap()
             .unwrap();
         // Then one whose flush fails.
         fx.exec
-            .block_on(img.write(0, &sector_of(2, 0), false))
+            .block_on(img.write_slice(0, &sector_of(2, 0), false))
             .unwrap()
             .unwrap();
         fx.exec
-            .block_on(img.write(70000 / 512 * 512, &sector_of(3, 136), false))
+            .block_on(img.write_slice(70000 / 512 * 512, &sector_of(3, 136), false))
             .unwrap()
             .unwrap();
         fx.disk.update_faults(|f| f.fail_flush_at = Some(0));
         let e = fx.exec.block_on(img.flush()).unwrap().unwrap_err();
         assert_eq!(e.errno(), libc::EIO, "{e}");
         // Poisoned: later writes and flushes fail, reads still work.
-        let w = fx.exec.block_on(img.write(512, &sector_of(4, 1), false));
+        let w = fx
+            .exec
+            .block_on(img.write_slice(512, &sector_of(4, 1), false));
         assert!(w.unwrap().is_err(), "write accepted after a failed flush");
         assert!(fx.exec.block_on(img.flush()).unwrap().is_err());
         let _ = fx.exec.block_on(img.close());
@@ -633,7 +635,7 @@ fn regression_stale_journal_blocks_after_lost_header_update() {
     let a = Rc::new(open(&disk));
     let journal = a.header().unwrap().region(Region::Journal);
     for k in 0..600u64 {
-        exec.block_on(a.write(k * 1024, &[0xaa; 512], false))
+        exec.block_on(a.write_slice(k * 1024, &[0xaa; 512], false))
             .unwrap()
             .unwrap();
     }
@@ -662,10 +664,12 @@ fn regression_stale_journal_blocks_after_lost_header_update() {
     let mut seen_by_b = Vec::new();
     let mut buf = vec![0u8; 512];
     for k in 0..600u64 {
-        exec.block_on(b.read(k * 1024, &mut buf)).unwrap().unwrap();
+        exec.block_on(b.read_slice(k * 1024, &mut buf))
+            .unwrap()
+            .unwrap();
         seen_by_b.push(buf.clone());
     }
-    exec.block_on(b.write((1 << 19) + 512, &[0xbb; 512], false))
+    exec.block_on(b.write_slice((1 << 19) + 512, &[0xbb; 512], false))
         .unwrap()
         .unwrap();
     exec.block_on(b.flush()).unwrap().unwrap();
@@ -674,14 +678,16 @@ fn regression_stale_journal_blocks_after_lost_header_update() {
     // Session C: nothing B saw may change.
     let c = open(&disk);
     for k in 0..600u64 {
-        exec.block_on(c.read(k * 1024, &mut buf)).unwrap().unwrap();
+        exec.block_on(c.read_slice(k * 1024, &mut buf))
+            .unwrap()
+            .unwrap();
         assert!(
             buf == seen_by_b[k as usize],
             "sector {} changed across a crash without being written",
             k * 2
         );
     }
-    exec.block_on(c.read((1 << 19) + 512, &mut buf))
+    exec.block_on(c.read_slice((1 << 19) + 512, &mut buf))
         .unwrap()
         .unwrap();
     assert_eq!(buf, vec![0xbb; 512]);
@@ -726,7 +732,7 @@ fn regression_sector_straddling_an_unaligned_base_end() {
             ))
             .unwrap()
             .unwrap();
-        exec.block_on(img.write(64 * 512, &sector_of(5, 64), false))
+        exec.block_on(img.write_slice(64 * 512, &sector_of(5, 64), false))
             .unwrap()
             .unwrap();
         drop(img);
@@ -748,7 +754,7 @@ fn regression_sector_straddling_an_unaligned_base_end() {
             .unwrap()
             .unwrap();
         let mut got = vec![0u8; 512];
-        exec.block_on(img.read(64 * 512, &mut got))
+        exec.block_on(img.read_slice(64 * 512, &mut got))
             .unwrap()
             .unwrap();
         let mut old = vec![0u8; 512];
@@ -808,14 +814,14 @@ fn regression_compact_checkpoint_bit_without_chunk() {
     );
     let bitmap = img.header().unwrap().region(Region::Bitmap);
     // The first round fills the one-block journal...
-    exec.block_on(img.write(0, &sector_of(1, 0), false))
+    exec.block_on(img.write_slice(0, &sector_of(1, 0), false))
         .unwrap()
         .unwrap();
     exec.block_on(img.flush()).unwrap().unwrap();
     // ...so the second goes to a checkpoint. Crash as soon as its bitmap
     // write has completed, keeping that write and nothing else unflushed.
     let sector = 40u64;
-    exec.block_on(img.write(sector * 512, &sector_of(2, sector), false))
+    exec.block_on(img.write_slice(sector * 512, &sector_of(2, sector), false))
         .unwrap()
         .unwrap();
     let img2 = img.clone();
@@ -846,7 +852,7 @@ fn regression_compact_checkpoint_bit_without_chunk() {
         .unwrap()
         .unwrap();
     let mut got = vec![0u8; 512];
-    exec.block_on(img.read(sector * 512, &mut got))
+    exec.block_on(img.read_slice(sector * 512, &mut got))
         .unwrap()
         .unwrap();
     let old = &base_bytes[(sector * 512) as usize..(sector * 512 + 512) as usize];
@@ -916,7 +922,7 @@ fn failed_flush_while_detaching_the_base_loses_no_acknowledged_write() {
         // still publish bits.
         fx.exec.block_on(img.cache(0, VSIZE)).unwrap().unwrap();
         fx.exec
-            .block_on(img.write(4096, &sector_of(1, 8), false))
+            .block_on(img.write_slice(4096, &sector_of(1, 8), false))
             .unwrap()
             .unwrap();
         fx.exec.block_on(img.flush()).unwrap().unwrap();
@@ -934,11 +940,11 @@ fn failed_flush_while_detaching_the_base_loses_no_acknowledged_write() {
         // range not allocated yet: both need metadata.
         let w = fx
             .exec
-            .block_on(img.write(8192, &sector_of(2, 16), false))
+            .block_on(img.write_slice(8192, &sector_of(2, 16), false))
             .unwrap()
             .and_then(|()| {
                 fx.exec
-                    .block_on(img.write(BSIZE + 16384, &sector_of(3, 416), false))
+                    .block_on(img.write_slice(BSIZE + 16384, &sector_of(3, 416), false))
                     .unwrap()
             });
         let f = fx.exec.block_on(img.flush()).unwrap();
@@ -977,7 +983,7 @@ fn regression_detach_keeps_the_chunk_table() {
     let mut fx = Fixture::with_layout(95, 4096, Some(16384));
     let img = fx.open();
     fx.exec
-        .block_on(img.write(BSIZE + 16384, &sector_of(3, 416), false))
+        .block_on(img.write_slice(BSIZE + 16384, &sector_of(3, 416), false))
         .unwrap()
         .unwrap();
     // Copy-on-read fills allocate (and journal) the chunks of the base range.
@@ -1017,7 +1023,10 @@ fn regression_write_racing_the_detach() {
         fx.exec.block_on(img.cache(0, VSIZE)).unwrap().unwrap();
         let writer = img.clone();
         fx.exec.spawn(async move {
-            writer.write(8192, &sector_of(2, 16), false).await.unwrap();
+            writer
+                .write_slice(8192, &sector_of(2, 16), false)
+                .await
+                .unwrap();
         });
         assert!(
             fx.exec
@@ -1101,7 +1110,7 @@ fn regression_read_racing_the_detach() {
     let (reader, out) = (img.clone(), got.clone());
     fx.exec.spawn(async move {
         let mut buf = vec![0u8; 12288];
-        let r = reader.read(0, &mut buf).await;
+        let r = reader.read_slice(0, &mut buf).await;
         *out.borrow_mut() = Some(r.map(|()| buf));
     });
     // Let the reader start its (slow) base read of block 0...
@@ -1155,7 +1164,7 @@ fn failed_flush_while_storing_a_profile_poisons_the_image() {
         let fx = Fixture::with_layout(300 + k, 4096, None);
         let img = fx.open();
         fx.exec
-            .block_on(img.write(4096, &sector_of(1, 8), false))
+            .block_on(img.write_slice(4096, &sector_of(1, 8), false))
             .unwrap()
             .unwrap();
         fx.disk.update_faults(|f| f.fail_flush_at = Some(k));

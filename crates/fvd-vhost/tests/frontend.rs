@@ -165,7 +165,7 @@ fn fvd_content_and_check(path: &Path) -> Vec<u8> {
         .await
         .unwrap();
         let mut all = vec![0u8; DISK as usize];
-        img.read(0, &mut all).await.unwrap();
+        img.read_slice(0, &mut all).await.unwrap();
         all
     })
 }

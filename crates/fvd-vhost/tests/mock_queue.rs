@@ -299,7 +299,9 @@ impl Rig {
 
     fn disk(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.rt.block_on(self.image.read(offset, &mut v)).unwrap();
+        self.rt
+            .block_on(self.image.read_slice(offset, &mut v))
+            .unwrap();
         v
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use fvd_core::Opener;
-use fvd_core::{Format, Image};
+use fvd_core::{Format, Image, IoBuf};
 
 use crate::common::{STATUS_WINDOW, at, extents, open, overlay, parse_format, require_key};
 
@@ -41,12 +41,12 @@ pub struct Args {
     pub image_b: PathBuf,
 }
 
-/// One side of the comparison, with its read buffer (reused: no allocation
-/// per chunk).
+/// One side of the comparison, with the buffer of its last read (buffers
+/// come from the engine's pool: no allocation per chunk).
 struct Side<'a> {
     img: &'a Image,
     path: &'a Path,
-    buf: Vec<u8>,
+    buf: Option<IoBuf>,
 }
 
 impl<'a> Side<'a> {
@@ -54,18 +54,20 @@ impl<'a> Side<'a> {
         Side {
             img,
             path,
-            buf: vec![0u8; COMPARE_CHUNK as usize],
+            buf: None,
         }
     }
 
     /// Read `len` (at most [`COMPARE_CHUNK`]) bytes at `off`.
     async fn read(&mut self, off: u64, len: u64) -> Result<&[u8]> {
-        let buf = &mut self.buf[..len as usize];
-        self.img
-            .read(off, buf)
+        // The previous buffer goes back to the pool first.
+        self.buf = None;
+        let buf = self
+            .img
+            .read(off, IoBuf::for_overwrite(len as usize))
             .await
             .map_err(|e| at(self.path, e))?;
-        Ok(buf)
+        Ok(self.buf.insert(buf))
     }
 }
 

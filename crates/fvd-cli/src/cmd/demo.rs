@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
-use fvd_core::{BaseSpec, CreateOptions, Format, Image, PathOptions, Stats};
+use fvd_core::{BaseSpec, CreateOptions, Format, Image, IoBuf, PathOptions, Stats};
 
 use crate::common::at;
 use crate::size::human;
@@ -256,8 +256,9 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     );
     for s in &STEPS {
         let before = Snap::of(img.stats());
-        let buf = vec![s.pattern; s.len as usize];
-        img.write(s.offset, &buf, false)
+        let mut buf = IoBuf::for_overwrite(s.len as usize);
+        buf.fill(s.pattern);
+        img.write(s.offset, buf, false)
             .await
             .map_err(|e| at(&image, e))?;
         img.flush().await.map_err(|e| at(&image, e))?;
@@ -288,11 +289,12 @@ async fn demo(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 /// Read the whole image back and compare it with the model.
 async fn verify(img: &Image, path: &Path, model: &[u8]) -> Result<()> {
     const STEP: usize = 4 << 20;
-    let mut buf = vec![0u8; STEP];
     for (i, want) in model.chunks(STEP).enumerate() {
         let off = (i * STEP) as u64;
-        let got = &mut buf[..want.len()];
-        img.read(off, got).await.map_err(|e| at(path, e))?;
+        let got = img
+            .read(off, IoBuf::for_overwrite(want.len()))
+            .await
+            .map_err(|e| at(path, e))?;
         if let Some(p) = got.iter().zip(want).position(|(x, y)| x != y) {
             bail!(
                 "{}: read-back mismatch at offset {}",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use fvd_core::Opener;
-use fvd_core::{Format, Image, Source};
+use fvd_core::{Format, Image, IoBuf, Source};
 
 use crate::common::{at, extents, open, parse_format, require_key};
 use crate::size::{io_units, parse_size};
@@ -284,8 +284,9 @@ impl Session<'_> {
         let r = if zero {
             self.img.write_zeroes(off, len, p.has('u'), fua).await
         } else {
-            let buf = vec![pattern; len as usize];
-            self.img.write(off, &buf, fua).await
+            let mut buf = IoBuf::for_overwrite(len as usize);
+            buf.fill(pattern);
+            self.img.write(off, buf, fua).await.map(drop)
         };
         if let Err(e) = r {
             return Ok(self.fail("write", e));
@@ -300,11 +301,11 @@ impl Session<'_> {
         let p = getopt(args, "qvCrab", "P")?;
         let (off, len) = off_len(&p, "read")?;
         let pattern = p.value('P').map(parse_pattern).transpose()?;
-        let mut buf = vec![0u8; len as usize];
         let t0 = Instant::now();
-        if let Err(e) = self.img.read(off, &mut buf).await {
-            return Ok(self.fail("read", e));
-        }
+        let buf = match self.img.read(off, IoBuf::for_overwrite(len as usize)).await {
+            Ok(b) => b,
+            Err(e) => return Ok(self.fail("read", e)),
+        };
         let t = t0.elapsed();
         let mut outcome = Outcome::Ok;
         if let Some(pat) = pattern

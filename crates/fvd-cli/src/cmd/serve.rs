@@ -20,6 +20,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
+
+use crate::common::parse_cache;
 use fvd_nbd::proto::consts::DEFAULT_PORT;
 use fvd_nbd::server::{
     DEFAULT_MAX_CLIENTS, ListenAddr, Listener, Server, ServerConfig, TlsFiles, shutdown_signal,
@@ -54,8 +56,9 @@ pub struct ServeArgs {
     /// Image format: fvd (default) or raw.
     #[arg(short = 'f', value_name = "FMT", default_value = "fvd", value_parser = parse_format)]
     pub format: Format,
-    /// Host cache mode: writeback (page cache) or none (O_DIRECT; the
-    /// export then asks for 512-byte aligned requests).
+    /// Host cache mode: writeback (page cache), none (O_DIRECT; the
+    /// export then asks for 512-byte aligned requests) or unsafe (flush
+    /// and FUA do nothing, as in qemu-nbd).
     #[arg(long, value_name = "MODE", default_value = "writeback", value_parser = parse_cache)]
     pub cache: CacheMode,
     /// Server certificate (PEM): turns on TLS, and requires it.
@@ -97,10 +100,6 @@ pub struct ServeArgs {
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
     s.parse::<Format>().map_err(|e| e.to_string())
-}
-
-fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
-    s.parse::<CacheMode>()
 }
 
 /// Parse `ADDR:PORT`, `ADDR` or `:PORT`.

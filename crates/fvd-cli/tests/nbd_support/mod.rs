@@ -117,7 +117,7 @@ pub fn engine_content(path: &Path, format: Format) -> Vec<u8> {
         .await
         .unwrap();
         let mut buf = vec![0u8; img.virtual_size() as usize];
-        img.read(0, &mut buf).await.unwrap();
+        img.read_slice(0, &mut buf).await.unwrap();
         buf
     })
 }

@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::Image;
+use super::read::part;
 use crate::error::Result;
 use crate::executor::Spawner;
+use crate::iobuf::IoBuf;
 
 pub(crate) struct Background {
     image: Weak<Image>,
@@ -88,15 +90,16 @@ impl Image {
         self.foreground_ops.load(Ordering::Relaxed)
     }
 
-    /// Read base data for the guest, recording the profile and copying it
-    /// into the image when copy-on-read is on.
-    pub(crate) async fn read_from_base(&self, offset: u64, out: &mut [u8]) -> Result<()> {
-        self.record_profile(offset, out.len() as u64);
+    /// Read base data for the guest into `out`, recording the profile and
+    /// copying it into the image when copy-on-read is on.
+    pub(crate) async fn read_from_base(&self, offset: u64, mut out: IoBuf) -> Result<IoBuf> {
+        let len = out.len() as u64;
+        self.record_profile(offset, len);
         if !self.copy_on_read() {
             return self.read_base(offset, out).await;
         }
         let bs = self.map.block_size;
-        let blocks = self.map.blocks_of(offset, out.len() as u64);
+        let blocks = self.map.blocks_of(offset, len);
         if blocks.is_empty() {
             // The base was detached (prefetch done) after the request was
             // mapped: every block is in the image now.
@@ -109,14 +112,16 @@ impl Image {
             self.stats.cor_skipped.fetch_add(1, Ordering::Relaxed);
             return self.read_base(offset, out).await;
         }
-        // Widen to whole blocks so the fill can set their bits.
-        let mut data = vec![0u8; n as usize];
-        if let Err(e) = self.read_base(start, &mut data).await {
-            self.cor.release(n);
-            return Err(e);
-        }
-        let skip = (offset - start) as usize;
-        out.copy_from_slice(&data[skip..skip + out.len()]);
+        // Widen to whole blocks so the fill can set their bits; the fill
+        // keeps that buffer, the guest gets a copy of its part.
+        let data = match self.base_bytes(start, n).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.cor.release(n);
+                return Err(e);
+            }
+        };
+        out.copy_from_slice(&data[part(start, offset, offset + len)]);
         match self
             .background
             .get()
@@ -124,30 +129,32 @@ impl Image {
         {
             Some((img, spawn)) => spawn(Box::pin(async move {
                 let _gate = img.enter().await;
-                img.finish_cor(blocks, start, &data).await;
+                img.finish_cor(blocks, start, data).await;
             })),
-            None => self.finish_cor(blocks, start, &data).await,
+            None => self.finish_cor(blocks, start, data).await,
         }
-        Ok(())
+        Ok(out)
     }
 
-    async fn finish_cor(&self, blocks: Range<u64>, start: u64, data: &[u8]) {
+    async fn finish_cor(&self, blocks: Range<u64>, start: u64, data: IoBuf) {
+        let n = data.len() as u64;
         // A failed fill (no space, a write error) costs nothing but the copy:
         // the guest's read already has its data and the block stays in the base.
-        if let Ok(n) = self.fill_blocks(blocks, Some((start, data)), false).await {
-            self.stats.cor_bytes.fetch_add(n, Ordering::Relaxed);
+        if let Ok(filled) = self.fill_blocks(blocks, Some((start, data)), false).await {
+            self.stats.cor_bytes.fetch_add(filled, Ordering::Relaxed);
         }
-        self.cor.release(data.len() as u64);
+        self.cor.release(n);
     }
 
     /// Copy the non-local blocks of `blocks` into the image, from `src`
-    /// (data starting at virtual offset `.0`) or else from the base. `hard`
-    /// fills are journaled like guest writes (offline prefetch, resumable);
-    /// soft ones only set bits in memory. Returns the bytes written.
+    /// (data starting at virtual offset `.0`, written from its parts) or
+    /// else from the base. `hard` fills are journaled like guest writes
+    /// (offline prefetch, resumable); soft ones only set bits in memory.
+    /// Returns the bytes written.
     pub(crate) async fn fill_blocks(
         &self,
         blocks: Range<u64>,
-        src: Option<(u64, &[u8])>,
+        mut src: Option<(u64, IoBuf)>,
         hard: bool,
     ) -> Result<u64> {
         if self.map.meta.is_none() {
@@ -166,16 +173,22 @@ impl Image {
                 if s >= e {
                     continue;
                 }
-                let fetched;
-                let data: &[u8] = match src {
-                    Some((start, bytes)) => &bytes[(s - start) as usize..(e - start) as usize],
-                    None => {
-                        fetched = self.base_bytes(s, e - s).await?;
-                        &fetched
+                // The data: a part of `src` (given back after the write), or
+                // fetched from the base.
+                let (data, given) = match src.take() {
+                    Some((start, buf)) => {
+                        let w = buf.window();
+                        (buf.narrow(part(start, s, e)), Some((start, w)))
                     }
+                    None => (self.base_bytes(s, e - s).await?, None),
                 };
                 let fresh = self.allocate(s, e - s).await?;
-                let r = self.write_image(s, data, &fresh).await;
+                let r = self.write_image(s, data, &fresh).await.and_then(|data| {
+                    if let Some((start, w)) = given {
+                        src = Some((start, self.rejoin(data, w)?));
+                    }
+                    Ok(())
+                });
                 if hard {
                     self.publish(r, fresh, still)?;
                 } else if let Err(err) = r {

@@ -201,32 +201,44 @@ impl Image {
         self.crypt.as_ref().map(Encryption::header)
     }
 
-    /// Read encrypted image bytes at host offset `host` into `out`.
+    /// Read encrypted image bytes at host offset `host` into `buf`: whole
+    /// sectors are read into it and decrypted in place; a request with
+    /// partial sectors reads its sectors into a buffer of their own.
     pub(super) async fn read_encrypted(
         &self,
         c: &Encryption,
         host: u64,
         virt: u64,
-        out: &mut [u8],
-    ) -> Result<()> {
-        let (s, e) = span(host, out.len() as u64);
-        let mut buf = self.read_storage(s, (e - s) as usize, virt).await?;
-        c.decrypt(&mut buf, s, &self.describe())?;
+        mut buf: IoBuf,
+    ) -> Result<IoBuf> {
+        let what = self.describe();
+        let (s, e) = span(host, buf.len() as u64);
+        if s == host && e == host + buf.len() as u64 {
+            let mut buf = self.read_storage(host, virt, buf).await?;
+            c.decrypt(&mut buf, host, &what)?;
+            return Ok(buf);
+        }
+        let mut sectors = self
+            .read_storage(s, virt, IoBuf::for_overwrite((e - s) as usize))
+            .await?;
+        c.decrypt(&mut sectors, s, &what)?;
         let skip = (host - s) as usize;
-        out.copy_from_slice(&buf[skip..skip + out.len()]);
-        Ok(())
+        let n = buf.len();
+        buf.copy_from_slice(&sectors[skip..skip + n]);
+        Ok(buf)
     }
 
     /// Write `buf` (plaintext) at host offset `host` of an encrypted image:
-    /// whole sectors are encrypted and written; partial ones are decrypted,
-    /// patched and encrypted again under their sector lock.
+    /// whole sectors are encrypted in place and written (the buffer given
+    /// back holds ciphertext); partial ones are decrypted, patched and
+    /// encrypted again under their sector lock (the buffer is unchanged).
     pub(super) async fn write_encrypted(
         &self,
         c: &Encryption,
         host: u64,
         virt: u64,
         mut buf: IoBuf,
-    ) -> Result<()> {
+    ) -> Result<IoBuf> {
         let what = self.describe();
         let len = buf.len() as u64;
         let (s, e) = span(host, len);
@@ -239,21 +251,25 @@ impl Image {
         let head_partial = host > s;
         let tail_partial = host + len < e;
         if head_partial {
-            let mut sec = self.read_storage(s, SECTOR as usize, virt).await?;
+            let mut sec = self
+                .read_storage(s, virt, IoBuf::for_overwrite(SECTOR as usize))
+                .await?;
             c.decrypt(&mut sec, s, &what)?;
             whole[..SECTOR as usize].copy_from_slice(&sec);
         }
         let last = e - SECTOR;
         if tail_partial && !(head_partial && last == s) {
-            let mut sec = self.read_storage(last, SECTOR as usize, virt).await?;
+            let mut sec = self
+                .read_storage(last, virt, IoBuf::for_overwrite(SECTOR as usize))
+                .await?;
             c.decrypt(&mut sec, last, &what)?;
             whole[(last - s) as usize..].copy_from_slice(&sec);
         }
         let at = (host - s) as usize;
         whole[at..at + buf.len()].copy_from_slice(&buf);
-        drop(buf);
         c.encrypt(&mut whole, s, &what)?;
-        self.write_storage(s, virt, whole).await
+        self.write_storage(s, virt, whole).await?;
+        Ok(buf)
     }
 
     /// Zero `[host, host+len)` of an encrypted image: whole sectors through
@@ -273,7 +289,8 @@ impl Image {
             // Within one sector, or straddling one boundary.
             return self
                 .write_encrypted(c, host, virt, IoBuf::zeroed(len as usize))
-                .await;
+                .await
+                .map(drop);
         }
         if host < a {
             self.write_encrypted(c, host, virt, IoBuf::zeroed((a - host) as usize))

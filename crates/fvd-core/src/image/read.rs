@@ -1,14 +1,25 @@
-//! Reads: each run of the request's mapping from where it lives.
+//! Reads: each run of the request's mapping from where it lives, into its
+//! part of the caller's buffer (no copy).
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use super::{Image, Target, expect_len};
 use crate::error::{Error, ErrorKind, Result};
-use crate::iobuf::IoBuf;
+use crate::iobuf::{IoBuf, Window};
+
+/// The part of a buffer holding `[offset, ..)` that covers `[start, end)`.
+pub(super) fn part(offset: u64, start: u64, end: u64) -> Range<usize> {
+    (start - offset) as usize..(end - offset) as usize
+}
 
 impl Image {
-    /// Read `buf.len()` bytes at `offset`.
-    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Read `buf.len()` bytes at `offset` into `buf` and give it back.
+    ///
+    /// Every byte of `buf` is overwritten, so a buffer from
+    /// [`IoBuf::for_overwrite`] is the one to pass. On error the buffer is
+    /// dropped (back to the pool).
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _req = self.stats.request();
         let t0 = self.latency.start();
         let r = self.read_untimed(offset, buf).await;
@@ -16,114 +27,151 @@ impl Image {
         r
     }
 
-    async fn read_untimed(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn read_untimed(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(buf);
         }
         let _gate = self.enter().await;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
+        let whole = buf.window();
         for run in self.map.request(offset, len) {
-            let part = &mut buf[(run.start - offset) as usize..(run.end() - offset) as usize];
-            match run.target {
-                Target::Host(host) => self.read_host(host, run.start, part).await?,
+            let mut p = buf.narrow(part(offset, run.start, run.end()));
+            p = match run.target {
+                Target::Host(host) => self.read_host(host, run.start, p).await?,
                 // Guest reads of the base record the profile and copy on read.
-                Target::Base => self.read_from_base(run.start, part).await?,
-                Target::Unallocated => part.fill(0),
-            }
+                Target::Base => self.read_from_base(run.start, p).await?,
+                Target::Unallocated => {
+                    p.fill(0);
+                    p
+                }
+            };
+            buf = self.rejoin(p, whole)?;
         }
-        Ok(())
+        Ok(buf)
     }
 
-    /// Read bytes that live in the image (never in the base).
-    pub(super) async fn read_image(&self, offset: u64, out: &mut [u8]) -> Result<()> {
-        for run in self.map.image_runs(offset, out.len() as u64, &[]) {
-            let part = &mut out[(run.start - offset) as usize..(run.end() - offset) as usize];
-            match run.target {
-                Target::Host(host) => self.read_host(host, run.start, part).await?,
-                Target::Base | Target::Unallocated => part.fill(0),
-            }
+    /// A part of a buffer given back by the storage, widened to the window
+    /// `w` it was narrowed from.
+    pub(super) fn rejoin(&self, part: IoBuf, w: Window) -> Result<IoBuf> {
+        part.widen(w).map_err(|_| {
+            Error::new(
+                ErrorKind::Io,
+                format!(
+                    "{}: the storage returned another buffer than it was given",
+                    self.describe()
+                ),
+            )
+        })
+    }
+
+    /// Read bytes that live in the image (never in the base) into `buf`.
+    pub(super) async fn read_image(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        let whole = buf.window();
+        for run in self.map.image_runs(offset, buf.len() as u64, &[]) {
+            let mut p = buf.narrow(part(offset, run.start, run.end()));
+            p = match run.target {
+                Target::Host(host) => self.read_host(host, run.start, p).await?,
+                Target::Base | Target::Unallocated => {
+                    p.fill(0);
+                    p
+                }
+            };
+            buf = self.rejoin(p, whole)?;
         }
-        Ok(())
+        Ok(buf)
     }
 
     /// Read the current content of `[offset, offset+len)` for the engine's
     /// own use (the edges of a copy-on-write): no profile, no copy-on-read.
-    pub(super) async fn read_current(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; len as usize];
+    pub(super) async fn read_current(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let mut buf = IoBuf::for_overwrite(len as usize);
+        let whole = buf.window();
         for run in self.map.request(offset, len) {
-            let part = &mut out[(run.start - offset) as usize..(run.end() - offset) as usize];
-            match run.target {
-                Target::Host(host) => self.read_host(host, run.start, part).await?,
-                Target::Base => self.read_base(run.start, part).await?,
-                Target::Unallocated => {}
-            }
+            let mut p = buf.narrow(part(offset, run.start, run.end()));
+            p = match run.target {
+                Target::Host(host) => self.read_host(host, run.start, p).await?,
+                Target::Base => self.read_base(run.start, p).await?,
+                Target::Unallocated => {
+                    p.fill(0);
+                    p
+                }
+            };
+            buf = self.rejoin(p, whole)?;
         }
-        Ok(out)
+        Ok(buf)
     }
 
-    /// Read image bytes at host offset `host` (virtual offset `virt`, for
-    /// messages), decrypted in an encrypted image.
-    pub(super) async fn read_host(&self, host: u64, virt: u64, out: &mut [u8]) -> Result<()> {
-        if let Some(c) = &self.crypt {
-            return self.read_encrypted(c, host, virt, out).await;
+    /// Read image bytes at host offset `host` into `buf` (virtual offset
+    /// `virt`, for messages), decrypted in an encrypted image.
+    pub(super) async fn read_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
+        match &self.crypt {
+            Some(c) => self.read_encrypted(c, host, virt, buf).await,
+            None => self.read_storage(host, virt, buf).await,
         }
-        let buf = self.read_storage(host, out.len(), virt).await?;
-        out.copy_from_slice(&buf);
-        Ok(())
     }
 
-    /// `len` bytes of the storage at host offset `host`, as stored.
-    pub(super) async fn read_storage(&self, host: u64, len: usize, virt: u64) -> Result<IoBuf> {
+    /// Read the storage at host offset `host` into `buf`, as stored.
+    pub(super) async fn read_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
+        let want = buf.len();
         let buf = self
             .storage
-            .read_at(host, IoBuf::for_overwrite(len))
+            .read_at(host, buf)
             .await
             .map_err(self.io_err("read", virt))?;
         expect_len(
             &buf,
-            len,
+            want,
             &format!("{}: read at offset {virt}", self.describe()),
         )?;
         Ok(buf)
     }
 
-    /// Read base bytes at `offset`.
-    pub(super) async fn read_base(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+    /// Read base bytes at `offset` into `buf`.
+    pub(super) async fn read_base(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let base = self
             .base
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Io, "base image is not open"))?;
+        let want = buf.len();
         let timer = self.stats.base_read();
-        let buf = base
-            .read_at(offset, IoBuf::for_overwrite(out.len()))
-            .await
-            .map_err(|e| {
-                Error::io(
-                    format!("{}: base read at offset {offset}", base.describe()),
-                    e,
-                )
-            })?;
+        let buf = base.read_at(offset, buf).await.map_err(|e| {
+            Error::io(
+                format!("{}: base read at offset {offset}", base.describe()),
+                e,
+            )
+        })?;
         drop(timer);
         expect_len(
             &buf,
-            out.len(),
+            want,
             &format!("{}: base read at offset {offset}", base.describe()),
         )?;
         self.stats
             .base_read_bytes
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
-        out.copy_from_slice(&buf);
-        Ok(())
+            .fetch_add(want as u64, Ordering::Relaxed);
+        Ok(buf)
     }
 
-    /// `len` base bytes at `offset`.
-    pub(super) async fn base_bytes(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut v = vec![0u8; len as usize];
-        if len > 0 {
-            self.read_base(offset, &mut v).await?;
+    /// `len` base bytes at `offset`, in a buffer of their own.
+    pub(super) async fn base_bytes(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let buf = IoBuf::for_overwrite(len as usize);
+        if len == 0 {
+            return Ok(buf);
         }
-        Ok(v)
+        self.read_base(offset, buf).await
+    }
+}
+
+impl Image {
+    /// Read `out.len()` bytes at `offset` into a slice: [`Image::read`]
+    /// through a buffer from the pool, then one copy. For callers that hold
+    /// no [`IoBuf`] (tests, tools reading a few bytes); transports use
+    /// [`Image::read`] and send the buffer it fills.
+    pub async fn read_slice(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        let buf = self.read(offset, IoBuf::for_overwrite(out.len())).await?;
+        out.copy_from_slice(&buf);
+        Ok(())
     }
 }

@@ -1,59 +1,69 @@
 //! Writes: the direct path (a raw-file write), copy-on-write from the base,
 //! chunk allocation, and publishing bits and table entries after the data.
+//!
+//! The caller's buffer is what the storage writes: each run of the mapping
+//! gets its part of it (no copy; an encrypted image encrypts whole sectors
+//! of it in place). Only a copy-on-write with partial blocks at its edges
+//! copies, into one buffer holding head, data and tail, so that the blocks
+//! reach the image in one write.
 
 use std::sync::atomic::Ordering;
 
 use super::map::{Allocation, Fill};
+use super::read::part;
 use super::{Image, Target};
 use crate::error::{Error, Result};
-use crate::iobuf::IoBuf;
+use crate::iobuf::{IoBuf, zero_runs};
 
 impl Image {
-    /// Write `data` at `offset`; with `fua` it is durable on return.
-    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+    /// Write `buf` at `offset`; with `fua` it is durable on return. Gives
+    /// the buffer back for reuse, its content unspecified (an encrypted
+    /// image encrypts whole sectors in place); on error it is dropped.
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf> {
         let _req = self.stats.request();
         let t0 = self.latency.start();
-        let r = self.write_untimed(offset, data, fua).await;
+        let r = self.write_untimed(offset, buf, fua).await;
         self.latency.finish(t0);
         r
     }
 
-    async fn write_untimed(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+    async fn write_untimed(&self, offset: u64, mut buf: IoBuf, fua: bool) -> Result<IoBuf> {
         self.check_writable()?;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
-        self.check_range(offset, data.len() as u64)?;
-        if !data.is_empty() {
+        self.check_range(offset, buf.len() as u64)?;
+        if !buf.is_empty() {
             let _gate = self.enter().await;
-            let len = data.len() as u64;
+            let len = buf.len() as u64;
             if self.map.direct_write(offset, len) {
-                self.write_image(offset, data, &Allocation::none()).await?;
+                buf = self.write_image(offset, buf, &Allocation::none()).await?;
                 self.mark_dirty();
             } else {
                 let _g = self.lock_span(offset, len).await;
-                self.slow_write(offset, data).await?;
+                buf = self.slow_write(offset, buf).await?;
             }
         }
-        if fua { self.flush().await } else { Ok(()) }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(buf)
     }
 
-    /// Write bytes that live in the image. In compact images every chunk must
-    /// be allocated, in the table or in `fresh` (allocated, not yet published).
+    /// Write `buf`, bytes that live in the image, at `offset`. In compact
+    /// images every chunk must be allocated, in the table or in `fresh`
+    /// (allocated, not yet published).
     pub(super) async fn write_image(
         &self,
         offset: u64,
-        data: &[u8],
+        mut buf: IoBuf,
         fresh: &Allocation,
-    ) -> Result<()> {
+    ) -> Result<IoBuf> {
+        let whole = buf.window();
         for run in self
             .map
-            .image_runs(offset, data.len() as u64, fresh.chunks())
+            .image_runs(offset, buf.len() as u64, fresh.chunks())
         {
-            let part = &data[(run.start - offset) as usize..(run.end() - offset) as usize];
-            match run.target {
-                Target::Host(host) => {
-                    self.write_host(host, run.start, IoBuf::from_slice(part))
-                        .await?
-                }
+            let host = match run.target {
+                Target::Host(host) => host,
                 Target::Base | Target::Unallocated => {
                     return Err(Error::corrupt(format!(
                         "{}: the chunk at offset {} vanished during a write",
@@ -61,14 +71,18 @@ impl Image {
                         run.start
                     )));
                 }
-            }
+            };
+            let p = buf.narrow(part(offset, run.start, run.end()));
+            let p = self.write_host(host, run.start, p).await?;
+            buf = self.rejoin(p, whole)?;
         }
-        Ok(())
+        Ok(buf)
     }
 
     /// Write image bytes at host offset `host` (virtual offset `virt`, for
-    /// messages), encrypted in an encrypted image.
-    pub(super) async fn write_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
+    /// messages), encrypted in an encrypted image (in place: the buffer
+    /// given back then holds ciphertext).
+    pub(super) async fn write_host(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
         match &self.crypt {
             Some(c) => self.write_encrypted(c, host, virt, buf).await,
             None => self.write_storage(host, virt, buf).await,
@@ -76,15 +90,16 @@ impl Image {
     }
 
     /// Write `buf` to the storage at host offset `host`, as it is.
-    pub(super) async fn write_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<()> {
+    pub(super) async fn write_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
         let n = buf.len() as u64;
-        self.storage
+        let buf = self
+            .storage
             .write_at(host, buf, false)
             .await
             .map_err(self.io_err("write", virt))?;
         self.stats.data_writes.fetch_add(1, Ordering::Relaxed);
         self.stats.data_write_bytes.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        Ok(buf)
     }
 
     /// Allocate the unallocated chunks of `[offset, offset+len)`, and new
@@ -128,24 +143,17 @@ impl Image {
             let n = PIECE.min(len - done);
             // Through read_host: an encrypted chunk is decrypted with its
             // old tweaks here and encrypted with the new ones by write_host.
-            let buf = match &self.crypt {
-                Some(_) => {
-                    let mut plain = vec![0u8; n as usize];
-                    self.read_host(from + done, virt + done, &mut plain).await?;
-                    IoBuf::from_slice(&plain)
-                }
-                None => {
-                    self.read_storage(from + done, n as usize, virt + done)
-                        .await?
-                }
-            };
-            for (s, e) in nonzero_pages(&buf, to + done) {
-                self.write_host(
-                    to + done + s as u64,
-                    virt + done + s as u64,
-                    IoBuf::from_slice(&buf[s..e]),
-                )
+            let mut buf = self
+                .read_host(from + done, virt + done, IoBuf::for_overwrite(n as usize))
                 .await?;
+            let whole = buf.window();
+            for (r, zero) in zero_runs(&buf, to + done, 4096) {
+                if zero {
+                    continue;
+                }
+                let (host, v) = (to + done + r.start as u64, virt + done + r.start as u64);
+                let p = self.write_host(host, v, buf.narrow(r)).await?;
+                buf = self.rejoin(p, whole)?;
             }
             done += n;
         }
@@ -155,7 +163,7 @@ impl Image {
     /// The bytes a copy-on-write of `[offset, end)` must write around the
     /// data: the missing head and tail of its partial blocks, as they read
     /// now (from the base).
-    pub(super) async fn cow_edges(&self, offset: u64, end: u64) -> Result<(Vec<u8>, Vec<u8>)> {
+    pub(super) async fn cow_edges(&self, offset: u64, end: u64) -> Result<(IoBuf, IoBuf)> {
         let (head, tail) = self.map.cow_edges(offset, end);
         Ok((
             self.read_current(head.start, head.end - head.start).await?,
@@ -164,7 +172,7 @@ impl Image {
     }
 
     /// Copy-on-write + allocation of `[offset, offset+data.len())`, span lock held.
-    async fn slow_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    async fn slow_write(&self, offset: u64, data: IoBuf) -> Result<IoBuf> {
         let len = data.len() as u64;
         let end = offset + len;
         let blocks = self.map.blocks_of(offset, len);
@@ -173,29 +181,33 @@ impl Image {
         let fresh = self
             .allocate(start, head.len() as u64 + len + tail.len() as u64)
             .await?;
-        let r = if head.is_empty() && tail.is_empty() {
-            self.write_image(offset, data, &fresh).await
-        } else {
-            let mut buf = Vec::with_capacity(head.len() + data.len() + tail.len());
-            buf.extend_from_slice(&head);
-            buf.extend_from_slice(data);
-            buf.extend_from_slice(&tail);
-            self.write_image(start, &buf, &fresh).await
-        };
-        self.publish(r, fresh, blocks)
+        if head.is_empty() && tail.is_empty() {
+            let r = self.write_image(offset, data, &fresh).await;
+            return self.publish(r, fresh, blocks);
+        }
+        // Whole blocks in one write: head, data and tail merged.
+        let mut merged = IoBuf::for_overwrite(head.len() + data.len() + tail.len());
+        let (h, rest) = merged.split_at_mut(head.len());
+        let (d, t) = rest.split_at_mut(data.len());
+        h.copy_from_slice(&head);
+        d.copy_from_slice(&data);
+        t.copy_from_slice(&tail);
+        let r = self.write_image(start, merged, &fresh).await;
+        self.publish(r, fresh, blocks)?;
+        Ok(data)
     }
 
     /// Publish after write, or give the chunks back if the write failed.
-    pub(super) fn publish(
+    pub(super) fn publish<T>(
         &self,
-        r: Result<()>,
+        r: Result<T>,
         fresh: Allocation,
         blocks: std::ops::Range<u64>,
-    ) -> Result<()> {
+    ) -> Result<T> {
         match r {
-            Ok(()) => {
+            Ok(v) => {
                 self.map.publish(fresh, blocks);
-                Ok(())
+                Ok(v)
             }
             Err(e) => {
                 self.map.release(fresh);
@@ -205,38 +217,14 @@ impl Image {
     }
 }
 
-/// Runs `[s, e)` of `buf` (which lands at host offset `host`) holding a
-/// non-zero byte, at 4 KiB pages of the host file.
-fn nonzero_pages(buf: &[u8], host: u64) -> Vec<(usize, usize)> {
-    const PAGE: u64 = 4096;
-    let mut out: Vec<(usize, usize)> = Vec::new();
-    let mut i = 0usize;
-    while i < buf.len() {
-        let next = (((host + i as u64) / PAGE + 1) * PAGE - host) as usize;
-        let j = next.min(buf.len());
-        if !crate::iobuf::is_zero(&buf[i..j]) {
-            match out.last_mut() {
-                Some(r) if r.1 == i => r.1 = j,
-                _ => out.push((i, j)),
-            }
-        }
-        i = j;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::nonzero_pages;
-
-    #[test]
-    fn zero_pages_are_skipped_at_host_page_grain() {
-        let mut b = vec![0u8; 3 * 4096];
-        b[5] = 1;
-        b[2 * 4096 + 7] = 1;
-        assert_eq!(nonzero_pages(&b, 0), vec![(0, 4096), (8192, 12288)]);
-        // Starting mid-page: pieces end at host page boundaries.
-        assert_eq!(nonzero_pages(&b, 512), vec![(0, 3584), (7680, 11776)]);
-        assert!(nonzero_pages(&[0u8; 100], 0).is_empty());
+impl Image {
+    /// Write a slice at `offset`: a copy into a buffer from the pool, then
+    /// [`Image::write`]. For callers whose data is borrowed (tests, a FUSE
+    /// request buffer); transports that own their data pass it to
+    /// [`Image::write`] without the copy.
+    pub async fn write_slice(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.write(offset, IoBuf::from_slice(data), fua)
+            .await
+            .map(drop)
     }
 }

@@ -106,11 +106,11 @@ impl Image {
             .await?;
         let r = async {
             if !head.is_empty() {
-                self.write_image(start, &head, &fresh).await?;
+                self.write_image(start, head, &fresh).await?;
             }
             self.zero_image(s, e - s, unmap, &fresh).await?;
             if !tail.is_empty() {
-                self.write_image(e, &tail, &fresh).await?;
+                self.write_image(e, tail, &fresh).await?;
             }
             Ok(())
         }

@@ -31,7 +31,11 @@ impl Base for FvdBase {
             let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
             buf[inside..].fill(0);
             if inside > 0 {
-                self.image.read(offset, &mut buf[..inside]).await?;
+                let whole = buf.window();
+                let part = self.image.read(offset, buf.narrow(0..inside)).await?;
+                buf = part.widen(whole).map_err(|_| {
+                    std::io::Error::other("the engine returned another buffer than it was given")
+                })?;
             }
             Ok(buf)
         })

@@ -35,6 +35,11 @@ pub enum CacheMode {
     Writeback,
     /// `O_DIRECT`: no page cache; I/O is aligned to 512 bytes.
     None,
+    /// Through the page cache, and flushes and FUA do nothing: nothing is
+    /// durable until the kernel writes it back, so a host crash can leave
+    /// the image torn. For copies that are thrown away if the host
+    /// crashes; it is `qemu-img convert`'s default for its output.
+    Unsafe,
 }
 
 impl std::str::FromStr for CacheMode {
@@ -43,8 +48,9 @@ impl std::str::FromStr for CacheMode {
         match s {
             "writeback" => Ok(CacheMode::Writeback),
             "none" | "direct" => Ok(CacheMode::None),
+            "unsafe" => Ok(CacheMode::Unsafe),
             other => Err(format!(
-                "unknown cache mode '{other}' (expected writeback or none)"
+                "unknown cache mode '{other}' (expected writeback, none or unsafe)"
             )),
         }
     }
@@ -92,6 +98,8 @@ pub struct FileStorage {
     path: PathBuf,
     direct: bool,
     is_block_device: bool,
+    /// `CacheMode::Unsafe`: flushes and FUA are not passed on.
+    no_flush: bool,
     pool: Option<Pool>,
     /// Linux AIO for aligned O_DIRECT reads and writes (`None`: the pool does
     /// them). Its `Drop` waits for every request it has in flight.
@@ -202,6 +210,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             direct,
             is_block_device,
+            no_flush: opts.cache == CacheMode::Unsafe,
             pool: match pool_threads() {
                 0 => None,
                 n => Some(Pool::new(n)),
@@ -267,7 +276,7 @@ fn direct_read(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     if start == offset && span == buf.len() && (buf.as_ptr() as usize).is_multiple_of(512) {
         return read_full(file, offset, buf);
     }
-    let mut bounce = IoBuf::zeroed(span);
+    let mut bounce = IoBuf::for_overwrite(span);
     read_full(file, start, &mut bounce)?;
     let skip = (offset - start) as usize;
     buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
@@ -318,11 +327,17 @@ impl SectorLocks {
 fn direct_write(file: &File, locks: &SectorLocks, offset: u64, data: &[u8]) -> io::Result<()> {
     let (start, span) = align_span(offset, data.len());
     if start == offset && span == data.len() {
-        return file.write_all_at(data, offset);
+        if (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize) {
+            return file.write_all_at(data, offset);
+        }
+        // Whole sectors from memory O_DIRECT refuses (a view of a buffer
+        // that starts mid-sector): through an aligned copy, no lock needed.
+        let bounce = IoBuf::from_slice(data);
+        return file.write_all_at(&bounce, offset);
     }
     let _held = locks.lock_ends(offset, data.len());
     // Read-modify-write of the partial sectors at both ends.
-    let mut bounce = IoBuf::zeroed(span);
+    let mut bounce = IoBuf::for_overwrite(span);
     read_full(file, start, &mut bounce)?;
     let skip = (offset - start) as usize;
     bounce[skip..skip + data.len()].copy_from_slice(data);
@@ -394,6 +409,7 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
+        let fua = fua && !self.no_flush;
         // A write with nothing else in flight runs on the pool: ext4 converts
         // the unwritten extents of an asynchronous allocating write in a
         // kworker, one more wake-up than a synchronous pwrite, which costs a
@@ -430,6 +446,9 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
+        if self.no_flush {
+            return Box::pin(std::future::ready(Ok(())));
+        }
         let file = self.file.clone();
         self.run(move || datasync(&file))
     }
