@@ -108,6 +108,13 @@ fn prefetch_benchmark_smoke_run() {
         c.iter()
             .any(|x| x["mode"] == "adaptive" && x["prefetched"].as_u64().unwrap() > 0)
     );
+    // Once the guest went idle, prefetch finished.
+    assert!(
+        c.iter()
+            .filter(|x| x["mode"] == "adaptive")
+            .all(|x| x["done_state"] == "done"),
+        "{c:?}"
+    );
 
     let d = r["d"]["runs"].as_array().expect("part d runs");
     for mode in ["off", "adaptive", "profile"] {

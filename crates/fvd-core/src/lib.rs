@@ -1,7 +1,8 @@
 //! FVD — the Fast Virtual Disk image format and its asynchronous engine.
 //!
 //! Layers, bottom up (each depends only on those below it; [`error`],
-//! [`iobuf`] and [`executor`], the runtime interface, sit under all):
+//! [`iobuf`], [`latency`] (counters of operations in flight and their
+//! latency) and [`executor`], the runtime interface, sit under all):
 //! * [`storage`] — positional async byte I/O (file, memory);
 //! * [`format`](mod@format) — pure encode/decode of every on-disk structure;
 //! * [`crypt`] — pure transforms of encrypted images: AES-XTS data sectors,
@@ -27,6 +28,7 @@ pub mod executor;
 pub mod format;
 pub mod image;
 pub mod iobuf;
+pub mod latency;
 pub mod lifecycle;
 mod meta;
 pub mod open;

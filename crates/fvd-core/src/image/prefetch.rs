@@ -236,6 +236,7 @@ async fn run(
     let mut ewma: Option<f64> = None;
     let mut fg_seen = img.foreground_ops();
     let mut pacer = BusyPacer::new(cfg.busy_rest);
+    let mut idle_batches = 0u32;
     status.busy_rest.store(pacer.rest as u64, Ordering::Relaxed);
     loop {
         if img.closed.load(Ordering::Acquire) {
@@ -245,10 +246,14 @@ async fn run(
         let fg = img.foreground_ops();
         let busy = fg != fg_seen;
         fg_seen = fg;
+        // Idle: `depth` steps at once, starting small after the guest was
+        // busy and doubling per calm batch up to `step_bytes`, so a guest
+        // that comes back finds at most `depth` small steps in its way.
+        idle_batches = if busy { 0 } else { idle_batches + 1 };
         let (count, size) = if busy {
             (1, cfg.busy_step_bytes)
         } else {
-            (cfg.depth.max(1), cfg.step_bytes)
+            (cfg.depth.max(1), idle_step(cfg, idle_batches))
         };
         let batch = steps.next_batch(img, count, size.max(bs));
         if batch.is_empty() {
@@ -318,6 +323,15 @@ async fn run(
     img.flush().await?;
     img.detach_base_if_complete().await?;
     Ok(())
+}
+
+/// Bytes per step of the `n`th idle batch in a row (from 1): the busy step
+/// size, doubled per batch, up to `step_bytes`.
+fn idle_step(cfg: &PrefetchConfig, n: u32) -> u64 {
+    let first = cfg.busy_step_bytes.clamp(1, cfg.step_bytes.max(1));
+    first
+        .saturating_mul(1 << n.saturating_sub(1).min(20))
+        .min(cfg.step_bytes.max(first))
 }
 
 /// Guest request latency, timed with the prefetcher's [`Clock`] once a
@@ -495,7 +509,19 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::BusyPacer;
+    use super::{BusyPacer, PrefetchConfig, idle_step};
+
+    #[test]
+    fn idle_steps_grow_from_the_busy_step_to_the_full_step() {
+        let cfg = PrefetchConfig::default();
+        let sizes: Vec<u64> = (1..=5).map(|n| idle_step(&cfg, n) >> 10).collect();
+        assert_eq!(sizes, [256, 512, 1024, 1024, 1024]);
+        let big = PrefetchConfig {
+            busy_step_bytes: 4 << 20,
+            ..PrefetchConfig::default()
+        };
+        assert_eq!(idle_step(&big, 1), 1 << 20, "never above step_bytes");
+    }
 
     /// Feed `n` busy cycles with these mean guest latencies (ns) during
     /// steps and rests, 8 requests each.

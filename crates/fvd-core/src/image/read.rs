@@ -20,6 +20,7 @@ impl Image {
     /// [`IoBuf::for_overwrite`] is the one to pass. On error the buffer is
     /// dropped (back to the pool).
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _req = self.stats.request();
         let t0 = self.latency.start();
         let r = self.read_untimed(offset, buf).await;
         self.latency.finish(t0);
@@ -134,12 +135,14 @@ impl Image {
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Io, "base image is not open"))?;
         let want = buf.len();
+        let timer = self.stats.base_read();
         let buf = base.read_at(offset, buf).await.map_err(|e| {
             Error::io(
                 format!("{}: base read at offset {offset}", base.describe()),
                 e,
             )
         })?;
+        drop(timer);
         expect_len(
             &buf,
             want,

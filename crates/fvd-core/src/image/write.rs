@@ -20,6 +20,7 @@ impl Image {
     /// the buffer back for reuse, its content unspecified (an encrypted
     /// image encrypts whole sectors in place); on error it is dropped.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf> {
+        let _req = self.stats.request();
         let t0 = self.latency.start();
         let r = self.write_untimed(offset, buf, fua).await;
         self.latency.finish(t0);

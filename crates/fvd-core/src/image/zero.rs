@@ -11,6 +11,7 @@ use crate::error::Result;
 impl Image {
     /// Make `[offset, offset+len)` read as zeros; with `unmap` the space may be freed.
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<()> {
+        let _req = self.stats.request();
         let t0 = self.latency.start();
         let r = self.write_zeroes_untimed(offset, len, unmap, fua).await;
         self.latency.finish(t0);

@@ -46,6 +46,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{Header, INCOMPAT_ENCRYPTED};
 use crate::format::journal::{self, Record};
+use crate::latency::{InFlight, LatencyHistogram};
 use crate::storage::Storage;
 
 mod commit;
@@ -105,9 +106,29 @@ pub struct Stats {
     pub cor_pending_hits: AtomicU64,
     /// Copy-on-read fills skipped because too many bytes were in flight.
     pub cor_skipped: AtomicU64,
+    /// Read requests sent to the base (guest reads, fills, prefetch, edges
+    /// of copy-on-write).
+    pub base_reads: AtomicU64,
+    /// Base reads sent and not yet answered.
+    pub base_reads_in_flight: AtomicU64,
+    /// Time from sending a base read to its answer.
+    pub base_read_latency: LatencyHistogram,
+    /// Guest reads, writes, write_zeroes and discards being served.
+    pub requests_in_flight: AtomicU64,
 }
 
 impl Stats {
+    /// Count a base read until the guard drops, and time it.
+    pub(crate) fn base_read(&self) -> InFlight<'_> {
+        self.base_reads.fetch_add(1, Ordering::Relaxed);
+        InFlight::start(&self.base_reads_in_flight, Some(&self.base_read_latency))
+    }
+
+    /// Count a guest request until the guard drops.
+    pub(crate) fn request(&self) -> InFlight<'_> {
+        InFlight::start(&self.requests_in_flight, None)
+    }
+
     /// Metadata write operations so far (journal + header + bitmap checkpoints).
     pub fn metadata_writes(&self) -> u64 {
         self.journal_writes.load(Ordering::Relaxed)
