@@ -21,7 +21,7 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod serve_extras;
-pub mod serve_start;
 pub mod serve_metrics;
+pub mod serve_start;
 pub mod serve_vhost;
 pub mod snapshot;

@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 
 use super::physarray::PhysArray;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::header::Preallocation;
+use crate::format::header::{Header, Preallocation, Region};
 use crate::storage::Storage;
 
 /// Table entry of an unallocated chunk.
@@ -220,16 +220,9 @@ fn in_use(table: &[u32], snaps: &SnapshotUse) -> ChunkSet {
 }
 
 impl Compact {
-    pub fn new(
-        table: &[u32],
-        chunk_size: u64,
-        data_offset: u64,
-        capacity: u64,
-        grow_unit: u64,
-        grow_cmd: String,
-        preallocation: Preallocation,
-        snaps: &SnapshotUse,
-    ) -> Self {
+    /// The chunk map of the compact image with header `h`: `table` (already
+    /// validated), `capacity` whole chunks of storage, chunks `snaps` holds.
+    pub fn new(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> Self {
         let used = in_use(table, snaps);
         let next = used.end();
         // Chunks below the high-water mark that nothing uses were allocated
@@ -244,11 +237,11 @@ impl Compact {
             }
         }
         Compact {
-            chunk_size,
-            data_offset,
-            grow_unit,
-            grow_cmd,
-            preallocation,
+            chunk_size: h.chunk_size as u64,
+            data_offset: h.region(Region::Data).offset,
+            grow_unit: h.grow_unit,
+            grow_cmd: h.grow_cmd.clone(),
+            preallocation: h.preallocation,
             table: table.iter().map(|&p| AtomicU32::new(p)).collect(),
             pins: PhysArray::new(table.len() as u64),
             refs,

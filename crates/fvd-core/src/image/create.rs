@@ -34,8 +34,13 @@ pub struct CreateOptions {
     pub grow_unit: Option<u64>,
     /// Command growing a block device: `{path}` and `{bytes}` are substituted.
     pub grow_cmd: Option<String>,
-    let want = data.offset + data_len;
-    if len < want && opts.compact {
+    /// What to allocate ahead of the data (`-o preallocation=`).
+    pub preallocation: Preallocation,
+    /// Record a fingerprint of the base's content in the base validator,
+    /// checked by the opener at every open (docs/FORMAT.md §2.7).
+    /// [`crate::Opener::create`] sets it for bases named by a path; remote
+    /// bases have validators of their own.
+    pub fingerprint_base: bool,
     /// Encrypt the data (LUKS1 key slots, AES-256-XTS).
     pub encryption: Option<CreateEncryption>,
 }

@@ -56,7 +56,7 @@ impl Image {
                     .await
                     .map_err(self.io_err("read", vc * cs))?;
                 super::expect_len(&buf, cs as usize, &format!("{}: read", self.describe()))?;
-                let dst = c.host_offset(fresh.chunks()[0].1, 0);
+                let dst = c.host_offset(fresh.chunks()[0].phys, 0);
                 self.write_host(dst, vc * cs, buf).await
             }
             .await;
@@ -64,7 +64,7 @@ impl Image {
                 self.map.release(fresh);
                 return Err(e);
             }
-            self.map.publish(fresh, 0..0);
+            self.map.publish(fresh, 0..0, &[]);
             moved.push(p);
         }
         meta.commit(self.storage.as_ref(), &self.stats).await?;

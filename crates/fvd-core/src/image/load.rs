@@ -334,14 +334,7 @@ fn layout_of(h: &Header, table: &[u32], capacity: u64, snaps: &SnapshotUse) -> R
     }
     compact::validate_table(table, capacity)?;
     Ok(Layout::Chunked(Box::new(Compact::new(
-        table,
-        h.chunk_size as u64,
-        data.offset,
-        capacity,
-        h.grow_unit,
-        h.grow_cmd.clone(),
-        h.preallocation,
-        snaps,
+        h, table, capacity, snaps,
     ))))
 }
 

@@ -481,10 +481,16 @@ impl Mapping {
         let (Layout::Chunked(c), Some(m)) = (&self.layout, &self.meta) else {
             return Ok(Allocation::none());
         };
-        let chunks = c.allocate(storage, &[chunk], m.rounds_done()).await?;
+        let fatal = |e: &crate::error::Error| m.mark_poisoned(e);
+        let chunks = c
+            .allocate(storage, &[chunk], m.rounds_done(), &fatal)
+            .await?;
+        // The new entry must never be durable before the copied data (a
+        // fresh chunk reads zeros, not the data): naming the chunk it
+        // replaces makes its round ordered.
         Ok(Allocation {
             chunks,
-            replaced: Vec::new(),
+            replaced: vec![(chunk, c.lookup(chunk))],
         })
     }
 
