@@ -305,18 +305,32 @@ pub fn decode_copies(region: &[u8]) -> Result<Option<(Directory, usize)>> {
 /// per physical chunk; zeros past the counts given).
 pub fn refcount_bytes(counts: impl Fn(u64) -> u16, entries: u64, start: u64, len: u64) -> Vec<u8> {
     let mut out = vec![0u8; len as usize];
-    let first = start / 2;
-    let last = (start + len).div_ceil(2).min(entries);
-    for p in first..last {
-        let v = counts(p).to_le_bytes();
-        for (k, byte) in v.iter().enumerate() {
-            let pos = p * 2 + k as u64;
-            if pos >= start && pos < start + len {
-                out[(pos - start) as usize] = *byte;
-            }
-        }
-    }
+    refcount_bytes_into(counts, entries, start, &mut out);
     out
+}
+
+/// [`refcount_bytes`] written into `out` (its length is the range's; every
+/// byte of it is written).
+pub fn refcount_bytes_into(counts: impl Fn(u64) -> u16, entries: u64, start: u64, out: &mut [u8]) {
+    // The table is a run of u16: from an odd start the first byte is the
+    // high half of an entry; then whole entries; then maybe a low half.
+    let count = |p: u64| if p < entries { counts(p) } else { 0 };
+    let head = (start % 2) as usize;
+    if head == 1
+        && let Some(b) = out.first_mut()
+    {
+        *b = count(start / 2).to_le_bytes()[1];
+    }
+    let mut pos = start + head as u64;
+    let skip = head.min(out.len());
+    let mut pairs = out[skip..].chunks_exact_mut(2);
+    for pair in &mut pairs {
+        pair.copy_from_slice(&count(pos / 2).to_le_bytes());
+        pos += 2;
+    }
+    if let [b] = pairs.into_remainder() {
+        *b = count(pos / 2).to_le_bytes()[0];
+    }
 }
 
 /// Decode a refcount table.
@@ -339,11 +353,16 @@ pub fn decode_table(b: &[u8], entries: u64) -> Result<Vec<u32>> {
 
 /// Encode a chunk table.
 pub fn encode_table(table: &[u32]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(table.len() * 4);
-    for e in table {
-        b.extend_from_slice(&e.to_le_bytes());
-    }
+    let mut b = vec![0u8; table.len() * 4];
+    encode_table_into(table, &mut b);
     b
+}
+
+/// [`encode_table`] into `out` (`4 × table.len()` bytes).
+pub fn encode_table_into(table: &[u32], out: &mut [u8]) {
+    for (d, e) in out.chunks_exact_mut(4).zip(table) {
+        d.copy_from_slice(&e.to_le_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -456,5 +475,11 @@ mod tests {
             refcount_bytes(|p| counts[p as usize], 4, 3, 7),
             vec![2, 0, 0, 7, 0, 0, 0]
         );
+        // An even start with an odd length ends on a low half.
+        assert_eq!(
+            refcount_bytes(|p| counts[p as usize], 4, 0, 3),
+            vec![1, 0, 3]
+        );
+        assert_eq!(refcount_bytes(|p| counts[p as usize], 4, 5, 1), vec![0]);
     }
 }

@@ -46,7 +46,7 @@ use crate::format::bitmap::AtomicBitmap;
 use crate::format::header::{FLAG_ALL_LOCAL, FLAG_CLEAN, Header, INCOMPAT_SNAPSHOTS, Region};
 use crate::format::snapshot::{
     Directory, MAX_NAME, MIN_DIR_REGION, RefcountLocation, SNAP_HAS_BITMAP, SnapshotEntry,
-    decode_copies, decode_refcounts, decode_table, encode_table, refcount_bytes,
+    decode_copies, decode_refcounts, decode_table, encode_table_into, refcount_bytes_into,
 };
 use crate::iobuf::IoBuf;
 use crate::meta::{self, CommitState, Durable, Meta, Stats};
@@ -550,9 +550,10 @@ async fn write_refcounts(
         }
         let start = pages[i] * 4096;
         let len = ((pages[j - 1] + 1) * 4096).min(loc.bytes().div_ceil(4096) * 4096) - start;
-        let bytes = refcount_bytes(count, loc.entries, start, len);
+        let mut bytes = IoBuf::for_overwrite(len as usize);
+        refcount_bytes_into(count, loc.entries, start, &mut bytes);
         storage
-            .write_at(loc.offset + start, IoBuf::from_slice(&bytes), false)
+            .write_at(loc.offset + start, bytes, false)
             .await
             .map_err(|e| Error::io("refcount table write", e))?;
         i = j;
@@ -804,13 +805,19 @@ impl Image {
                 };
                 runs.push(run);
             }
-            let tb = encode_table(&live);
-            self.write_meta(c.host_offset(entry.table_chunk as u32, 0), &tb)
+            // Encoded straight into the buffer the write takes: at 1 TiB
+            // the table is 4 MiB, and every copy of it shows in the time.
+            let mut tb = IoBuf::for_overwrite(live.len() * 4);
+            encode_table_into(&live, &mut tb);
+            self.write_meta(c.host_offset(entry.table_chunk as u32, 0), tb)
                 .await?;
             if bits > 0 {
                 let bb = st.durable.bitmap.to_bytes(bits.div_ceil(8) as usize);
-                self.write_meta(c.host_offset(entry.bitmap_chunk as u32, 0), &bb)
-                    .await?;
+                self.write_meta(
+                    c.host_offset(entry.bitmap_chunk as u32, 0),
+                    IoBuf::from_slice(&bb),
+                )
+                .await?;
             }
             let pages = (!moved).then(|| pages_of(live.iter().copied()));
             write_refcounts(storage, loc, &counts, pages).await?;
@@ -868,9 +875,9 @@ impl Image {
     }
 
     /// Write snapshot metadata bytes at host offset `host`.
-    async fn write_meta(&self, host: u64, bytes: &[u8]) -> Result<()> {
+    async fn write_meta(&self, host: u64, bytes: IoBuf) -> Result<()> {
         self.storage
-            .write_at(host, IoBuf::from_slice(bytes), false)
+            .write_at(host, bytes, false)
             .await
             .map_err(|e| Error::io(format!("{}: snapshot metadata write", self.describe()), e))?;
         Ok(())
