@@ -2,6 +2,7 @@
 //! returning the exit status.
 
 pub mod amend;
+pub mod cache;
 pub mod check;
 pub mod commit;
 pub mod compare;
