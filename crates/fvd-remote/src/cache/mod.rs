@@ -686,31 +686,4 @@ impl Base for CachedBase {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_follow_url_and_validator_but_not_signatures() {
-        let a = cache_key("https://h/b.raw", "size=1 etag=\"x\"");
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, cache_key("https://h/b.raw", "size=1 etag=\"y\""));
-        assert_ne!(a, cache_key("https://h/c.raw", "size=1 etag=\"x\""));
-        assert_eq!(
-            a,
-            cache_key(
-                "https://h/b.raw?X-Amz-Signature=abc&X-Amz-Date=1",
-                "size=1 etag=\"x\""
-            )
-        );
-        assert_eq!(
-            key_url("nbd+unix:///e?socket=/s&X-Amz-Credential=k"),
-            "nbd+unix:///e?socket=/s"
-        );
-    }
-
-    #[test]
-    fn runs_group_consecutive_blocks() {
-        assert_eq!(runs_of(0..8, |b| b != 3 && b != 4), vec![0..3, 5..8]);
-        assert!(runs_of(0..3, |_| false).is_empty());
-    }
-}
+mod tests;
