@@ -1,4 +1,4 @@
-//! The checksum table of a base cache (`<key>.sums`, docs/FORMAT.md §7).
+//! The checksum table of a base cache (`<key>.sums`, docs/FORMAT.md §12).
 //!
 //! A 4 KiB header naming what is cached (base URL, validator, size, block
 //! size), then one 8-byte entry per cache block: the CRC-32C of the block's
