@@ -13,7 +13,10 @@ mod common;
 
 const FVD: &str = env!("CARGO_BIN_EXE_fvd");
 const MIB: u64 = 1 << 20;
+/// Granule of the base's pattern.
 const BLOCK: u64 = 64 << 10;
+/// The cache's block size (its default for bases up to 16 GiB).
+const CBLOCK: u64 = 4096;
 
 /// A server process: SIGTERM and wait when dropped.
 struct Proc(Option<Child>);
@@ -335,7 +338,19 @@ fn kill_9_of_the_cache_server_then_restart_keeps_data_correct() {
             "failed with a message"
         }
     );
-    cache.stop();
+    // With the cache server gone for good, a VM's read fails clearly after
+    // its retries, instead of returning anything.
+    cache.kill9();
+    let r = common::run_in(
+        d,
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read 1M 64k", &uri(&vsock)],
+    );
+    let said = r.stdout.clone() + &r.stderr;
+    assert!(
+        said.contains("read failed") && !said.contains("read 65536/65536"),
+        "a read with the cache server down: {r:?}"
+    );
 }
 
 #[test]
@@ -378,14 +393,13 @@ fn tiny_cache_limit_evicts_during_reads_and_stays_under_it() {
         used <= limit,
         "the cache holds {used} bytes (limit {limit})"
     );
-    // A fill writes its data before the entry that counts it, and a block
-    // is punched after its entry is cleared: between the two a few blocks
-    // may sit in the file beyond the count, never more than in flight.
+    // A fill reserves its blocks before writing them, an eviction gives
+    // them back after punching: the file never holds more than the limit.
     assert!(
-        peak <= limit + 4 * 16 * BLOCK,
+        peak <= limit,
         "the cache peaked at {peak} bytes (limit {limit})"
     );
-    assert!(present_entries(&sums) <= limit / BLOCK);
+    assert!(present_entries(&sums) <= limit / CBLOCK);
     let err = cache.stop();
     let evicted: u64 = err
         .split(" blocks evicted")
@@ -432,13 +446,13 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     compare(&base, &csock).ok("after a flipped byte");
     let reads = base_reads(&log);
     assert_eq!(reads.len(), n0 + 1, "{reads:?}");
-    assert_eq!(*reads.last().unwrap(), (5 * BLOCK, BLOCK));
+    assert_eq!(*reads.last().unwrap(), (5 * BLOCK, CBLOCK));
     // ... and under the running server.
     flip(40 * BLOCK + 7);
     compare(&base, &csock).ok("after a flip under the server");
     let reads = base_reads(&log);
-    assert_eq!(*reads.last().unwrap(), (40 * BLOCK, BLOCK));
-    assert_eq!(fetch_figures(&log).0, size + 2 * BLOCK);
+    assert_eq!(*reads.last().unwrap(), (40 * BLOCK, CBLOCK));
+    assert_eq!(fetch_figures(&log).0, size + 2 * CBLOCK);
     let err = cache.stop();
     assert!(err.contains("2 blocks failed their checksum"), "{err}");
 }

@@ -53,10 +53,11 @@ pub struct CacheArgs {
     /// least recently are evicted. Default: no limit.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_size: Option<u64>,
-    /// Bytes per cache block: the unit fetched, checked and evicted.
-    #[arg(long = "cache-block-size", value_name = "SIZE", value_parser = parse_size,
-          default_value_t = cache::DEFAULT_BLOCK_SIZE)]
-    pub block_size: u64,
+    /// Bytes per cache block: the unit fetched, checked and evicted
+    /// (default: 4K, doubled for bases over 16 GiB until the base has at
+    /// most 4 Mi blocks).
+    #[arg(long = "cache-block-size", value_name = "SIZE", value_parser = parse_size)]
+    pub block_size: Option<u64>,
 }
 
 impl CacheArgs {
@@ -86,10 +87,6 @@ pub struct PathArgs {
     /// The cache directory.
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
-    /// Bytes per cache block (only checked here).
-    #[arg(long = "cache-block-size", value_name = "SIZE", value_parser = parse_size,
-          default_value_t = cache::DEFAULT_BLOCK_SIZE)]
-    pub block_size: u64,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     pub output: Output,
@@ -187,7 +184,7 @@ async fn path(a: PathArgs, opener: &Opener) -> Result<u8> {
                 "data": data,
                 "sums": sums,
                 "exists": data.exists() && sums.exists(),
-                "block-size": a.block_size,
+                "size": base.size(),
             });
             outln!("{}", serde_json::to_string_pretty(&v)?);
         }

@@ -22,10 +22,12 @@
 //!   an absent entry over data (space reclaimed at the next open) or, for a
 //!   fill, data without an entry (fetched again).
 //! * **Eviction never drops a block under a reader.** Each block has a state
-//!   word (`PRESENT`, a clock `REF` bit, a count of readers holding a pin).
-//!   A reader pins a present block before reading it; the evictor takes a
-//!   block only by swapping exactly `PRESENT` (no pin, not referenced since
-//!   the hand last passed) for 0, so no pin can be taken after that.
+//!   word (`PRESENT`, a clock `REF` bit, a count of readers holding a pin,
+//!   `EVICTING`). A reader pins a present block before reading it; the
+//!   evictor takes a block only by swapping exactly `PRESENT` (no pin, not
+//!   referenced since the hand last passed) for `EVICTING`, so no pin can be
+//!   taken after that, and a fill of the block waits until its eviction has
+//!   punched it.
 //! * **One fetch per block.** A block is filled under its stripe lock, and
 //!   re-checked under it, so readers of the same missing block (four VMs
 //!   booting at once) wait for one fetch instead of each fetching it.
@@ -35,8 +37,9 @@
 //!
 //! # Lock order
 //! Stripe locks (async mutexes, in ascending stripe order) → the clock hand
-//! (async mutex). The evictor only *tries* stripe locks, so it never waits
-//! for a filler that waits for it.
+//! (async mutex). The evictor takes no stripe lock (a filler waiting for
+//! room holds its own), only the `EVICTING` state of its victim, which no
+//! filler holds while waiting for the hand.
 
 use std::io;
 use std::ops::Range;
@@ -57,11 +60,28 @@ pub mod table;
 
 use table::{ABSENT, ENTRY_SIZE, HEADER_SIZE, TableHeader};
 
-/// Default bytes per cache block.
-pub const DEFAULT_BLOCK_SIZE: u64 = 64 << 10;
+/// Most cache blocks the default block size allows: 4 Mi blocks, so the
+/// checksum table and the in-memory state take at most 32 MiB each.
+pub const MAX_DEFAULT_BLOCKS: u64 = 4 << 20;
 
-/// Locks that serialise fills and evictions of the blocks mapped to them.
-const STRIPES: u64 = 256;
+/// The default cache block size for a base of `size` bytes: 4 KiB (the
+/// block size of images over bases up to 128 GiB, so a cache never fetches
+/// more than the images ask for), doubled until the base has at most
+/// [`MAX_DEFAULT_BLOCKS`] blocks.
+pub fn default_block_size(size: u64) -> u64 {
+    let mut bs = 4096u64;
+    while size.div_ceil(bs) > MAX_DEFAULT_BLOCKS && bs < 16 << 20 {
+        bs *= 2;
+    }
+    bs
+}
+
+/// Locks that serialise the fills of the blocks mapped to them.
+const STRIPES: u64 = 4096;
+/// Bytes of the base one stripe covers before the next takes over: a
+/// large read locks a few dozen stripes, not one per block, and random
+/// reads of different 64 KiB spans rarely wait for each other's fetch.
+const STRIPE_SPAN: u64 = 64 << 10;
 
 /// Most blocks stored (and reserved) at once by a fill.
 const STORE_BLOCKS: u64 = 16;
@@ -69,6 +89,8 @@ const STORE_BLOCKS: u64 = 16;
 const PRESENT: u32 = 1;
 const REF: u32 = 2;
 const PIN: u32 = 4;
+/// Being evicted: its entry and data are being cleared.
+const EVICTING: u32 = 1 << 31;
 
 /// Where and how big a cache is.
 #[derive(Debug, Clone)]
@@ -77,8 +99,9 @@ pub struct CacheOptions {
     pub dir: PathBuf,
     /// Most bytes of cached data (`None`: no limit).
     pub max_bytes: Option<u64>,
-    /// Bytes per cache block: a power of two from 4 KiB to 16 MiB.
-    pub block_size: u64,
+    /// Bytes per cache block: a power of two from 4 KiB to 16 MiB
+    /// (`None`: [`default_block_size`] of the base).
+    pub block_size: Option<u64>,
 }
 
 /// Counters of a cache.
@@ -164,7 +187,9 @@ impl CachedBase {
     /// Open (or create) the cache of `base`, known as `url`, under
     /// `opts.dir`. Another process using the same cache makes this fail.
     pub async fn open(base: Arc<dyn Base>, url: &str, opts: &CacheOptions) -> Result<CachedBase> {
-        let bs = opts.block_size;
+        let bs = opts
+            .block_size
+            .unwrap_or_else(|| default_block_size(base.size()));
         if !bs.is_power_of_two() || !(4096..=16 << 20).contains(&bs) {
             return Err(Error::invalid(format!(
                 "cache block size {bs}: expected a power of two from 4 KiB to 16 MiB"
@@ -328,6 +353,11 @@ impl CachedBase {
         &self.data_path
     }
 
+    /// The stripe lock of block `b`.
+    fn stripe(&self, b: u64) -> usize {
+        ((b * self.bs / STRIPE_SPAN) % STRIPES) as usize
+    }
+
     fn is_present(&self, b: u64) -> bool {
         self.state[b as usize].load(Ordering::Acquire) & PRESENT != 0
     }
@@ -439,12 +469,12 @@ impl CachedBase {
 
     /// Lock the stripes of blocks `r`, in ascending order.
     async fn lock_stripes(&self, r: Range<u64>) -> Vec<MutexGuard<'_, ()>> {
-        let mut ids: Vec<u64> = r.map(|b| b % STRIPES).collect();
+        let mut ids: Vec<usize> = r.map(|b| self.stripe(b)).collect();
         ids.sort_unstable();
         ids.dedup();
         let mut guards = Vec::with_capacity(ids.len());
         for i in ids {
-            guards.push(self.stripes[i as usize].lock().await);
+            guards.push(self.stripes[i].lock().await);
         }
         guards
     }
@@ -465,6 +495,13 @@ impl CachedBase {
                 self.drop_bad(b);
             }
             todo.push(b);
+        }
+        // A block still being evicted must not be written before its hole
+        // is punched (the eviction takes a moment: two writes).
+        for &b in &todo {
+            while self.state[b as usize].load(Ordering::Acquire) & EVICTING != 0 {
+                tokio::task::yield_now().await;
+            }
         }
         let set: std::collections::BTreeSet<u64> = todo.into_iter().collect();
         for run in runs_of(r, |b| set.contains(&b)) {
@@ -575,12 +612,11 @@ impl CachedBase {
                 st.fetch_and(!REF, Ordering::AcqRel);
                 continue;
             }
-            // A filler or another reader's refetch holds the stripe: skip.
-            let Ok(_stripe) = self.stripes[(b % STRIPES) as usize].try_lock() else {
-                continue;
-            };
+            // Exactly PRESENT: unpinned and not referenced since the hand
+            // last passed. No pin can be taken once it is EVICTING, and a
+            // fill of the block waits until it is 0 again.
             if st
-                .compare_exchange(PRESENT, 0, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(PRESENT, EVICTING, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
                 continue;
@@ -601,6 +637,7 @@ impl CachedBase {
                     self.data_path.display()
                 );
             }
+            st.fetch_and(!EVICTING, Ordering::AcqRel);
             self.used.fetch_sub(1, Ordering::AcqRel);
             self.stats.evicted_blocks.fetch_add(1, Ordering::Relaxed);
             return true;

@@ -28,7 +28,13 @@ impl Counting {
     }
 
     fn most(&self) -> u32 {
-        self.fetches.lock().unwrap().iter().copied().max().unwrap_or(0)
+        self.fetches
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
 
     fn total(&self) -> u32 {
@@ -81,7 +87,7 @@ fn opts(dir: &Path, max_bytes: Option<u64>) -> CacheOptions {
     CacheOptions {
         dir: dir.to_path_buf(),
         max_bytes,
-        block_size: BS,
+        block_size: Some(BS),
     }
 }
 
@@ -93,7 +99,9 @@ async fn hammer(cache: &Arc<CachedBase>, data: &Arc<Vec<u8>>, tasks: u64, reads:
         hs.push(tokio::spawn(async move {
             let mut x = t * 7919 + 1;
             for _ in 0..reads {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let len = 1 + (x >> 33) % (3 * BS);
                 let off = (x >> 13) % (data.len() as u64 - len);
                 let got = cache
@@ -132,6 +140,15 @@ fn keys_follow_url_and_validator_but_not_signatures() {
 }
 
 #[test]
+fn the_default_block_size_bounds_the_table() {
+    assert_eq!(default_block_size(0), 4096);
+    assert_eq!(default_block_size(16 << 30), 4096);
+    assert_eq!(default_block_size((16 << 30) + 1), 8192);
+    assert_eq!(default_block_size(1 << 40), 256 << 10);
+    assert_eq!(default_block_size(u64::MAX), 16 << 20);
+}
+
+#[test]
 fn runs_group_consecutive_blocks() {
     assert_eq!(runs_of(0..8, |b| b != 3 && b != 4), vec![0..3, 5..8]);
     assert!(runs_of(0..3, |_| false).is_empty());
@@ -157,7 +174,7 @@ fn concurrent_readers_fetch_each_block_once() {
 #[test]
 fn a_tiny_limit_evicts_under_readers_without_dropping_their_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    let data = Arc::new(pattern(256 << 10));
+    let data = Arc::new(pattern(1 << 20));
     let base = Counting::new(&data);
     let limit = 6 * BS;
     runtime().block_on(async {
@@ -174,7 +191,11 @@ fn a_tiny_limit_evicts_under_readers_without_dropping_their_blocks() {
         assert!(cache.used_bytes() <= limit);
         let on_disk = std::fs::metadata(cache.data_path()).unwrap();
         use std::os::unix::fs::MetadataExt;
-        assert!(on_disk.blocks() * 512 <= limit, "{} bytes", on_disk.blocks() * 512);
+        assert!(
+            on_disk.blocks() * 512 <= limit,
+            "{} bytes",
+            on_disk.blocks() * 512
+        );
     });
 }
 
@@ -188,25 +209,43 @@ fn reopening_keeps_blocks_and_refetches_damaged_ones() {
         let cache = CachedBase::open(base.clone(), "mem://c", &opts(dir.path(), None))
             .await
             .unwrap();
-        cache.read_at(0, IoBuf::for_overwrite(64 << 10)).await.unwrap();
+        cache
+            .read_at(0, IoBuf::for_overwrite(64 << 10))
+            .await
+            .unwrap();
         let key = cache_key("mem://c", &base.validator());
         cache_paths(dir.path(), &key)
     });
     assert_eq!(base.total(), 16);
     // A flipped data byte in block 3, a damaged entry for block 9.
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&data_path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data_path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, 3 * BS + 5).unwrap();
     f.write_all_at(&[b[0] ^ 1], 3 * BS + 5).unwrap();
-    let t = std::fs::OpenOptions::new().read(true).write(true).open(&sums_path).unwrap();
+    let t = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&sums_path)
+        .unwrap();
     t.write_all_at(&[0xff], table::entry_offset(9) + 6).unwrap();
     rt.block_on(async {
         let cache = CachedBase::open(base.clone(), "mem://c", &opts(dir.path(), None))
             .await
             .unwrap();
-        assert_eq!(cache.used_bytes(), 15 * BS, "the damaged entry counts as absent");
-        let got = cache.read_at(0, IoBuf::for_overwrite(64 << 10)).await.unwrap();
+        assert_eq!(
+            cache.used_bytes(),
+            15 * BS,
+            "the damaged entry counts as absent"
+        );
+        let got = cache
+            .read_at(0, IoBuf::for_overwrite(64 << 10))
+            .await
+            .unwrap();
         assert!(got[..] == data[..]);
         assert_eq!(cache.stats().bad_blocks.load(Ordering::Relaxed), 1);
     });
@@ -215,12 +254,17 @@ fn reopening_keeps_blocks_and_refetches_damaged_ones() {
     // A cache made for another block size starts empty instead of serving.
     rt.block_on(async {
         let other = CacheOptions {
-            block_size: 8192,
+            block_size: Some(8192),
             ..opts(dir.path(), None)
         };
-        let cache = CachedBase::open(base.clone(), "mem://c", &other).await.unwrap();
+        let cache = CachedBase::open(base.clone(), "mem://c", &other)
+            .await
+            .unwrap();
         assert_eq!(cache.used_bytes(), 0);
-        let got = cache.read_at(0, IoBuf::for_overwrite(64 << 10)).await.unwrap();
+        let got = cache
+            .read_at(0, IoBuf::for_overwrite(64 << 10))
+            .await
+            .unwrap();
         assert!(got[..] == data[..]);
     });
 }
@@ -234,7 +278,10 @@ fn the_evictor_never_takes_a_pinned_block() {
         let cache = CachedBase::open(base.clone(), "mem://d", &opts(dir.path(), None))
             .await
             .unwrap();
-        cache.read_at(0, IoBuf::for_overwrite(2 * BS as usize)).await.unwrap();
+        cache
+            .read_at(0, IoBuf::for_overwrite(2 * BS as usize))
+            .await
+            .unwrap();
         assert!(cache.try_pin(0) && cache.try_pin(1));
         // Two turns of the hand: the first clears the reference bits, the
         // second finds only pinned blocks.
@@ -244,7 +291,11 @@ fn the_evictor_never_takes_a_pinned_block() {
         assert!(cache.evict_one().await);
         assert!(cache.is_present(0) && !cache.is_present(1));
         // Its entry is cleared and its data punched.
-        let got = cache.table.read_at(table::entry_offset(1), IoBuf::for_overwrite(8)).await.unwrap();
+        let got = cache
+            .table
+            .read_at(table::entry_offset(1), IoBuf::for_overwrite(8))
+            .await
+            .unwrap();
         assert_eq!(table::decode_entry(&got), None);
         cache.unpin(0);
         assert!(cache.evict_one().await);
