@@ -121,15 +121,15 @@ fn fetch_figures(log: &Path) -> (u64, u64) {
     (total, per_page.values().copied().max().unwrap_or(0))
 }
 
-fn cache_serve(dir: &Path, sock: &Path, base_url: &str, extra: &[&str]) -> Proc {
+/// Start `fvd ARGS... --socket SOCK EXTRA... TARGET` and wait for its socket.
+fn start_fvd(args: &[&str], sock: &Path, extra: &[&str], target: &str) -> Proc {
     let _ = std::fs::remove_file(sock);
     let child = Command::new(FVD)
-        .args(["cache", "serve", "--dir"])
-        .arg(dir.join("cache"))
+        .args(args)
         .arg("--socket")
         .arg(sock)
         .args(extra)
-        .arg(base_url)
+        .arg(target)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -138,19 +138,14 @@ fn cache_serve(dir: &Path, sock: &Path, base_url: &str, extra: &[&str]) -> Proc 
     Proc(Some(child))
 }
 
+fn cache_serve(dir: &Path, sock: &Path, base_url: &str, extra: &[&str]) -> Proc {
+    let cache = dir.join("cache");
+    let args = ["cache", "serve", "--dir", cache.to_str().unwrap()];
+    start_fvd(&args, sock, extra, base_url)
+}
+
 fn serve(image: &Path, sock: &Path, extra: &[&str]) -> Proc {
-    let child = Command::new(FVD)
-        .arg("serve")
-        .arg("--socket")
-        .arg(sock)
-        .args(extra)
-        .arg(image)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_path(sock);
-    Proc(Some(child))
+    start_fvd(&["serve"], sock, extra, image.to_str().unwrap())
 }
 
 fn uri(sock: &Path) -> String {
@@ -208,18 +203,56 @@ fn tools() -> bool {
     fvd_testkit::have_tools(&["nbdkit", "qemu-img", "qemu-io"])
 }
 
+/// A scratch directory with a base of `size` bytes behind nbdkit.
+struct Setup {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    log: PathBuf,
+    /// Stops nbdkit when the test ends.
+    _kit: Proc,
+    base_url: String,
+}
+
+fn setup(size: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    make_base(&base, size);
+    let log = dir.path().join("base.log");
+    let (kit, base_url) = nbdkit(dir.path(), &base, &log);
+    Setup {
+        dir,
+        base,
+        log,
+        _kit: kit,
+        base_url,
+    }
+}
+
+/// An FVD image over the export (or URL) `lower`.
+fn create_overlay(d: &Path, img: &Path, lower: &str) {
+    common::fvd(
+        d,
+        &[
+            "create",
+            "-q",
+            "-b",
+            lower,
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+        ],
+    )
+    .ok("create overlay");
+}
+
 #[test]
 fn four_images_over_one_cache_fetch_each_block_once() {
     if !tools() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = d.join("base.raw");
     let size = 16 * MIB;
-    make_base(&base, size);
-    let log = d.join("base.log");
-    let (_kit, base_url) = nbdkit(d, &base, &log);
+    let s = setup(size);
+    let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let csock = d.join("cache.sock");
     let mut cache = cache_serve(d, &csock, &base_url, &[]);
     // Four VMs: an overlay each, over the cache's export, each served by
@@ -227,19 +260,7 @@ fn four_images_over_one_cache_fetch_each_block_once() {
     let mut vms = Vec::new();
     for i in 0..4 {
         let img = d.join(format!("vm{i}.fvd"));
-        common::fvd(
-            d,
-            &[
-                "create",
-                "-q",
-                "-b",
-                &uri(&csock),
-                "-F",
-                "raw",
-                img.to_str().unwrap(),
-            ],
-        )
-        .ok("create overlay");
+        create_overlay(d, &img, &uri(&csock));
         let sock = d.join(format!("vm{i}.sock"));
         vms.push((serve(&img, &sock, &[]), sock));
     }
@@ -271,29 +292,13 @@ fn kill_9_of_the_cache_server_then_restart_keeps_data_correct() {
     if !tools() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = d.join("base.raw");
     let size = 32 * MIB;
-    make_base(&base, size);
-    let log = d.join("base.log");
-    let (_kit, base_url) = nbdkit(d, &base, &log);
+    let s = setup(size);
+    let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let csock = d.join("cache.sock");
     let mut cache = cache_serve(d, &csock, &base_url, &[]);
     let img = d.join("vm.fvd");
-    common::fvd(
-        d,
-        &[
-            "create",
-            "-q",
-            "-b",
-            &uri(&csock),
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-        ],
-    )
-    .ok("create overlay");
+    create_overlay(d, &img, &uri(&csock));
     let vsock = d.join("vm.sock");
     let _vm = serve(&img, &vsock, &["--copy-on-read=off"]);
     // A reader in flight while the cache server is killed.
@@ -358,13 +363,9 @@ fn tiny_cache_limit_evicts_during_reads_and_stays_under_it() {
     if !tools() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = d.join("base.raw");
     let size = 8 * MIB;
-    make_base(&base, size);
-    let log = d.join("base.log");
-    let (_kit, base_url) = nbdkit(d, &base, &log);
+    let s = setup(size);
+    let (d, base, base_url) = (s.dir.path(), &s.base, &s.base_url);
     let csock = d.join("cache.sock");
     let limit = MIB;
     let mut cache = cache_serve(d, &csock, &base_url, &["--max-size", "1M"]);
@@ -415,13 +416,9 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     if !tools() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = d.join("base.raw");
     let size = 4 * MIB;
-    make_base(&base, size);
-    let log = d.join("base.log");
-    let (_kit, base_url) = nbdkit(d, &base, &log);
+    let s = setup(size);
+    let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let csock = d.join("cache.sock");
     let mut cache = cache_serve(d, &csock, &base_url, &[]);
     compare(&base, &csock).ok("first pass");
@@ -496,26 +493,10 @@ fn read_only_export_refuses_writes_and_fills_the_image() {
     if !tools() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = d.join("base.raw");
-    make_base(&base, 4 * MIB);
-    let log = d.join("base.log");
-    let (_kit, base_url) = nbdkit(d, &base, &log);
+    let s = setup(4 * MIB);
+    let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let img = d.join("cache.fvd");
-    common::fvd(
-        d,
-        &[
-            "create",
-            "-q",
-            "-b",
-            &base_url,
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-        ],
-    )
-    .ok("create");
+    create_overlay(d, &img, &base_url);
     let sock = d.join("img.sock");
     let stats = d.join("stats.sock");
     let _srv = serve(
