@@ -282,6 +282,25 @@ fn four_images_over_one_cache_fetch_each_block_once() {
     );
     assert_eq!(most, 1, "some block was fetched from the base twice");
     assert_eq!(total, size, "the base served {total} bytes for {size}");
+    // One server per cache: a second one is refused, naming the file.
+    let cache_dir = d.join("cache");
+    let second = common::fvd(
+        d,
+        &[
+            "cache",
+            "serve",
+            "--dir",
+            cache_dir.to_str().unwrap(),
+            "--socket",
+            d.join("second.sock").to_str().unwrap(),
+            base_url,
+        ],
+    );
+    second.expect_code(1, "a second server of the same cache");
+    assert!(
+        second.stderr.contains("in use by another fvd cache serve"),
+        "{second:?}"
+    );
     drop(vms);
     let err = cache.stop();
     assert!(err.contains("16 MiB fetched from the base"), "{err}");
