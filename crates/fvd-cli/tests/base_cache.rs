@@ -458,17 +458,28 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     // On disk while the server is down...
     flip(5 * BLOCK + 1234);
     let n0 = base_reads(&log).len();
-    let mut cache = cache_serve(d, &csock, &base_url, &[]);
-    compare(&base, &csock).ok("after a flipped byte");
+    let stats = d.join("stats.sock");
+    let mut cache = cache_serve(
+        d,
+        &csock,
+        base_url,
+        &["--stats-socket", stats.to_str().unwrap()],
+    );
+    wait_path(&stats);
+    compare(base, &csock).ok("after a flipped byte");
+    assert_eq!(stat_json(&stats)["cache"]["bad-blocks"], 1);
     let reads = base_reads(&log);
     assert_eq!(reads.len(), n0 + 1, "{reads:?}");
     assert_eq!(*reads.last().unwrap(), (5 * BLOCK, CBLOCK));
-    // ... and under the running server.
+    // ... and under the running server (its stats socket counts it).
     flip(40 * BLOCK + 7);
     compare(&base, &csock).ok("after a flip under the server");
     let reads = base_reads(&log);
     assert_eq!(*reads.last().unwrap(), (40 * BLOCK, CBLOCK));
     assert_eq!(fetch_figures(&log).0, size + 2 * CBLOCK);
+    let st = stat_json(&stats);
+    assert_eq!(st["cache"]["bad-blocks"], 2, "{st}");
+    assert_eq!(st["cache"]["cached-bytes"], size, "{st}");
     let err = cache.stop();
     assert!(err.contains("2 blocks failed their checksum"), "{err}");
 }

@@ -134,6 +134,26 @@ pub async fn open_cached(
     Ok((cached, image))
 }
 
+/// The cache's figures for the stats socket and the control socket
+/// (`"cache"` in their answers).
+pub fn stats_fn(c: &Arc<CachedBase>) -> super::control::StatsFn {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = c.clone();
+    Arc::new(move || {
+        let s = c.stats();
+        json!({
+            "fetched-bytes": s.fetched_bytes.load(Relaxed),
+            "hit-bytes": s.hit_bytes.load(Relaxed),
+            "cached-bytes": c.used_bytes(),
+            "uncached-bytes": s.uncached_bytes.load(Relaxed),
+            "evicted-blocks": s.evicted_blocks.load(Relaxed),
+            "bad-blocks": s.bad_blocks.load(Relaxed),
+            "block-size": c.block_size(),
+            "data-file": c.data_path(),
+        })
+    })
+}
+
 /// One line of the cache's counters.
 pub fn summary(c: &CachedBase) -> String {
     use std::sync::atomic::Ordering::Relaxed;

@@ -266,7 +266,8 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
     };
     crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
-    let extras = match super::serve_extras::start(&image, &a.base, started).await {
+    let more = cached.as_ref().map(super::cache::stats_fn);
+    let extras = match super::serve_extras::start(&image, &a.base, started, more).await {
         Ok(x) => x,
         Err(e) => {
             let _ = image.close().await;

@@ -348,6 +348,11 @@ impl CachedBase {
         self.used.load(Ordering::Acquire) * self.bs
     }
 
+    /// Bytes per cache block.
+    pub fn block_size(&self) -> u64 {
+        self.bs
+    }
+
     /// The data file (the checksum table is beside it, `.sums`).
     pub fn data_path(&self) -> &Path {
         &self.data_path
