@@ -254,7 +254,7 @@ fn four_images_over_one_cache_fetch_each_block_once() {
     let s = setup(size);
     let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let csock = d.join("cache.sock");
-    let mut cache = cache_serve(d, &csock, &base_url, &[]);
+    let mut cache = cache_serve(d, &csock, base_url, &[]);
     // Four VMs: an overlay each, over the cache's export, each served by
     // its own fvd serve.
     let mut vms = Vec::new();
@@ -268,14 +268,14 @@ fn four_images_over_one_cache_fetch_each_block_once() {
     let runs: Vec<common::Run> = std::thread::scope(|s| {
         let hs: Vec<_> = vms
             .iter()
-            .map(|(_, sock)| s.spawn(|| compare(&base, sock)))
+            .map(|(_, sock)| s.spawn(|| compare(base, sock)))
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for r in &runs {
         r.ok("compare through an overlay over the cache");
     }
-    let (total, most) = fetch_figures(&log);
+    let (total, most) = fetch_figures(log);
     eprintln!(
         "4 VMs over one cache: {total} bytes fetched from the base for a {size}-byte disk ({:.2}x)",
         total as f64 / size as f64
@@ -315,22 +315,22 @@ fn kill_9_of_the_cache_server_then_restart_keeps_data_correct() {
     let s = setup(size);
     let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let csock = d.join("cache.sock");
-    let mut cache = cache_serve(d, &csock, &base_url, &[]);
+    let mut cache = cache_serve(d, &csock, base_url, &[]);
     let img = d.join("vm.fvd");
     create_overlay(d, &img, &uri(&csock));
     let vsock = d.join("vm.sock");
     let _vm = serve(&img, &vsock, &["--copy-on-read=off"]);
     // A reader in flight while the cache server is killed.
     let during = std::thread::scope(|s| {
-        let h = s.spawn(|| compare(&base, &vsock));
+        let h = s.spawn(|| compare(base, &vsock));
         // Let it fetch a part (2 ms per base read).
         let t = Instant::now();
-        while base_reads(&log).len() < 4 && t.elapsed() < Duration::from_secs(20) {
+        while base_reads(log).len() < 4 && t.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(5));
         }
         cache.kill9();
         std::thread::sleep(Duration::from_millis(200));
-        cache = cache_serve(d, &csock, &base_url, &[]);
+        cache = cache_serve(d, &csock, base_url, &[]);
         h.join().unwrap()
     });
     // The reader either rode through the restart (the overlay's NBD client
@@ -343,16 +343,16 @@ fn kill_9_of_the_cache_server_then_restart_keeps_data_correct() {
             "compare failed without a message: {during:?}"
         );
     }
-    compare(&base, &vsock).ok("compare after the restart");
-    let (settled, most) = fetch_figures(&log);
+    compare(base, &vsock).ok("compare after the restart");
+    let (settled, most) = fetch_figures(log);
     // Only fills in flight at the kill were lost: no byte came from the
     // base more than twice, and far less than the disk twice over.
     assert!(most <= 2, "a block was fetched {most} times");
     assert!(settled < 2 * size, "{settled} bytes fetched for {size}");
     // Everything is cached now, the blocks filled before the kill included:
     // a full pass through the cache's own export fetches nothing.
-    compare(&base, &csock).ok("compare the cache's export itself");
-    assert_eq!(fetch_figures(&log).0, settled, "a full pass fetched again");
+    compare(base, &csock).ok("compare the cache's export itself");
+    assert_eq!(fetch_figures(log).0, settled, "a full pass fetched again");
     eprintln!(
         "kill -9 mid-read: {} bytes fetched for a {size}-byte disk; the reader {}",
         settled,
@@ -387,12 +387,12 @@ fn tiny_cache_limit_evicts_during_reads_and_stays_under_it() {
     let (d, base, base_url) = (s.dir.path(), &s.base, &s.base_url);
     let csock = d.join("cache.sock");
     let limit = MIB;
-    let mut cache = cache_serve(d, &csock, &base_url, &["--max-size", "1M"]);
+    let mut cache = cache_serve(d, &csock, base_url, &["--max-size", "1M"]);
     let (data, sums) = cache_files(d);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut peak = 0;
     std::thread::scope(|s| {
-        let readers: Vec<_> = (0..4).map(|_| s.spawn(|| compare(&base, &csock))).collect();
+        let readers: Vec<_> = (0..4).map(|_| s.spawn(|| compare(base, &csock))).collect();
         let watcher = s.spawn(|| {
             let mut peak = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -439,9 +439,9 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     let s = setup(size);
     let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let csock = d.join("cache.sock");
-    let mut cache = cache_serve(d, &csock, &base_url, &[]);
-    compare(&base, &csock).ok("first pass");
-    assert_eq!(fetch_figures(&log).0, size);
+    let mut cache = cache_serve(d, &csock, base_url, &[]);
+    compare(base, &csock).ok("first pass");
+    assert_eq!(fetch_figures(log).0, size);
     cache.stop();
     let (data, _) = cache_files(d);
     let flip = |at: u64| {
@@ -457,7 +457,7 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     };
     // On disk while the server is down...
     flip(5 * BLOCK + 1234);
-    let n0 = base_reads(&log).len();
+    let n0 = base_reads(log).len();
     let stats = d.join("stats.sock");
     let mut cache = cache_serve(
         d,
@@ -468,15 +468,15 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     wait_path(&stats);
     compare(base, &csock).ok("after a flipped byte");
     assert_eq!(stat_json(&stats)["cache"]["bad-blocks"], 1);
-    let reads = base_reads(&log);
+    let reads = base_reads(log);
     assert_eq!(reads.len(), n0 + 1, "{reads:?}");
     assert_eq!(*reads.last().unwrap(), (5 * BLOCK, CBLOCK));
     // ... and under the running server (its stats socket counts it).
     flip(40 * BLOCK + 7);
-    compare(&base, &csock).ok("after a flip under the server");
-    let reads = base_reads(&log);
+    compare(base, &csock).ok("after a flip under the server");
+    let reads = base_reads(log);
     assert_eq!(*reads.last().unwrap(), (40 * BLOCK, CBLOCK));
-    assert_eq!(fetch_figures(&log).0, size + 2 * CBLOCK);
+    assert_eq!(fetch_figures(log).0, size + 2 * CBLOCK);
     let st = stat_json(&stats);
     assert_eq!(st["cache"]["bad-blocks"], 2, "{st}");
     assert_eq!(st["cache"]["cached-bytes"], size, "{st}");
@@ -526,7 +526,7 @@ fn read_only_export_refuses_writes_and_fills_the_image() {
     let s = setup(4 * MIB);
     let (d, base, log, base_url) = (s.dir.path(), &s.base, &s.log, &s.base_url);
     let img = d.join("cache.fvd");
-    create_overlay(d, &img, &base_url);
+    create_overlay(d, &img, base_url);
     let sock = d.join("img.sock");
     let stats = d.join("stats.sock");
     let _srv = serve(
@@ -562,12 +562,12 @@ fn read_only_export_refuses_writes_and_fills_the_image() {
         assert_eq!(v["exports"][0]["is_read_only"], true, "{v}");
     }
     // Reads fill the image: the second pass fetches nothing.
-    compare(&base, &sock).ok("first pass");
-    let first = fetch_figures(&log).0;
+    compare(base, &sock).ok("first pass");
+    let first = fetch_figures(log).0;
     std::thread::sleep(Duration::from_millis(300));
-    compare(&base, &sock).ok("second pass");
+    compare(base, &sock).ok("second pass");
     assert_eq!(
-        fetch_figures(&log).0,
+        fetch_figures(log).0,
         first,
         "the second pass went to the base"
     );
