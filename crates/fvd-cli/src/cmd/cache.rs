@@ -13,18 +13,16 @@
 //!   cache).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{Result, anyhow, bail};
-use fvd_core::base::{Base, BaseStorage};
-use fvd_core::{Format, Image, Location, OpenOptions, Opener};
-use fvd_remote::cache::{self, CacheOptions, CachedBase};
+use anyhow::{Result, bail};
+use fvd_core::Opener;
+use fvd_remote::cache::{self, CacheOptions};
 use serde_json::json;
 
 use super::serve::ServeArgs;
 use super::serve_extras::PrefetchChoice;
 use crate::common::Output;
-use crate::size::{human, parse_size};
+use crate::size::parse_size;
 
 /// Arguments of `fvd cache`.
 #[derive(clap::Args, Debug)]
@@ -102,73 +100,6 @@ pub async fn run(a: Args, opener: &Opener) -> Result<u8> {
     }
 }
 
-async fn open_base(url: &str, opener: &Opener) -> Result<Arc<dyn Base>> {
-    opener
-        .open_base(&Location::parse(url), Format::Raw, 0)
-        .await
-        .map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains(url) {
-                anyhow!(msg)
-            } else {
-                anyhow!("{url}: {msg}")
-            }
-        })
-}
-
-/// Open the cache of the base at `url` and the read-only image serving it.
-pub async fn open_cached(
-    url: &str,
-    opts: &CacheOptions,
-    opener: &Opener,
-) -> Result<(Arc<CachedBase>, Image)> {
-    let base = open_base(url, opener).await?;
-    let cached = Arc::new(
-        CachedBase::open(base, url, opts)
-            .await
-            .map_err(|e| anyhow!("cache of {url}: {e}"))?,
-    );
-    let storage = Arc::new(BaseStorage::new(cached.clone()));
-    let image = Image::open_raw(storage, OpenOptions { read_only: true })
-        .map_err(|e| anyhow!("{url}: {e}"))?;
-    Ok((cached, image))
-}
-
-/// The cache's figures for the stats socket and the control socket
-/// (`"cache"` in their answers).
-pub fn stats_fn(c: &Arc<CachedBase>) -> super::control::StatsFn {
-    use std::sync::atomic::Ordering::Relaxed;
-    let c = c.clone();
-    Arc::new(move || {
-        let s = c.stats();
-        json!({
-            "fetched-bytes": s.fetched_bytes.load(Relaxed),
-            "hit-bytes": s.hit_bytes.load(Relaxed),
-            "cached-bytes": c.used_bytes(),
-            "uncached-bytes": s.uncached_bytes.load(Relaxed),
-            "evicted-blocks": s.evicted_blocks.load(Relaxed),
-            "bad-blocks": s.bad_blocks.load(Relaxed),
-            "block-size": c.block_size(),
-            "data-file": c.data_path(),
-        })
-    })
-}
-
-/// One line of the cache's counters.
-pub fn summary(c: &CachedBase) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let s = c.stats();
-    format!(
-        "fvd cache: {} fetched from the base, {} served from the cache, {} cached, \
-         {} blocks evicted, {} blocks failed their checksum",
-        human(s.fetched_bytes.load(Relaxed)),
-        human(s.hit_bytes.load(Relaxed)),
-        human(c.used_bytes()),
-        s.evicted_blocks.load(Relaxed),
-        s.bad_blocks.load(Relaxed)
-    )
-}
-
 async fn serve(a: ServeCacheArgs, opener: &Opener) -> Result<u8> {
     let s = &a.serve;
     if s.load_snapshot.is_some() || s.read_only_export || s.read_only {
@@ -191,7 +122,7 @@ async fn serve(a: ServeCacheArgs, opener: &Opener) -> Result<u8> {
 }
 
 async fn path(a: PathArgs, opener: &Opener) -> Result<u8> {
-    let base = open_base(&a.url, opener).await?;
+    let base = super::serve_cache::open_base(&a.url, opener).await?;
     let validator = base.validator();
     let key = cache::cache_key(&a.url, &validator);
     let (data, sums) = cache::cache_paths(&a.dir, &key);

@@ -21,6 +21,7 @@ pub mod profile;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod serve_cache;
 pub mod serve_extras;
 pub mod serve_metrics;
 pub mod serve_start;

@@ -258,7 +258,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
     let mut cached = None;
     let image = match &cache {
         Some(opts) => {
-            let (c, image) = super::cache::open_cached(&path, opts, opener).await?;
+            let (c, image) = super::serve_cache::open_cached(&path, opts, opener).await?;
             cached = Some(c);
             image
         }
@@ -266,7 +266,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
     };
     crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
-    let more = cached.as_ref().map(super::cache::stats_fn);
+    let more = cached.as_ref().map(super::serve_cache::stats_fn);
     let extras = match super::serve_extras::start(&image, &a.base, started, more).await {
         Ok(x) => x,
         Err(e) => {
@@ -386,7 +386,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
     extras.finish(&image);
     if let Some(c) = &cached {
-        eprintln!("{}", super::cache::summary(c));
+        eprintln!("{}", super::serve_cache::summary(c));
     }
     drop(pidfile);
     if summary.abandoned > 0 {
