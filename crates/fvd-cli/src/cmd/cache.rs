@@ -35,7 +35,7 @@ pub struct Args {
 #[derive(clap::Subcommand, Debug)]
 pub enum CacheCommand {
     /// Serve a remote base read-only over NBD through the host's cache of
-    /// it (the positional argument is the base's URL).
+    /// it; the VMs' images use that export as their base.
     Serve(Box<ServeCacheArgs>),
     /// Print the files holding the cache of a base.
     Path(PathArgs),
@@ -70,6 +70,9 @@ impl CacheArgs {
 
 /// Arguments of `fvd cache serve`.
 #[derive(clap::Args, Debug)]
+#[command(mut_arg("image", |a| a
+    .value_name("URL")
+    .help("The base: nbd://, nbd+unix://, http(s)://, s3:// URL, or a local file")))]
 pub struct ServeCacheArgs {
     /// The cache.
     #[command(flatten)]
