@@ -78,6 +78,10 @@ enum Command {
     /// Export an image over NBD (like qemu-nbd) or vhost-user-blk (like
     /// qemu-storage-daemon --export type=vhost-user-blk).
     Serve(Box<cmd::serve::ServeArgs>),
+    /// One cache per host for a remote base shared by many images: serve
+    /// the base read-only over NBD through a local, checked, size-limited
+    /// cache (`fvd cache serve`), or show where a cache lives.
+    Cache(cmd::cache::Args),
     /// Copy everything from the base into the image, then detach the base.
     Prefetch(cmd::prefetch::Args),
     /// Show, export or import an image's prefetch profile.
@@ -198,6 +202,7 @@ fn main() -> ExitCode {
             Command::Profile(a) => cmd::profile::run(a, o).await,
             Command::Demo(a) => cmd::demo::run(a).await,
             Command::Serve(a) => cmd::serve::run(*a, o).await,
+            Command::Cache(a) => cmd::cache::run(a, o).await,
             Command::Mount(a) => cmd::mount::run(a, o).await,
             Command::Luks(a) => cmd::luks::run(a, o).await,
         }

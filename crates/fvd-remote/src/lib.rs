@@ -20,6 +20,9 @@
 //! Both run their connections on the one remote runtime ([`runtime`]), so
 //! their futures complete under any executor. Timeouts and retries are
 //! described in [`retry`]. Every base is read-only.
+//!
+//! [`cache`] keeps the blocks of one such base in a local cache shared by
+//! every image of a host (`fvd cache serve`).
 
 use std::sync::Arc;
 
@@ -27,6 +30,7 @@ use fvd_core::base::Base;
 use fvd_core::open::{BaseProvider, Location, OpenFuture, Opener};
 use fvd_core::{Error, ErrorKind, Format};
 
+pub mod cache;
 mod client;
 pub mod http;
 pub mod nbd;

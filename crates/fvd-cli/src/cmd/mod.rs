@@ -2,6 +2,7 @@
 //! returning the exit status.
 
 pub mod amend;
+pub mod cache;
 pub mod check;
 pub mod commit;
 pub mod compare;
@@ -20,6 +21,7 @@ pub mod profile;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod serve_cache;
 pub mod serve_extras;
 pub mod serve_metrics;
 pub mod serve_start;

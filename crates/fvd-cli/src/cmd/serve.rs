@@ -24,6 +24,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
 use fvd_core::{Format, PathOptions};
+use fvd_remote::cache::CacheOptions;
 
 use crate::common::parse_cache;
 use fvd_nbd::proto::consts::DEFAULT_PORT;
@@ -46,6 +47,12 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(short = 'r', long)]
     pub read_only: bool,
+    /// Export read-only but keep the image open for writing, so that
+    /// copy-on-read, NBD_CMD_CACHE and prefetch still fill it (a cache
+    /// image shared by many clients; pair with --copy-on-read=on). Clients
+    /// see a read-only export: their writes fail with EPERM.
+    #[arg(long, conflicts_with_all = ["read_only", "load_snapshot"])]
+    pub read_only_export: bool,
     /// Export internal snapshot SNAPSHOT_PARAM read-only (like qemu-nbd
     /// -l): snapshot.id=ID, snapshot.name=NAME, or an id or name.
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
@@ -114,6 +121,30 @@ pub struct ServeArgs {
     pub image: PathBuf,
 }
 
+/// Open the image `fvd serve` exports (or its snapshot, `-l`).
+async fn open_image(a: &ServeArgs, opts: PathOptions, opener: &Opener) -> Result<fvd_core::Image> {
+    let path = a.image.display().to_string();
+    let opened = match &a.load_snapshot {
+        Some(param) => {
+            let sel = fvd_core::image::snapshot::SnapshotSel::parse_param(param)
+                .map_err(|e| anyhow!("-l {param}: {e}"))?;
+            if a.format != Format::Fvd {
+                bail!("{path}: -l needs an fvd image");
+            }
+            opener.open_snapshot(&a.image, opts, &sel).await
+        }
+        None => opener.open(&a.image, a.format, opts).await,
+    };
+    opened.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains(&path) {
+            anyhow!(msg)
+        } else {
+            anyhow!("{path}: {msg}")
+        }
+    })
+}
+
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
     s.parse::<Format>().map_err(|e| e.to_string())
 }
@@ -152,6 +183,13 @@ fn accepting(
 
 /// Run `fvd serve` on a runtime of its own (`--threads` workers).
 pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
+    run_with(a, opener, None).await
+}
+
+/// [`run`], serving the image itself, or (`fvd cache serve`, `cache` set)
+/// the base whose URL is the positional argument, through the host's cache
+/// of it.
+pub async fn run_with(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Result<u8> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
     }
@@ -174,7 +212,7 @@ pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
                     .build()
             };
             let r = match rt {
-                Ok(rt) => rt.block_on(serve(a, &opener)),
+                Ok(rt) => rt.block_on(serve(a, &opener, cache)),
                 Err(e) => Err(anyhow!("cannot start the server's runtime: {e}")),
             };
             let _ = tx.send(r);
@@ -184,7 +222,7 @@ pub async fn run(a: ServeArgs, opener: &Opener) -> Result<u8> {
         .map_err(|_| anyhow!("the server thread ended unexpectedly"))?
 }
 
-async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
+async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Result<u8> {
     let started = std::time::Instant::now();
     let mut ready = super::serve_start::Ready::from_fd(a.ready_fd);
     let activated = super::serve_start::take_activated();
@@ -209,35 +247,27 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         .await
         .context("cannot install signal handlers")?;
     // A snapshot is exported read-only, as qemu-nbd -l does.
-    let read_only = a.read_only || a.load_snapshot.is_some();
+    let open_read_only = a.read_only || a.load_snapshot.is_some();
+    let read_only = open_read_only || a.read_only_export;
     let opts = PathOptions {
-        read_only,
+        read_only: open_read_only,
         cache: a.cache,
         force_share: false,
     };
     let path = a.image.display().to_string();
-    let opened = match &a.load_snapshot {
-        Some(param) => {
-            let sel = fvd_core::image::snapshot::SnapshotSel::parse_param(param)
-                .map_err(|e| anyhow!("-l {param}: {e}"))?;
-            if a.format != Format::Fvd {
-                bail!("{path}: -l needs an fvd image");
-            }
-            opener.open_snapshot(&a.image, opts, &sel).await
+    let mut cached = None;
+    let image = match &cache {
+        Some(opts) => {
+            let (c, image) = super::serve_cache::open_cached(&path, opts, opener).await?;
+            cached = Some(c);
+            image
         }
-        None => opener.open(&a.image, a.format, opts).await,
+        None => open_image(&a, opts, opener).await?,
     };
-    let image = opened.map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains(&path) {
-            anyhow!(msg)
-        } else {
-            anyhow!("{path}: {msg}")
-        }
-    })?;
     crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
-    let extras = match super::serve_extras::start(&image, &a.base, started).await {
+    let more = cached.as_ref().map(super::serve_cache::stats_fn);
+    let extras = match super::serve_extras::start(&image, &a.base, started, more).await {
         Ok(x) => x,
         Err(e) => {
             let _ = image.close().await;
@@ -255,6 +285,12 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         None => None,
     };
     if let Some(socket) = a.vhost.vhost_user_blk.clone() {
+        if a.read_only_export {
+            let _ = image.close().await;
+            bail!(
+                "--read-only-export is an NBD export option; it does not apply to --vhost-user-blk"
+            );
+        }
         let bound = match activated {
             Some(fd) => fvd_vhost::Socket::inherited(fd),
             None => fvd_vhost::Socket::bind(&socket),
@@ -298,6 +334,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             }),
         once: a.once,
         verbose: a.verbose,
+        read_only_export: a.read_only_export,
         ..ServerConfig::default()
     };
     let started = async {
@@ -316,14 +353,24 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
             return Err(anyhow!(e));
         }
     };
+    let what = match &cached {
+        Some(c) => format!("{path} through the cache {}", c.data_path().display()),
+        None => path.clone(),
+    };
     eprintln!(
-        "fvd serve: serving {path}{} at {}{}",
+        "fvd serve: serving {what}{} at {}{}",
         a.load_snapshot
             .as_deref()
             .map(|s| format!(" (snapshot {s})"))
             .unwrap_or_default(),
         listener.uri(&a.export_name),
-        if read_only { " (read-only)" } else { "" }
+        if a.read_only_export {
+            " (read-only export, image filled by copy-on-read)"
+        } else if read_only {
+            " (read-only)"
+        } else {
+            ""
+        }
     );
     let pidfile = match accepting(&a, &mut ready) {
         Ok(p) => p,
@@ -338,6 +385,9 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         .await
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
     extras.finish(&image);
+    if let Some(c) = &cached {
+        eprintln!("{}", super::serve_cache::summary(c));
+    }
     drop(pidfile);
     if summary.abandoned > 0 {
         eprintln!(

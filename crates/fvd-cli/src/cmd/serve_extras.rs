@@ -73,11 +73,20 @@ pub struct Extras {
     started: Instant,
     stats_socket: Option<PathBuf>,
     record_profile: bool,
+    /// Figures of what serves the export besides the image (the host
+    /// cache of `fvd cache serve`), reported under `"cache"`.
+    more: Option<super::control::StatsFn>,
 }
 
 /// Apply the options to `image` and start prefetch and the stats socket.
-/// `started` is when the server started (its uptime counts from there).
-pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result<Extras> {
+/// `started` is when the server started (its uptime counts from there);
+/// `more` adds the figures of a host cache to every stats answer.
+pub async fn start(
+    image: &Arc<Image>,
+    a: &BaseArgs,
+    started: Instant,
+    more: Option<super::control::StatsFn>,
+) -> Result<Extras> {
     let h = tokio::runtime::Handle::current();
     image.enable_background(Arc::new(move |f| {
         h.spawn(f);
@@ -111,6 +120,7 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result
         started,
         stats_socket: a.stats_socket.clone(),
         record_profile: a.record_profile,
+        more,
     };
     if let Some(addr) = a.metrics {
         let bound =
@@ -121,10 +131,10 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result
         let _ = std::fs::remove_file(path);
         let listener =
             tokio::net::UnixListener::bind(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let (img, st, started) = (image.clone(), extras.status.clone(), extras.started);
+        let stats = extras.stats_fn(image);
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let body = stats_json(&img, &st, started).to_string() + "\n";
+                let body = stats().to_string() + "\n";
                 use tokio::io::AsyncWriteExt;
                 let _ = sock.write_all(body.as_bytes()).await;
             }
@@ -212,6 +222,17 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
     })
 }
 
+/// `v` with the host cache's figures added under `"cache"`.
+fn with_more(
+    mut v: serde_json::Value,
+    more: &Option<super::control::StatsFn>,
+) -> serde_json::Value {
+    if let Some(f) = more {
+        v["cache"] = f();
+    }
+    v
+}
+
 /// The prefetch state to report: an image that no longer needs its base
 /// counts as done even when no prefetch ran in this server.
 pub fn prefetch_state(img: &Image, st: &PrefetchStatus) -> PrefetchState {
@@ -226,7 +247,8 @@ impl Extras {
     /// What answers `query-stats` on the control socket.
     pub fn stats_fn(&self, image: &Arc<Image>) -> super::control::StatsFn {
         let (img, st, started) = (image.clone(), self.status.clone(), self.started);
-        Arc::new(move || stats_json(&img, &st, started))
+        let more = self.more.clone();
+        Arc::new(move || with_more(stats_json(&img, &st, started), &more))
     }
 
     /// After the server stopped (the image is closed, and a recorded profile
@@ -240,7 +262,7 @@ impl Extras {
         }
         eprintln!(
             "fvd serve: stats {}",
-            stats_json(image, &self.status, self.started)
+            with_more(stats_json(image, &self.status, self.started), &self.more)
         );
         if let Some(p) = &self.stats_socket {
             let _ = std::fs::remove_file(p);

@@ -118,6 +118,11 @@ pub struct ServerConfig {
     pub once: bool,
     /// Print connection events to standard error.
     pub verbose: bool,
+    /// Export read-only even though the image is open for writing
+    /// (`fvd serve --read-only-export`): clients get `NBD_FLAG_READ_ONLY`
+    /// and `NBD_EPERM` for writes, while the engine still writes the
+    /// image for copy-on-read, `NBD_CMD_CACHE` and prefetch fills.
+    pub read_only_export: bool,
     /// Time a client has for the whole negotiation (TLS included).
     pub handshake_timeout: Duration,
     /// Requests in flight per connection.
@@ -141,6 +146,7 @@ impl Default for ServerConfig {
             tls: None,
             once: false,
             verbose: false,
+            read_only_export: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_inflight: 64,
             max_buffered: 64 << 20,
@@ -319,7 +325,7 @@ impl Server {
             .preferred_block_size
             .clamp(config.min_block_size, MAX_PAYLOAD);
         let size = image.virtual_size();
-        let read_only = image.is_read_only();
+        let read_only = image.is_read_only() || config.read_only_export;
         Ok(Server {
             shared: Arc::new(Shared {
                 image,
