@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
-use fvd_core::{Format, PathOptions};
+use fvd_core::{Format, LiveImage, PathOptions};
 
 use crate::common::parse_cache;
 use fvd_nbd::proto::consts::DEFAULT_PORT;
@@ -51,7 +51,8 @@ pub struct ServeArgs {
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
     pub load_snapshot: Option<String>,
     /// Answer JSON requests on this unix socket (mode 0600): snapshots of
-    /// the running image, statistics (see `fvd snapshot --server`).
+    /// the running image, online resize, statistics (see `fvd snapshot
+    /// --server`, `fvd resize --server`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
     /// Most clients served at once; one more waits after its handshake
@@ -237,18 +238,32 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     })?;
     crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
-    let extras = match super::serve_extras::start(&image, &a.base, started).await {
+    // What the server exports: an online resize replaces the image in it.
+    let live = Arc::new(LiveImage::new(image.clone()));
+    let extras = match super::serve_extras::start(&live, &a.base, started).await {
         Ok(x) => x,
         Err(e) => {
-            let _ = image.close().await;
+            let _ = live.current().close().await;
             return Err(e);
         }
     };
     let _control = match &a.control_socket {
-        Some(p) => match super::control::start(image.clone(), p, extras.stats_fn(&image)) {
+        Some(p) => match super::control::start(
+            super::control::Target {
+                live: live.clone(),
+                stats: extras.stats_fn(&live),
+                // vhost-user-blk clients keep the size they were given.
+                reopened: a
+                    .vhost
+                    .vhost_user_blk
+                    .is_none()
+                    .then(|| extras.reopened_fn()),
+            },
+            p,
+        ) {
             Ok(c) => Some(c),
             Err(e) => {
-                let _ = image.close().await;
+                let _ = live.current().close().await;
                 return Err(e);
             }
         },
@@ -262,7 +277,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         let listening = match bound {
             Ok(l) => l,
             Err(e) => {
-                let _ = image.close().await;
+                let _ = live.current().close().await;
                 return Err(anyhow!(e));
             }
         };
@@ -301,7 +316,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         ..ServerConfig::default()
     };
     let started = async {
-        let server = Server::new(image.clone(), config)?;
+        let server = Server::new_live(live.clone(), config)?;
         let listener = match activated {
             Some(fd) => Listener::from_inherited(fd)?,
             None => Listener::bind(&addr).await?,
@@ -312,7 +327,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
     let (server, listener) = match started {
         Ok(v) => v,
         Err(e) => {
-            let _ = image.close().await;
+            let _ = live.current().close().await;
             return Err(anyhow!(e));
         }
     };
@@ -329,7 +344,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         Ok(p) => p,
         Err(e) => {
             drop(listener);
-            let _ = image.close().await;
+            let _ = live.current().close().await;
             return Err(e);
         }
     };
@@ -337,7 +352,7 @@ async fn serve(a: ServeArgs, opener: &Opener) -> Result<u8> {
         .serve(listener, signal)
         .await
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
-    extras.finish(&image);
+    extras.finish(&live.current());
     drop(pidfile);
     if summary.abandoned > 0 {
         eprintln!(

@@ -1,4 +1,9 @@
 //! Copy-on-read, prefetch and statistics for `fvd serve`.
+//!
+//! They follow the exported image when an online resize replaces it
+//! ([`Extras::reopened`]): the settings are applied to the reopened image
+//! and a prefetch that had not finished goes on there (it stops on the
+//! closed one); the statistics read the current image.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,10 +11,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use fvd_core::Image;
 use fvd_core::image::prefetch::{
     PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
 };
+use fvd_core::{Image, LiveImage};
 use serde_json::json;
 
 use crate::clock::TokioClock;
@@ -73,21 +78,19 @@ pub struct Extras {
     started: Instant,
     stats_socket: Option<PathBuf>,
     record_profile: bool,
+    copy_on_read: Option<bool>,
+    /// The prefetch asked for (None: off).
+    prefetch: Option<PrefetchConfig>,
 }
 
-/// Apply the options to `image` and start prefetch and the stats socket.
-/// `started` is when the server started (its uptime counts from there).
-pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result<Extras> {
-    let h = tokio::runtime::Handle::current();
-    image.enable_background(Arc::new(move |f| {
-        h.spawn(f);
-    }));
-    if let Some(on) = a.copy_on_read {
-        image.set_copy_on_read(on);
-    }
-    image.set_profile_recording(a.record_profile);
+/// Apply the options to the image of `live` and start prefetch and the
+/// stats socket. `started` is when the server started (its uptime counts
+/// from there).
+pub async fn start(live: &Arc<LiveImage>, a: &BaseArgs, started: Instant) -> Result<Extras> {
+    let image = live.current();
     let status = Arc::new(PrefetchStatus::default());
-    if a.prefetch != PrefetchChoice::Off && image.base_range() > 0 {
+    let mut prefetch = None;
+    if a.prefetch != PrefetchChoice::Off {
         let rate = a
             .prefetch_rate
             .as_deref()
@@ -104,27 +107,29 @@ pub async fn start(image: &Arc<Image>, a: &BaseArgs, started: Instant) -> Result
             rate_limit: rate,
             ..PrefetchConfig::default()
         };
-        spawn_prefetch(image.clone(), cfg, status.clone())?;
+        prefetch = Some(cfg);
     }
     let extras = Extras {
         status,
         started,
         stats_socket: a.stats_socket.clone(),
         record_profile: a.record_profile,
+        copy_on_read: a.copy_on_read,
+        prefetch,
     };
+    extras.apply(&image)?;
     if let Some(addr) = a.metrics {
-        let bound =
-            super::serve_metrics::start(addr, image, &extras.status, extras.started).await?;
+        let bound = super::serve_metrics::start(addr, live, &extras.status, extras.started).await?;
         eprintln!("fvd serve: metrics at http://{bound}/metrics");
     }
     if let Some(path) = &a.stats_socket {
         let _ = std::fs::remove_file(path);
         let listener =
             tokio::net::UnixListener::bind(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let (img, st, started) = (image.clone(), extras.status.clone(), extras.started);
+        let (live, st, started) = (live.clone(), extras.status.clone(), extras.started);
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let body = stats_json(&img, &st, started).to_string() + "\n";
+                let body = stats_json(&live.current(), &st, started).to_string() + "\n";
                 use tokio::io::AsyncWriteExt;
                 let _ = sock.write_all(body.as_bytes()).await;
             }
@@ -203,6 +208,7 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "busy-rest": st.busy_rest.load(Ordering::Relaxed),
             "throughput": prefetch_bytes as f64 / secs,
         },
+        "virtual-size": img.virtual_size(),
         "local-blocks": local,
         "snapshot-chunks-copied": s.chunks_copied.load(Ordering::Relaxed),
         "base-blocks": blocks,
@@ -223,10 +229,53 @@ pub fn prefetch_state(img: &Image, st: &PrefetchStatus) -> PrefetchState {
 }
 
 impl Extras {
+    /// Apply the options to `image` (at start, and to the image an online
+    /// resize reopened): background fills on the current runtime,
+    /// copy-on-read, profile recording, and the prefetch if the image
+    /// still needs its base.
+    fn apply(&self, image: &Arc<Image>) -> Result<()> {
+        let h = tokio::runtime::Handle::current();
+        image.enable_background(Arc::new(move |f| {
+            h.spawn(f);
+        }));
+        if let Some(on) = self.copy_on_read {
+            image.set_copy_on_read(on);
+        }
+        image.set_profile_recording(self.record_profile);
+        if let Some(cfg) = &self.prefetch
+            && image.base_range() > 0
+        {
+            spawn_prefetch(image.clone(), cfg.clone(), self.status.clone())?;
+        }
+        Ok(())
+    }
+
+    /// What the control socket calls with the image an online resize
+    /// reopened: the options apply to it, and an unfinished prefetch goes
+    /// on there (at once: its start delay has passed).
+    pub fn reopened_fn(&self) -> super::control::ReopenedFn {
+        let mut again = Extras {
+            status: self.status.clone(),
+            started: self.started,
+            stats_socket: None,
+            record_profile: self.record_profile,
+            copy_on_read: self.copy_on_read,
+            prefetch: self.prefetch.clone(),
+        };
+        if let Some(cfg) = &mut again.prefetch {
+            cfg.start_delay = Duration::ZERO;
+        }
+        Arc::new(move |image: &Arc<Image>| {
+            if let Err(e) = again.apply(image) {
+                eprintln!("fvd serve: after the resize: {e}");
+            }
+        })
+    }
+
     /// What answers `query-stats` on the control socket.
-    pub fn stats_fn(&self, image: &Arc<Image>) -> super::control::StatsFn {
-        let (img, st, started) = (image.clone(), self.status.clone(), self.started);
-        Arc::new(move || stats_json(&img, &st, started))
+    pub fn stats_fn(&self, live: &Arc<LiveImage>) -> super::control::StatsFn {
+        let (live, st, started) = (live.clone(), self.status.clone(), self.started);
+        Arc::new(move || stats_json(&live.current(), &st, started))
     }
 
     /// After the server stopped (the image is closed, and a recorded profile

@@ -193,7 +193,7 @@ impl Image {
             read_only: p.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
-            stats: p.stats,
+            stats: Arc::new(p.stats),
             cor: cor::CorState::new(
                 p.header.flags & header::FLAG_COPY_ON_READ != 0 && !p.read_only,
                 p.header.max_cor_bytes,
@@ -224,7 +224,7 @@ impl Image {
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
-            stats: Stats::default(),
+            stats: Arc::default(),
             header: None,
             replayed_blocks: 0,
             header_note: None,

@@ -120,7 +120,9 @@ pub struct Image {
     read_only: bool,
     closed: AtomicBool,
     raw_dirty: AtomicBool,
-    stats: Stats,
+    /// Counters; an image reopened in place of this one (online resize)
+    /// carries them on.
+    stats: Arc<Stats>,
     header: Option<Header>,
     replayed_blocks: u64,
     /// What the open noticed about the header slots (a damaged one).

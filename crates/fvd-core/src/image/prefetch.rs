@@ -186,6 +186,11 @@ pub async fn prefetch(
 ) -> Result<()> {
     img.latency.watch(clock.clone());
     let r = run(&img, &cfg, clock.as_ref(), &status).await;
+    if r.is_ok() && img.closed.load(Ordering::Acquire) {
+        // Stopped by a close (an online resize may go on with the image
+        // reopened): the state is not this run's to set any more.
+        return Ok(());
+    }
     status.set(if r.is_ok() {
         PrefetchState::Done
     } else {
@@ -210,9 +215,12 @@ async fn run(
     }
     let bs = img.map.block_size;
     let (local, blocks) = img.local_blocks();
-    status
-        .total
-        .store(blocks.saturating_sub(local) * bs, Ordering::Relaxed);
+    // A prefetch that goes on after an online resize counts on.
+    let remaining = blocks.saturating_sub(local) * bs;
+    status.total.store(
+        status.done.load(Ordering::Relaxed) + remaining,
+        Ordering::Relaxed,
+    );
     let mut work: Vec<(u64, u64)> = Vec::new();
     if cfg.mode == PrefetchMode::Profile
         && let Some(p) = img.stored_profile().await?
@@ -262,6 +270,10 @@ async fn run(
         let t0 = clock.now();
         let lat0 = img.latency.snapshot();
         let gate = img.enter().await;
+        if img.closed.load(Ordering::Acquire) {
+            // Closed while waiting for the gate (an online resize).
+            return Ok(());
+        }
         let fills = batch
             .into_iter()
             .map(|blocks| {
