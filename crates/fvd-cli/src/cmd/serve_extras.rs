@@ -44,6 +44,10 @@ pub struct BaseArgs {
     /// Seconds to wait before prefetching.
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     pub prefetch_delay: f64,
+    /// Prefetch stops when a guest request arrives and resumes once the
+    /// guest has been idle for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 0.02)]
+    pub prefetch_quiet: f64,
     /// Prefetch at most this many bytes per second (e.g. 20M).
     #[arg(long, value_name = "BYTES")]
     pub prefetch_rate: Option<String>,
@@ -104,6 +108,8 @@ pub async fn start(live: &Arc<LiveImage>, a: &BaseArgs, started: Instant) -> Res
                 PrefetchMode::Adaptive
             },
             start_delay: Duration::from_secs_f64(a.prefetch_delay.max(0.0)),
+            quiet: Duration::try_from_secs_f64(a.prefetch_quiet.max(0.0))
+                .map_err(|e| anyhow!("--prefetch-quiet: {e}"))?,
             rate_limit: rate,
             ..PrefetchConfig::default()
         };
@@ -205,7 +211,6 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "total-bytes": st.total.load(Ordering::Relaxed),
             "pauses": st.pauses.load(Ordering::Relaxed),
             "yields": st.yields.load(Ordering::Relaxed),
-            "busy-rest": st.busy_rest.load(Ordering::Relaxed),
             "throughput": prefetch_bytes as f64 / secs,
         },
         "virtual-size": img.virtual_size(),

@@ -186,7 +186,7 @@ impl Collector for Figures {
         counter(
             e,
             "fvd_prefetch_yields",
-            "Prefetch steps delayed to let guest I/O through.",
+            "Times prefetch stopped for guest requests (it resumes once the guest is quiet).",
             load(&pf.yields),
         )?;
         gauge(

@@ -9,7 +9,7 @@ use super::compact::{self, Compact, SnapshotUse};
 use super::encrypt::Encryption;
 use super::map::{Layout, Mapping};
 use super::rangelock::RangeLocks;
-use super::{Image, OpenOptions, cor, expect_len, prefetch, profile, snapshot};
+use super::{Image, OpenOptions, cor, expect_len, profile, snapshot};
 use crate::base::Base;
 use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
@@ -201,7 +201,6 @@ impl Image {
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
-            latency: prefetch::LatencyWatch::default(),
             gate: tokio::sync::RwLock::new(()),
             snapshots: p.snapshots,
             header: Some(p.header),
@@ -232,7 +231,6 @@ impl Image {
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
-            latency: prefetch::LatencyWatch::default(),
             gate: tokio::sync::RwLock::new(()),
             snapshots: snapshot::SnapshotState::default(),
             crypt: None,

@@ -132,8 +132,6 @@ pub struct Image {
     profile: profile::Recorder,
     /// Guest requests served (prefetch yields when this moves).
     foreground_ops: AtomicU64,
-    /// Latency of guest requests, timed once a prefetch watches it.
-    latency: prefetch::LatencyWatch,
     /// Requests hold it shared, snapshot operations exclusively.
     gate: tokio::sync::RwLock<()>,
     /// The snapshot directory (compact images).
