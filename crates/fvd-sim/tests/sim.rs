@@ -911,7 +911,11 @@ fn regression_compact_checkpoint_bit_without_chunk() {
 ///   retries while frees are pending);
 /// * 6427439016717633989, 7982015950141780070: two allocations growing the
 ///   storage at once issued `set_len` concurrently; the smaller one could
-///   complete last and shrink the file under a chunk already in use.
+///   complete last and shrink the file under a chunk already in use;
+/// * 8384519305784458344, 10045292011028599186 and 16082075200178689610
+///   again: chunks freed by a discard whose punch failed were later handed
+///   out as reading zeros (their copy-on-write fill skipped), so another
+///   sector's old data showed through.
 #[test]
 fn regression_compact_seeds() {
     for seed in [

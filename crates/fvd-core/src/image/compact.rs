@@ -476,6 +476,13 @@ impl Compact {
         }
     }
 
+    /// Physical chunks `phys` (freed or about to be) may hold old data: never
+    /// hand them out as known to read zeros.
+    pub fn mark_dirty(&self, phys: &[u32]) {
+        let mut a = self.lock();
+        a.dirty.extend(phys.iter().copied());
+    }
+
     /// Return chunks that were allocated but never published. `written`:
     /// a write into them may have happened (they may no longer read zeros).
     pub fn release(&self, chunks: &[Chunk], written: bool) {

@@ -85,6 +85,9 @@ impl Image {
         if let Some(c) = self.map.compact()
             && let Err(e) = self.punch_chunks(c, frees.physical(), offset).await
         {
+            // Some of them may still hold their data: a later allocation
+            // must zero them, not trust them to read zeros.
+            c.mark_dirty(frees.physical());
             failed.get_or_insert(e);
         }
         // Publish the frees done so far even after an error: the chunks are
