@@ -416,7 +416,12 @@ class Bench:
                 extra = ["--prefetch", mode]
                 if mode == "adaptive":
                     # Cap so that prefetch outlasts the measurement on any link.
-                    cap = self.args.c_rate or int((self.size - local) / (self.args.c_runtime * 2))
+                    # The cap is an average since the start: a prefetcher that
+                    # stops for the guest catches up in the guest's idle
+                    # moments (between slices, and during the other server's
+                    # slices), so the budget covers half of it over the slices
+                    # of both modes.
+                    cap = self.args.c_rate or int((self.size - local) / (self.args.c_runtime * 4))
                     extra += ["--prefetch-rate", str(cap)]
                 procs[mode] = self.serve_fvd(img, extra)
             pf_proc = procs["adaptive"]

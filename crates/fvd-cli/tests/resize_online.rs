@@ -8,34 +8,18 @@
 mod nbd_support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fvd_core::Format;
 use fvd_nbd::proto::consts::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES};
 use fvd_nbd::proto::request::Command as Cmd;
-use nbd_support::{Client, Server, engine_content, fvd_bin, missing, qemu_io_ok, run};
+use nbd_support::{Client, Server, engine_content, missing, ok, qemu_io_ok, run};
 
 const M: u64 = 1 << 20;
 
 fn fvd(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(fvd_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run fvd")
-}
-
-fn ok(o: &std::process::Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    nbd_support::fvd_in(dir, args)
 }
 
 fn fails(o: &std::process::Output, needle: &str, what: &str) {
