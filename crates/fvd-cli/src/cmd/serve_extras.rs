@@ -11,9 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use fvd_core::image::prefetch::{
-    PrefetchConfig, PrefetchMode, PrefetchState, PrefetchStatus, prefetch,
-};
+use fvd_core::image::prefetch::{PrefetchConfig, PrefetchMode, PrefetchStatus, prefetch};
 use fvd_core::{Image, LiveImage};
 use serde_json::json;
 
@@ -194,7 +192,7 @@ fn lower_thread_priority(nice: i32) {
 fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json::Value {
     let s = img.stats();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
-    let state = prefetch_state(img, st).name();
+    let state = st.reported_state(img).name();
     let prefetch_bytes = s.prefetch_bytes.load(Ordering::Relaxed);
     let (local, blocks) = img.local_blocks();
     json!({
@@ -221,16 +219,6 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
         "foreground-write-bytes": s.data_write_bytes.load(Ordering::Relaxed).saturating_sub(prefetch_bytes + s.cor_bytes.load(Ordering::Relaxed)),
         "uptime-seconds": secs,
     })
-}
-
-/// The prefetch state to report: an image that no longer needs its base
-/// counts as done even when no prefetch ran in this server.
-pub fn prefetch_state(img: &Image, st: &PrefetchStatus) -> PrefetchState {
-    if st.state() == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
-        PrefetchState::Done
-    } else {
-        st.state()
-    }
 }
 
 impl Extras {

@@ -195,7 +195,7 @@ impl Collector for Figures {
             "Prefetch's estimate of the base's throughput.",
             load(&pf.throughput),
         )?;
-        let state = super::serve_extras::prefetch_state(img, pf);
+        let state = pf.reported_state(img);
         let mut m = e.encode_descriptor(
             "fvd_prefetch_state",
             "1 for the current state of prefetch, 0 for the others.",

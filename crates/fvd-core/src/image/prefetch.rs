@@ -170,6 +170,17 @@ impl PrefetchStatus {
         }
     }
 
+    /// The state to report for `img`: an image that no longer needs its
+    /// base counts as done even when no prefetch ran.
+    pub fn reported_state(&self, img: &Image) -> PrefetchState {
+        let st = self.state();
+        if st == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
+            PrefetchState::Done
+        } else {
+            st
+        }
+    }
+
     fn set(&self, s: PrefetchState) {
         self.state.store(s as u8, Ordering::Release);
     }
