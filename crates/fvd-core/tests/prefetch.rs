@@ -378,6 +378,8 @@ fn prefetch_stops_at_a_guest_request_and_finishes_once_the_guest_is_idle() {
     let status = Arc::new(PrefetchStatus::default());
     let cfg = PrefetchConfig {
         quiet: Duration::from_millis(300),
+        // The base is slow on purpose: no random backoff for it.
+        min_throughput: 0,
         ..Default::default()
     };
     let depth = cfg.depth;
