@@ -15,28 +15,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nbd_support::{Server, fvd_bin};
+use nbd_support::{Server, ok};
 
 const SIZE: u64 = 256 << 20;
 const BLOCK: u64 = 4096;
 
 fn fvd(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(fvd_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run fvd")
-}
-
-fn ok(o: &std::process::Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    nbd_support::fvd_in(dir, args)
 }
 
 fn now_ms() -> f64 {

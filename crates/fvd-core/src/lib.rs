@@ -30,6 +30,7 @@ pub mod image;
 pub mod iobuf;
 pub mod latency;
 pub mod lifecycle;
+pub mod live;
 mod meta;
 pub mod open;
 pub mod storage;
@@ -42,6 +43,7 @@ pub use image::{
     Source, Target,
 };
 pub use iobuf::IoBuf;
+pub use live::LiveImage;
 #[doc(hidden)]
 pub use meta::Mutation;
 pub use meta::Stats;

@@ -357,3 +357,74 @@ fn offline_prefetch_is_resumable_after_interruption() {
     assert!(all == data);
     block_on(img.close()).unwrap();
 }
+
+/// Prefetch gets out of the guest's way at once: once a guest request
+/// arrives during a round, the steps in flight issue no further base reads
+/// (at most the `depth` reads already under way complete), nothing more is
+/// fetched while the guest has not been quiet for the quiet time, and once
+/// the guest stays idle the prefetch finishes. Each step here needs one
+/// slow base read per block (every other block is already local), so a
+/// round that ran to its end would issue over a hundred more reads.
+#[test]
+fn prefetch_stops_at_a_guest_request_and_finishes_once_the_guest_is_idle() {
+    let (disk, base, data) = setup(8 * MIB, false);
+    let img = Arc::new(open(&disk, &base));
+    let blocks = 8 * MIB / 4096;
+    for b in (0..blocks).step_by(2) {
+        block_on(img.write_slice(b * 4096, &[9; 4096], false)).unwrap();
+    }
+    base.delay_ms.store(2, Ordering::SeqCst);
+    base.log.lock().unwrap().clear();
+    let status = Arc::new(PrefetchStatus::default());
+    let cfg = PrefetchConfig {
+        quiet: Duration::from_millis(300),
+        // The base is slow on purpose: no random backoff for it.
+        min_throughput: 0,
+        ..Default::default()
+    };
+    let depth = cfg.depth;
+    let (img2, st2) = (img.clone(), status.clone());
+    let runner = std::thread::spawn(move || {
+        block_on(prefetch(img2, cfg, Arc::new(ThreadClock::default()), st2))
+    });
+    let t0 = std::time::Instant::now();
+    while base.log.lock().unwrap().len() < 8 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "prefetch did not start"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The guest reads a block already in the image.
+    let mut b = vec![0u8; 4096];
+    block_on(img.read_slice(0, &mut b)).unwrap();
+    let at_request = base.log.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(150));
+    let after = base.log.lock().unwrap().len() - at_request;
+    assert!(
+        after <= depth,
+        "{after} base reads issued after the guest request (at most {depth} were under way)"
+    );
+    // The guest stays idle: prefetch resumes and finishes.
+    runner.join().unwrap().unwrap();
+    assert_eq!(status.state(), PrefetchState::Done);
+    assert!(status.yields.load(Ordering::Relaxed) >= 1);
+    assert_eq!(img.base_range(), 0);
+    let mut all = vec![0u8; 8 * MIB as usize];
+    block_on(img.read_slice(0, &mut all)).unwrap();
+    for blk in 0..blocks as usize {
+        let got = &all[blk * 4096..(blk + 1) * 4096];
+        let want: &[u8] = if blk % 2 == 0 {
+            &[9; 4096]
+        } else {
+            &data[blk * 4096..(blk + 1) * 4096]
+        };
+        assert!(got == want, "block {blk}");
+    }
+    assert_eq!(
+        base.fetched.load(Ordering::SeqCst),
+        blocks / 2 * 4096,
+        "every base block fetched exactly once, yielding included"
+    );
+    block_on(img.close()).unwrap();
+}

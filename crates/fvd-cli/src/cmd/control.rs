@@ -18,17 +18,21 @@
 //!   (QMP's `blockdev-snapshot-internal-sync`);
 //! * `snapshot-delete` `{"name"}` and/or `{"id"}` → the deleted snapshot
 //!   (QMP's `blockdev-snapshot-delete-internal-sync`);
-//! * `query-stats` → the statistics object of `--stats-socket`.
-//!
-//! Later operations on a running image (resize, …) are further commands
-//! of the same shape.
+//! * `query-stats` → the statistics object of `--stats-socket`;
+//! * `block_resize` `{"size": BYTES, "shrink": BOOL}` → resize the image
+//!   (QMP's `block_resize`; a shrink needs `"shrink": true`, as qemu-img's
+//!   `--shrink`): requests in flight finish, new ones wait, the image is
+//!   closed, resized and reopened (`fvd_core::live`); returns
+//!   `{"old-size", "new-size"}`. Clients see the new size when they
+//!   reconnect (NBD has no size-change notice). An optional `"file"` names
+//!   the image the caller means: a different one is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
-use fvd_core::Image;
 use fvd_core::image::snapshot::SnapshotSel;
+use fvd_core::{Image, LiveImage};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -39,7 +43,8 @@ use crate::snapshot_list::SnapshotJson;
 const MAX_LINE: usize = 64 << 10;
 
 /// Every command, for `query-commands`.
-const COMMANDS: [&str; 5] = [
+const COMMANDS: [&str; 6] = [
+    "block_resize",
     "query-commands",
     "query-snapshots",
     "query-stats",
@@ -49,6 +54,21 @@ const COMMANDS: [&str; 5] = [
 
 /// What answers `query-stats`.
 pub type StatsFn = Arc<dyn Fn() -> Value + Send + Sync>;
+
+/// What is told about the image an online resize reopened.
+pub type ReopenedFn = Arc<dyn Fn(&Arc<Image>) + Send + Sync>;
+
+/// What the control socket works on.
+#[derive(Clone)]
+pub struct Target {
+    /// The exported image.
+    pub live: Arc<LiveImage>,
+    /// Answers `query-stats`.
+    pub stats: StatsFn,
+    /// Called after an online resize; `None` where the export cannot
+    /// change size (vhost-user-blk): `block_resize` is refused.
+    pub reopened: Option<ReopenedFn>,
+}
 
 /// A listening control socket; the socket file goes when it is dropped.
 pub struct ControlSocket {
@@ -63,8 +83,8 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Listen on `path` and serve requests about `image` until dropped.
-pub fn start(image: Arc<Image>, path: &Path, stats: StatsFn) -> Result<ControlSocket> {
+/// Listen on `path` and serve requests about `target` until dropped.
+pub fn start(target: Target, path: &Path) -> Result<ControlSocket> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     // Only a stale socket is replaced, never another kind of file.
     if let Ok(m) = std::fs::symlink_metadata(path)
@@ -78,9 +98,9 @@ pub fn start(image: Arc<Image>, path: &Path, stats: StatsFn) -> Result<ControlSo
         .map_err(|e| anyhow!("--control-socket {}: {e}", path.display()))?;
     let task = tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            let (img, stats) = (image.clone(), stats.clone());
+            let target = target.clone();
             tokio::spawn(async move {
-                let _ = serve_connection(sock, img, stats).await;
+                let _ = serve_connection(sock, target).await;
             });
         }
     });
@@ -90,7 +110,7 @@ pub fn start(image: Arc<Image>, path: &Path, stats: StatsFn) -> Result<ControlSo
     })
 }
 
-async fn serve_connection(sock: UnixStream, image: Arc<Image>, stats: StatsFn) -> Result<()> {
+async fn serve_connection(sock: UnixStream, target: Target) -> Result<()> {
     let (rd, mut wr) = sock.into_split();
     let mut rd = BufReader::new(rd);
     let mut line = Vec::new();
@@ -114,7 +134,7 @@ async fn serve_connection(sock: UnixStream, image: Arc<Image>, stats: StatsFn) -
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let answer = handle(&line, &image, &stats).await;
+        let answer = handle(&line, &target).await;
         wr.write_all(format!("{answer}\n").as_bytes()).await?;
     }
 }
@@ -124,7 +144,7 @@ fn error(class: &str, desc: impl Into<String>) -> Value {
 }
 
 /// One request line → one answer.
-async fn handle(line: &[u8], image: &Image, stats: &StatsFn) -> Value {
+async fn handle(line: &[u8], target: &Target) -> Value {
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return error("GenericError", format!("not JSON: {e}")),
@@ -140,7 +160,7 @@ async fn handle(line: &[u8], image: &Image, stats: &StatsFn) -> Value {
         }
         (Some(cmd), args) => {
             let empty = json!({});
-            execute(cmd, args.unwrap_or(&empty), image, stats).await
+            execute(cmd, args.unwrap_or(&empty), target).await
         }
     };
     if let (Some(id), Some(obj)) = (id, answer.as_object_mut()) {
@@ -149,7 +169,13 @@ async fn handle(line: &[u8], image: &Image, stats: &StatsFn) -> Value {
     answer
 }
 
-async fn execute(cmd: &str, args: &Value, image: &Image, stats: &StatsFn) -> Value {
+async fn execute(cmd: &str, args: &Value, target: &Target) -> Value {
+    if cmd == "block_resize" {
+        return answer(block_resize(args, target).await);
+    }
+    // Snapshot operations run on the current image, and a resize waits
+    // for them.
+    let image = target.live.enter().await;
     let arg = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
     let id_arg = || {
         args.get("id").and_then(|v| {
@@ -160,7 +186,7 @@ async fn execute(cmd: &str, args: &Value, image: &Image, stats: &StatsFn) -> Val
     };
     let r: std::result::Result<Value, String> = match cmd {
         "query-commands" => Ok(json!(COMMANDS)),
-        "query-stats" => Ok(stats()),
+        "query-stats" => Ok((target.stats)()),
         "query-snapshots" => {
             let list: Vec<SnapshotJson> =
                 image.snapshots().iter().map(SnapshotJson::from).collect();
@@ -197,9 +223,55 @@ async fn execute(cmd: &str, args: &Value, image: &Image, stats: &StatsFn) -> Val
             );
         }
     };
+    answer(r)
+}
+
+fn answer(r: std::result::Result<Value, String>) -> Value {
     match r {
         Ok(v) => json!({ "return": v }),
         Err(desc) => error("GenericError", desc),
+    }
+}
+
+/// `block_resize`: check the arguments, resize, tell the server.
+async fn block_resize(args: &Value, target: &Target) -> std::result::Result<Value, String> {
+    let image = target.live.current();
+    let Some(reopened) = &target.reopened else {
+        return Err(format!(
+            "{}: online resize is available for NBD exports only; stop the server to resize",
+            image.describe()
+        ));
+    };
+    let size = args
+        .get("size")
+        .and_then(Value::as_u64)
+        .ok_or("block_resize needs {\"size\": BYTES}")?;
+    let shrink = match args.get("shrink") {
+        None => false,
+        Some(v) => v.as_bool().ok_or("\"shrink\" must be true or false")?,
+    };
+    if let Some(file) = args.get("file") {
+        let file = file.as_str().ok_or("\"file\" must be a path")?;
+        same_file(file, &image.describe())?;
+    }
+    let done = target
+        .live
+        .resize(size, shrink, |now| reopened(now))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(json!({ "old-size": done.old_size, "new-size": done.new_size }))
+}
+
+/// Refuse a request meant for `asked` when the server exports `served`.
+fn same_file(asked: &str, served: &str) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    match (id(asked), id(served)) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Err(e), _) => Err(format!("{asked}: {e}")),
+        _ => Err(format!(
+            "{asked}: the server exports {served}, not this image"
+        )),
     }
 }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use fvd_core::Opener;
 use fvd_core::storage::CacheMode;
-use fvd_core::{Format, PathOptions};
+use fvd_core::{Format, LiveImage, PathOptions};
 use fvd_remote::cache::CacheOptions;
 
 use crate::common::parse_cache;
@@ -58,7 +58,8 @@ pub struct ServeArgs {
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
     pub load_snapshot: Option<String>,
     /// Answer JSON requests on this unix socket (mode 0600): snapshots of
-    /// the running image, statistics (see `fvd snapshot --server`).
+    /// the running image, online resize, statistics (see `fvd snapshot
+    /// --server`, `fvd resize --server`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
     /// Most clients served at once; one more waits after its handshake
@@ -267,18 +268,32 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
     crate::common::require_key(&image, &a.image)?;
     let image = Arc::new(image);
     let more = cached.as_ref().map(super::serve_cache::stats_fn);
-    let extras = match super::serve_extras::start(&image, &a.base, started, more).await {
+    // What the server exports: an online resize replaces the image in it.
+    let live = Arc::new(LiveImage::new(image.clone()));
+    let extras = match super::serve_extras::start(&live, &a.base, started, more).await {
         Ok(x) => x,
         Err(e) => {
-            let _ = image.close().await;
+            let _ = live.current().close().await;
             return Err(e);
         }
     };
     let _control = match &a.control_socket {
-        Some(p) => match super::control::start(image.clone(), p, extras.stats_fn(&image)) {
+        Some(p) => match super::control::start(
+            super::control::Target {
+                live: live.clone(),
+                stats: extras.stats_fn(&live),
+                // vhost-user-blk clients keep the size they were given.
+                reopened: a
+                    .vhost
+                    .vhost_user_blk
+                    .is_none()
+                    .then(|| extras.reopened_fn()),
+            },
+            p,
+        ) {
             Ok(c) => Some(c),
             Err(e) => {
-                let _ = image.close().await;
+                let _ = live.current().close().await;
                 return Err(e);
             }
         },
@@ -298,7 +313,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
         let listening = match bound {
             Ok(l) => l,
             Err(e) => {
-                let _ = image.close().await;
+                let _ = live.current().close().await;
                 return Err(anyhow!(e));
             }
         };
@@ -338,7 +353,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
         ..ServerConfig::default()
     };
     let started = async {
-        let server = Server::new(image.clone(), config)?;
+        let server = Server::new_live(live.clone(), config)?;
         let listener = match activated {
             Some(fd) => Listener::from_inherited(fd)?,
             None => Listener::bind(&addr).await?,
@@ -349,7 +364,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
     let (server, listener) = match started {
         Ok(v) => v,
         Err(e) => {
-            let _ = image.close().await;
+            let _ = live.current().close().await;
             return Err(anyhow!(e));
         }
     };
@@ -376,7 +391,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
         Ok(p) => p,
         Err(e) => {
             drop(listener);
-            let _ = image.close().await;
+            let _ = live.current().close().await;
             return Err(e);
         }
     };
@@ -384,7 +399,7 @@ async fn serve(a: ServeArgs, opener: &Opener, cache: Option<CacheOptions>) -> Re
         .serve(listener, signal)
         .await
         .map_err(|e| anyhow!("{path}: closing: {e}"))?;
-    extras.finish(&image);
+    extras.finish(&live.current());
     if let Some(c) = &cached {
         eprintln!("{}", super::serve_cache::summary(c));
     }

@@ -1,4 +1,9 @@
 //! Copy-on-read, prefetch and statistics for `fvd serve`.
+//!
+//! They follow the exported image when an online resize replaces it
+//! ([`Extras::reopened`]): the settings are applied to the reopened image
+//! and a prefetch that had not finished goes on there (it stops on the
+//! closed one); the statistics read the current image.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use fvd_core::Image;
 use fvd_core::image::prefetch::{PrefetchConfig, PrefetchMode, PrefetchStatus, prefetch};
+use fvd_core::{Image, LiveImage};
 use serde_json::json;
 
 use crate::clock::TokioClock;
@@ -37,6 +42,10 @@ pub struct BaseArgs {
     /// Seconds to wait before prefetching.
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     pub prefetch_delay: f64,
+    /// Prefetch stops when a guest request arrives and resumes once the
+    /// guest has been idle for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 0.02)]
+    pub prefetch_quiet: f64,
     /// Prefetch at most this many bytes per second (e.g. 20M).
     #[arg(long, value_name = "BYTES")]
     pub prefetch_rate: Option<String>,
@@ -74,27 +83,25 @@ pub struct Extras {
     /// Figures of what serves the export besides the image (the host
     /// cache of `fvd cache serve`), reported under `"cache"`.
     more: Option<super::control::StatsFn>,
+    copy_on_read: Option<bool>,
+    /// The prefetch asked for (None: off).
+    prefetch: Option<PrefetchConfig>,
 }
 
-/// Apply the options to `image` and start prefetch and the stats socket.
-/// `started` is when the server started (its uptime counts from there);
-/// `more` adds the figures of a host cache to every stats answer.
+/// Apply the options to the image of `live` and start prefetch and the
+/// stats socket. `started` is when the server started (its uptime counts
+/// from there); `more` adds the figures of a host cache to every stats
+/// answer.
 pub async fn start(
-    image: &Arc<Image>,
+    live: &Arc<LiveImage>,
     a: &BaseArgs,
     started: Instant,
     more: Option<super::control::StatsFn>,
 ) -> Result<Extras> {
-    let h = tokio::runtime::Handle::current();
-    image.enable_background(Arc::new(move |f| {
-        h.spawn(f);
-    }));
-    if let Some(on) = a.copy_on_read {
-        image.set_copy_on_read(on);
-    }
-    image.set_profile_recording(a.record_profile);
+    let image = live.current();
     let status = Arc::new(PrefetchStatus::default());
-    if a.prefetch != PrefetchChoice::Off && image.base_range() > 0 {
+    let mut prefetch = None;
+    if a.prefetch != PrefetchChoice::Off {
         let rate = a
             .prefetch_rate
             .as_deref()
@@ -108,10 +115,12 @@ pub async fn start(
                 PrefetchMode::Adaptive
             },
             start_delay: Duration::from_secs_f64(a.prefetch_delay.max(0.0)),
+            quiet: Duration::try_from_secs_f64(a.prefetch_quiet.max(0.0))
+                .map_err(|e| anyhow!("--prefetch-quiet: {e}"))?,
             rate_limit: rate,
             ..PrefetchConfig::default()
         };
-        spawn_prefetch(image.clone(), cfg, status.clone())?;
+        prefetch = Some(cfg);
     }
     let extras = Extras {
         status,
@@ -119,17 +128,19 @@ pub async fn start(
         stats_socket: a.stats_socket.clone(),
         record_profile: a.record_profile,
         more,
+        copy_on_read: a.copy_on_read,
+        prefetch,
     };
+    extras.apply(&image)?;
     if let Some(addr) = a.metrics {
-        let bound =
-            super::serve_metrics::start(addr, image, &extras.status, extras.started).await?;
+        let bound = super::serve_metrics::start(addr, live, &extras.status, extras.started).await?;
         eprintln!("fvd serve: metrics at http://{bound}/metrics");
     }
     if let Some(path) = &a.stats_socket {
         let _ = std::fs::remove_file(path);
         let listener =
             tokio::net::UnixListener::bind(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let stats = extras.stats_fn(image);
+        let stats = extras.stats_fn(live);
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
                 let body = stats().to_string() + "\n";
@@ -208,9 +219,9 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "total-bytes": st.total.load(Ordering::Relaxed),
             "pauses": st.pauses.load(Ordering::Relaxed),
             "yields": st.yields.load(Ordering::Relaxed),
-            "busy-rest": st.busy_rest.load(Ordering::Relaxed),
             "throughput": prefetch_bytes as f64 / secs,
         },
+        "virtual-size": img.virtual_size(),
         "local-blocks": local,
         "snapshot-chunks-copied": s.chunks_copied.load(Ordering::Relaxed),
         "base-blocks": blocks,
@@ -232,11 +243,55 @@ fn with_more(
 }
 
 impl Extras {
+    /// Apply the options to `image` (at start, and to the image an online
+    /// resize reopened): background fills on the current runtime,
+    /// copy-on-read, profile recording, and the prefetch if the image
+    /// still needs its base.
+    fn apply(&self, image: &Arc<Image>) -> Result<()> {
+        let h = tokio::runtime::Handle::current();
+        image.enable_background(Arc::new(move |f| {
+            h.spawn(f);
+        }));
+        if let Some(on) = self.copy_on_read {
+            image.set_copy_on_read(on);
+        }
+        image.set_profile_recording(self.record_profile);
+        if let Some(cfg) = &self.prefetch
+            && image.base_range() > 0
+        {
+            spawn_prefetch(image.clone(), cfg.clone(), self.status.clone())?;
+        }
+        Ok(())
+    }
+
+    /// What the control socket calls with the image an online resize
+    /// reopened: the options apply to it, and an unfinished prefetch goes
+    /// on there (at once: its start delay has passed).
+    pub fn reopened_fn(&self) -> super::control::ReopenedFn {
+        let mut again = Extras {
+            status: self.status.clone(),
+            started: self.started,
+            stats_socket: None,
+            record_profile: self.record_profile,
+            more: self.more.clone(),
+            copy_on_read: self.copy_on_read,
+            prefetch: self.prefetch.clone(),
+        };
+        if let Some(cfg) = &mut again.prefetch {
+            cfg.start_delay = Duration::ZERO;
+        }
+        Arc::new(move |image: &Arc<Image>| {
+            if let Err(e) = again.apply(image) {
+                eprintln!("fvd serve: after the resize: {e}");
+            }
+        })
+    }
+
     /// What answers `query-stats` on the control socket.
-    pub fn stats_fn(&self, image: &Arc<Image>) -> super::control::StatsFn {
-        let (img, st, started) = (image.clone(), self.status.clone(), self.started);
+    pub fn stats_fn(&self, live: &Arc<LiveImage>) -> super::control::StatsFn {
+        let (live, st, started) = (live.clone(), self.status.clone(), self.started);
         let more = self.more.clone();
-        Arc::new(move || with_more(stats_json(&img, &st, started), &more))
+        Arc::new(move || with_more(stats_json(&live.current(), &st, started), &more))
     }
 
     /// After the server stopped (the image is closed, and a recorded profile

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
 use bytes::Bytes;
-use fvd_core::Image;
+use fvd_core::LiveImage;
 use fvd_core::image::prefetch::{PrefetchState, PrefetchStatus};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -45,7 +45,7 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr> {
 
 /// What a scrape reads.
 struct Figures {
-    image: Arc<Image>,
+    live: Arc<LiveImage>,
     prefetch: Arc<PrefetchStatus>,
     started: Instant,
 }
@@ -75,7 +75,7 @@ fn load(a: &AtomicU64) -> u64 {
 
 impl Collector for Figures {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let img = &self.image;
+        let img = &self.live.current();
         let s = img.stats();
         let pf = &self.prefetch;
         let e = &mut e;
@@ -186,7 +186,7 @@ impl Collector for Figures {
         counter(
             e,
             "fvd_prefetch_yields",
-            "Prefetch steps delayed to let guest I/O through.",
+            "Times prefetch stopped for guest requests (it resumes once the guest is quiet).",
             load(&pf.yields),
         )?;
         gauge(
@@ -271,11 +271,11 @@ fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<Full<Bytes>
     resp
 }
 
-/// Bind `addr` and serve the metrics of `image` on the current runtime
+/// Bind `addr` and serve the metrics of the image `live` exports on the current runtime
 /// until it stops. Returns the address bound (the port when 0 was asked).
 pub async fn start(
     addr: SocketAddr,
-    image: &Arc<Image>,
+    live: &Arc<LiveImage>,
     prefetch: &Arc<PrefetchStatus>,
     started: Instant,
 ) -> Result<SocketAddr> {
@@ -285,7 +285,7 @@ pub async fn start(
     let bound = listener.local_addr()?;
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Figures {
-        image: image.clone(),
+        live: live.clone(),
         prefetch: prefetch.clone(),
         started,
     }));

@@ -294,6 +294,27 @@ impl Drop for Server {
     }
 }
 
+/// Run `fvd` with `args` in `dir` (no input).
+pub fn fvd_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(fvd_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fvd")
+}
+
+/// The standard output of a command that must have succeeded.
+pub fn ok(o: &std::process::Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// Output of a client tool.
 pub struct Out {
     /// Exit status was 0.

@@ -139,6 +139,12 @@ impl Image {
         self.foreground_ops.load(Ordering::Relaxed)
     }
 
+    /// True while a guest request (read, write, zeroing, discard) is being
+    /// served.
+    pub(crate) fn guest_in_flight(&self) -> bool {
+        self.stats.requests_in_flight.load(Ordering::Relaxed) > 0
+    }
+
     /// Read base data for the guest into `out`, recording the profile and
     /// copying it into the image when copy-on-read is on.
     pub(crate) async fn read_from_base(&self, offset: u64, mut out: IoBuf) -> Result<IoBuf> {
@@ -211,15 +217,33 @@ impl Image {
     pub(crate) async fn fill_blocks(
         &self,
         blocks: Range<u64>,
-        mut src: Option<(u64, IoBuf)>,
+        src: Option<(u64, IoBuf)>,
         hard: bool,
     ) -> Result<u64> {
+        let (filled, _) = self.fill_blocks_until(blocks, src, hard, &|| false).await?;
+        Ok(filled)
+    }
+
+    /// [`Image::fill_blocks`] that asks `stop` before each run it would
+    /// fetch from the base and gives up when it says so (prefetch yielding
+    /// to the guest). Returns the bytes written and whether it stopped
+    /// early (then some of `blocks` may still be in the base).
+    pub(crate) async fn fill_blocks_until(
+        &self,
+        blocks: Range<u64>,
+        mut src: Option<(u64, IoBuf)>,
+        hard: bool,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(u64, bool)> {
         if self.map.meta.is_none() {
-            return Ok(0);
+            return Ok((0, false));
         }
         let bs = self.map.block_size;
         let mut filled = 0;
         for missing in self.map.missing(blocks) {
+            if src.is_none() && stop() {
+                return Ok((filled, true));
+            }
             let _g = self
                 .lock_span(missing.start * bs, (missing.end - missing.start) * bs)
                 .await;
@@ -237,6 +261,7 @@ impl Image {
                         let w = buf.window();
                         (buf.narrow(part(start, s, e)), Some((start, w)))
                     }
+                    None if stop() => return Ok((filled, true)),
                     None => (self.base_bytes(s, e - s).await?, None),
                 };
                 let fresh = self.allocate(s, e - s).await?;
@@ -262,7 +287,7 @@ impl Image {
                 filled += e - s;
             }
         }
-        Ok(filled)
+        Ok((filled, false))
     }
 }
 

@@ -1,6 +1,8 @@
 //! Engine work of the lifecycle operations (`crate::lifecycle`) that needs
 //! the image's internals: moving chunks out of the way of a data region
-//! whose start moves.
+//! whose start moves; closing a served image for an online operation and
+//! carrying its counters over to the image reopened in its place
+//! (`crate::live`).
 
 use super::Image;
 use super::compact::EMPTY;
@@ -8,6 +10,27 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::iobuf::IoBuf;
 
 impl Image {
+    /// Close the image once every request holding the gate is done
+    /// (prefetch and copy-on-read fills included), for an operation that
+    /// reopens it afterwards. Requests that enter later find it closed
+    /// (writes fail; a prefetch stops).
+    pub async fn close_quiesced(&self) -> Result<()> {
+        let _gate = self.gate.write().await;
+        self.close().await
+    }
+
+    /// True once the image is closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Carry the counters of `old` (the image this one was reopened in
+    /// place of) on: the statistics keep counting across an online resize.
+    pub fn carry_counters_from(&mut self, old: &Image) {
+        self.stats = old.stats.clone();
+        *self.foreground_ops.get_mut() = old.foreground_ops();
+    }
+
     /// The chunk table as the engine sees it (compact images; else `None`).
     pub(crate) fn chunk_table(&self) -> Option<Vec<u32>> {
         self.map.compact().map(|c| c.table_snapshot())

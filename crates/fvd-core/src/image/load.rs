@@ -9,7 +9,7 @@ use super::compact::{self, Compact, SnapshotUse};
 use super::encrypt::Encryption;
 use super::map::{Layout, Mapping};
 use super::rangelock::RangeLocks;
-use super::{Image, OpenOptions, cor, expect_len, prefetch, profile, snapshot};
+use super::{Image, OpenOptions, cor, expect_len, profile, snapshot};
 use crate::base::Base;
 use crate::crypt::Secret;
 use crate::error::{Error, ErrorKind, Result};
@@ -193,7 +193,7 @@ impl Image {
             read_only: p.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
-            stats: p.stats,
+            stats: Arc::new(p.stats),
             cor: cor::CorState::new(
                 p.header.flags & header::FLAG_COPY_ON_READ != 0 && !p.read_only,
                 p.header.max_cor_bytes,
@@ -201,7 +201,6 @@ impl Image {
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
-            latency: prefetch::LatencyWatch::default(),
             gate: tokio::sync::RwLock::new(()),
             snapshots: p.snapshots,
             header: Some(p.header),
@@ -224,7 +223,7 @@ impl Image {
             read_only: opts.read_only,
             closed: AtomicBool::new(false),
             raw_dirty: AtomicBool::new(false),
-            stats: Stats::default(),
+            stats: Arc::default(),
             header: None,
             replayed_blocks: 0,
             header_note: None,
@@ -232,7 +231,6 @@ impl Image {
             background: std::sync::OnceLock::new(),
             profile: profile::Recorder::default(),
             foreground_ops: AtomicU64::new(0),
-            latency: prefetch::LatencyWatch::default(),
             gate: tokio::sync::RwLock::new(()),
             snapshots: snapshot::SnapshotState::default(),
             crypt: None,

@@ -120,7 +120,9 @@ pub struct Image {
     read_only: bool,
     closed: AtomicBool,
     raw_dirty: AtomicBool,
-    stats: Stats,
+    /// Counters; an image reopened in place of this one (online resize)
+    /// carries them on.
+    stats: Arc<Stats>,
     header: Option<Header>,
     replayed_blocks: u64,
     /// What the open noticed about the header slots (a damaged one).
@@ -130,8 +132,6 @@ pub struct Image {
     profile: profile::Recorder,
     /// Guest requests served (prefetch yields when this moves).
     foreground_ops: AtomicU64,
-    /// Latency of guest requests, timed once a prefetch watches it.
-    latency: prefetch::LatencyWatch,
     /// Requests hold it shared, snapshot operations exclusively.
     gate: tokio::sync::RwLock<()>,
     /// The snapshot directory (compact images).

@@ -7,10 +7,13 @@
 //! off (and come back) in lockstep — and improves it:
 //! * it keeps several steps in flight while the guest is idle, so a base
 //!   with per-request latency is still read at close to its link rate;
-//! * it yields to foreground I/O: whenever guest requests arrived since its
-//!   last step it drops to one small step at a time and rests a multiple of
-//!   that step's duration (plus a short random delay) before the next, so the
-//!   guest gets the CPU, the disk and the link most of the time;
+//! * it gets out of the guest's way: once a guest request arrives no step
+//!   starts and the steps in flight stop before their next base read (what
+//!   they did not copy is visited again); it resumes only after the guest
+//!   has been idle for the quiet time (plus a short random delay, so hosts
+//!   sharing a base do not resume in lockstep), with small steps that grow
+//!   while the guest stays away. A guest that never pauses gets the CPU,
+//!   the disk and the link to itself; prefetch finishes once it is idle;
 //! * it never exceeds an optional rate cap (bytes per second);
 //! * it skips blocks already local or being written (fills lock and re-check);
 //! * profile mode fetches the ranges a recorded run read first, then the rest.
@@ -57,17 +60,16 @@ pub struct PrefetchConfig {
     pub max_pause: Duration,
     /// EWMA weight of the previous estimate (FVD used 0.8).
     pub alpha: f64,
-    /// Longest random delay when yielding to guest I/O.
+    /// Longest random delay added to the quiet time before resuming.
     pub yield_delay: Duration,
     /// Steps in flight at once while the guest is idle.
     pub depth: usize,
-    /// Bytes per step while the guest is busy.
-    pub busy_step_bytes: u64,
-    /// While the guest is busy, rest at least this many times each step's
-    /// duration (4: prefetch gets at most a fifth of the time); more, up to
-    /// 64, while the guest's requests are more than 10% slower during steps
-    /// than during rests.
-    pub busy_rest: u32,
+    /// Bytes per step of the first round after the guest was busy (doubled
+    /// per round the guest stays away, up to `step_bytes`).
+    pub first_step_bytes: u64,
+    /// After a guest request, prefetch resumes once the guest has sent none
+    /// (and has none in flight) for this long.
+    pub quiet: Duration,
     /// Journal the copied blocks (offline prefetch: progress survives a crash).
     pub hard: bool,
     /// With `hard`, flush after this many bytes.
@@ -86,8 +88,8 @@ impl Default for PrefetchConfig {
             alpha: 0.8,
             yield_delay: Duration::from_millis(5),
             depth: 4,
-            busy_step_bytes: 256 << 10,
-            busy_rest: 4,
+            first_step_bytes: 256 << 10,
+            quiet: Duration::from_millis(20),
             hard: false,
             flush_every: 64 << 20,
         }
@@ -136,13 +138,10 @@ pub struct PrefetchStatus {
     pub done: AtomicU64,
     /// Random pauses taken because the base was slow.
     pub pauses: AtomicU64,
-    /// Steps delayed to let guest I/O through.
+    /// Times prefetch stopped for guest requests (and waited for quiet).
     pub yields: AtomicU64,
     /// Latest throughput estimate (bytes/s).
     pub throughput: AtomicU64,
-    /// Current rest after each step while the guest is busy, in step
-    /// durations (raised when steps slow the guest down).
-    pub busy_rest: AtomicU64,
 }
 
 impl Default for PrefetchStatus {
@@ -154,7 +153,6 @@ impl Default for PrefetchStatus {
             pauses: AtomicU64::new(0),
             yields: AtomicU64::new(0),
             throughput: AtomicU64::new(0),
-            busy_rest: AtomicU64::new(0),
         }
     }
 }
@@ -173,13 +171,13 @@ impl PrefetchStatus {
     }
 
     /// The state to report for `img`: an image that no longer needs its
-    /// base counts as done even when no prefetch ran in this process.
+    /// base counts as done even when no prefetch ran.
     pub fn reported_state(&self, img: &Image) -> PrefetchState {
-        let s = self.state();
-        if s == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
+        let st = self.state();
+        if st == PrefetchState::Off && img.base_range() == 0 && img.header().is_some() {
             PrefetchState::Done
         } else {
-            s
+            st
         }
     }
 
@@ -195,8 +193,12 @@ pub async fn prefetch(
     clock: Arc<dyn Clock>,
     status: Arc<PrefetchStatus>,
 ) -> Result<()> {
-    img.latency.watch(clock.clone());
     let r = run(&img, &cfg, clock.as_ref(), &status).await;
+    if r.is_ok() && img.closed.load(Ordering::Acquire) {
+        // Stopped by a close (an online resize may go on with the image
+        // reopened): the state is not this run's to set any more.
+        return Ok(());
+    }
     status.set(if r.is_ok() {
         PrefetchState::Done
     } else {
@@ -221,9 +223,12 @@ async fn run(
     }
     let bs = img.map.block_size;
     let (local, blocks) = img.local_blocks();
-    status
-        .total
-        .store(blocks.saturating_sub(local) * bs, Ordering::Relaxed);
+    // A prefetch that goes on after an online resize counts on.
+    let remaining = blocks.saturating_sub(local) * bs;
+    status.total.store(
+        status.done.load(Ordering::Relaxed) + remaining,
+        Ordering::Relaxed,
+    );
     let mut work: Vec<(u64, u64)> = Vec::new();
     if cfg.mode == PrefetchMode::Profile
         && let Some(p) = img.stored_profile().await?
@@ -240,49 +245,59 @@ async fn run(
         work,
         index: 0,
         pos: None,
+        again: Vec::new(),
     };
     let started = clock.now();
     let mut copied = 0u64;
     let mut since_flush = 0u64;
     let mut ewma: Option<f64> = None;
-    let mut fg_seen = img.foreground_ops();
-    let mut pacer = BusyPacer::new(cfg.busy_rest);
-    let mut idle_batches = 0u32;
-    status.busy_rest.store(pacer.rest as u64, Ordering::Relaxed);
+    let mut calm_rounds = 0u32;
+    let mut seen = img.foreground_ops();
     loop {
         if img.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        // Guest requests since the last batch: one small step, then rest.
-        let fg = img.foreground_ops();
-        let busy = fg != fg_seen;
-        fg_seen = fg;
-        // Idle: `depth` steps at once, starting small after the guest was
-        // busy and doubling per calm batch up to `step_bytes`, so a guest
-        // that comes back finds at most `depth` small steps in its way.
-        idle_batches = if busy { 0 } else { idle_batches + 1 };
-        let (count, size) = if busy {
-            (1, cfg.busy_step_bytes)
-        } else {
-            (cfg.depth.max(1), idle_step(cfg, idle_batches))
-        };
-        let batch = steps.next_batch(img, count, size.max(bs));
+        if img.foreground_ops() != seen || img.guest_in_flight() {
+            // The guest is back: stay out of its way until it is quiet.
+            status.yields.fetch_add(1, Ordering::Relaxed);
+            status.set(PrefetchState::Paused);
+            wait_quiet(img, cfg, clock).await;
+            status.set(PrefetchState::Running);
+            seen = img.foreground_ops();
+            calm_rounds = 0;
+            continue;
+        }
+        let round_seen = seen;
+        let guest_came = || img.foreground_ops() != round_seen || img.guest_in_flight();
+        // `depth` steps at once, small in the first round after the guest
+        // was busy and doubling per calm round up to `step_bytes`.
+        calm_rounds += 1;
+        let size = idle_step(cfg, calm_rounds);
+        let batch = steps.next_batch(img, cfg.depth.max(1), size.max(bs));
         if batch.is_empty() {
             break;
         }
         let t0 = clock.now();
-        let lat0 = img.latency.snapshot();
         let gate = img.enter().await;
+        if img.closed.load(Ordering::Acquire) {
+            // Closed while waiting for the gate (an online resize).
+            return Ok(());
+        }
         let fills = batch
-            .into_iter()
+            .iter()
             .map(|blocks| {
-                Box::pin(img.fill_blocks(blocks, None, cfg.hard))
-                    as Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>>
+                Box::pin(img.fill_blocks_until(blocks.clone(), None, cfg.hard, &guest_came))
+                    as Pin<Box<dyn Future<Output = Result<(u64, bool)>> + Send + '_>>
             })
             .collect();
         let mut n = 0;
-        for r in join_all(fills).await {
-            n += r?;
+        for (r, blocks) in join_all(fills).await.into_iter().zip(batch) {
+            let (filled, stopped) = r?;
+            n += filled;
+            if stopped {
+                // What it did not copy comes next time.
+                steps.again.push(blocks);
+            }
         }
         drop(gate);
         let took = clock.now() - t0;
@@ -310,15 +325,6 @@ async fn run(
                 status.set(PrefetchState::Running);
             }
         }
-        if busy {
-            status.yields.fetch_add(1, Ordering::Relaxed);
-            let lat1 = img.latency.snapshot();
-            let jitter = cfg.yield_delay.as_micros().max(1) as u64;
-            let rest = took * pacer.rest + Duration::from_micros(1 + clock.random() % jitter);
-            clock.sleep(rest).await;
-            pacer.cycle(lat0, lat1, img.latency.snapshot());
-            status.busy_rest.store(pacer.rest as u64, Ordering::Relaxed);
-        }
         if let Some(cap) = cfg.rate_limit.filter(|&c| c > 0) {
             let due = Duration::from_secs_f64(copied as f64 / cap as f64);
             let elapsed = clock.now() - started;
@@ -336,103 +342,31 @@ async fn run(
     Ok(())
 }
 
-/// Bytes per step of the `n`th idle batch in a row (from 1): the busy step
-/// size, doubled per batch, up to `step_bytes`.
+/// Wait until the guest has sent no request, and has none in flight, for
+/// the quiet time (plus a random delay of up to `yield_delay`), or the
+/// image closed.
+async fn wait_quiet(img: &Image, cfg: &PrefetchConfig, clock: &dyn Clock) {
+    let jitter = cfg.yield_delay.as_micros().max(1) as u64;
+    clock
+        .sleep(Duration::from_micros(clock.random() % jitter))
+        .await;
+    loop {
+        let seen = img.foreground_ops();
+        clock.sleep(cfg.quiet.max(Duration::from_micros(1))).await;
+        let calm = img.foreground_ops() == seen && !img.guest_in_flight();
+        if calm || img.closed.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Bytes per step of the `n`th calm round in a row (from 1): the first
+/// step size, doubled per round, up to `step_bytes`.
 fn idle_step(cfg: &PrefetchConfig, n: u32) -> u64 {
-    let first = cfg.busy_step_bytes.clamp(1, cfg.step_bytes.max(1));
+    let first = cfg.first_step_bytes.clamp(1, cfg.step_bytes.max(1));
     first
         .saturating_mul(1 << n.saturating_sub(1).min(20))
         .min(cfg.step_bytes.max(first))
-}
-
-/// Guest request latency, timed with the prefetcher's [`Clock`] once a
-/// prefetch starts watching (before that, I/O pays nothing for it).
-#[derive(Default)]
-pub struct LatencyWatch {
-    clock: std::sync::OnceLock<Arc<dyn Clock>>,
-    total_ns: AtomicU64,
-    count: AtomicU64,
-}
-
-impl LatencyWatch {
-    /// Start timing a request (None while nobody watches).
-    pub(crate) fn start(&self) -> Option<Duration> {
-        self.clock.get().map(|c| c.now())
-    }
-
-    /// Finish timing a request started with [`LatencyWatch::start`].
-    pub(crate) fn finish(&self, t0: Option<Duration>) {
-        if let (Some(t0), Some(c)) = (t0, self.clock.get()) {
-            let ns = c.now().saturating_sub(t0).as_nanos() as u64;
-            self.total_ns.fetch_add(ns, Ordering::Relaxed);
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn watch(&self, clock: Arc<dyn Clock>) {
-        let _ = self.clock.set(clock);
-    }
-
-    /// (total nanoseconds, requests) so far.
-    fn snapshot(&self) -> (u64, u64) {
-        (
-            self.total_ns.load(Ordering::Relaxed),
-            self.count.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// Guest latency while prefetch steps run vs while it rests, and the rest
-/// factor they steer: doubled when steps slow the guest down by more than
-/// [`BusyPacer::TOLERANCE`], lowered by one (down to the configured factor)
-/// when they do not.
-struct BusyPacer {
-    rest: u32,
-    floor: u32,
-    step: (u64, u64),
-    idle: (u64, u64),
-}
-
-impl BusyPacer {
-    /// Steps may cost the guest this much extra mean latency.
-    const TOLERANCE: f64 = 1.10;
-    /// Requests timed in each state before a decision.
-    const SAMPLES: u64 = 32;
-    /// Longest rest, in step durations.
-    const MAX_REST: u32 = 64;
-
-    fn new(floor: u32) -> Self {
-        BusyPacer {
-            rest: floor,
-            floor,
-            step: (0, 0),
-            idle: (0, 0),
-        }
-    }
-
-    fn add(acc: &mut (u64, u64), from: (u64, u64), to: (u64, u64)) {
-        acc.0 += to.0.saturating_sub(from.0);
-        acc.1 += to.1.saturating_sub(from.1);
-    }
-
-    /// Account one busy cycle: guest latency totals at the start of the
-    /// step, at its end (= start of the rest) and at the end of the rest.
-    fn cycle(&mut self, start: (u64, u64), mid: (u64, u64), end: (u64, u64)) {
-        Self::add(&mut self.step, start, mid);
-        Self::add(&mut self.idle, mid, end);
-        if self.step.1 < Self::SAMPLES || self.idle.1 < Self::SAMPLES {
-            return;
-        }
-        let during = self.step.0 as f64 / self.step.1 as f64;
-        let without = self.idle.0 as f64 / self.idle.1 as f64;
-        self.rest = if during > without * Self::TOLERANCE {
-            (self.rest.max(1) * 2).min(Self::MAX_REST)
-        } else {
-            self.rest.saturating_sub(1).max(self.floor)
-        };
-        self.step = (0, 0);
-        self.idle = (0, 0);
-    }
 }
 
 /// The block ranges still to copy, in prefetch order.
@@ -441,6 +375,8 @@ struct Steps {
     index: usize,
     /// Position inside `work[index]`.
     pos: Option<u64>,
+    /// Block ranges a step gave up on to yield to the guest: visited first.
+    again: Vec<Range<u64>>,
 }
 
 impl Steps {
@@ -448,6 +384,13 @@ impl Steps {
     /// yet all local; empty when everything has been visited.
     fn next_batch(&mut self, img: &Image, count: usize, size: u64) -> Vec<Range<u64>> {
         let mut out = Vec::new();
+        while out.len() < count
+            && let Some(blocks) = self.again.pop()
+        {
+            if !img.map.all_local(blocks.clone()) {
+                out.push(blocks);
+            }
+        }
         while out.len() < count && self.index < self.work.len() {
             let (off, len) = self.work[self.index];
             let pos = self.pos.unwrap_or(off);
@@ -520,49 +463,17 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::{BusyPacer, PrefetchConfig, idle_step};
+    use super::{PrefetchConfig, idle_step};
 
     #[test]
-    fn idle_steps_grow_from_the_busy_step_to_the_full_step() {
+    fn idle_steps_grow_from_the_first_step_to_the_full_step() {
         let cfg = PrefetchConfig::default();
         let sizes: Vec<u64> = (1..=5).map(|n| idle_step(&cfg, n) >> 10).collect();
         assert_eq!(sizes, [256, 512, 1024, 1024, 1024]);
         let big = PrefetchConfig {
-            busy_step_bytes: 4 << 20,
+            first_step_bytes: 4 << 20,
             ..PrefetchConfig::default()
         };
         assert_eq!(idle_step(&big, 1), 1 << 20, "never above step_bytes");
-    }
-
-    /// Feed `n` busy cycles with these mean guest latencies (ns) during
-    /// steps and rests, 8 requests each.
-    fn feed(p: &mut BusyPacer, n: usize, during: u64, resting: u64) {
-        let mut t = (0u64, 0u64);
-        for _ in 0..n {
-            let start = t;
-            let mid = (t.0 + 8 * during, t.1 + 8);
-            let end = (mid.0 + 8 * resting, mid.1 + 8);
-            p.cycle(start, mid, end);
-            t = end;
-        }
-    }
-
-    #[test]
-    fn rests_longer_while_steps_slow_the_guest_and_recovers_after() {
-        let mut p = BusyPacer::new(4);
-        feed(&mut p, 3, 200, 100);
-        assert_eq!(p.rest, 4, "no decision before enough samples");
-        feed(&mut p, 1, 200, 100);
-        assert_eq!(p.rest, 8);
-        feed(&mut p, 40, 200, 100);
-        assert_eq!(p.rest, BusyPacer::MAX_REST, "doubles up to the cap");
-        feed(&mut p, 4, 105, 100);
-        assert_eq!(
-            p.rest,
-            BusyPacer::MAX_REST - 1,
-            "within tolerance: one less"
-        );
-        feed(&mut p, 1000, 100, 100);
-        assert_eq!(p.rest, 4, "never below the configured floor");
     }
 }

@@ -21,13 +21,10 @@ impl Image {
     /// dropped (back to the pool).
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _req = self.stats.request();
-        let t0 = self.latency.start();
-        let r = self.read_untimed(offset, buf).await;
-        self.latency.finish(t0);
-        r
+        self.read_counted(offset, buf).await
     }
 
-    async fn read_untimed(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+    async fn read_counted(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {

@@ -21,13 +21,10 @@ impl Image {
     /// image encrypts whole sectors in place); on error it is dropped.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf> {
         let _req = self.stats.request();
-        let t0 = self.latency.start();
-        let r = self.write_untimed(offset, buf, fua).await;
-        self.latency.finish(t0);
-        r
+        self.write_counted(offset, buf, fua).await
     }
 
-    async fn write_untimed(&self, offset: u64, mut buf: IoBuf, fua: bool) -> Result<IoBuf> {
+    async fn write_counted(&self, offset: u64, mut buf: IoBuf, fua: bool) -> Result<IoBuf> {
         self.check_writable()?;
         self.foreground_ops.fetch_add(1, Ordering::Relaxed);
         self.check_range(offset, buf.len() as u64)?;

@@ -12,13 +12,10 @@ impl Image {
     /// Make `[offset, offset+len)` read as zeros; with `unmap` the space may be freed.
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<()> {
         let _req = self.stats.request();
-        let t0 = self.latency.start();
-        let r = self.write_zeroes_untimed(offset, len, unmap, fua).await;
-        self.latency.finish(t0);
-        r
+        self.write_zeroes_counted(offset, len, unmap, fua).await
     }
 
-    async fn write_zeroes_untimed(
+    async fn write_zeroes_counted(
         &self,
         offset: u64,
         len: u64,

@@ -45,6 +45,9 @@ pub(crate) struct Session {
     pub(crate) meta_base: bool,
     /// `qemu:allocation-depth` selected.
     pub(crate) meta_depth: bool,
+    /// The export's size as sent to the client (the image's size when it
+    /// entered transmission; an online resize shows on reconnect).
+    pub(crate) size: u64,
 }
 
 impl Session {
@@ -270,8 +273,9 @@ impl State<'_> {
                         .log(format_args!("export name '{name}' refused (unknown)"));
                     return Ok(Step::Close);
                 }
+                self.session.size = shared.size();
                 let reply = handshake::encode_export_name_reply(
-                    shared.size,
+                    self.session.size,
                     self.export_flags(),
                     self.no_zeroes,
                 );
@@ -398,9 +402,10 @@ impl State<'_> {
             return Ok(Step::Continue);
         }
         let mut out = Vec::with_capacity(128);
+        self.session.size = shared.size();
         out.extend_from_slice(&handshake::encode_info_export(
             code,
-            shared.size,
+            self.session.size,
             self.export_flags(),
         ));
         if info_requests.contains(&consts::INFO_NAME)

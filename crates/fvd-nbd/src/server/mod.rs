@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fvd_core::Image;
+use fvd_core::{Image, LiveImage};
 use fvd_listen::{Inherited, SocketFile};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -157,14 +157,18 @@ impl Default for ServerConfig {
 
 /// What every connection needs, shared.
 pub(crate) struct Shared {
-    pub(crate) image: Arc<Image>,
+    pub(crate) live: Arc<LiveImage>,
     pub(crate) config: ServerConfig,
-    pub(crate) size: u64,
     pub(crate) read_only: bool,
     pub(crate) tls: Option<TlsAcceptor>,
 }
 
 impl Shared {
+    /// The export's size now (a client sees it at its handshake).
+    pub(crate) fn size(&self) -> u64 {
+        self.live.current().virtual_size()
+    }
+
     /// Transmission flags for a session (`structured`: structured replies
     /// or extended headers negotiated; `extended`: extended headers).
     pub(crate) fn export_flags(&self, structured: bool, extended: bool) -> u16 {
@@ -304,7 +308,14 @@ pub struct Server {
 
 impl Server {
     /// Prepare a server for `image` (loads the TLS certificates, if any).
-    pub fn new(image: Arc<Image>, mut config: ServerConfig) -> io::Result<Server> {
+    pub fn new(image: Arc<Image>, config: ServerConfig) -> io::Result<Server> {
+        Self::new_live(Arc::new(LiveImage::new(image)), config)
+    }
+
+    /// Prepare a server for the image in `live`, which an online operation
+    /// (resize) may replace while it serves: each request runs on the
+    /// current image, and a client sees the current size at its handshake.
+    pub fn new_live(live: Arc<LiveImage>, mut config: ServerConfig) -> io::Result<Server> {
         let tls = match &config.tls {
             Some(files) => Some(tls::acceptor(files)?),
             None => None,
@@ -324,13 +335,11 @@ impl Server {
         config.preferred_block_size = config
             .preferred_block_size
             .clamp(config.min_block_size, MAX_PAYLOAD);
-        let size = image.virtual_size();
-        let read_only = image.is_read_only() || config.read_only_export;
+        let read_only = live.current().is_read_only() || config.read_only_export;
         Ok(Server {
             shared: Arc::new(Shared {
-                image,
+                live,
                 config,
-                size,
                 read_only,
                 tls,
             }),
@@ -405,8 +414,9 @@ impl Server {
         if drained.is_err() {
             summary.abandoned = conns.open();
         }
-        shared.image.flush().await.map_err(io::Error::from)?;
-        shared.image.close().await.map_err(io::Error::from)?;
+        let image = shared.live.enter().await;
+        image.flush().await.map_err(io::Error::from)?;
+        image.close().await.map_err(io::Error::from)?;
         Ok(summary)
     }
 }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fvd_core::iobuf::zero_runs;
-use fvd_core::{Extent, IoBuf, Source};
+use fvd_core::{Extent, Image, IoBuf, Source};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -208,7 +208,7 @@ where
     let drain_timeout = cfg.drain_timeout;
     let budget = Arc::new(Semaphore::new(cfg.max_buffered));
     let mut tctx = TransmissionContext::new(
-        shared.size,
+        session.size,
         shared.export_flags(session.structured, session.extended),
     );
     tctx.structured_replies = session.structured;
@@ -460,10 +460,12 @@ impl Ctx {
     }
 
     async fn process(&self, req: Request, payload: IoBuf) {
-        let image = &self.shared.image;
+        // Held until the reply is queued: an online resize waits for it.
+        let image = self.shared.live.enter().await;
+        let image: &Image = &image;
         let fua = req.has_flags(consts::CMD_FLAG_FUA);
         match req.command {
-            Command::Read => self.read(&req).await,
+            Command::Read => self.read(image, &req).await,
             Command::Write => {
                 // The payload buffer is what the storage writes.
                 let r = image.write(req.offset, payload, fua).await;
@@ -491,15 +493,14 @@ impl Ctx {
                 let r = image.cache(req.offset, req.length).await;
                 self.finish(&req, r);
             }
-            Command::BlockStatus => self.block_status(&req, &payload).await,
+            Command::BlockStatus => self.block_status(image, &req, &payload).await,
             Command::Disc | Command::Resize | Command::Unknown(_) => {
                 self.error(&req, EINVAL, "unsupported command");
             }
         }
     }
 
-    async fn read(&self, req: &Request) {
-        let image = &self.shared.image;
+    async fn read(&self, image: &Image, req: &Request) {
         let Ok(len) = usize::try_from(req.length) else {
             self.error(req, EINVAL, "read too long");
             return;
@@ -547,7 +548,7 @@ impl Ctx {
         self.send_parts(vec![Part::Bytes(head), Part::Data(data)]);
     }
 
-    async fn block_status(&self, req: &Request, payload: &[u8]) {
+    async fn block_status(&self, image: &Image, req: &Request, payload: &[u8]) {
         let session = self.session;
         let mut ids: Vec<u32> = Vec::with_capacity(2);
         let mut length = req.length;
@@ -570,7 +571,7 @@ impl Ctx {
             }
             length = p.effect_length;
             if let Err(code) =
-                validate_range(Command::BlockStatus, req.offset, length, self.shared.size)
+                validate_range(Command::BlockStatus, req.offset, length, self.session.size)
             {
                 self.error(req, code, "range outside the export");
                 return;
@@ -588,7 +589,7 @@ impl Ctx {
             return;
         }
         let window = length.min(BLOCK_STATUS_WINDOW);
-        let extents = match self.shared.image.block_status(req.offset, window).await {
+        let extents = match image.block_status(req.offset, window).await {
             Ok(e) => e,
             Err(e) => {
                 self.engine_error(req, &e);
