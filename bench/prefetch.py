@@ -254,7 +254,9 @@ class Bench:
                                  "\n".join(lines[:lines.index(f"[{jobs[2][0]}]") - 1]).replace(self.dir, "$W"))
         if os.path.exists(out):
             os.unlink(out)
-        run(["fio", "--output-format=json+", f"--output={out}", jobfile], timeout=1800)
+        # In the work directory: fio writes each job's exec_prerun/postrun
+        # output (NAME.prerun.txt) into its current directory.
+        run(["fio", "--output-format=json+", f"--output={out}", jobfile], timeout=1800, cwd=self.dir)
         with open(out) as f:
             data = f.read()
         res = {}

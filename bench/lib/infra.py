@@ -29,9 +29,10 @@ def fmt_cmd(args):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
-def run(args, timeout=600, input=None, check=True, env=None):
-    """Run a command to completion; return (stdout, stderr). Raises
-    BenchError if it fails (with check) or runs longer than `timeout` s."""
+def run(args, timeout=600, input=None, check=True, env=None, cwd=None):
+    """Run a command to completion (in `cwd` if given); return (stdout,
+    stderr). Raises BenchError if it fails (with check) or runs longer than
+    `timeout` s."""
     args = [str(a) for a in args]
     try:
         p = subprocess.run(
@@ -42,6 +43,7 @@ def run(args, timeout=600, input=None, check=True, env=None):
             text=True,
             timeout=timeout,
             env=env,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"timed out after {timeout} s: {fmt_cmd(args)}") from e
