@@ -459,11 +459,17 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     flip(5 * BLOCK + 1234);
     let n0 = base_reads(log).len();
     let stats = d.join("stats.sock");
+    let metrics = free_local_addr();
     let mut cache = cache_serve(
         d,
         &csock,
         base_url,
-        &["--stats-socket", stats.to_str().unwrap()],
+        &[
+            "--stats-socket",
+            stats.to_str().unwrap(),
+            "--metrics",
+            &metrics,
+        ],
     );
     wait_path(&stats);
     compare(base, &csock).ok("after a flipped byte");
@@ -480,8 +486,42 @@ fn flipped_byte_in_a_cached_block_is_refetched_not_served() {
     let st = stat_json(&stats);
     assert_eq!(st["cache"]["bad-blocks"], 2, "{st}");
     assert_eq!(st["cache"]["cached-bytes"], size, "{st}");
+    // The same figures for Prometheus.
+    let page = scrape(&metrics);
+    assert!(page.contains("\nfvd_cache_bad_blocks_total 2\n"), "{page}");
+    assert!(
+        page.contains(&format!("\nfvd_cache_cached_bytes {size}\n")),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("\nfvd_cache_fetched_bytes_total {}\n", 2 * CBLOCK)),
+        "{page}"
+    );
     let err = cache.stop();
     assert!(err.contains("2 blocks failed their checksum"), "{err}");
+}
+
+/// A loopback `ADDR:PORT` nothing listens on now.
+fn free_local_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The body of `GET /metrics` at `addr` (retried while the server starts).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut c) = std::net::TcpStream::connect(addr) {
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            return out;
+        }
+        assert!(Instant::now() < deadline, "no metrics at {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -133,7 +133,14 @@ pub async fn start(
     };
     extras.apply(&image)?;
     if let Some(addr) = a.metrics {
-        let bound = super::serve_metrics::start(addr, live, &extras.status, extras.started).await?;
+        let bound = super::serve_metrics::start(
+            addr,
+            live,
+            &extras.status,
+            extras.started,
+            extras.more.clone(),
+        )
+        .await?;
         eprintln!("fvd serve: metrics at http://{bound}/metrics");
     }
     if let Some(path) = &a.stats_socket {

@@ -48,6 +48,61 @@ struct Figures {
     live: Arc<LiveImage>,
     prefetch: Arc<PrefetchStatus>,
     started: Instant,
+    /// The host cache's figures (`fvd cache serve`), as its stats JSON.
+    cache: Option<super::control::StatsFn>,
+}
+
+/// The host cache's counters and gauges: (JSON key, metric, help, counter).
+const CACHE_FIGURES: [(&str, &str, &str, bool); 6] = [
+    (
+        "fetched-bytes",
+        "fvd_cache_fetched_bytes",
+        "Bytes the cache fetched from the base.",
+        true,
+    ),
+    (
+        "hit-bytes",
+        "fvd_cache_hit_bytes",
+        "Bytes served from the cache.",
+        true,
+    ),
+    (
+        "cached-bytes",
+        "fvd_cache_cached_bytes",
+        "Bytes the cache holds now.",
+        false,
+    ),
+    (
+        "uncached-bytes",
+        "fvd_cache_uncached_bytes",
+        "Bytes served straight from the base without caching them.",
+        true,
+    ),
+    (
+        "evicted-blocks",
+        "fvd_cache_evicted_blocks",
+        "Blocks evicted to keep the cache under its limit.",
+        true,
+    ),
+    (
+        "bad-blocks",
+        "fvd_cache_bad_blocks",
+        "Cached blocks that failed their checksum and were fetched again.",
+        true,
+    ),
+];
+
+/// Encode the host cache's figures from its stats JSON.
+fn encode_cache(e: &mut DescriptorEncoder, v: &serde_json::Value) -> std::fmt::Result {
+    for (key, name, help, is_counter) in CACHE_FIGURES {
+        let n = v[key].as_u64().unwrap_or(0);
+        if is_counter {
+            counter(e, name, help, n)?;
+        } else {
+            gauge(e, name, help, n as i64)?;
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Figures {
@@ -227,6 +282,9 @@ impl Collector for Figures {
             load(&s.journal_writes),
         )?;
         counter(e, "fvd_checkpoints", "Checkpoints.", load(&s.checkpoints))?;
+        if let Some(cache) = &self.cache {
+            encode_cache(e, &cache())?;
+        }
         gauge(
             e,
             "fvd_uptime_seconds",
@@ -278,6 +336,7 @@ pub async fn start(
     live: &Arc<LiveImage>,
     prefetch: &Arc<PrefetchStatus>,
     started: Instant,
+    cache: Option<super::control::StatsFn>,
 ) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -288,6 +347,7 @@ pub async fn start(
         live: live.clone(),
         prefetch: prefetch.clone(),
         started,
+        cache,
     }));
     let registry = Arc::new(registry);
     tokio::spawn(async move {
