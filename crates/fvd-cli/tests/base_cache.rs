@@ -3,6 +3,7 @@
 //! with the base behind a real NBD server (nbdkit) whose log filter records
 //! every read it answers.
 
+use fvd_testkit::wait_path;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -50,18 +51,6 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn wait_path(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Copy-on-read and prefetch through `fvd serve`, with the base behind a
 //! real, slow NBD server (nbdkit with its delay filter).
 
+use fvd_testkit::wait_path;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,18 +16,6 @@ impl Drop for Proc {
         // SAFETY: kill with a pid we own.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
-    }
-}
-
-fn wait_path(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

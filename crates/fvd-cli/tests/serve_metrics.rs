@@ -1,13 +1,14 @@
 //! `fvd serve --metrics`: Prometheus text scraped over HTTP while guest
 //! reads of a slow base (nbdkit with its delay filter) are in flight.
 
+use fvd_testkit::wait_path;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const FVD: &str = env!("CARGO_BIN_EXE_fvd");
 
@@ -17,18 +18,6 @@ impl Drop for Proc {
         // SAFETY: kill with a pid we own.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
-    }
-}
-
-fn wait_path(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

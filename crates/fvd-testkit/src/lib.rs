@@ -55,6 +55,20 @@ pub fn have_tools(tools: &[&str]) -> bool {
     }
 }
 
+/// Wait until `p` exists (a server's socket or pid file), at most 20 s;
+/// panics naming the path if it never appears.
+pub fn wait_path(p: &Path) {
+    let t = std::time::Instant::now();
+    while !p.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
