@@ -44,9 +44,9 @@ pub use image::{
 };
 pub use iobuf::IoBuf;
 pub use live::LiveImage;
-#[doc(hidden)]
-pub use meta::Mutation;
 pub use meta::Stats;
+#[doc(hidden)]
+pub use meta::{EarlyJournal, Mutation};
 pub use open::{
     BaseSpec, KeyLookup, Location, Opener, PathOptions, create_path, create_raw,
     create_raw_preallocated, open_path,

@@ -37,7 +37,6 @@ use crate::model::{self, BASE, FIRST_TAG, Model, SECTOR, Seen, Val, ZERO};
 use crate::rng::{Rng, mix64};
 use crate::runtime::{Executor, SimHandle, Stop};
 use crate::storage::{CrashPolicy, Faults, Latency, SimBase, SimStorage};
-use fvd_core::Mutation;
 use fvd_core::base::Base;
 use fvd_core::error::ErrorKind;
 use fvd_core::format::header::FLAG_ALL_LOCAL;
@@ -47,6 +46,7 @@ use fvd_core::image::prefetch::{
 use fvd_core::image::{CreateOptions, Image, OpenOptions, Source};
 use fvd_core::iobuf::IoBuf;
 use fvd_core::storage::Storage;
+use fvd_core::{EarlyJournal, Mutation};
 
 /// Top 16 bits of every background seed (see [`background_seed`]).
 const BACKGROUND_TAG: u64 = 0xb6f0;
@@ -138,6 +138,10 @@ pub struct SimConfig {
     pub mutation: Mutation,
     /// Encrypted image (LUKS1 key slots, AES-XTS data, [`sim_key`]).
     pub encrypted: bool,
+    /// When writes journal their bits alongside their data (drawn from a
+    /// stream of its own: half the seeds `Always`, the rest as in
+    /// production).
+    pub early_journal: EarlyJournal,
 }
 
 /// The passphrase of encrypted simulated images (every open of the
@@ -244,6 +248,11 @@ impl SimConfig {
             mutation: Mutation::None,
             // Drawn last, so the other fields of a seed stay as they were.
             encrypted: r.below(4) == 0,
+            early_journal: if Rng::new(seed ^ 0x6561_726c_u64.rotate_left(28)).below(2) == 0 {
+                EarlyJournal::Always
+            } else {
+                EarlyJournal::Auto
+            },
         }
     }
 
@@ -389,6 +398,8 @@ pub struct SimReport {
     pub ordered_rounds: u64,
     /// Rounds run to confirm records before a rewrite in place.
     pub confirm_rounds: u64,
+    /// Early journal blocks (written by writes alongside their data).
+    pub early_blocks: u64,
     /// Checked bits replay dropped because their data had not become durable.
     pub replay_dropped: u64,
 }
@@ -915,6 +926,7 @@ impl Run {
     fn share(&mut self, img: Image) -> Arc<Image> {
         let img = Arc::new(img);
         img.set_mutation(self.cfg.mutation);
+        img.set_early_journal(self.cfg.early_journal);
         if self.cfg.background_cor {
             img.enable_background(self.sim.spawner());
         }
@@ -929,6 +941,7 @@ impl Run {
         self.report.fill_bytes += s.cor_bytes.load(Relaxed) + s.prefetch_bytes.load(Relaxed);
         self.report.commit_rounds += s.commit_rounds.load(Relaxed);
         self.report.ordered_rounds += s.ordered_rounds.load(Relaxed);
+        self.report.early_blocks += s.early_blocks.load(Relaxed);
         self.report.confirm_rounds += s.confirm_rounds.load(Relaxed);
         self.report.replay_dropped += s.replay_dropped.load(Relaxed);
     }

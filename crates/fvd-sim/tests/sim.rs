@@ -1268,8 +1268,9 @@ fn mutations_of_the_commit_protocol_are_caught() {
             *found.lock().unwrap() += r.violations.len() as u64;
         }
         let found = found.into_inner().unwrap();
+        let early: u64 = reports.iter().map(|r| r.early_blocks).sum();
         let line = format!(
-            "sim mutation {m:?}: seeds={} violations={found}\n",
+            "sim mutation {m:?}: seeds={} early_blocks={early} violations={found}\n",
             reports.len()
         );
         let _ = std::io::stdout().write_all(line.as_bytes());
@@ -1368,6 +1369,121 @@ fn rewrite_right_after_a_flush_keeps_the_flushed_data() {
             assert!(
                 lost > 0,
                 "the mutation lost nothing: the test proves nothing"
+            );
+        }
+    }
+}
+
+/// Issue [commit]: flush-per-write. After a first round shows the flushes
+/// come close together, a first write to a base block journals its record
+/// in an early block alongside its data, and the flush after it is one
+/// fdatasync with no journal write of its own; the flushed data survives a
+/// crash that keeps only what was durable. With early journaling off the
+/// same flush writes the journal block itself.
+#[test]
+fn flush_after_an_early_journaled_write_is_one_fdatasync() {
+    for early in [fvd_core::EarlyJournal::Auto, fvd_core::EarlyJournal::Never] {
+        for chunk in [None, Some(16384u32)] {
+            let mut fx = Fixture::with_layout(470, 4096, chunk);
+            let img = fx.open();
+            img.set_early_journal(early);
+            // The first round after open writes the header.
+            write_tag(&fx, &img, 1, 0, 8);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            // Compact: the chunk of blocks 2-3 is allocated by this write.
+            write_tag(&fx, &img, 2, 16, 8);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            let s = img.stats();
+            let (f0, j0, e0) = (
+                flushes(&img),
+                s.journal_writes.load(Ordering::Relaxed),
+                s.early_blocks.load(Ordering::Relaxed),
+            );
+            write_tag(&fx, &img, 3, 24, 8);
+            let j_mid = s.journal_writes.load(Ordering::Relaxed);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            let s = img.stats();
+            let early_blocks = s.early_blocks.load(Ordering::Relaxed) - e0;
+            assert_eq!(flushes(&img) - f0, 1, "{early:?} {chunk:?}: one fdatasync");
+            assert_eq!(
+                s.journal_writes.load(Ordering::Relaxed) - j0,
+                1,
+                "{early:?} {chunk:?}: one journal block"
+            );
+            if early == fvd_core::EarlyJournal::Auto {
+                assert_eq!(early_blocks, 1, "{chunk:?}: the write journaled early");
+                assert_eq!(j_mid - j0, 1, "{chunk:?}: before the flush");
+            } else {
+                assert_eq!(early_blocks, 0, "{chunk:?}");
+                assert_eq!(j_mid, j0, "{chunk:?}: the round wrote it");
+            }
+            drop(img);
+            let img = fx.crash_lose_all();
+            for s in 24..32u64 {
+                let got = fx.read(&img, s * 512, 512).unwrap();
+                assert!(
+                    got == sector_of(3, s),
+                    "{early:?} {chunk:?}: sector {s} lost"
+                );
+            }
+        }
+    }
+}
+
+/// Issue [commit]: two early journal blocks in a row, no flush between. The
+/// second must not confirm the first (its data is not durable yet): a
+/// crash that keeps the journal blocks but not the first write's data must
+/// leave that block reading the base, never what the image file held. The
+/// mutation `ConfirmUnsynced` (a block confirms everything before it) makes
+/// some crash read bytes the guest never wrote.
+#[test]
+fn an_early_block_never_confirms_unsynced_data() {
+    for mutation in [
+        fvd_core::Mutation::None,
+        fvd_core::Mutation::ConfirmUnsynced,
+    ] {
+        let mut bad = 0;
+        for k in 0..40u64 {
+            let mut fx = Fixture::with_layout(480, 4096, None);
+            let img = fx.open();
+            img.set_mutation(mutation);
+            img.set_early_journal(fvd_core::EarlyJournal::Always);
+            write_tag(&fx, &img, 1, 0, 8);
+            fx.exec.block_on(img.flush()).unwrap().unwrap();
+            let e0 = img.stats().early_blocks.load(Ordering::Relaxed);
+            write_tag(&fx, &img, 2, 16, 8);
+            write_tag(&fx, &img, 3, 32, 8);
+            assert_eq!(img.stats().early_blocks.load(Ordering::Relaxed) - e0, 2);
+            drop(img);
+            let (d, _) = fx.disk.crash(
+                &mut Rng::new(k),
+                CrashPolicy {
+                    keep_completed: 0.5,
+                    keep_inflight: 0.5,
+                    tear: 0.0,
+                },
+            );
+            fx.disk = d;
+            let img = fx.open();
+            for (tag, first) in [(2u64, 16u64), (3, 32)] {
+                for s in first..first + 8 {
+                    let got = fx.read(&img, s * 512, 512).unwrap();
+                    if got != sector_of(tag, s) && got != fx.base_bytes(s * 512, 512) {
+                        assert_eq!(
+                            mutation,
+                            fvd_core::Mutation::ConfirmUnsynced,
+                            "k={k}: sector {s} reads {}",
+                            model::identify(&got, s, &fx.base_bytes(s * 512, 512))
+                        );
+                        bad += 1;
+                    }
+                }
+            }
+        }
+        if mutation == fvd_core::Mutation::ConfirmUnsynced {
+            assert!(
+                bad > 0,
+                "the mutation went unnoticed: the test proves nothing"
             );
         }
     }
@@ -1491,6 +1607,8 @@ fn failed_journal_write_does_not_poison_the_image() {
     for chunk in [None, Some(16384u32)] {
         let mut fx = Fixture::with_layout(470, 4096, chunk);
         let img = fx.open();
+        // The round's own journal block is what fails here.
+        img.set_early_journal(fvd_core::EarlyJournal::Never);
         write_tag(&fx, &img, 1, 0, 1);
         fx.exec.block_on(img.flush()).unwrap().unwrap();
         write_tag(&fx, &img, 2, 16, 8);

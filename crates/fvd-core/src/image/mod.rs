@@ -206,6 +206,14 @@ impl Image {
         }
     }
 
+    /// Choose when writes journal their bits alongside their data (default
+    /// [`crate::EarlyJournal::Auto`]; the simulator forces both ways).
+    pub fn set_early_journal(&self, p: crate::EarlyJournal) {
+        if let Some(meta) = &self.map.meta {
+            meta.set_early_journal(p);
+        }
+    }
+
     /// True when opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only

@@ -616,6 +616,7 @@ pub(crate) async fn finish_apply(
     meta::write_header(st, storage, stats, nh.clone()).await?;
     meta::flush_storage(storage, stats).await?;
     st.journal_pos = 0;
+    st.synced_pos = 0;
     st.durable = Durable::new(bitmap, s.table.clone());
     let mut d = ds.dir.clone();
     d.applying = 0;

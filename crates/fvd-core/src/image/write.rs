@@ -13,6 +13,8 @@ use super::map::{Allocation, Fill};
 use super::read::part;
 use super::{Image, Target};
 use crate::error::{Error, Result};
+use crate::executor::join2;
+use crate::format::journal::Record;
 use crate::iobuf::{IoBuf, zero_runs};
 
 impl Image {
@@ -188,6 +190,11 @@ impl Image {
             .await?;
         if head.is_empty() && tail.is_empty() {
             let mut crcs = self.map.block_crcs(blocks.clone(), offset, &data);
+            if fresh.chunks().is_empty()
+                && let Some(early) = self.early_records(blocks.clone(), &crcs)
+            {
+                return self.write_early(offset, data, blocks, &crcs, early).await;
+            }
             let r = self.write_image(offset, data, &fresh).await;
             if r.is_ok() {
                 self.checksum_partial_fills(blocks.clone(), &mut crcs).await;
@@ -208,6 +215,72 @@ impl Image {
         }
         self.publish(r, fresh, blocks, &crcs)?;
         Ok(data)
+    }
+
+    /// The commit lock and the record, if this write of whole blocks
+    /// (none of them hard yet) may journal its bits alongside its data.
+    fn early_records(
+        &self,
+        blocks: std::ops::Range<u64>,
+        crcs: &[Option<u32>],
+    ) -> Option<(
+        tokio::sync::MutexGuard<'_, crate::meta::CommitState>,
+        Record,
+    )> {
+        let m = self.map.meta.as_ref()?;
+        if blocks.is_empty() || !m.hard.none_set(blocks.clone()) {
+            return None;
+        }
+        let crcs: Option<Vec<u32>> = crcs.iter().copied().collect();
+        let crcs = crcs?;
+        let st = m.early_journal()?;
+        Some((
+            st,
+            Record::SetBitsChecked {
+                first: blocks.start,
+                crcs,
+            },
+        ))
+    }
+
+    /// A copy-on-write of whole blocks whose record goes to an early
+    /// journal block, written concurrently with the data (commit lock held
+    /// until the bits are published: `meta/commit.rs`, "Early journal
+    /// blocks").
+    async fn write_early(
+        &self,
+        offset: u64,
+        data: IoBuf,
+        blocks: std::ops::Range<u64>,
+        crcs: &[Option<u32>],
+        (mut st, record): (
+            tokio::sync::MutexGuard<'_, crate::meta::CommitState>,
+            Record,
+        ),
+    ) -> Result<IoBuf> {
+        let m = self.map.meta.as_ref().expect("early_records checked it");
+        let records = [record];
+        let (data_r, journal_r) = join2(
+            self.write_image(offset, data, &Allocation::none()),
+            m.write_early(&mut st, self.storage.as_ref(), &self.stats, &records),
+        )
+        .await;
+        match (data_r, journal_r) {
+            (Ok(buf), Ok(())) => {
+                m.publish_early(blocks, crcs);
+                Ok(buf)
+            }
+            // No early block: the bits wait for the next round as usual.
+            (Ok(buf), Err(_)) => {
+                drop(st);
+                self.publish(Ok(buf), Allocation::none(), blocks, crcs)
+            }
+            (Err(e), Ok(())) => {
+                m.revoke_early(blocks);
+                Err(e)
+            }
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     /// Blocks a write covered only in part although they turn hard now were

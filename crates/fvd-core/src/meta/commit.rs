@@ -36,6 +36,33 @@
 //! earlier round still wait for confirmation: then an empty journal block
 //! confirms them at no extra fdatasync.
 //!
+//! # Early journal blocks (flush-per-write)
+//! A round's journal write and its fdatasync are two device round trips in
+//! a row (with `O_DIRECT`, the journal write is one whole write latency).
+//! When the flushes come close together (`EarlyJournal::Auto`: the last
+//! round took at most `EARLY_MAX_GROUPS` groups), a copy-on-write of whole
+//! blocks journals its own `SET_BITS_CHECKED` record in an *early block*,
+//! written concurrently with its data (`Meta::write_early`); the round then
+//! has nothing to write and is one fdatasync. The rules:
+//!
+//! * The writer holds the commit lock from before the early block until its
+//!   bits are published: no round runs in between, so the round after it
+//!   takes the group (marked `early`) and its fdatasync makes the data
+//!   durable.
+//! * Every journal block's `confirmed` is `synced_pos`, the journal position
+//!   at the end of the last completed round — never an early block whose
+//!   data may not be durable yet (the mutation `ConfirmUnsynced` breaks
+//!   this rule; the simulator catches it). Ordered rounds and checkpoints
+//!   flush first, so their blocks still confirm everything before them.
+//! * A round that took early groups confirms the earlier rounds' records
+//!   without a journal block of its own: the early block said so, and it is
+//!   durable once the round's fdatasync completed.
+//! * A rewrite before the flush makes the early group's CRC stale: the round
+//!   writes its records again, ordered (as for any stale record).
+//! * A data write that fails under a written early block queues a
+//!   `CLEAR_BITS` record: replay applies it after the early block, so no
+//!   later confirmation can set the bit of data never written.
+//!
 //! Failures: a failed fdatasync poisons the image (the kernel may have
 //! dropped dirty pages); a failed journal or header write does not (nothing
 //! was promised): its records go back to the queue and the error (ENOSPC,
@@ -72,6 +99,8 @@ struct Taken {
     /// Blocks of checked records, for settling.
     checked: Vec<Range<u64>>,
     ordered: bool,
+    /// Some group's records are in an early journal block (not stale).
+    early: bool,
 }
 
 /// Which checked records a completed round confirmed.
@@ -124,6 +153,7 @@ impl Meta {
             groups: Vec::new(),
             checked: Vec::new(),
             ordered: false,
+            early: false,
         };
         for g in &mut groups {
             for r in &g.records {
@@ -138,6 +168,7 @@ impl Meta {
                 }
             }
             t.ordered |= g.ordered;
+            t.early |= g.early && !g.ordered;
         }
         drop(p);
         if all_local {
@@ -216,8 +247,14 @@ impl Meta {
     ) -> Result<()> {
         let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
         let all_local = st.header.flags & FLAG_ALL_LOCAL != 0;
-        let confirm = !all_local && (force || self.unconfirmed_rounds());
+        let earlier_unconfirmed = self.unconfirmed_rounds();
         let t = self.take(round, all_local);
+        if !t.groups.is_empty() {
+            self.last_round_groups
+                .store(t.groups.len() as u64, Ordering::Relaxed);
+        }
+        // An early block taken here confirms the earlier rounds by itself.
+        let confirm = !all_local && (force || (earlier_unconfirmed && !t.early));
         let dirty = self.data_dirty.swap(false, Ordering::AcqRel);
         if t.groups.is_empty() && !dirty && !confirm && !st.checkpoint_needed {
             self.rounds_done.store(round, Ordering::SeqCst);
@@ -256,13 +293,24 @@ impl Meta {
         confirm: bool,
     ) -> std::result::Result<Confirmed, Failure> {
         let fatal = Failure::Fatal;
-        let records = t.groups.iter().any(|g| !g.records.is_empty());
+        // Early groups are in the journal already, unless stale (ordered).
+        let groups: Vec<Vec<Record>> = t
+            .groups
+            .iter()
+            .filter(|g| !g.early || g.ordered)
+            .map(|g| g.records.clone())
+            .collect();
+        let records = groups.iter().any(|g| !g.is_empty());
         if !records && !confirm && !st.checkpoint_needed {
             // Data only: one fdatasync, no journal block.
             flush_storage(storage, stats).await.map_err(fatal)?;
-            return Ok(Confirmed::Nothing);
+            st.synced_pos = st.journal_pos;
+            return Ok(if t.early {
+                Confirmed::Earlier
+            } else {
+                Confirmed::Nothing
+            });
         }
-        let groups: Vec<Vec<Record>> = t.groups.iter().map(|g| g.records.clone()).collect();
         let blocks = if records {
             journal::pack_groups(&groups)
         } else {
@@ -306,7 +354,11 @@ impl Meta {
         for (i, recs) in blocks.iter().enumerate() {
             let seq = st.journal_pos + i as u64;
             // Ordered: this block's own records are confirmed by itself.
-            let confirmed = if ordered { seq + 1 } else { st.journal_pos };
+            let confirmed = if ordered {
+                seq + 1
+            } else {
+                self.confirmed_pos(st)
+            };
             let b = journal::encode_block(st.header.journal_epoch, seq, confirmed as u32, recs);
             buf[i * journal::BLOCK_SIZE..(i + 1) * journal::BLOCK_SIZE].copy_from_slice(&b);
         }
@@ -329,11 +381,74 @@ impl Meta {
             st.durable.apply(r).map_err(fatal)?;
         }
         flush_storage(storage, stats).await.map_err(fatal)?;
+        st.synced_pos = st.journal_pos;
         Ok(if ordered {
             Confirmed::All
         } else {
             Confirmed::Earlier
         })
+    }
+
+    /// What a journal block written now may say is confirmed.
+    fn confirmed_pos(&self, st: &CommitState) -> u64 {
+        if self.mutation() == super::Mutation::ConfirmUnsynced as u8 {
+            st.journal_pos
+        } else {
+            st.synced_pos
+        }
+    }
+
+    /// The commit lock, if a write may journal its bits early now (see
+    /// "Early journal blocks"): never waits for it.
+    pub(crate) fn early_journal(&self) -> Option<tokio::sync::MutexGuard<'_, CommitState>> {
+        let policy = self.early_policy.load(Ordering::Relaxed);
+        let wanted = policy == super::EarlyJournal::Always as u8
+            || (policy == super::EarlyJournal::Auto as u8
+                && self.last_round_groups.load(Ordering::Relaxed) <= super::EARLY_MAX_GROUPS);
+        if !wanted || !self.checked || self.is_poisoned() {
+            return None;
+        }
+        let st = self.commit.try_lock().ok()?;
+        let capacity = st.header.region(Region::Journal).length / journal::BLOCK_SIZE as u64;
+        // The first round after a clean open writes the header first.
+        let ok = !st.header.is_clean()
+            && st.header.incompatible & INCOMPAT_CHECKSUMMED_JOURNAL != 0
+            && st.header.flags & FLAG_ALL_LOCAL == 0
+            && !st.checkpoint_needed
+            && st.journal_pos + 2 <= capacity;
+        ok.then_some(st)
+    }
+
+    /// Write `records` (checked bits of a write in flight) in an early
+    /// journal block, commit lock held (from [`Meta::early_journal`]). No
+    /// fdatasync: the next round's makes it durable with the data.
+    pub(crate) async fn write_early(
+        &self,
+        st: &mut CommitState,
+        storage: &dyn Storage,
+        stats: &Stats,
+        records: &[Record],
+    ) -> Result<()> {
+        let block = journal::encode_block(
+            st.header.journal_epoch,
+            st.journal_pos,
+            self.confirmed_pos(st) as u32,
+            records,
+        );
+        let off =
+            st.header.region(Region::Journal).offset + st.journal_pos * journal::BLOCK_SIZE as u64;
+        storage
+            .write_at(off, IoBuf::from_slice(&block), false)
+            .await
+            .map_err(|e| Error::io("journal write", e))?;
+        stats.journal_writes.fetch_add(1, Ordering::Relaxed);
+        stats.journal_blocks.fetch_add(1, Ordering::Relaxed);
+        stats.early_blocks.fetch_add(1, Ordering::Relaxed);
+        st.journal_pos += 1;
+        for r in records {
+            st.durable.apply(r)?;
+        }
+        Ok(())
     }
 
     /// Detach the base (every block is local): a checkpoint whose header
@@ -540,6 +655,7 @@ async fn checkpoint_with_flags(
     write_header(st, storage, stats, h).await.map_err(retry)?;
     flush_storage(storage, stats).await.map_err(fatal)?;
     st.journal_pos = 0;
+    st.synced_pos = 0;
     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

@@ -86,6 +86,8 @@ pub struct Stats {
     pub ordered_rounds: AtomicU64,
     /// Rounds run only to confirm records before a rewrite in place.
     pub confirm_rounds: AtomicU64,
+    /// Early journal blocks: written by a write alongside its data.
+    pub early_blocks: AtomicU64,
     /// Journal records replayed at open.
     pub replayed_records: AtomicU64,
     /// Checked bits replay dropped because their block's data did not match.
@@ -152,7 +154,29 @@ pub enum Mutation {
     /// Rewrite blocks whose checked record is still queued without marking
     /// its CRC stale.
     SkipStale = 2,
+    /// Let journal blocks confirm early-journaled blocks written since the
+    /// last completed round (whose data is not durable yet).
+    ConfirmUnsynced = 3,
 }
+
+/// When a write journals its bits itself, alongside its data (see
+/// `commit.rs`, "Early journal blocks").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum EarlyJournal {
+    /// When the flushes come close together (the last round took at most
+    /// [`EARLY_MAX_GROUPS`] groups): the flush-per-write pattern.
+    #[default]
+    Auto = 0,
+    /// Whenever the protocol allows it (simulator, tests).
+    Always = 1,
+    /// Never: bits wait for the next commit round.
+    Never = 2,
+}
+
+/// Early journal blocks pay off only when a flush follows a few writes:
+/// each costs a journal block that a round would have shared.
+pub const EARLY_MAX_GROUPS: u64 = 2;
 
 /// What the on-disk bitmap and table say once the journal is applied, and
 /// which 4 KiB pages of their regions differ from what is written in place.
@@ -239,6 +263,11 @@ pub(crate) struct CommitState {
     pub durable: Durable,
     /// Next journal block index.
     pub journal_pos: u64,
+    /// Journal blocks before this one were written before the last
+    /// completed round's final fdatasync, and their records' data was
+    /// durable by then: a new block may say they are confirmed. Blocks
+    /// from here to `journal_pos` are early blocks (their data not durable).
+    pub synced_pos: u64,
     /// A checkpoint failed after it had applied records to `durable` that
     /// no journal block holds: the next round must checkpoint.
     pub checkpoint_needed: bool,
@@ -251,6 +280,9 @@ pub(crate) struct Group {
     /// Some record describes data the journal cannot check: the round must
     /// make the data durable before it writes the journal.
     pub ordered: bool,
+    /// The records are already in an early journal block: the round only
+    /// makes their data durable (unless a rewrite made them stale).
+    pub early: bool,
 }
 
 impl Group {
@@ -298,6 +330,9 @@ pub(crate) struct Meta {
     /// the ciphertext on disk (and may run without the key), so their
     /// records are plain `SET_BITS` in ordered rounds.
     checked: bool,
+    early_policy: AtomicU8,
+    /// Groups the last round with records took (`u64::MAX` before one).
+    last_round_groups: AtomicU64,
 }
 
 /// Records per bits-only group (about one journal block's worth).
@@ -327,18 +362,26 @@ impl Meta {
                 slot,
                 durable,
                 journal_pos: 0,
+                synced_pos: 0,
                 checkpoint_needed: false,
             }),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             mutation: AtomicU8::new(Mutation::None as u8),
             checked,
+            early_policy: AtomicU8::new(EarlyJournal::Auto as u8),
+            last_round_groups: AtomicU64::new(u64::MAX),
         }
     }
 
     /// Break the protocol on purpose (simulator mutation checks).
     pub fn set_mutation(&self, m: Mutation) {
         self.mutation.store(m as u8, Ordering::Relaxed);
+    }
+
+    /// Choose when writes journal their bits early.
+    pub fn set_early_journal(&self, p: EarlyJournal) {
+        self.early_policy.store(p as u8, Ordering::Relaxed);
     }
 
     fn mutation(&self) -> u8 {
@@ -414,7 +457,7 @@ impl Meta {
             // Merge with the previous group when it holds only bits (sequential
             // writes then cost one record); a bounded group keeps this O(1).
             match p.last_mut() {
-                Some(g) if g.records.len() < MAX_BITS_GROUP && g.is_bits_only() => {
+                Some(g) if g.records.len() < MAX_BITS_GROUP && g.is_bits_only() && !g.early => {
                     g.ordered |= ordered;
                     for rec in recs {
                         match rec {
@@ -433,6 +476,7 @@ impl Meta {
                 _ => p.push(Group {
                     records: recs,
                     ordered,
+                    early: false,
                 }),
             }
         }
@@ -478,6 +522,7 @@ impl Meta {
         let mut group = Group {
             records: table,
             ordered,
+            early: false,
         };
         let (bits, bits_ordered) = self.harden(blocks, proof);
         group.records.extend(bits);
@@ -486,6 +531,40 @@ impl Meta {
             p.push(group);
         }
         drop(p);
+        self.mark_data_dirty();
+    }
+
+    /// After a write whose bits an early journal block already holds
+    /// (`Meta::write_early`) completed: set them, queued as an early group
+    /// (never merged with others: the round must not skip records no
+    /// journal block holds).
+    pub fn publish_early(&self, r: Range<u64>, crcs: &[Option<u32>]) {
+        let mut p = self.lock_pending();
+        let (records, ordered) = self.harden(r, Proof::Crcs(crcs));
+        if !records.is_empty() {
+            p.push(Group {
+                records,
+                ordered,
+                early: true,
+            });
+        }
+        drop(p);
+        self.mark_data_dirty();
+    }
+
+    /// After a write whose early journal block was written but whose data
+    /// write failed: queue records that clear the bits again, so that no
+    /// later confirmation makes replay trust the early block's bits.
+    pub fn revoke_early(&self, r: Range<u64>) {
+        let count = (r.end - r.start) as u32;
+        self.lock_pending().push(Group {
+            records: vec![Record::ClearBits {
+                first: r.start,
+                count,
+            }],
+            ordered: false,
+            early: false,
+        });
         self.mark_data_dirty();
     }
 
