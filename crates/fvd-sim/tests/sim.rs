@@ -18,7 +18,7 @@
 //!   layout (the seed alone still decides everything, so replays match).
 //!
 //! The default run prints two lines:
-//! `sim: seeds=<n> crash_points=<n> ios=<n> violations=<n>` (all seeds) and
+//! `sim: seeds=<n> crash_points=<n> ios=<n> early_blocks=<n> violations=<n>` (all seeds) and
 //! `sim background: seeds=<n> crash_points=<n> ios=<n> prefetches_done=<n>
 //! prefetches_failed=<n> detached=<n> detached_reopens=<n> fill_bytes=<n>
 //! violations=<n>` (the background seeds alone), and `sim rewrite:
@@ -151,8 +151,9 @@ fn random_testers_with_crash_points() {
     let ios: u64 = reports.iter().map(|r| r.ios).sum();
     let violations: Vec<_> = reports.iter().flat_map(|r| r.violations.iter()).collect();
     // Written past the test harness's capture, so it always shows.
+    let early: u64 = reports.iter().map(|r| r.early_blocks).sum();
     let line = format!(
-        "sim: seeds={} crash_points={crash_points} ios={ios} violations={}\n",
+        "sim: seeds={} crash_points={crash_points} ios={ios} early_blocks={early} violations={}\n",
         reports.len(),
         violations.len()
     );
@@ -1426,6 +1427,40 @@ fn flush_after_an_early_journaled_write_is_one_fdatasync() {
                     "{early:?} {chunk:?}: sector {s} lost"
                 );
             }
+        }
+    }
+}
+
+/// Early journal blocks only while flushes come close together: writes
+/// streaming without a flush stop writing them after two (their bits then
+/// share the next round's block), and a round that took many groups turns
+/// them off until a round takes few again.
+#[test]
+fn early_journal_blocks_only_when_flushes_are_frequent() {
+    let mut fx = Fixture::with_layout(490, 4096, None);
+    let img = fx.open();
+    let early = |img: &Image| img.stats().early_blocks.load(Ordering::Relaxed);
+    write_tag(&fx, &img, 1, 0, 8);
+    fx.exec.block_on(img.flush()).unwrap().unwrap();
+    // Eight first writes (to every other block: no merging), no flush.
+    for i in 0..8u64 {
+        write_tag(&fx, &img, 2, 16 + 16 * i, 8);
+    }
+    assert_eq!(early(&img), 2, "two early blocks, then the round's");
+    fx.exec.block_on(img.flush()).unwrap().unwrap();
+    // That round took 7 groups: the next write waits for a round.
+    write_tag(&fx, &img, 3, 200, 8);
+    assert_eq!(early(&img), 2);
+    fx.exec.block_on(img.flush()).unwrap().unwrap();
+    // The last round took one group: early again.
+    write_tag(&fx, &img, 4, 232, 8);
+    assert_eq!(early(&img), 3);
+    fx.exec.block_on(img.flush()).unwrap().unwrap();
+    drop(img);
+    let img = fx.crash_lose_all();
+    for (tag, first) in [(3u64, 200u64), (4, 232)] {
+        for s in first..first + 8 {
+            assert!(fx.read(&img, s * 512, 512).unwrap() == sector_of(tag, s));
         }
     }
 }

@@ -40,7 +40,8 @@
 //! A round's journal write and its fdatasync are two device round trips in
 //! a row (with `O_DIRECT`, the journal write is one whole write latency).
 //! When the flushes come close together (`EarlyJournal::Auto`: the last
-//! round took at most `EARLY_MAX_GROUPS` groups), a copy-on-write of whole
+//! round took at most `EARLY_MAX_GROUPS` groups, and fewer early blocks
+//! than that were written since it), a copy-on-write of whole
 //! blocks journals its own `SET_BITS_CHECKED` record in an *early block*,
 //! written concurrently with its data (`Meta::write_early`); the round then
 //! has nothing to write and is one fdatasync. The rules:
@@ -248,6 +249,7 @@ impl Meta {
         let round = self.rounds_started.fetch_add(1, Ordering::SeqCst) + 1;
         let all_local = st.header.flags & FLAG_ALL_LOCAL != 0;
         let earlier_unconfirmed = self.unconfirmed_rounds();
+        st.early_since_round = 0;
         let t = self.take(round, all_local);
         if !t.groups.is_empty() {
             self.last_round_groups
@@ -402,13 +404,17 @@ impl Meta {
     /// "Early journal blocks"): never waits for it.
     pub(crate) fn early_journal(&self) -> Option<tokio::sync::MutexGuard<'_, CommitState>> {
         let policy = self.early_policy.load(Ordering::Relaxed);
+        let auto = policy == super::EarlyJournal::Auto as u8;
         let wanted = policy == super::EarlyJournal::Always as u8
-            || (policy == super::EarlyJournal::Auto as u8
-                && self.last_round_groups.load(Ordering::Relaxed) <= super::EARLY_MAX_GROUPS);
+            || (auto && self.last_round_groups.load(Ordering::Relaxed) <= super::EARLY_MAX_GROUPS);
         if !wanted || !self.checked || self.is_poisoned() {
             return None;
         }
         let st = self.commit.try_lock().ok()?;
+        // Writes without flushes between them: their bits share a round.
+        if auto && st.early_since_round >= super::EARLY_MAX_GROUPS {
+            return None;
+        }
         let capacity = st.header.region(Region::Journal).length / journal::BLOCK_SIZE as u64;
         // The first round after a clean open writes the header first.
         let ok = !st.header.is_clean()
@@ -445,6 +451,7 @@ impl Meta {
         stats.journal_blocks.fetch_add(1, Ordering::Relaxed);
         stats.early_blocks.fetch_add(1, Ordering::Relaxed);
         st.journal_pos += 1;
+        st.early_since_round += 1;
         for r in records {
             st.durable.apply(r)?;
         }

@@ -165,7 +165,8 @@ pub enum Mutation {
 #[repr(u8)]
 pub enum EarlyJournal {
     /// When the flushes come close together (the last round took at most
-    /// [`EARLY_MAX_GROUPS`] groups): the flush-per-write pattern.
+    /// [`EARLY_MAX_GROUPS`] groups, and at most that many early blocks
+    /// were written since it): the flush-per-write pattern.
     #[default]
     Auto = 0,
     /// Whenever the protocol allows it (simulator, tests).
@@ -268,6 +269,8 @@ pub(crate) struct CommitState {
     /// durable by then: a new block may say they are confirmed. Blocks
     /// from here to `journal_pos` are early blocks (their data not durable).
     pub synced_pos: u64,
+    /// Early blocks written since the last round started.
+    pub early_since_round: u64,
     /// A checkpoint failed after it had applied records to `durable` that
     /// no journal block holds: the next round must checkpoint.
     pub checkpoint_needed: bool,
@@ -363,6 +366,7 @@ impl Meta {
                 durable,
                 journal_pos: 0,
                 synced_pos: 0,
+                early_since_round: 0,
                 checkpoint_needed: false,
             }),
             poisoned: AtomicBool::new(false),
