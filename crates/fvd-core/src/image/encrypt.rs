@@ -127,10 +127,16 @@ impl Encryption {
     ) -> Result<Transform> {
         let c = self.cipher_or(what)?.clone();
         let sector = self.sector(host);
+        // Whole sectors only: a storage that gave back a short buffer gets
+        // its short-transfer error after the transform, not a panic in it.
+        fn whole(b: &mut [u8]) -> &mut [u8] {
+            let n = b.len() / SECTOR as usize * SECTOR as usize;
+            &mut b[..n]
+        }
         Ok(if encrypt {
-            Box::new(move |b: &mut [u8]| c.encrypt(b, sector))
+            Box::new(move |b: &mut [u8]| c.encrypt(whole(b), sector))
         } else {
-            Box::new(move |b: &mut [u8]| c.decrypt(b, sector))
+            Box::new(move |b: &mut [u8]| c.decrypt(whole(b), sector))
         })
     }
 
