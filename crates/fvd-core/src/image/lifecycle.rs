@@ -78,7 +78,7 @@ impl Image {
                     .read_at(c.host_offset(p, 0), IoBuf::for_overwrite(cs as usize))
                     .await
                     .map_err(self.io_err("read", vc * cs))?;
-                super::expect_len(&buf, cs as usize, &format!("{}: read", self.describe()))?;
+                super::expect_len(&buf, cs as usize, || format!("{}: read", self.describe()))?;
                 let dst = c.host_offset(fresh.chunks()[0].phys, 0);
                 self.write_host(dst, vc * cs, buf).await
             }

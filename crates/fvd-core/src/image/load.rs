@@ -348,7 +348,7 @@ pub(super) async fn load_metadata(
             .read_at(h.region(Region::Bitmap).offset, IoBuf::zeroed(bytes))
             .await
             .map_err(|e| Error::io("read bitmap", e))?;
-        expect_len(&buf, bytes, "read bitmap")?;
+        expect_len(&buf, bytes, || "read bitmap".into())?;
         AtomicBitmap::from_bytes(bits, &buf)?
     } else {
         AtomicBitmap::new(0)
@@ -384,7 +384,7 @@ pub(crate) async fn read_table(storage: &dyn Storage, h: &Header) -> Result<Vec<
         .read_at(h.region(Region::Table).offset, IoBuf::zeroed(bytes))
         .await
         .map_err(|e| Error::io(format!("{}: read chunk table", storage.describe()), e))?;
-    expect_len(&buf, bytes, "read chunk table")?;
+    expect_len(&buf, bytes, || "read chunk table".into())?;
     Ok(buf
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))

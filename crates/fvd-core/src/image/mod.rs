@@ -140,11 +140,13 @@ pub struct Image {
     crypt: Option<encrypt::Encryption>,
 }
 
-fn expect_len(buf: &IoBuf, want: usize, what: &str) -> Result<()> {
+/// `buf` holds `want` bytes, or an error naming `what` (built only then:
+/// every data read passes here).
+fn expect_len(buf: &IoBuf, want: usize, what: impl FnOnce() -> String) -> Result<()> {
     if buf.len() != want {
         return Err(Error::new(
             ErrorKind::Io,
-            format!("{what}: short transfer ({} of {want} bytes)", buf.len()),
+            format!("{}: short transfer ({} of {want} bytes)", what(), buf.len()),
         ));
     }
     Ok(())
@@ -294,10 +296,13 @@ impl Image {
         self.locks.lock(r.start, r.end).await
     }
 
-    fn io_err(&self, what: &str, offset: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
-        let d = self.describe();
-        let what = what.to_string();
-        move |e| Error::io(format!("{d}: {what} at offset {offset}"), e)
+    fn io_err<'a>(
+        &'a self,
+        what: &'a str,
+        offset: u64,
+    ) -> impl FnOnce(std::io::Error) -> Error + 'a {
+        // The message is built only on error: every request passes here.
+        move |e| Error::io(format!("{}: {what} at offset {offset}", self.describe()), e)
     }
 
     fn mark_dirty(&self) {

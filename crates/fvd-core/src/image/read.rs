@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::{Image, Target, expect_len};
 use crate::error::{Error, ErrorKind, Result};
 use crate::iobuf::{IoBuf, Window};
+use crate::storage::Transform;
 
 /// The part of a buffer holding `[offset, ..)` that covers `[start, end)`.
 pub(super) fn part(offset: u64, start: u64, end: u64) -> Range<usize> {
@@ -111,17 +112,27 @@ impl Image {
 
     /// Read the storage at host offset `host` into `buf`, as stored.
     pub(super) async fn read_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.read_storage_then(host, virt, buf, None).await
+    }
+
+    /// [`Image::read_storage`], then `after` (the cipher) over the bytes,
+    /// next to the read ([`crate::storage::Storage::read_at_then`]).
+    pub(super) async fn read_storage_then(
+        &self,
+        host: u64,
+        virt: u64,
+        buf: IoBuf,
+        after: Option<Transform>,
+    ) -> Result<IoBuf> {
         let want = buf.len();
-        let buf = self
-            .storage
-            .read_at(host, buf)
-            .await
-            .map_err(self.io_err("read", virt))?;
-        expect_len(
-            &buf,
-            want,
-            &format!("{}: read at offset {virt}", self.describe()),
-        )?;
+        let read = match after {
+            Some(f) => self.storage.read_at_then(host, buf, f),
+            None => self.storage.read_at(host, buf),
+        };
+        let buf = read.await.map_err(self.io_err("read", virt))?;
+        expect_len(&buf, want, || {
+            format!("{}: read at offset {virt}", self.describe())
+        })?;
         Ok(buf)
     }
 
@@ -140,11 +151,9 @@ impl Image {
             )
         })?;
         drop(timer);
-        expect_len(
-            &buf,
-            want,
-            &format!("{}: base read at offset {offset}", base.describe()),
-        )?;
+        expect_len(&buf, want, || {
+            format!("{}: base read at offset {offset}", base.describe())
+        })?;
         self.stats
             .base_read_bytes
             .fetch_add(want as u64, Ordering::Relaxed);

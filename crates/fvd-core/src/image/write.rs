@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::executor::join2;
 use crate::format::journal::Record;
 use crate::iobuf::{IoBuf, zero_runs};
+use crate::storage::Transform;
 
 impl Image {
     /// Write `buf` at `offset`; with `fua` it is durable on return. Gives
@@ -90,12 +91,25 @@ impl Image {
 
     /// Write `buf` to the storage at host offset `host`, as it is.
     pub(super) async fn write_storage(&self, host: u64, virt: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.write_storage_after(host, virt, buf, None).await
+    }
+
+    /// `before` (the cipher) over `buf` next to the write
+    /// ([`crate::storage::Storage::write_at_after`]), then
+    /// [`Image::write_storage`].
+    pub(super) async fn write_storage_after(
+        &self,
+        host: u64,
+        virt: u64,
+        buf: IoBuf,
+        before: Option<Transform>,
+    ) -> Result<IoBuf> {
         let n = buf.len() as u64;
-        let buf = self
-            .storage
-            .write_at(host, buf, false)
-            .await
-            .map_err(self.io_err("write", virt))?;
+        let write = match before {
+            Some(f) => self.storage.write_at_after(host, buf, false, f),
+            None => self.storage.write_at(host, buf, false),
+        };
+        let buf = write.await.map_err(self.io_err("write", virt))?;
         self.stats.data_writes.fetch_add(1, Ordering::Relaxed);
         self.stats.data_write_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(buf)

@@ -39,6 +39,11 @@ pub struct AllocRun {
     pub data: bool,
 }
 
+/// A pure transform of a buffer's bytes in place (an encrypted image's
+/// cipher), handed to [`Storage::read_at_then`] / [`Storage::write_at_after`]
+/// so that it runs next to the I/O.
+pub type Transform = Box<dyn FnOnce(&mut [u8]) + Send>;
+
 /// Byte storage with positional asynchronous I/O.
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
@@ -46,6 +51,32 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf>;
     /// Write all of `buf` at `offset`; with `fua` the data is durable on return.
     fn write_at(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf>;
+    /// [`Storage::read_at`], then `after` over the bytes read. A backend
+    /// with I/O threads runs `after` on the thread that read (the file
+    /// backend's pool), so a cipher does not load the caller's thread: with
+    /// `fvd serve`'s one event loop, that thread serves every request.
+    fn read_at_then(&self, offset: u64, buf: IoBuf, after: Transform) -> IoFuture<'_, IoBuf> {
+        let read = self.read_at(offset, buf);
+        Box::pin(async move {
+            let mut buf = read.await?;
+            after(&mut buf);
+            Ok(buf)
+        })
+    }
+    /// `before` over `buf`, then [`Storage::write_at`]; a backend with I/O
+    /// threads runs `before` on the thread that writes (see
+    /// [`Storage::read_at_then`]). The buffer given back holds the
+    /// transformed bytes.
+    fn write_at_after(
+        &self,
+        offset: u64,
+        mut buf: IoBuf,
+        fua: bool,
+        before: Transform,
+    ) -> IoFuture<'_, IoBuf> {
+        before(&mut buf);
+        self.write_at(offset, buf, fua)
+    }
     /// Make every completed write durable.
     fn flush(&self) -> IoFuture<'_, ()>;
     /// Deallocate a range; it reads as zeros afterwards.
