@@ -429,6 +429,7 @@ class Bench:
             pf_proc = procs["adaptive"]
             st0 = self.stats(pf_proc)["prefetch"]
             done0, yields0 = st0["done-bytes"], st0["yields"]
+            dropped0 = st0.get("dropped-bytes", 0)
             pid = pf_proc.proc.pid
             modes = [m for k in range(slices) for m in (("off", "adaptive") if k % 2 == 0 else ("adaptive", "off"))]
             jobs = []
@@ -458,6 +459,9 @@ class Bench:
                     bins[mode][int(ns)] = bins[mode].get(int(ns), 0) + n
             st = self.stats(pf_proc)
             pf = st["prefetch"]
+            # The machine's load while the slices ran (other jobs decide much
+            # of these figures on a shared machine).
+            load = os.getloadavg()[0]
             # Prefetch stops whenever the guest sends a request and resumes
             # once it is quiet: it must still have had work to do, and have
             # stopped for the guest, in this repetition.
@@ -476,13 +480,15 @@ class Bench:
                                  mean_us=sum(ns * n for ns, n in b.items()) / max(1, sum(b.values())) / 1000,
                                  prefetched=pf["done-bytes"] - done0 if mode == "adaptive" else 0,
                                  yields=pf["yields"] - yields0 if mode == "adaptive" else 0,
+                                 dropped=pf.get("dropped-bytes", 0) - dropped0 if mode == "adaptive" else 0,
+                                 load=load,
                                  finish_seconds=finish if mode == "adaptive" else None,
                                  done_state=done["prefetch"]["state"] if mode == "adaptive" else None))
             off, ad = runs[-2], runs[-1]
             log(f"  rep {rep}: off {off['iops']:.0f} IOPS p99 {off['p99_us']:.1f} us; adaptive "
                 f"{ad['iops']:.0f} IOPS p99 {ad['p99_us']:.1f} us ({ad['iops'] / off['iops']:.2f}x IOPS, "
                 f"{ad['p99_us'] / off['p99_us']:.2f}x p99); prefetched {human(ad['prefetched'])} meanwhile, "
-                f"the rest in {finish:.1f} s once idle")
+                f"the rest in {finish:.1f} s once idle; load {load:.1f}")
 
         reps = [(a, b) for a, b in zip(runs[::2], runs[1::2])]
         self.results["c"] = dict(runs=runs, slices=slices, slice_seconds=slice_secs,
@@ -671,15 +677,15 @@ class Bench:
                     "between a server without prefetch and one with adaptive prefetch (stopped with SIGSTOP "
                     "during the other's slices); figures over all slices of a mode.", "",
                     "| rep | prefetch | IOPS | x off | p50 us | p99 us | x off | p99.9 us | prefetched meanwhile "
-                    "| stops for the guest | rest done once idle |",
-                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                    "| fetched but dropped for the guest | stops for the guest | rest done once idle | load |",
+                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for a, b in zip(c["runs"][::2], c["runs"][1::2]):
                 for x in (a, b):
-                    extra = (f"{human(x['prefetched'])} | {x['yields']} | {x['finish_seconds']:.1f} s"
-                             if x["mode"] == "adaptive" else "- | - | -")
+                    extra = (f"{human(x['prefetched'])} | {human(x['dropped'])} | {x['yields']} | "
+                             f"{x['finish_seconds']:.1f} s" if x["mode"] == "adaptive" else "- | - | - | -")
                     out.append(f"| {x['rep']} | {x['mode']} | {x['iops']:.0f} | {x['iops'] / a['iops']:.2f}x | "
                                f"{x['p50_us']:.1f} | {x['p99_us']:.1f} | {x['p99_us'] / a['p99_us']:.2f}x | "
-                               f"{x['p999_us']:.1f} | {extra} |")
+                               f"{x['p999_us']:.1f} | {extra} | {x['load']:.1f} |")
             out += ["", f"Worst repetition: IOPS with prefetch running / without **{c['iops_ratio']:.2f}x** "
                     f"(target >= 0.90), p99 **{c['p99_ratio']:.2f}x** (target <= 1.10); p50 {c['p50_ratio']:.2f}x."]
         if "d" in r:

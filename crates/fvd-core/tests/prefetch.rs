@@ -330,6 +330,7 @@ fn offline_prefetch_is_resumable_after_interruption() {
         hard: true,
         flush_every: MIB,
         step_bytes: 512 << 10,
+        first_step_bytes: 512 << 10,
         ..Default::default()
     };
     let r = block_on(prefetch(
