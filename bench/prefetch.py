@@ -242,10 +242,16 @@ class Bench:
 
     def fio_jobs(self, jobs, common):
         """Run named jobs one after the other (stonewall) in one fio process;
-        return each job's read-side result with its latency histogram."""
+        return each job's read-side result with its latency histogram, and
+        under "times" each request's (ms since the job started, latency ns)
+        from fio's per-request completion-latency log."""
         jobfile = self.path("fio-jobs.job")
         out = self.path("fio-jobs.json")
-        lines = ["[global]", "ioengine=nbd", "randrepeat=1"] + [f"{k}={v}" for k, v in common.items()]
+        for old in os.listdir(self.dir):
+            if old.startswith("lat_clat."):
+                os.unlink(self.path(old))
+        lines = ["[global]", "ioengine=nbd", "randrepeat=1", "write_lat_log=lat", "log_avg_msec=0"]
+        lines += [f"{k}={v}" for k, v in common.items()]
         for name, job in jobs:
             lines += ["", f"[{name}]"] + [f"{k}={v}" for k, v in job.items()]
         with open(jobfile, "w") as f:
@@ -264,6 +270,15 @@ class Bench:
             if j.get("error"):
                 raise BenchError(f"fio {j['jobname']} failed with error {j['error']}")
             res[j["jobname"]] = j["read"]
+        # fio numbers the per-job logs from 1 in job order.
+        for i, (name, _) in enumerate(jobs, 1):
+            times = []
+            with open(self.path(f"lat_clat.{i}.log")) as f:
+                for line in f:
+                    ms, ns = line.split(",")[:2]
+                    times.append((int(ms), int(ns)))
+            os.unlink(self.path(f"lat_clat.{i}.log"))
+            res[name]["times"] = times
         return res
 
     def stats(self, proc):
@@ -429,6 +444,7 @@ class Bench:
             pf_proc = procs["adaptive"]
             st0 = self.stats(pf_proc)["prefetch"]
             done0, yields0 = st0["done-bytes"], st0["yields"]
+            dropped0 = st0.get("dropped-bytes", 0)
             pid = pf_proc.proc.pid
             modes = [m for k in range(slices) for m in (("off", "adaptive") if k % 2 == 0 else ("adaptive", "off"))]
             jobs = []
@@ -448,6 +464,10 @@ class Bench:
             finally:
                 os.kill(pid, signal.SIGCONT)
             bins = {"off": {}, "adaptive": {}}
+            # Latencies in the first 0.1 s of each slice and after it: where a
+            # prefetch round under way when the guest comes back would show.
+            early = {"off": [], "adaptive": []}
+            late = {"off": [], "adaptive": []}
             ios = {"off": 0, "adaptive": 0}
             secs = {"off": 0.0, "adaptive": 0.0}
             for name, r in results.items():
@@ -456,8 +476,13 @@ class Bench:
                 secs[mode] += r["runtime"] / 1000
                 for ns, n in r["clat_ns"]["bins"].items():
                     bins[mode][int(ns)] = bins[mode].get(int(ns), 0) + n
+                for ms, ns in r["times"]:
+                    (early if ms < 100 else late)[mode].append(ns)
             st = self.stats(pf_proc)
             pf = st["prefetch"]
+            # The machine's load while the slices ran (other jobs decide much
+            # of these figures on a shared machine).
+            load = os.getloadavg()[0]
             # Prefetch stops whenever the guest sends a request and resumes
             # once it is quiet: it must still have had work to do, and have
             # stopped for the guest, in this repetition.
@@ -473,16 +498,22 @@ class Bench:
                 runs.append(dict(mode=mode, rep=rep, iops=ios[mode] / secs[mode],
                                  p50_us=percentile(b, 50) / 1000, p99_us=percentile(b, 99) / 1000,
                                  p999_us=percentile(b, 99.9) / 1000,
+                                 first_p99_us=sample_percentile(early[mode], 99) / 1000,
+                                 rest_p99_us=sample_percentile(late[mode], 99) / 1000,
+                                 first_iops=len(early[mode]) / (0.1 * slices),
                                  mean_us=sum(ns * n for ns, n in b.items()) / max(1, sum(b.values())) / 1000,
                                  prefetched=pf["done-bytes"] - done0 if mode == "adaptive" else 0,
                                  yields=pf["yields"] - yields0 if mode == "adaptive" else 0,
+                                 dropped=pf.get("dropped-bytes", 0) - dropped0 if mode == "adaptive" else 0,
+                                 load=load,
                                  finish_seconds=finish if mode == "adaptive" else None,
                                  done_state=done["prefetch"]["state"] if mode == "adaptive" else None))
             off, ad = runs[-2], runs[-1]
             log(f"  rep {rep}: off {off['iops']:.0f} IOPS p99 {off['p99_us']:.1f} us; adaptive "
                 f"{ad['iops']:.0f} IOPS p99 {ad['p99_us']:.1f} us ({ad['iops'] / off['iops']:.2f}x IOPS, "
                 f"{ad['p99_us'] / off['p99_us']:.2f}x p99); prefetched {human(ad['prefetched'])} meanwhile, "
-                f"the rest in {finish:.1f} s once idle")
+                f"the rest in {finish:.1f} s once idle; load {load:.1f}; p99 in the slices' first 0.1 s "
+                f"off {off['first_p99_us']:.1f} us, adaptive {ad['first_p99_us']:.1f} us")
 
         reps = [(a, b) for a, b in zip(runs[::2], runs[1::2])]
         self.results["c"] = dict(runs=runs, slices=slices, slice_seconds=slice_secs,
@@ -671,15 +702,17 @@ class Bench:
                     "between a server without prefetch and one with adaptive prefetch (stopped with SIGSTOP "
                     "during the other's slices); figures over all slices of a mode.", "",
                     "| rep | prefetch | IOPS | x off | p50 us | p99 us | x off | p99.9 us | prefetched meanwhile "
-                    "| stops for the guest | rest done once idle |",
-                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                    "| fetched but dropped for the guest | stops for the guest | rest done once idle | load "
+                    "| first 0.1 s of the slices: IOPS, p99 us | after it: p99 us |",
+                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for a, b in zip(c["runs"][::2], c["runs"][1::2]):
                 for x in (a, b):
-                    extra = (f"{human(x['prefetched'])} | {x['yields']} | {x['finish_seconds']:.1f} s"
-                             if x["mode"] == "adaptive" else "- | - | -")
+                    extra = (f"{human(x['prefetched'])} | {human(x['dropped'])} | {x['yields']} | "
+                             f"{x['finish_seconds']:.1f} s" if x["mode"] == "adaptive" else "- | - | - | -")
                     out.append(f"| {x['rep']} | {x['mode']} | {x['iops']:.0f} | {x['iops'] / a['iops']:.2f}x | "
                                f"{x['p50_us']:.1f} | {x['p99_us']:.1f} | {x['p99_us'] / a['p99_us']:.2f}x | "
-                               f"{x['p999_us']:.1f} | {extra} |")
+                               f"{x['p999_us']:.1f} | {extra} | {x['load']:.1f} | "
+                               f"{x['first_iops']:.0f}, {x['first_p99_us']:.1f} | {x['rest_p99_us']:.1f} |")
             out += ["", f"Worst repetition: IOPS with prefetch running / without **{c['iops_ratio']:.2f}x** "
                     f"(target >= 0.90), p99 **{c['p99_ratio']:.2f}x** (target <= 1.10); p50 {c['p50_ratio']:.2f}x."]
         if "d" in r:
@@ -722,6 +755,14 @@ def percentile(bins, pct):
         if seen >= want:
             return ns
     return 0
+
+
+def sample_percentile(values, pct):
+    """The `pct` percentile of a list of latencies."""
+    if not values:
+        return 0
+    v = sorted(values)
+    return v[min(len(v) - 1, int(len(v) * pct / 100))]
 
 
 def parse_size(s):

@@ -23,6 +23,8 @@ struct Counting {
     delay_ms: AtomicU64,
     fail_after: AtomicU64,
     failed: AtomicBool,
+    /// While set, reads that start wait (a base read under way).
+    hold: AtomicBool,
 }
 
 impl Counting {
@@ -34,6 +36,7 @@ impl Counting {
             delay_ms: AtomicU64::new(0),
             fail_after: AtomicU64::new(u64::MAX),
             failed: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
         })
     }
 }
@@ -51,7 +54,11 @@ impl Base for Counting {
         if fail {
             self.failed.store(true, Ordering::SeqCst);
         }
+        let held = self.hold.load(Ordering::SeqCst);
         Box::pin(async move {
+            while held && self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if delay > 0 {
                 std::thread::sleep(Duration::from_millis(delay));
             }
@@ -323,6 +330,7 @@ fn offline_prefetch_is_resumable_after_interruption() {
         hard: true,
         flush_every: MIB,
         step_bytes: 512 << 10,
+        first_step_bytes: 512 << 10,
         ..Default::default()
     };
     let r = block_on(prefetch(
@@ -421,10 +429,82 @@ fn prefetch_stops_at_a_guest_request_and_finishes_once_the_guest_is_idle() {
         };
         assert!(got == want, "block {blk}");
     }
+    // Every base block fetched once, plus what was fetched while the guest
+    // came back and dropped (at most the reads under way: `depth` here).
+    let dropped = img.stats().prefetch_dropped_bytes.load(Ordering::SeqCst);
+    assert!(dropped <= status.yields.load(Ordering::Relaxed) * depth as u64 * 4096);
     assert_eq!(
         base.fetched.load(Ordering::SeqCst),
-        blocks / 2 * 4096,
-        "every base block fetched exactly once, yielding included"
+        blocks / 2 * 4096 + dropped,
+        "every base block fetched once, and again only after a drop"
+    );
+    block_on(img.close()).unwrap();
+}
+
+/// A base read that was under way when a guest request arrived is not
+/// written into the image: prefetch data is optional, and writing it would
+/// sit in front of the guest. The blocks stay in the base (no bit set
+/// without its data) and are fetched again once the guest is idle.
+#[test]
+fn prefetch_drops_a_base_read_that_completes_after_a_guest_request() {
+    let (disk, base, data) = setup(4 * MIB, false);
+    let img = Arc::new(open(&disk, &base));
+    block_on(img.write_slice(0, &[9; 4096], false)).unwrap();
+    let (local0, _) = img.local_blocks();
+    let written0 = img.stats().data_write_bytes.load(Ordering::SeqCst);
+    base.log.lock().unwrap().clear();
+    base.hold.store(true, Ordering::SeqCst);
+    let status = Arc::new(PrefetchStatus::default());
+    let cfg = PrefetchConfig {
+        quiet: Duration::from_millis(400),
+        min_throughput: 0,
+        ..Default::default()
+    };
+    let (img2, st2) = (img.clone(), status.clone());
+    let runner = std::thread::spawn(move || {
+        block_on(prefetch(img2, cfg, Arc::new(ThreadClock::default()), st2))
+    });
+    let t0 = std::time::Instant::now();
+    while base.log.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "prefetch did not start"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A base read is under way; the guest reads a block of its own, then
+    // the base read completes.
+    let mut b = vec![0u8; 4096];
+    block_on(img.read_slice(0, &mut b)).unwrap();
+    assert_eq!(b, [9; 4096]);
+    let fetched_before = base.fetched.load(Ordering::SeqCst);
+    base.hold.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(
+        img.stats().data_write_bytes.load(Ordering::SeqCst),
+        written0,
+        "prefetch wrote into the image after the guest request"
+    );
+    assert_eq!(img.local_blocks().0, local0, "blocks became local");
+    assert_eq!(status.done.load(Ordering::SeqCst), 0);
+    assert!(fetched_before > 0);
+    assert_eq!(
+        img.stats().prefetch_dropped_bytes.load(Ordering::SeqCst),
+        fetched_before,
+        "the read under way was dropped"
+    );
+    // The guest stays idle: the dropped blocks are fetched again and
+    // prefetch finishes with the base's data everywhere the guest did not
+    // write.
+    runner.join().unwrap().unwrap();
+    assert_eq!(status.state(), PrefetchState::Done);
+    assert_eq!(img.base_range(), 0);
+    let mut all = vec![0u8; 4 * MIB as usize];
+    block_on(img.read_slice(0, &mut all)).unwrap();
+    assert!(all[..4096] == [9; 4096]);
+    assert!(
+        all[4096..] == data[4096..],
+        "the base's data after the prefetch"
     );
     block_on(img.close()).unwrap();
 }

@@ -226,6 +226,7 @@ fn stats_json(img: &Image, st: &PrefetchStatus, started: Instant) -> serde_json:
             "total-bytes": st.total.load(Ordering::Relaxed),
             "pauses": st.pauses.load(Ordering::Relaxed),
             "yields": st.yields.load(Ordering::Relaxed),
+            "dropped-bytes": s.prefetch_dropped_bytes.load(Ordering::Relaxed),
             "throughput": prefetch_bytes as f64 / secs,
         },
         "virtual-size": img.virtual_size(),

@@ -234,6 +234,12 @@ impl Collector for Figures {
         )?;
         counter(
             e,
+            "fvd_prefetch_dropped_bytes",
+            "Bytes prefetch fetched but dropped because the guest came back meanwhile.",
+            load(&s.prefetch_dropped_bytes),
+        )?;
+        counter(
+            e,
             "fvd_prefetch_pauses",
             "Random pauses prefetch took because the base was slow.",
             load(&pf.pauses),

@@ -225,9 +225,11 @@ impl Image {
     }
 
     /// [`Image::fill_blocks`] that asks `stop` before each run it would
-    /// fetch from the base and gives up when it says so (prefetch yielding
-    /// to the guest). Returns the bytes written and whether it stopped
-    /// early (then some of `blocks` may still be in the base).
+    /// fetch from the base, and again once that fetch completed, and gives
+    /// up when it says so (prefetch yielding to the guest): data fetched
+    /// when `stop` turned true is dropped, not written. Returns the bytes
+    /// written and whether it stopped early (then some of `blocks` may
+    /// still be in the base).
     pub(crate) async fn fill_blocks_until(
         &self,
         blocks: Range<u64>,
@@ -264,6 +266,16 @@ impl Image {
                     None if stop() => return Ok((filled, true)),
                     None => (self.base_bytes(s, e - s).await?, None),
                 };
+                if given.is_none() && stop() {
+                    // The base read was under way when the caller was told to
+                    // stop (a guest request): drop the data rather than write
+                    // it in front of the guest. Nothing was allocated or
+                    // published yet, so the blocks simply stay in the base.
+                    self.stats
+                        .prefetch_dropped_bytes
+                        .fetch_add(e - s, Ordering::Relaxed);
+                    return Ok((filled, true));
+                }
                 let fresh = self.allocate(s, e - s).await?;
                 let crcs = if hard {
                     self.map.block_crcs(still.clone(), s, &data)

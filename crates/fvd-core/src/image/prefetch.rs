@@ -88,7 +88,7 @@ impl Default for PrefetchConfig {
             alpha: 0.8,
             yield_delay: Duration::from_millis(5),
             depth: 4,
-            first_step_bytes: 256 << 10,
+            first_step_bytes: 64 << 10,
             quiet: Duration::from_millis(20),
             hard: false,
             flush_every: 64 << 20,
@@ -469,7 +469,7 @@ mod tests {
     fn idle_steps_grow_from_the_first_step_to_the_full_step() {
         let cfg = PrefetchConfig::default();
         let sizes: Vec<u64> = (1..=5).map(|n| idle_step(&cfg, n) >> 10).collect();
-        assert_eq!(sizes, [256, 512, 1024, 1024, 1024]);
+        assert_eq!(sizes, [64, 128, 256, 512, 1024]);
         let big = PrefetchConfig {
             first_step_bytes: 4 << 20,
             ..PrefetchConfig::default()

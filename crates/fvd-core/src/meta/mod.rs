@@ -103,6 +103,9 @@ pub struct Stats {
     pub cor_bytes: AtomicU64,
     /// Bytes copied from the base into the image by prefetch.
     pub prefetch_bytes: AtomicU64,
+    /// Bytes fetched from the base for prefetch and dropped, not written,
+    /// because a guest request arrived while the fetch was under way.
+    pub prefetch_dropped_bytes: AtomicU64,
     /// Guest reads of base data answered from a copy-on-read fill still in
     /// flight (instead of fetching the same blocks from the base again).
     pub cor_pending_hits: AtomicU64,
