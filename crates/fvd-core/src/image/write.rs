@@ -242,17 +242,18 @@ impl Image {
         Record,
     )> {
         let m = self.map.meta.as_ref()?;
-        if blocks.is_empty() || !m.hard.none_set(blocks.clone()) {
+        // Cheap checks first: most slow writes of a busy image get no early
+        // block, and they should not pay for building its record.
+        if blocks.is_empty() || crcs.iter().any(Option::is_none) || !m.hard.none_set(blocks.clone())
+        {
             return None;
         }
-        let crcs: Option<Vec<u32>> = crcs.iter().copied().collect();
-        let crcs = crcs?;
         let st = m.early_journal()?;
         Some((
             st,
             Record::SetBitsChecked {
                 first: blocks.start,
-                crcs,
+                crcs: crcs.iter().flatten().copied().collect(),
             },
         ))
     }
